@@ -1,0 +1,1 @@
+//! The in-process agent of patchbay (built out in the agent issue).
