@@ -1,0 +1,193 @@
+//! Shared server state: the [`Registry`] behind a mutex, plus the channels that carry
+//! out its effects (messages to agents, replies to waiting clients, event fan-out).
+//! Effects are applied while the lock is held and never block (unbounded channels).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use patchbay_proto as pb;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tonic::Status;
+
+use crate::error::CoreError;
+use crate::registry::{AgentId, Effect, OpId, Registry, Reply, TracerId};
+
+pub type AgentTx = mpsc::UnboundedSender<Result<pb::ServerMessage, Status>>;
+
+/// Capacity of each tracer's event fan-out; slower watchers lose batches (counted).
+const WATCH_CAPACITY: usize = 4096;
+
+pub struct State {
+    pub reg: Registry,
+    agents: HashMap<AgentId, (u64, AgentTx)>,
+    waiters: HashMap<OpId, oneshot::Sender<Reply>>,
+    watchers: HashMap<TracerId, broadcast::Sender<pb::EventBatchView>>,
+    next_conn: u64,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Mutex<State>>,
+}
+
+/// Runs a closure on the registry and applies the effects it produced.
+pub struct Guard<'a> {
+    state: MutexGuard<'a, State>,
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Registry;
+    fn deref(&self) -> &Registry {
+        &self.state.reg
+    }
+}
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Registry {
+        &mut self.state.reg
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.state.apply();
+    }
+}
+
+impl State {
+    fn apply(&mut self) {
+        for effect in self.reg.take_effects() {
+            match effect {
+                Effect::Send(agent, body) => {
+                    if let Some((_, tx)) = self.agents.get(&agent) {
+                        let _ = tx.send(Ok(pb::ServerMessage { body: Some(body) }));
+                    }
+                }
+                Effect::Reply(op, reply) => {
+                    if let Some(tx) = self.waiters.remove(&op) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                Effect::Events(tracer, view) => {
+                    if let Some(tx) = self.watchers.get(&tracer) {
+                        let _ = tx.send(view);
+                    }
+                }
+            }
+        }
+        let reg = &self.reg;
+        self.watchers.retain(|t, _| reg.tracer(*t).is_some());
+    }
+}
+
+impl Engine {
+    pub fn new(reg: Registry) -> Self {
+        Engine {
+            inner: Arc::new(Mutex::new(State {
+                reg,
+                agents: HashMap::new(),
+                waiters: HashMap::new(),
+                watchers: HashMap::new(),
+                next_conn: 1,
+            })),
+        }
+    }
+
+    /// Locks the registry; effects are applied when the guard drops.
+    pub fn lock(&self) -> Guard<'_> {
+        Guard {
+            state: self.inner.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    /// Registers the outbound channel of a new connection of `agent`; returns the
+    /// connection number, which later disconnects must present.
+    pub fn connect_agent(&self, agent: AgentId, tx: AgentTx) -> u64 {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = s.next_conn;
+        s.next_conn += 1;
+        s.agents.insert(agent, (conn, tx));
+        s.apply();
+        conn
+    }
+
+    /// The connection `conn` of `agent` ended. Ignored if a newer one replaced it.
+    pub fn disconnect_agent(&self, agent: AgentId, conn: u64) {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if s.agents.get(&agent).map(|(c, _)| *c) == Some(conn) {
+            s.agents.remove(&agent);
+            s.reg.agent_disconnected(agent);
+        }
+        s.apply();
+    }
+
+    /// Starts an operation in the registry and waits for its reply, up to `timeout`.
+    /// On timeout the operation is cancelled and the error says what was pending.
+    pub async fn run_op(
+        &self,
+        timeout: Duration,
+        start: impl FnOnce(&mut Registry) -> Result<OpId, CoreError>,
+    ) -> Result<Reply, Status> {
+        let rx = {
+            let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let op = start(&mut s.reg)?;
+            let (tx, rx) = oneshot::channel();
+            s.waiters.insert(op, tx);
+            s.apply();
+            (op, rx)
+        };
+        let (op, rx) = rx;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(Status::internal("operation dropped by the server")),
+            Err(_) => {
+                let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                s.waiters.remove(&op);
+                let msg = s.reg.cancel(op);
+                s.apply();
+                Err(Status::deadline_exceeded(msg.unwrap_or_else(|| {
+                    format!("timed out after {} ms", timeout.as_millis())
+                })))
+            }
+        }
+    }
+
+    pub fn watch(&self, tracer: TracerId) -> broadcast::Receiver<pb::EventBatchView> {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        s.watchers
+            .entry(tracer)
+            .or_insert_with(|| broadcast::channel(WATCH_CAPACITY).0)
+            .subscribe()
+    }
+
+    /// Periodic housekeeping: drop disconnected agents whose process is gone.
+    pub fn reap(&self) {
+        let candidates = self.lock().disconnected();
+        for (agent, pid, start) in candidates {
+            if !process_alive(pid, start) {
+                tracing::info!(agent, pid, "agent's process is gone: dropping its state");
+                self.lock().agent_gone(agent);
+            }
+        }
+    }
+
+    pub fn now() -> Instant {
+        Instant::now()
+    }
+}
+
+/// Whether process `pid` still runs with start time `start` (field 22 of its stat).
+pub fn process_alive(pid: u32, start: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The command name may contain spaces: fields start after the last ')'.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // rest starts at field 3 (state): field 22 is index 19; field 3 state 'Z' = zombie.
+            let zombie = fields.first() == Some(&"Z");
+            let st = fields.get(19).and_then(|f| f.parse::<u64>().ok());
+            !zombie && st == Some(start)
+        }
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,337 @@
+//! The tonic services: thin shells over the [`Engine`]. They authenticate the peer,
+//! decode requests, call the registry, and map [`CoreError`]s to statuses.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use patchbay_proto as pb;
+use pb::agent_message::Body as FromAgent;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::Engine;
+use crate::listen::{Peer, peer_of};
+use crate::registry::{Caller, Reply};
+
+/// How long a new agent connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const FUNCTIONS_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn timeout_or(ms: u32, default: Duration) -> Duration {
+    if ms == 0 {
+        default
+    } else {
+        Duration::from_millis(ms as u64)
+    }
+}
+
+// ---------------------------------------------------------------------- agent
+
+pub struct AgentService {
+    engine: Engine,
+}
+
+impl AgentService {
+    pub fn new(engine: Engine) -> Self {
+        AgentService { engine }
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let peer = match peer_of(&req) {
+            Some(Peer::Unix {
+                pid: Some(pid),
+                uid,
+            }) => (pid, uid),
+            Some(Peer::Unix { pid: None, .. }) => {
+                return Err(Status::permission_denied(
+                    "cannot read the peer's pid (SO_PEERCRED): agents must connect over the Unix socket",
+                ));
+            }
+            _ => {
+                return Err(Status::permission_denied(
+                    "agents must connect over the Unix socket, where the server can check their pid and uid",
+                ));
+            }
+        };
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))?;
+        let hello = match first {
+            Some(Ok(pb::AgentMessage {
+                body: Some(FromAgent::Hello(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message of an agent session must be Hello",
+                ));
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::invalid_argument("stream ended before Hello")),
+        };
+        let pid = hello.pid;
+        let (agent, welcome) = self
+            .engine
+            .lock()
+            .agent_hello(Some(peer), hello, Engine::now())?;
+        tracing::info!(agent, pid, resumed = welcome.resumed, "agent connected");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = tx.send(Ok(pb::ServerMessage {
+            body: Some(pb::server_message::Body::Welcome(welcome)),
+        }));
+        let conn = self.engine.connect_agent(agent, tx);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.next().await {
+                    Some(Ok(msg)) => handle_agent_message(&engine, agent, msg),
+                    Some(Err(e)) => {
+                        tracing::info!(agent, pid, "agent stream failed: {e}");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tracing::info!(agent, pid, "agent disconnected");
+            engine.disconnect_agent(agent, conn);
+            engine.reap();
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+fn handle_agent_message(engine: &Engine, agent: u64, msg: pb::AgentMessage) {
+    let now = Engine::now();
+    let mut reg = engine.lock();
+    match msg.body {
+        Some(FromAgent::Hello(_)) => {
+            tracing::warn!(agent, "second Hello on one session ignored")
+        }
+        Some(FromAgent::ThreadsBorn(t)) => reg.threads_born(agent, &t.tids),
+        Some(FromAgent::ThreadsExited(t)) => reg.threads_exited(agent, &t.tids, now),
+        Some(FromAgent::Quiescent(q)) => reg.quiescent(agent, &q.reports, now),
+        Some(FromAgent::FunctionList(l)) => reg.function_list(agent, l, now),
+        Some(FromAgent::Trampoline(t)) => reg.trampoline_report(agent, t, now),
+        Some(FromAgent::Stalls(s)) => reg.stalls(agent, s.stalls, now),
+        Some(FromAgent::Events(e)) => {
+            if let Err(err) = reg.events(agent, e) {
+                tracing::warn!(agent, "malformed event batch dropped: {err}");
+            }
+        }
+        Some(FromAgent::Counts(c)) => reg.count_report(agent, c),
+        Some(FromAgent::Error(e)) => reg.agent_error(agent, &e.message),
+        Some(FromAgent::Barrier(b)) => reg.barrier_report(agent, b, now),
+        None => tracing::warn!(agent, "empty agent message ignored"),
+    }
+}
+
+// -------------------------------------------------------------------- control
+
+pub struct ControlService {
+    engine: Engine,
+    /// Token TCP clients must present (`authorization: Bearer TOKEN`).
+    token: Option<Arc<str>>,
+}
+
+impl ControlService {
+    pub fn new(engine: Engine, token: Option<String>) -> Self {
+        ControlService {
+            engine,
+            token: token.map(Into::into),
+        }
+    }
+
+    /// Authenticates the request and checks the client's protocol version.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        if let Some(v) = req.metadata().get(pb::PROTOCOL_METADATA_KEY) {
+            let v = v.to_str().unwrap_or("");
+            if v != pb::PROTOCOL_VERSION.to_string() {
+                return Err(Status::failed_precondition(format!(
+                    "protocol version mismatch: the client speaks {v:?}, this server speaks {}: use a client and a server from the same release",
+                    pb::PROTOCOL_VERSION
+                )));
+            }
+        }
+        match peer_of(req) {
+            Some(Peer::Unix { uid, .. }) => Ok(Caller { uid }),
+            Some(Peer::Tcp) => {
+                let Some(token) = &self.token else {
+                    return Err(Status::unauthenticated("TCP clients are not accepted"));
+                };
+                let given = req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                    Ok(Caller::ROOT)
+                } else {
+                    Err(Status::unauthenticated(
+                        "missing or wrong token: pass the server's token (`patchbay --token-file FILE`)",
+                    ))
+                }
+            }
+            None => Err(Status::permission_denied("unknown peer")),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unexpected(r: Reply) -> Status {
+    Status::internal(format!("unexpected reply {r:?}"))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::EventBatchView, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let agents = self.engine.lock().list_agents(caller);
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn list_functions(
+        &self,
+        req: Request<pb::ListFunctionsRequest>,
+    ) -> Result<Response<pb::ListFunctionsResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        match self
+            .engine
+            .run_op(FUNCTIONS_TIMEOUT, |reg| reg.list_functions(caller, r))
+            .await?
+        {
+            Reply::Functions(r) => Ok(Response::new(r?)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn attach(
+        &self,
+        req: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let timeout = timeout_or(r.timeout_ms, Duration::from_secs(10));
+        match self
+            .engine
+            .run_op(timeout, |reg| reg.attach(caller, r))
+            .await?
+        {
+            Reply::Attach(r) => Ok(Response::new(r?)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn detach(
+        &self,
+        req: Request<pb::DetachRequest>,
+    ) -> Result<Response<pb::DetachResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let timeout = timeout_or(r.timeout_ms, Duration::from_secs(30));
+        match self
+            .engine
+            .run_op(timeout, |reg| reg.detach(caller, r, Engine::now()))
+            .await?
+        {
+            Reply::Detach(r) => Ok(Response::new(r?)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list_tracers(
+        &self,
+        req: Request<pb::ListTracersRequest>,
+    ) -> Result<Response<pb::ListTracersResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let tracers = self.engine.lock().list_tracers(caller);
+        Ok(Response::new(pb::ListTracersResponse { tracers }))
+    }
+
+    async fn list_trampolines(
+        &self,
+        req: Request<pb::ListTrampolinesRequest>,
+    ) -> Result<Response<pb::ListTrampolinesResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let trampolines = self
+            .engine
+            .lock()
+            .list_trampolines(caller, &r, Engine::now());
+        Ok(Response::new(pb::ListTrampolinesResponse { trampolines }))
+    }
+
+    async fn grace_periods(
+        &self,
+        req: Request<pb::GracePeriodsRequest>,
+    ) -> Result<Response<pb::GracePeriodsResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let pending = self.engine.lock().grace_periods(caller, Engine::now());
+        Ok(Response::new(pb::GracePeriodsResponse { pending }))
+    }
+
+    async fn synchronize(
+        &self,
+        req: Request<pb::SynchronizeRequest>,
+    ) -> Result<Response<pb::SynchronizeResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let timeout = timeout_or(req.get_ref().timeout_ms, Duration::from_secs(30));
+        match self
+            .engine
+            .run_op(timeout, |reg| Ok(reg.synchronize(caller, Engine::now())))
+            .await?
+        {
+            Reply::Sync(r) => Ok(Response::new(r?)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    type WatchEventsStream = WatchStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let caller = self.caller(&req)?;
+        let tracer = req.get_ref().tracer_id;
+        self.engine.lock().check_tracer(caller, tracer)?;
+        let rx = self.engine.watch(tracer);
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|r| match r {
+            Ok(v) => Some(Ok(v)),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::warn!("a watcher fell behind: {n} event batches skipped");
+                None
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn counts(
+        &self,
+        req: Request<pb::CountsRequest>,
+    ) -> Result<Response<pb::CountsResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = self.engine.lock().counts(caller, req.get_ref().tracer_id)?;
+        Ok(Response::new(r))
+    }
+}
