@@ -1,1 +1,7 @@
-fn main() {}
+//! `patchbay`: the command-line client of `patchbayd`.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

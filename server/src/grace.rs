@@ -79,8 +79,12 @@ impl Grace {
     }
 
     /// A thread was observed quiescent at `epoch`. Returns the grace periods that completed.
+    /// A report about a thread not known alive (it exited, or its birth is not yet
+    /// reported) is ignored: it must never bring a dead thread back.
     pub fn quiescent(&mut self, tid: Tid, epoch: u64) -> Vec<GracePeriod> {
-        let stamp = self.threads.entry(tid).or_insert(None);
+        let Some(stamp) = self.threads.get_mut(&tid) else {
+            return Vec::new();
+        };
         *stamp = Some(stamp.map_or(epoch, |s| s.max(epoch)));
         self.release(|gp| gp.epoch <= epoch && gp.holdouts.remove(&tid))
     }
@@ -175,6 +179,7 @@ mod tests {
     #[test]
     fn early_stamp_counts_and_exit_releases() {
         let mut g = Grace::new();
+        g.thread_born(1);
         g.quiescent(1, 5);
         g.thread_born(2);
         assert!(g.start(Purpose::Sync(1), 5, [1, 2], now()).is_none());
@@ -197,6 +202,7 @@ mod tests {
     fn empty_completes_at_once_and_forget_drops_evidence() {
         let mut g = Grace::new();
         assert!(g.start(Purpose::Trampoline(1), 1, [], now()).is_some());
+        g.thread_born(4);
         g.quiescent(4, 10);
         let dropped = g.forget_evidence([4]);
         assert!(dropped.is_empty());

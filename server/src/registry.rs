@@ -448,6 +448,7 @@ impl Registry {
         agent.hello = hello;
         self.readopt(id, now);
         self.reconcile(id, now);
+        self.gc_tracers();
         Ok((
             id,
             pb::Welcome {
@@ -555,6 +556,17 @@ impl Registry {
         }
         for tr in stale {
             self.remove_tracer_from_agent(id, tr, now);
+        }
+        // A live trampoline that no site calls (its sites moved before the agent
+        // lost its server) is retired.
+        let unused: Vec<TrampolineId> = self.agents[&id]
+            .trampolines
+            .values()
+            .filter(|t| t.state == TState::Live && t.sites.is_empty())
+            .map(|t| t.id)
+            .collect();
+        for t in unused {
+            self.retire(id, t, now);
         }
         let wanted: Vec<TracerId> = self
             .tracers
@@ -689,9 +701,10 @@ impl Registry {
         if let Some(a) = self.agents.get_mut(&id) {
             for c in &report.counts {
                 if let Some(site) = &c.site
-                    && !site.name.is_empty() {
-                        a.site_names.insert(site.address, site.name.clone());
-                    }
+                    && !site.name.is_empty()
+                {
+                    a.site_names.insert(site.address, site.name.clone());
+                }
             }
             a.counts.insert(report.tracer_id, report.counts);
         }
@@ -910,20 +923,21 @@ impl Registry {
         };
         let cb = spec.callback.as_ref().expect("validated");
         if cb.kind == pb::CallbackKind::Custom as i32
-            && let pb::target::Target::Pid(p) = &target {
-                let a = &self.agents[&self.agent_by_pid(caller, *p)?];
-                if !a.hello.callbacks.contains(&cb.custom_name) {
-                    return Err(CoreError::Invalid(format!(
-                        "pid {p} registered no callback named '{}' (it has: {})",
-                        cb.custom_name,
-                        if a.hello.callbacks.is_empty() {
-                            "none".to_string()
-                        } else {
-                            a.hello.callbacks.join(", ")
-                        }
-                    )));
-                }
+            && let pb::target::Target::Pid(p) = &target
+        {
+            let a = &self.agents[&self.agent_by_pid(caller, *p)?];
+            if !a.hello.callbacks.contains(&cb.custom_name) {
+                return Err(CoreError::Invalid(format!(
+                    "pid {p} registered no callback named '{}' (it has: {})",
+                    cb.custom_name,
+                    if a.hello.callbacks.is_empty() {
+                        "none".to_string()
+                    } else {
+                        a.hello.callbacks.join(", ")
+                    }
+                )));
             }
+        }
         let id = self.next_tracer;
         self.next_tracer += 1;
         let tracer = Tracer {
@@ -1007,7 +1021,7 @@ impl Registry {
                 .filter(|r| r.tracer_id != tracer)
                 .cloned()
                 .collect();
-            if group.is_empty() {
+            if group.is_empty() || t.sites.is_empty() {
                 emptied.push(t.id);
             } else {
                 moves.push((group, t.sites.iter().copied().collect()));
@@ -1046,10 +1060,11 @@ impl Registry {
             let mut msg_sites = Vec::with_capacity(sites.len());
             for &s in &sites {
                 if let Some(old) = agent.site_owner.insert(s, tid)
-                    && let Some(o) = agent.trampolines.get_mut(&old) {
-                        o.sites.remove(&s);
-                        touched.insert(old);
-                    }
+                    && let Some(o) = agent.trampolines.get_mut(&old)
+                {
+                    o.sites.remove(&s);
+                    touched.insert(old);
+                }
                 msg_sites.push(pb::Site {
                     address: s,
                     name: agent.name_of(s),
@@ -1153,13 +1168,15 @@ impl Registry {
         }
         let tracer = *tracer;
         let results: Vec<pb::AgentAttachResult> = results.values().cloned().collect();
-        if *pid_target && results.iter().all(|r| r.sites_patched == 0)
-            && let Some(err) = errors.values().next().cloned() {
-                // Nothing was installed for a pid target that failed: undo the tracer.
-                self.drop_tracer_everywhere(tracer);
-                self.reply(op, Reply::Attach(Err(err)));
-                return;
-            }
+        if *pid_target
+            && results.iter().all(|r| r.sites_patched == 0)
+            && let Some(err) = errors.values().next().cloned()
+        {
+            // Nothing was installed for a pid target that failed: undo the tracer.
+            self.drop_tracer_everywhere(tracer);
+            self.reply(op, Reply::Attach(Err(err)));
+            return;
+        }
         let t = self.tracer_view(tracer);
         self.reply(
             op,
@@ -1365,16 +1382,17 @@ impl Registry {
                     return;
                 };
                 if let Some(t) = a.trampolines.get_mut(&tramp)
-                    && t.state == TState::Retired {
-                        t.state = TState::FreeAuthorized;
-                        t.since = now;
-                        self.send(
-                            id,
-                            ToAgent::AuthorizeFree(pb::AuthorizeFree {
-                                trampoline_ids: vec![tramp],
-                            }),
-                        );
-                    }
+                    && t.state == TState::Retired
+                {
+                    t.state = TState::FreeAuthorized;
+                    t.since = now;
+                    self.send(
+                        id,
+                        ToAgent::AuthorizeFree(pb::AuthorizeFree {
+                            trampoline_ids: vec![tramp],
+                        }),
+                    );
+                }
                 self.check_detach_ops();
             }
             Purpose::Sync(sync_id) => self.sync_progress(id, Some(sync_id)),
@@ -1891,3 +1909,6 @@ pub fn decode_events(data: &[u8], count: u32) -> Result<Vec<pb::Event>, CoreErro
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,287 @@
+//! `patchbay attach (--pid N | --exe PATH | --all) (--count | --trace [--args N] | --latency
+//! | --graph | --custom NAME) PATTERN [--name LABEL] [--timeout-ms MS]`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::ArgGroup;
+use patchbay_sdk::proto::{AttachResponse, CallbackSpec, Target, TracerSpec};
+use patchbay_sdk::{Client, names, spec};
+use serde_json::json;
+
+use crate::cli::format::or_dash;
+use crate::cli::json;
+use crate::cli::output::Output;
+use crate::cli::progress;
+use crate::cli::table::Table;
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["pid", "exe", "all"])))]
+#[command(group(
+    ArgGroup::new("callback")
+        .required(true)
+        .args(["count", "trace", "latency", "graph", "custom"])
+))]
+pub struct Args {
+    /// Trace one running process
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Trace every process running this executable, now and in future
+    #[arg(long, value_name = "PATH")]
+    pub exe: Option<String>,
+    /// Trace every agent, now and in future
+    #[arg(long)]
+    pub all: bool,
+
+    /// Count calls per function
+    #[arg(long)]
+    pub count: bool,
+    /// Record one event per call (see `patchbay watch`)
+    #[arg(long)]
+    pub trace: bool,
+    /// With --trace: record this many argument registers (0 to 6)
+    #[arg(long = "args", value_name = "N", requires = "trace",
+          conflicts_with_all = ["count", "latency", "graph", "custom"],
+          value_parser = clap::value_parser!(u32).range(0..=6))]
+    pub arg_count: Option<u32>,
+    /// Measure latency per function (entry and exit)
+    #[arg(long)]
+    pub latency: bool,
+    /// Record entry and exit events: the call tree
+    #[arg(long)]
+    pub graph: bool,
+    /// Use a callback the program registered under NAME
+    #[arg(long, value_name = "NAME")]
+    pub custom: Option<String>,
+
+    /// Glob over demangled function names (`*`, `?`, `[...]`)
+    pub pattern: String,
+    /// A label for people
+    #[arg(long, value_name = "LABEL")]
+    pub name: Option<String>,
+    /// How long to wait for the connected agents to go live [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u32>,
+}
+
+impl Args {
+    fn target(&self) -> anyhow::Result<Target> {
+        Ok(match (&self.pid, &self.exe) {
+            (Some(pid), _) => spec::pid(*pid),
+            (None, Some(exe)) => spec::exe(resolve_exe(exe)?),
+            (None, None) => spec::all(),
+        })
+    }
+
+    fn callback(&self) -> CallbackSpec {
+        if let Some(name) = &self.custom {
+            spec::custom(name.clone())
+        } else if self.trace {
+            spec::trace(self.arg_count.unwrap_or(0))
+        } else if self.latency {
+            spec::latency()
+        } else if self.graph {
+            spec::graph()
+        } else {
+            spec::count()
+        }
+    }
+
+    pub fn spec(&self) -> anyhow::Result<TracerSpec> {
+        Ok(TracerSpec {
+            target: Some(self.target()?),
+            pattern: self.pattern.clone(),
+            callback: Some(self.callback()),
+            name: self.name.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Agents report `/proc/self/exe`, a canonical path: resolve what the user typed the same
+/// way when the file exists. A path to a program not installed yet must be absolute.
+fn resolve_exe(exe: &str) -> anyhow::Result<String> {
+    match std::fs::canonicalize(exe) {
+        Ok(path) => Ok(path.to_string_lossy().into_owned()),
+        Err(_) if Path::new(exe).is_absolute() => Ok(exe.to_owned()),
+        Err(err) => {
+            bail!("--exe {exe}: {err}; give an absolute path for a program that is not there yet")
+        }
+    }
+}
+
+pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
+    let spec = args.spec()?;
+    let timeout = args.timeout_ms.map(|ms| Duration::from_millis(ms.into()));
+    let answer = progress::wait("attaching", client.attach(spec.clone(), timeout)).await?;
+    if out.json() {
+        out.document(&json!({
+            "tracer": answer.tracer.as_ref().map(json::tracer),
+            "results": answer.results.iter().map(json::attach_result).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        out.text(&render(&answer, &spec))?;
+    }
+    let tracer_id = answer.tracer.as_ref().map_or(0, |t| t.tracer_id);
+    let failed: Vec<_> = answer
+        .results
+        .iter()
+        .filter(|r| !r.error.is_empty())
+        .collect();
+    if !failed.is_empty() && failed.len() == answer.results.len() {
+        bail!(
+            "tracer {tracer_id} could not be attached to any agent (pid {}: {}); \
+             remove it with `patchbay detach {tracer_id}`",
+            failed[0].pid,
+            failed[0].error
+        );
+    }
+    for r in failed {
+        eprintln!("warning: pid {}: {}", r.pid, r.error);
+    }
+    Ok(())
+}
+
+pub fn render(answer: &AttachResponse, spec: &TracerSpec) -> String {
+    let tracer = answer.tracer.as_ref();
+    let id = tracer.map_or(0, |t| t.tracer_id);
+    let label = tracer
+        .map(|t| &t.spec)
+        .and_then(|s| s.as_ref())
+        .map_or(spec.name.as_str(), |s| s.name.as_str());
+    let mut text = format!(
+        "tracer {id}{} attached: {} of `{}` in {}\n",
+        if label.is_empty() {
+            String::new()
+        } else {
+            format!(" ({label})")
+        },
+        names::callback_label(spec.callback.as_ref()),
+        spec.pattern,
+        names::target_label(spec.target.as_ref()),
+    );
+    if answer.results.is_empty() {
+        text.push_str(
+            "no matching agent is connected now: agents that connect later get the tracer\n",
+        );
+        return text;
+    }
+    let mut t = Table::new(&["AGENT", "PID", "PATCHED", "SKIPPED", "ERROR"]).right(&[0, 1, 2, 3]);
+    for r in &answer.results {
+        t.row([
+            r.agent_id.to_string(),
+            r.pid.to_string(),
+            r.sites_patched.to_string(),
+            r.sites_skipped.to_string(),
+            or_dash(&r.error),
+        ]);
+    }
+    text.push_str(&t.render());
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use patchbay_sdk::proto::{AgentAttachResult, CallbackKind, Tracer, target};
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(args: &[&str]) -> Args {
+        Wrapper::try_parse_from(std::iter::once("attach").chain(args.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn builds_specs_from_flags() {
+        let s = parse(&[
+            "--pid", "42", "--trace", "--args", "3", "sqlite3*", "--name", "q",
+        ])
+        .spec()
+        .unwrap();
+        assert_eq!(s.target.unwrap().target, Some(target::Target::Pid(42)));
+        let cb = s.callback.unwrap();
+        assert_eq!((cb.kind(), cb.arg_count), (CallbackKind::Trace, 3));
+        assert_eq!((s.pattern.as_str(), s.name.as_str()), ("sqlite3*", "q"));
+
+        let s = parse(&["--all", "--custom", "mine", "f"]).spec().unwrap();
+        assert_eq!(s.target.unwrap().target, Some(target::Target::All(true)));
+        assert_eq!(s.callback.unwrap().custom_name, "mine");
+
+        for (flag, kind) in [
+            ("--count", CallbackKind::Count),
+            ("--latency", CallbackKind::Latency),
+            ("--graph", CallbackKind::Graph),
+            ("--trace", CallbackKind::Trace),
+        ] {
+            let s = parse(&["--exe", "/no/such/prog", flag, "f"])
+                .spec()
+                .unwrap();
+            assert_eq!(s.callback.unwrap().kind(), kind);
+            assert_eq!(
+                s.target.unwrap().target,
+                Some(target::Target::Exe("/no/such/prog".into()))
+            );
+        }
+    }
+
+    #[test]
+    fn exe_paths_are_canonical_or_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("prog");
+        std::fs::write(&real, "").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let canonical = std::fs::canonicalize(&real).unwrap();
+        assert_eq!(
+            resolve_exe(link.to_str().unwrap()).unwrap(),
+            canonical.to_str().unwrap()
+        );
+        assert_eq!(resolve_exe("/not/there").unwrap(), "/not/there");
+        let err = resolve_exe("not-there-relative").unwrap_err().to_string();
+        assert!(err.contains("absolute path"), "{err}");
+    }
+
+    #[test]
+    fn renders_results() {
+        let spec = parse(&["--pid", "42", "--count", "sqlite3*"])
+            .spec()
+            .unwrap();
+        let answer = AttachResponse {
+            tracer: Some(Tracer {
+                tracer_id: 3,
+                spec: Some(spec.clone()),
+                ..Tracer::default()
+            }),
+            results: vec![AgentAttachResult {
+                agent_id: 1,
+                pid: 42,
+                sites_patched: 12,
+                sites_skipped: 1,
+                error: String::new(),
+            }],
+        };
+        let text = render(&answer, &spec);
+        assert!(
+            text.starts_with("tracer 3 attached: count of `sqlite3*` in pid 42\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("AGENT  PID  PATCHED  SKIPPED  ERROR\n"),
+            "{text}"
+        );
+        assert!(text.contains("    1   42       12        1  -\n"), "{text}");
+
+        let answer = AttachResponse {
+            tracer: answer.tracer,
+            results: vec![],
+        };
+        assert!(render(&answer, &spec).contains("agents that connect later get the tracer"));
+    }
+}

@@ -1,0 +1,13 @@
+//! One module per subcommand: its arguments, the request it makes, and how the answer is
+//! shown to people (tables) and to scripts (`--json`).
+
+pub mod agents;
+pub mod attach;
+pub mod counts;
+pub mod detach;
+pub mod functions;
+pub mod gp;
+pub mod sync;
+pub mod tracers;
+pub mod trampolines;
+pub mod watch;

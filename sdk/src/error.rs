@@ -1,0 +1,150 @@
+//! The SDK's error type: connection failures and gRPC statuses mapped to variants a
+//! caller can match on.
+
+use tonic::Code;
+
+/// Result of every SDK operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong talking to `patchbayd`.
+///
+/// Status variants carry the server's message, which is written for people and says what
+/// to do next (for example "no agent in pid 123: start the program with ...").
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server could not be reached (no socket, connection refused, ...).
+    #[error("cannot reach patchbayd at {target}: is it running? start it with `patchbayd`")]
+    Connect {
+        /// The address that was tried, as shown to people.
+        target: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server address itself is malformed.
+    #[error("invalid patchbayd address `{target}`: {reason}")]
+    InvalidTarget { target: String, reason: String },
+    /// Unknown pid, tracer or function (`NOT_FOUND`).
+    #[error("{0}")]
+    NotFound(String),
+    /// A malformed request (`INVALID_ARGUMENT`): bad glob, missing target, ...
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The object belongs to another user (`PERMISSION_DENIED`).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The request cannot be served in the current state, e.g. a protocol version
+    /// mismatch (`FAILED_PRECONDITION`).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A wait ran out (`DEADLINE_EXCEEDED`); the server's message names what it waited for.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A TCP request without a valid token (`UNAUTHENTICATED`).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The server went away or refused the call (`UNAVAILABLE`).
+    #[error("patchbayd is unavailable: {0}")]
+    Unavailable(String),
+    /// Any other status.
+    #[error("{message} (status {code:?})")]
+    Other { code: Code, message: String },
+}
+
+impl Error {
+    /// The gRPC status code this error stands for (`None` for errors raised before any
+    /// request was made).
+    pub fn code(&self) -> Option<Code> {
+        Some(match self {
+            Error::Connect { .. } | Error::InvalidTarget { .. } => return None,
+            Error::NotFound(_) => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Other { code, .. } => *code,
+        })
+    }
+
+    /// Maps a status to its variant. An empty status message is replaced by the code's
+    /// generic description so that no error prints as an empty line.
+    pub fn from_status(status: tonic::Status) -> Self {
+        let code = status.code();
+        let message = if status.message().trim().is_empty() {
+            code.description().to_owned()
+        } else {
+            status.message().to_owned()
+        };
+        match code {
+            Code::NotFound => Error::NotFound(message),
+            Code::InvalidArgument => Error::InvalidArgument(message),
+            Code::PermissionDenied => Error::PermissionDenied(message),
+            Code::FailedPrecondition => Error::FailedPrecondition(message),
+            Code::DeadlineExceeded => Error::DeadlineExceeded(message),
+            Code::Unauthenticated => Error::Unauthenticated(message),
+            Code::Unavailable => Error::Unavailable(message),
+            code => Error::Other { code, message },
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::from_status(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Status;
+
+    #[test]
+    fn statuses_map_to_variants() {
+        let cases = [
+            (Code::NotFound, "no agent in pid 7"),
+            (Code::InvalidArgument, "bad glob"),
+            (Code::PermissionDenied, "not yours"),
+            (Code::FailedPrecondition, "protocol 2"),
+            (Code::DeadlineExceeded, "holdouts: 12"),
+            (Code::Unauthenticated, "token"),
+            (Code::Unavailable, "gone"),
+            (Code::Internal, "bug"),
+            (Code::Cancelled, "cancelled"),
+        ];
+        for (code, msg) in cases {
+            let err = Error::from(Status::new(code, msg));
+            assert_eq!(err.code(), Some(code), "{err:?}");
+            assert!(err.to_string().contains(msg), "{err}");
+        }
+        assert!(matches!(
+            Error::from(Status::not_found("x")),
+            Error::NotFound(m) if m == "x"
+        ));
+        assert!(matches!(
+            Error::from(Status::internal("boom")),
+            Error::Other { code: Code::Internal, message } if message == "boom"
+        ));
+    }
+
+    #[test]
+    fn server_messages_are_shown_verbatim() {
+        let msg = "no agent in pid 123: start the program with `patchbay run` or LD_PRELOAD=libpatchbay_agent.so";
+        assert_eq!(Error::from(Status::not_found(msg)).to_string(), msg);
+        assert_eq!(
+            Error::from(Status::unavailable("connection reset")).to_string(),
+            "patchbayd is unavailable: connection reset"
+        );
+        assert_eq!(
+            Error::from(Status::internal("boom")).to_string(),
+            "boom (status Internal)"
+        );
+    }
+
+    #[test]
+    fn empty_messages_get_a_description() {
+        let err = Error::from(Status::new(Code::PermissionDenied, ""));
+        assert_eq!(err.to_string(), Code::PermissionDenied.description());
+    }
+}

@@ -1,0 +1,570 @@
+//! Registry tests: scenarios, and a property test that drives the registry with a
+//! simulated agent that follows the protocol, under random interleavings of attaches,
+//! detaches, quiescent observations, thread births and deaths, delayed delivery and
+//! reconnects. The simulated agent checks, at every `AuthorizeFree`, that every thread
+//! alive at the retirement has really been observed outside since (or exited).
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::VecDeque;
+
+use pb::agent_message::Body as FromAgent;
+
+const FUNCS: [&str; 6] = ["alpha", "beta", "gamma", "delta", "alpine", "bet"];
+const PATTERNS: [&str; 5] = ["al*", "b*", "*a", "gamma", "*"];
+
+fn addr(i: usize) -> u64 {
+    0x1000 * (i as u64 + 1)
+}
+
+struct SimTramp {
+    group: Vec<pb::TracerRef>,
+    retired: Option<(u64, BTreeSet<Tid>)>,
+    observed: BTreeSet<Tid>,
+    authorized: bool,
+}
+
+/// A protocol-abiding agent with fake threads.
+struct Sim {
+    id: AgentId,
+    pid: u32,
+    epoch: u64,
+    threads: BTreeSet<Tid>,
+    next_tid: Tid,
+    tramps: BTreeMap<u64, SimTramp>,
+    owner: BTreeMap<u64, u64>,
+    /// server -> agent, in flight
+    inq: VecDeque<ToAgent>,
+    /// agent -> server, in flight
+    outq: VecDeque<FromAgent>,
+    /// Observations stamped but not yet queued (the observing code read the epoch,
+    /// then was slow to report).
+    stamped: Vec<pb::Quiescent>,
+}
+
+impl Sim {
+    fn hello(&self) -> pb::Hello {
+        pb::Hello {
+            protocol_version: pb::PROTOCOL_VERSION,
+            agent_version: "sim".into(),
+            pid: self.pid,
+            start_time: 42,
+            uid: 0,
+            exe: "/sim".into(),
+            build_id: String::new(),
+            tids: self.threads.iter().copied().collect(),
+            epoch: self.epoch,
+            trampolines: self
+                .tramps
+                .iter()
+                .map(|(id, t)| pb::TrampolineStatus {
+                    trampoline_id: *id,
+                    state: match (&t.retired, t.authorized) {
+                        (None, _) => pb::TrampolineState::Live,
+                        (Some(_), false) => pb::TrampolineState::Retired,
+                        (Some(_), true) => pb::TrampolineState::FreeAuthorized,
+                    } as i32,
+                    tracers: t.group.clone(),
+                    sites: self
+                        .owner
+                        .iter()
+                        .filter(|(_, o)| **o == *id)
+                        .map(|(a, _)| pb::Site {
+                            address: *a,
+                            name: String::new(),
+                        })
+                        .collect(),
+                    retired_epoch: t.retired.as_ref().map_or(0, |r| r.0),
+                    retired_tids: t
+                        .retired
+                        .as_ref()
+                        .map(|r| r.1.iter().copied().collect())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            callbacks: vec![],
+        }
+    }
+
+    /// Handles one server message like a real agent would.
+    fn process(&mut self, msg: ToAgent) -> Result<(), String> {
+        match msg {
+            ToAgent::Welcome(_) | ToAgent::Expedite(_) | ToAgent::Shutdown(_) => {}
+            ToAgent::ListFunctions(l) => {
+                let pat = glob::Pattern::new(&l.pattern).unwrap();
+                let functions = FUNCS
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| pat.matches(f))
+                    .map(|(i, f)| pb::Function {
+                        name: f.to_string(),
+                        address: addr(i),
+                        patchable: true,
+                        ..Default::default()
+                    })
+                    .collect();
+                self.outq
+                    .push_back(FromAgent::FunctionList(pb::FunctionList {
+                        request_id: l.request_id,
+                        functions,
+                        error: String::new(),
+                    }));
+            }
+            ToAgent::Install(i) => {
+                for s in &i.sites {
+                    self.owner.insert(s.address, i.trampoline_id);
+                }
+                self.tramps.insert(
+                    i.trampoline_id,
+                    SimTramp {
+                        group: i.tracers,
+                        retired: None,
+                        observed: BTreeSet::new(),
+                        authorized: false,
+                    },
+                );
+                self.outq
+                    .push_back(FromAgent::Trampoline(pb::TrampolineReport {
+                        trampoline_id: i.trampoline_id,
+                        report: Some(pb::trampoline_report::Report::Live(pb::Live {
+                            sites: i.sites,
+                            skipped: vec![],
+                        })),
+                    }));
+            }
+            ToAgent::Remove(r) => {
+                let Some(t) = self.tramps.get_mut(&r.trampoline_id) else {
+                    return Err(format!("remove of unknown trampoline {}", r.trampoline_id));
+                };
+                self.owner.retain(|_, o| *o != r.trampoline_id);
+                self.epoch += 1;
+                t.retired = Some((self.epoch, self.threads.clone()));
+                self.outq
+                    .push_back(FromAgent::Trampoline(pb::TrampolineReport {
+                        trampoline_id: r.trampoline_id,
+                        report: Some(pb::trampoline_report::Report::Retired(pb::Retired {
+                            epoch: self.epoch,
+                            tids: self.threads.iter().copied().collect(),
+                        })),
+                    }));
+            }
+            ToAgent::AuthorizeFree(a) => {
+                for id in a.trampoline_ids {
+                    let Some(t) = self.tramps.get_mut(&id) else {
+                        return Err(format!("authorize of unknown trampoline {id}"));
+                    };
+                    let Some((_, must)) = &t.retired else {
+                        return Err(format!("trampoline {id} authorized while live"));
+                    };
+                    let unseen: Vec<_> = must.difference(&t.observed).collect();
+                    if !unseen.is_empty() {
+                        return Err(format!(
+                            "PREMATURE FREE of trampoline {id}: threads {unseen:?} never seen outside"
+                        ));
+                    }
+                    t.authorized = true;
+                    self.tramps.remove(&id);
+                    self.outq
+                        .push_back(FromAgent::Trampoline(pb::TrampolineReport {
+                            trampoline_id: id,
+                            report: Some(pb::trampoline_report::Report::Freed(pb::Freed {})),
+                        }));
+                }
+            }
+            ToAgent::Barrier(b) => {
+                self.epoch += 1;
+                self.outq.push_back(FromAgent::Barrier(pb::BarrierReport {
+                    barrier_id: b.barrier_id,
+                    epoch: self.epoch,
+                    tids: self.threads.iter().copied().collect(),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    fn stamp(&mut self, tid: Tid) -> pb::Quiescent {
+        for t in self.tramps.values_mut() {
+            if matches!(&t.retired, Some((e, _)) if *e <= self.epoch) {
+                t.observed.insert(tid);
+            }
+        }
+        pb::Quiescent {
+            tid,
+            epoch: self.epoch,
+        }
+    }
+
+    fn observe(&mut self, tid: Tid) {
+        let q = self.stamp(tid);
+        self.outq
+            .push_back(FromAgent::Quiescent(pb::QuiescentBatch {
+                reports: vec![q],
+            }));
+    }
+}
+
+fn deliver(reg: &mut Registry, id: AgentId, msg: FromAgent) {
+    let now = Instant::now();
+    match msg {
+        FromAgent::ThreadsBorn(t) => reg.threads_born(id, &t.tids),
+        FromAgent::ThreadsExited(t) => reg.threads_exited(id, &t.tids, now),
+        FromAgent::Quiescent(q) => reg.quiescent(id, &q.reports, now),
+        FromAgent::FunctionList(l) => reg.function_list(id, l, now),
+        FromAgent::Trampoline(t) => reg.trampoline_report(id, t, now),
+        FromAgent::Barrier(b) => reg.barrier_report(id, b, now),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Moves effects for the agent into its inbox; returns the replies.
+fn route(reg: &mut Registry, sim: &mut Sim, connected: bool) -> Vec<(OpId, Reply)> {
+    let mut replies = Vec::new();
+    for e in reg.take_effects() {
+        match e {
+            Effect::Send(a, m) if a == sim.id && connected => sim.inq.push_back(m),
+            Effect::Send(..) => {}
+            Effect::Reply(op, r) => replies.push((op, r)),
+            Effect::Events(..) => {}
+        }
+    }
+    replies
+}
+
+fn connect(reg: &mut Registry, sim: &mut Sim) {
+    let (id, _) = reg
+        .agent_hello(Some((sim.pid, 0)), sim.hello(), Instant::now())
+        .expect("hello accepted");
+    sim.id = id;
+}
+
+fn new_sim(threads: u32) -> Sim {
+    Sim {
+        id: 0,
+        pid: 4242,
+        epoch: 0,
+        threads: (1..=threads).collect(),
+        next_tid: threads + 1,
+        tramps: BTreeMap::new(),
+        owner: BTreeMap::new(),
+        inq: VecDeque::new(),
+        outq: VecDeque::new(),
+        stamped: Vec::new(),
+    }
+}
+
+fn spec(pattern: &str) -> pb::AttachRequest {
+    pb::AttachRequest {
+        spec: Some(pb::TracerSpec {
+            target: Some(pb::Target {
+                target: Some(pb::target::Target::Pid(4242)),
+            }),
+            pattern: pattern.into(),
+            callback: Some(pb::CallbackSpec {
+                kind: pb::CallbackKind::Count as i32,
+                ..Default::default()
+            }),
+            name: String::new(),
+        }),
+        timeout_ms: 0,
+    }
+}
+
+/// Runs the simulation until nothing is in flight.
+fn settle(reg: &mut Registry, sim: &mut Sim) -> Result<Vec<(OpId, Reply)>, String> {
+    let mut replies = route(reg, sim, true);
+    for _ in 0..10_000 {
+        if let Some(m) = sim.inq.pop_front() {
+            sim.process(m)?;
+        } else if let Some(m) = sim.outq.pop_front() {
+            deliver(reg, sim.id, m);
+        } else {
+            return Ok(replies);
+        }
+        replies.extend(route(reg, sim, true));
+    }
+    Err("did not settle".into())
+}
+
+#[test]
+fn attach_detach_life_cycle() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(2);
+    connect(&mut reg, &mut sim);
+    let op = reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    let replies = settle(&mut reg, &mut sim).unwrap();
+    let (rop, Reply::Attach(Ok(r))) = &replies[0] else {
+        panic!("{replies:?}")
+    };
+    assert_eq!(*rop, op);
+    assert_eq!(r.results[0].sites_patched, 2);
+    let tracer = r.tracer.as_ref().unwrap().tracer_id;
+    assert_eq!(sim.owner.len(), 2);
+
+    let det = pb::DetachRequest {
+        tracer_id: tracer,
+        wait: true,
+        timeout_ms: 0,
+    };
+    let op = reg.detach(Caller::ROOT, det, Instant::now()).unwrap();
+    let replies = settle(&mut reg, &mut sim).unwrap();
+    assert!(replies.is_empty(), "no reply before the grace period");
+    let t = reg.list_trampolines(Caller::ROOT, &Default::default(), Instant::now());
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].state, pb::TrampolineState::Retired as i32);
+    assert_eq!(t[0].holdouts, vec![1, 2]);
+    sim.observe(1);
+    assert!(settle(&mut reg, &mut sim).unwrap().is_empty());
+    sim.observe(2);
+    let replies = settle(&mut reg, &mut sim).unwrap();
+    assert!(matches!(&replies[..], [(o, Reply::Detach(Ok(d)))] if *o == op && d.complete));
+    assert!(sim.tramps.is_empty(), "freed in the agent");
+    assert!(reg.list_tracers(Caller::ROOT).is_empty());
+}
+
+#[test]
+fn overlapping_tracers_move_sites_between_groups() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    reg.attach(Caller::ROOT, spec("alpha")).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    // alpha is now in a group of two tracers, alpine alone in the first.
+    let alpha_owner = sim.owner[&addr(0)];
+    let alpine_owner = sim.owner[&addr(4)];
+    assert_ne!(alpha_owner, alpine_owner);
+    assert_eq!(sim.tramps[&alpha_owner].group.len(), 2);
+    assert_eq!(sim.tramps[&alpine_owner].group.len(), 1);
+}
+
+#[test]
+fn errors_change_nothing() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    let before = format!("{:?}", reg.list_agents(Caller::ROOT));
+    assert!(matches!(
+        reg.attach(Caller::ROOT, spec("foo[")),
+        Err(CoreError::BadPattern { .. })
+    ));
+    let mut other = spec("*");
+    other.spec.as_mut().unwrap().target = Some(pb::Target {
+        target: Some(pb::target::Target::Pid(1)),
+    });
+    assert_eq!(reg.attach(Caller::ROOT, other), Err(CoreError::NoAgent(1)));
+    assert!(matches!(
+        reg.attach(Caller { uid: 1000 }, spec("*")),
+        Err(CoreError::PermissionDenied(_))
+    ));
+    assert_eq!(
+        reg.detach(
+            Caller::ROOT,
+            pb::DetachRequest {
+                tracer_id: 9,
+                ..Default::default()
+            },
+            Instant::now()
+        ),
+        Err(CoreError::UnknownTracer(9))
+    );
+    // A pattern that matches nothing in a pid target fails with NOT_FOUND and leaves no tracer.
+    reg.attach(Caller::ROOT, spec("zzz*")).unwrap();
+    let replies = settle(&mut reg, &mut sim).unwrap();
+    assert!(
+        matches!(
+            &replies[..],
+            [(_, Reply::Attach(Err(CoreError::NoMatch { .. })))]
+        ),
+        "{replies:?}"
+    );
+    assert!(reg.list_tracers(Caller::ROOT).is_empty());
+    assert!(reg.take_effects().is_empty());
+    assert_eq!(before, format!("{:?}", reg.list_agents(Caller::ROOT)));
+    let mut bad = sim.hello();
+    bad.protocol_version = 99;
+    bad.start_time = 7;
+    assert!(matches!(
+        reg.agent_hello(Some((4242, 0)), bad.clone(), Instant::now()),
+        Err(CoreError::VersionMismatch(_))
+    ));
+    bad.protocol_version = pb::PROTOCOL_VERSION;
+    assert!(matches!(
+        reg.agent_hello(Some((1, 0)), bad, Instant::now()),
+        Err(CoreError::PermissionDenied(_))
+    ));
+    assert_eq!(reg.list_agents(Caller::ROOT).len(), 1);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Attach(usize),
+    Detach(usize),
+    Observe(usize),
+    Stamp(usize),
+    Flush,
+    Born,
+    Exit(usize),
+    Process,
+    Deliver,
+    Reconnect,
+    Sync,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..PATTERNS.len()).prop_map(Op::Attach),
+        3 => any::<usize>().prop_map(Op::Detach),
+        6 => any::<usize>().prop_map(Op::Observe),
+        2 => any::<usize>().prop_map(Op::Stamp),
+        2 => Just(Op::Flush),
+        1 => Just(Op::Born),
+        1 => any::<usize>().prop_map(Op::Exit),
+        8 => Just(Op::Process),
+        8 => Just(Op::Deliver),
+        1 => Just(Op::Reconnect),
+        1 => Just(Op::Sync),
+    ]
+}
+
+fn run(ops: &[Op]) -> Result<(), String> {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(3);
+    connect(&mut reg, &mut sim);
+    let mut tracers: Vec<TracerId> = Vec::new();
+    for op in ops {
+        match op {
+            Op::Attach(p) => {
+                let _ = reg.attach(Caller::ROOT, spec(PATTERNS[*p]));
+            }
+            Op::Detach(i) => {
+                let live: Vec<TracerId> = reg
+                    .list_tracers(Caller::ROOT)
+                    .iter()
+                    .filter(|t| t.state == pb::TracerState::Active as i32)
+                    .map(|t| t.tracer_id)
+                    .collect();
+                if !live.is_empty() {
+                    let t = live[i % live.len()];
+                    let req = pb::DetachRequest {
+                        tracer_id: t,
+                        wait: false,
+                        timeout_ms: 0,
+                    };
+                    reg.detach(Caller::ROOT, req, Instant::now())
+                        .map_err(|e| e.to_string())?;
+                    tracers.push(t);
+                }
+            }
+            Op::Observe(i) => {
+                let ts: Vec<Tid> = sim.threads.iter().copied().collect();
+                if !ts.is_empty() {
+                    sim.observe(ts[i % ts.len()]);
+                }
+            }
+            Op::Stamp(i) => {
+                let ts: Vec<Tid> = sim.threads.iter().copied().collect();
+                if !ts.is_empty() {
+                    let q = sim.stamp(ts[i % ts.len()]);
+                    sim.stamped.push(q);
+                }
+            }
+            Op::Flush => {
+                let reports = std::mem::take(&mut sim.stamped);
+                sim.outq
+                    .push_back(FromAgent::Quiescent(pb::QuiescentBatch { reports }));
+            }
+            Op::Born => {
+                sim.threads.insert(sim.next_tid);
+                sim.outq.push_back(FromAgent::ThreadsBorn(pb::ThreadsBorn {
+                    tids: vec![sim.next_tid],
+                }));
+                sim.next_tid += 1;
+            }
+            Op::Exit(i) => {
+                let ts: Vec<Tid> = sim.threads.iter().copied().collect();
+                if !ts.is_empty() {
+                    let tid = ts[i % ts.len()];
+                    sim.threads.remove(&tid);
+                    for t in sim.tramps.values_mut() {
+                        t.observed.insert(tid);
+                    }
+                    sim.outq
+                        .push_back(FromAgent::ThreadsExited(pb::ThreadsExited {
+                            tids: vec![tid],
+                        }));
+                }
+            }
+            Op::Process => {
+                if let Some(m) = sim.inq.pop_front() {
+                    sim.process(m)?;
+                }
+            }
+            Op::Deliver => {
+                if let Some(m) = sim.outq.pop_front() {
+                    deliver(&mut reg, sim.id, m);
+                }
+            }
+            Op::Reconnect => {
+                // The stream breaks: whatever is in flight is lost.
+                sim.inq.clear();
+                sim.outq.clear();
+                sim.stamped.clear();
+                reg.agent_disconnected(sim.id);
+                route(&mut reg, &mut sim, false);
+                connect(&mut reg, &mut sim);
+            }
+            Op::Sync => {
+                reg.synchronize(Caller::ROOT, Instant::now());
+            }
+        }
+        route(&mut reg, &mut sim, true);
+    }
+    // Drain: settle, detach everything, every thread reports; nothing may remain.
+    settle(&mut reg, &mut sim)?;
+    for t in reg.list_tracers(Caller::ROOT) {
+        if t.state == pb::TracerState::Active as i32 {
+            let req = pb::DetachRequest {
+                tracer_id: t.tracer_id,
+                wait: false,
+                timeout_ms: 0,
+            };
+            reg.detach(Caller::ROOT, req, Instant::now())
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    settle(&mut reg, &mut sim)?;
+    for tid in sim.threads.clone() {
+        sim.observe(tid);
+    }
+    settle(&mut reg, &mut sim)?;
+    if !sim.tramps.is_empty() {
+        return Err(format!(
+            "trampolines still allocated in the agent: {:?}",
+            sim.tramps.keys().collect::<Vec<_>>()
+        ));
+    }
+    let left = reg.list_trampolines(Caller::ROOT, &Default::default(), Instant::now());
+    if !left.is_empty() {
+        return Err(format!("server still tracks {left:?}"));
+    }
+    if !sim.owner.is_empty() {
+        return Err("sites still patched".into());
+    }
+    if !reg.list_tracers(Caller::ROOT).is_empty() {
+        return Err("tracers left".into());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn protocol_interleavings_never_free_early(ops in proptest::collection::vec(op(), 1..150)) {
+        if let Err(e) = run(&ops) {
+            prop_assert!(false, "{e}");
+        }
+    }
+}
