@@ -6,6 +6,7 @@
 //! - [`service`] holds the tonic services (thin shells);
 //! - [`listen`] owns sockets, peer credentials and the default socket path.
 
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod grace;

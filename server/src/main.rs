@@ -6,11 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use patchbay_proto as pb;
-use patchbay_server::engine::Engine;
+use patchbay_server::daemon::{Config, Server};
 use patchbay_server::listen;
-use patchbay_server::registry::{Registry, Settings};
-use patchbay_server::service::{AgentService, ControlService};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use patchbay_server::registry::Settings;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -76,27 +74,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => {
             let p = listen::default_socket_path();
             if std::env::var_os("PATCHBAY_SOCKET").is_none()
-                && let Some(dir) = p.parent()
-            {
-                listen::ensure_private_dir(dir)
-                    .with_context(|| format!("preparing {}", dir.display()))?;
-            }
+                && let Some(dir) = p.parent() {
+                    listen::ensure_private_dir(dir)
+                        .with_context(|| format!("preparing {}", dir.display()))?;
+                }
             p
         }
     };
-    let token = match (&args.listen, &args.token_file) {
-        (Some(_), None) => bail!("--listen needs --token-file: TCP clients must present a token"),
-        (_, Some(f)) => Some(
-            std::fs::read_to_string(f)
+    let tcp = match (&args.listen, &args.token_file) {
+        (Some(_), None) => {
+            bail!("--listen needs --token-file: TCP clients must present a token")
+        }
+        (Some(addr), Some(f)) => {
+            let token = std::fs::read_to_string(f)
                 .with_context(|| format!("reading token file {}", f.display()))?
                 .trim()
-                .to_string(),
-        ),
-        _ => None,
+                .to_string();
+            if token.is_empty() {
+                bail!("the token file {} is empty", f.display());
+            }
+            let addr = addr
+                .strip_prefix("tcp://")
+                .with_context(|| format!("--listen {addr}: expected tcp://HOST:PORT"))?;
+            Some((addr.to_string(), token))
+        }
+        (None, _) => None,
     };
-    if token.as_deref() == Some("") {
-        bail!("the token file is empty");
-    }
     let settings = Settings {
         stall_threshold: Duration::from_millis(args.stall_threshold_ms as u64),
         expedite: !args.no_expedite,
@@ -106,70 +109,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             flush_interval_ms: 100,
         },
     };
-    let engine = Engine::new(Registry::new(settings));
-    let unix = listen::bind_unix(&socket, args.socket_mode)
-        .with_context(|| format!("listening on {}", socket.display()))?;
-    tracing::info!(socket = %socket.display(), "patchbayd listening");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let router = |engine: &Engine, token: Option<String>| {
-        tonic::transport::Server::builder()
-            .add_service(pb::agent_server::AgentServer::new(AgentService::new(
-                engine.clone(),
-            )))
-            .add_service(pb::control_server::ControlServer::new(ControlService::new(
-                engine.clone(),
-                token,
-            )))
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    let unix_server = router(&engine, token.clone())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown(stop_rx.clone()));
-    tasks.spawn(async move { unix_server.await.context("unix socket server") });
-    if let Some(addr) = &args.listen {
-        let addr = addr
-            .strip_prefix("tcp://")
-            .with_context(|| format!("--listen {addr}: expected tcp://HOST:PORT"))?;
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on tcp://{addr}"))?;
-        tracing::info!(addr, "patchbayd listening on TCP (token required)");
-        let tcp_server = router(&engine, token.clone())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(tcp), shutdown(stop_rx.clone()));
-        tasks.spawn(async move { tcp_server.await.context("tcp server") });
-    }
-    let reaper = engine.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tick.tick().await;
-            reaper.reap();
-        }
-    });
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-        r = tasks.join_next() => {
-            let _ = std::fs::remove_file(&socket);
-            match r {
-                Some(Ok(Err(e))) => return Err(e),
-                Some(Err(e)) => return Err(e.into()),
-                _ => bail!("server stopped unexpectedly"),
-            }
-        }
-    }
-    let _ = stop_tx.send(true);
-    // Agent sessions are long-lived streams: do not wait for them for long.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while tasks.join_next().await.is_some() {}
+    let server = Server::bind(Config {
+        socket: socket.clone(),
+        socket_mode: args.socket_mode,
+        tcp: tcp.clone(),
+        settings,
     })
-    .await;
-    let _ = std::fs::remove_file(&socket);
+    .await?;
+    tracing::info!(socket = %socket.display(), "patchbayd listening");
+    if let Some((addr, _)) = &tcp {
+        tracing::info!(addr, "patchbayd listening on TCP (token required)");
+    }
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    };
+    server.serve(stop).await?;
     tracing::info!("patchbayd stopped");
     Ok(())
 }

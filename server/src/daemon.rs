@@ -1,0 +1,137 @@
+//! Running a server: bind the sockets, serve both services, reap dead agents, stop on
+//! request. Used by `patchbayd` and by `patchbay run`'s embedded server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use patchbay_proto as pb;
+use thiserror::Error;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::engine::Engine;
+use crate::listen;
+use crate::registry::{Registry, Settings};
+use crate::service::{AgentService, ControlService};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Unix socket path (its directory must exist, or be the default one).
+    pub socket: PathBuf,
+    /// Mode of the socket file.
+    pub socket_mode: u32,
+    /// Optional TCP address (HOST:PORT) for the Control service, with its token.
+    pub tcp: Option<(String, String)>,
+    pub settings: Settings,
+}
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("listening on {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A bound server, ready to serve.
+pub struct Server {
+    engine: Engine,
+    unix: tokio::net::UnixListener,
+    tcp: Option<(tokio::net::TcpListener, String)>,
+    socket: PathBuf,
+}
+
+impl Server {
+    /// Binds the sockets (so that clients can connect as soon as this returns).
+    pub async fn bind(config: Config) -> Result<Server, DaemonError> {
+        let unix = listen::bind_unix(&config.socket, config.socket_mode).map_err(|source| {
+            DaemonError::Bind {
+                path: config.socket.display().to_string(),
+                source,
+            }
+        })?;
+        let tcp = match config.tcp {
+            Some((addr, token)) => Some((
+                tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(|source| DaemonError::Bind {
+                        path: format!("tcp://{addr}"),
+                        source,
+                    })?,
+                token,
+            )),
+            None => None,
+        };
+        Ok(Server {
+            engine: Engine::new(Registry::new(config.settings)),
+            unix,
+            tcp,
+            socket: config.socket,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Serves until `stop` resolves; removes the socket file on the way out.
+    pub async fn serve(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let token = self.tcp.as_ref().map(|(_, t)| t.clone());
+        let router = |engine: &Engine| {
+            tonic::transport::Server::builder()
+                .add_service(pb::agent_server::AgentServer::new(AgentService::new(
+                    engine.clone(),
+                )))
+                .add_service(pb::control_server::ControlServer::new(ControlService::new(
+                    engine.clone(),
+                    token.clone(),
+                )))
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        let unix = router(&self.engine).serve_with_incoming_shutdown(
+            UnixListenerStream::new(self.unix),
+            shutdown(stop_rx.clone()),
+        );
+        tasks.spawn(unix);
+        if let Some((tcp, _)) = self.tcp {
+            let tcp = router(&self.engine).serve_with_incoming_shutdown(
+                TcpListenerStream::new(tcp),
+                shutdown(stop_rx.clone()),
+            );
+            tasks.spawn(tcp);
+        }
+        let reaper = self.engine.clone();
+        let reap = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                reaper.reap();
+            }
+        });
+        let result = tokio::select! {
+            _ = stop => Ok(()),
+            r = tasks.join_next() => match r {
+                Some(Ok(Err(e))) => Err(DaemonError::Serve(e)),
+                _ => Ok(()),
+            },
+        };
+        let _ = stop_tx.send(true);
+        reap.abort();
+        // Agent sessions are long-lived streams: do not wait for them for long.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        let _ = std::fs::remove_file(&self.socket);
+        result
+    }
+}
