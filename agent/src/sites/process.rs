@@ -1,0 +1,337 @@
+//! Site discovery over the objects loaded in this process.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object::read::elf::{FileHeader, ProgramHeader};
+use object::{Endianness, Object, elf};
+
+use super::elf::{analyze_link_time, rebase};
+use super::ffi::{self, LoadSegment, PhdrInfo};
+use super::{FunctionSite, SitesError};
+
+/// One object loaded in this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedObject {
+    /// The file it was read from (absolute, from `/proc/self/maps`).
+    pub path: Arc<Path>,
+    /// Run-time address minus link-time address.
+    pub bias: u64,
+    /// Device and inode of the file that was read.
+    pub dev: u64,
+    pub inode: u64,
+    /// Number of entries it contributed (sites and non-instrumented functions).
+    pub functions: usize,
+}
+
+/// An object whose functions could not be listed, and why.
+#[derive(Debug)]
+pub struct SkippedObject {
+    /// The loader's name for it (`linux-vdso.so.1`, a path, or `<main>`).
+    pub name: String,
+    pub bias: u64,
+    pub error: SitesError,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileKey {
+    path: PathBuf,
+    dev: u64,
+    inode: u64,
+}
+
+/// What a file gave, at link-time addresses.
+struct Analysis {
+    sites: Arc<Vec<FunctionSite>>,
+    loads: Vec<LoadSegment>,
+    build_id: Option<Vec<u8>>,
+}
+
+/// Lists the function sites of the objects loaded in this process, reading each file
+/// once, and remembers which loads it has scanned.
+#[derive(Default)]
+pub struct Discoverer {
+    cache: HashMap<FileKey, Analysis>,
+    /// (file, bias) of every load scanned by the last call.
+    scanned: HashSet<(FileKey, u64)>,
+    /// Loads not backed by a file (vdso), already reported as skipped.
+    unbacked: HashSet<u64>,
+    loaded: Vec<LoadedObject>,
+    skipped: Vec<SkippedObject>,
+}
+
+impl Discoverer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The sites of every object loaded now, sorted by address. Objects that cannot be
+    /// read (the vdso, a replaced or deleted file) are listed in [`Self::skipped`]; an
+    /// error is returned only when the main executable cannot be read.
+    pub fn discover_all(&mut self) -> Result<Vec<FunctionSite>, SitesError> {
+        self.scanned.clear();
+        self.unbacked.clear();
+        self.scan(true)
+    }
+
+    /// The sites of the objects loaded since the previous call (after a `dlopen`), or of
+    /// all of them on the first call. An object unloaded and loaded again is new again.
+    /// [`Self::loaded`] and [`Self::skipped`] then describe only the new objects.
+    pub fn discover_new(&mut self) -> Result<Vec<FunctionSite>, SitesError> {
+        self.scan(false)
+    }
+
+    /// The objects whose sites the last call returned.
+    pub fn loaded(&self) -> &[LoadedObject] {
+        &self.loaded
+    }
+
+    /// The objects the last call could not read, with the reason.
+    pub fn skipped(&self) -> &[SkippedObject] {
+        &self.skipped
+    }
+
+    fn scan(&mut self, all: bool) -> Result<Vec<FunctionSite>, SitesError> {
+        self.loaded.clear();
+        self.skipped.clear();
+        let maps = read_maps().unwrap_or_default();
+        let mut current = HashSet::new();
+        let mut current_unbacked = HashSet::new();
+        let mut out = Vec::new();
+        for (i, info) in ffi::loaded_objects().into_iter().enumerate() {
+            let is_main = i == 0;
+            let display = if info.name.is_empty() {
+                "<main>".to_owned()
+            } else {
+                String::from_utf8_lossy(&info.name).into_owned()
+            };
+            match self.scan_one(&info, &maps) {
+                Ok(key) => {
+                    let load = (key, info.bias);
+                    let fresh = all || !self.scanned.contains(&load);
+                    current.insert(load.clone());
+                    if !fresh {
+                        continue;
+                    }
+                    let key = load.0;
+                    let analysis = &self.cache[&key];
+                    let mut sites = analysis.sites.as_ref().clone();
+                    rebase(&mut sites, info.bias);
+                    self.loaded.push(LoadedObject {
+                        path: Arc::from(key.path.as_path()),
+                        bias: info.bias,
+                        dev: key.dev,
+                        inode: key.inode,
+                        functions: sites.len(),
+                    });
+                    out.extend(sites);
+                }
+                Err(error) if is_main => return Err(error),
+                Err(error) => {
+                    current_unbacked.insert(info.bias);
+                    if all || !self.unbacked.contains(&info.bias) {
+                        self.skipped.push(SkippedObject {
+                            name: display,
+                            bias: info.bias,
+                            error,
+                        });
+                    }
+                }
+            }
+        }
+        self.scanned = current;
+        self.unbacked = current_unbacked;
+        out.sort_by_key(|s| s.address);
+        Ok(out)
+    }
+
+    /// Reads (or finds in the cache) the file of one loaded object and checks that it is
+    /// the one in memory. Returns the key of its cached analysis.
+    fn scan_one(&mut self, info: &PhdrInfo, maps: &[MapEntry]) -> Result<FileKey, SitesError> {
+        let first = info
+            .loads
+            .first()
+            .ok_or(SitesError::NotFileBacked { bias: info.bias })?;
+        let probe = info.bias.wrapping_add(first.vaddr);
+        let mapping = maps.iter().find(|m| m.start <= probe && probe < m.end);
+        let (path, open_path) = match mapping {
+            Some(m) => match &m.path {
+                Some(p) if p.starts_with('/') => {
+                    if let Some(stripped) = p.strip_suffix(" (deleted)") {
+                        // The file is gone from its path: read the mapped file itself.
+                        let via = PathBuf::from(format!(
+                            "/proc/self/map_files/{:x}-{:x}",
+                            m.start, m.end
+                        ));
+                        (PathBuf::from(stripped), via)
+                    } else {
+                        (PathBuf::from(p), PathBuf::from(p))
+                    }
+                }
+                _ => return Err(SitesError::NotFileBacked { bias: info.bias }),
+            },
+            None if info.name.is_empty() => {
+                let exe = std::fs::read_link("/proc/self/exe")
+                    .map_err(|e| SitesError::MainExecutable(format!("/proc/self/exe: {e}")))?;
+                (exe, PathBuf::from("/proc/self/exe"))
+            }
+            None => {
+                let p = PathBuf::from(std::ffi::OsStr::from_bytes(&info.name));
+                (p.clone(), p)
+            }
+        };
+
+        let io = |source| SitesError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&open_path).map_err(|e| {
+            if open_path.starts_with("/proc/self/map_files") {
+                SitesError::Replaced {
+                    path: path.clone(),
+                    what: format!(
+                        "the file was deleted and {} cannot be read: {e}",
+                        open_path.display()
+                    ),
+                }
+            } else {
+                io(e)
+            }
+        })?;
+        let meta = file.metadata().map_err(io)?;
+        let key = FileKey {
+            path: path.clone(),
+            dev: meta.dev(),
+            inode: meta.ino(),
+        };
+        if !self.cache.contains_key(&key) {
+            let mut data = Vec::with_capacity(meta.len() as usize);
+            file.read_to_end(&mut data).map_err(io)?;
+            let sites = analyze_link_time(&data, &path)?;
+            let (loads, build_id) = file_identity(&data, &path)?;
+            self.cache.insert(
+                key.clone(),
+                Analysis {
+                    sites: Arc::new(sites),
+                    loads,
+                    build_id,
+                },
+            );
+        }
+        let analysis = &self.cache[&key];
+        if analysis.loads != info.loads {
+            return Err(SitesError::Replaced {
+                path,
+                what: "its program headers differ from the loaded ones".into(),
+            });
+        }
+        if let (Some(mem), Some(disk)) = (&info.build_id, &analysis.build_id)
+            && mem != disk
+        {
+            return Err(SitesError::Replaced {
+                path,
+                what: format!("build id {} in memory, {} on disk", hex(mem), hex(disk)),
+            });
+        }
+        Ok(key)
+    }
+}
+
+/// The sites of every object loaded in this process now (see [`Discoverer::discover_all`]).
+pub fn discover_all() -> Result<Vec<FunctionSite>, SitesError> {
+    Discoverer::new().discover_all()
+}
+
+/// The `PT_LOAD` headers and GNU build id of an ELF file, to compare with memory.
+fn file_identity(
+    data: &[u8],
+    path: &Path,
+) -> Result<(Vec<LoadSegment>, Option<Vec<u8>>), SitesError> {
+    let parse_err = |e: object::Error| SitesError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(parse_err)?;
+    let endian = header.endian().map_err(parse_err)?;
+    let loads = header
+        .program_headers(endian, data)
+        .map_err(parse_err)?
+        .iter()
+        .filter(|p| p.p_type(endian) == elf::PT_LOAD)
+        .map(|p| LoadSegment {
+            vaddr: p.p_vaddr(endian),
+            memsz: p.p_memsz(endian),
+            offset: p.p_offset(endian),
+            filesz: p.p_filesz(endian),
+            flags: p.p_flags(endian).0,
+        })
+        .collect();
+    let file = object::read::elf::ElfFile64::<Endianness>::parse(data).map_err(parse_err)?;
+    let build_id = file.build_id().map_err(parse_err)?.map(<[u8]>::to_vec);
+    Ok((loads, build_id))
+}
+
+/// One line of `/proc/self/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub path: Option<String>,
+}
+
+fn read_maps() -> std::io::Result<Vec<MapEntry>> {
+    Ok(parse_maps(&std::fs::read_to_string("/proc/self/maps")?))
+}
+
+/// Parses `/proc/PID/maps`: `start-end perms offset dev inode   path`.
+pub(crate) fn parse_maps(text: &str) -> Vec<MapEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let mut rest = line;
+            let mut fields = [""; 5];
+            for f in &mut fields {
+                rest = rest.trim_start();
+                let end = rest.find(' ').unwrap_or(rest.len());
+                *f = &rest[..end];
+                rest = &rest[end..];
+            }
+            let (start, end) = fields[0].split_once('-')?;
+            let path = rest.trim_start();
+            Some(MapEntry {
+                start: u64::from_str_radix(start, 16).ok()?,
+                end: u64::from_str_radix(end, 16).ok()?,
+                path: (!path.is_empty()).then(|| path.to_owned()),
+            })
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines() {
+        let m = parse_maps(
+            "55d0c6a00000-55d0c6a02000 r--p 00000000 fe:00 1234   /usr/bin/my prog\n\
+             7ffd1c9f0000-7ffd1c9f2000 r-xp 00000000 00:00 0                          [vdso]\n\
+             7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \n\
+             7f0000002000-7f0000003000 r-xp 00001000 fe:00 99 /tmp/libx.so (deleted)\n",
+        );
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[0].start, 0x55d0c6a00000);
+        assert_eq!(m[0].end, 0x55d0c6a02000);
+        assert_eq!(m[0].path.as_deref(), Some("/usr/bin/my prog"));
+        assert_eq!(m[1].path.as_deref(), Some("[vdso]"));
+        assert_eq!(m[2].path, None);
+        assert_eq!(m[3].path.as_deref(), Some("/tmp/libx.so (deleted)"));
+    }
+}
