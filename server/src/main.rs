@@ -74,10 +74,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => {
             let p = listen::default_socket_path();
             if std::env::var_os("PATCHBAY_SOCKET").is_none()
-                && let Some(dir) = p.parent() {
-                    listen::ensure_private_dir(dir)
-                        .with_context(|| format!("preparing {}", dir.display()))?;
-                }
+                && let Some(dir) = p.parent()
+            {
+                listen::ensure_private_dir(dir)
+                    .with_context(|| format!("preparing {}", dir.display()))?;
+            }
             p
         }
     };

@@ -171,6 +171,35 @@ pub struct Tracer {
     pub spec: pb::TracerSpec,
     pub owner_uid: u32,
     pub state: TracerState,
+    /// Counts and drops of agents whose process exited, kept for the tracer's life.
+    archived: CountTable,
+    archived_dropped: u64,
+}
+
+/// Counts by function name, with the agents that contributed.
+type CountTable = BTreeMap<String, (u64, BTreeSet<AgentId>)>;
+
+fn fold_counts(agent: &Agent, counts: &[pb::SiteCount], into: &mut CountTable) {
+    for c in counts {
+        let (addr, name) = c
+            .site
+            .as_ref()
+            .map(|s| (s.address, s.name.clone()))
+            .unwrap_or_default();
+        let name = if name.is_empty() {
+            agent.name_of(addr)
+        } else {
+            name
+        };
+        let name = if name.is_empty() {
+            format!("{addr:#x}")
+        } else {
+            name
+        };
+        let e = into.entry(name).or_default();
+        e.0 += c.count;
+        e.1.insert(agent.id);
+    }
 }
 
 impl Tracer {
@@ -648,8 +677,18 @@ impl Registry {
         let pid = agent.hello.pid;
         let key = (pid, agent.hello.start_time);
         self.fail_requests(id, pid);
-        self.agents.remove(&id);
+        let agent = self.agents.remove(&id).expect("checked above");
         self.by_identity.remove(&key);
+        for (tracer, counts) in &agent.counts {
+            if let Some(t) = self.tracers.get_mut(tracer) {
+                fold_counts(&agent, counts, &mut t.archived);
+            }
+        }
+        for (tracer, dropped) in &agent.dropped {
+            if let Some(t) = self.tracers.get_mut(tracer) {
+                t.archived_dropped += dropped;
+            }
+        }
         self.sync_progress(id, None);
         self.check_detach_ops();
         self.gc_tracers();
@@ -945,6 +984,8 @@ impl Registry {
             spec,
             owner_uid: caller.uid,
             state: TracerState::Active,
+            archived: CountTable::new(),
+            archived_dropped: 0,
         };
         let targets: Vec<AgentId> = self
             .agents
@@ -1690,7 +1731,7 @@ impl Registry {
         let t = self.tracers.get(&id)?;
         let mut agents = 0;
         let mut sites = 0;
-        let mut dropped = 0;
+        let mut dropped = t.archived_dropped;
         for a in self.agents.values() {
             let n: usize = a
                 .trampolines
@@ -1817,30 +1858,11 @@ impl Registry {
         caller: Caller,
         tracer: TracerId,
     ) -> Result<pb::CountsResponse, CoreError> {
-        self.visible_tracer(caller, tracer)?;
-        let mut by_name: BTreeMap<String, (u64, BTreeSet<AgentId>)> = BTreeMap::new();
+        let t = self.visible_tracer(caller, tracer)?;
+        let mut by_name = t.archived.clone();
         for a in self.agents.values() {
             if let Some(counts) = a.counts.get(&tracer) {
-                for c in counts {
-                    let (addr, name) = c
-                        .site
-                        .as_ref()
-                        .map(|s| (s.address, s.name.clone()))
-                        .unwrap_or_default();
-                    let name = if name.is_empty() {
-                        a.name_of(addr)
-                    } else {
-                        name
-                    };
-                    let name = if name.is_empty() {
-                        format!("{addr:#x}")
-                    } else {
-                        name
-                    };
-                    let e = by_name.entry(name).or_default();
-                    e.0 += c.count;
-                    e.1.insert(a.id);
-                }
+                fold_counts(a, counts, &mut by_name);
             }
         }
         let mut counts: Vec<pb::FunctionCount> = by_name

@@ -397,6 +397,40 @@ fn errors_change_nothing() {
     assert_eq!(reg.list_agents(Caller::ROOT).len(), 1);
 }
 
+#[test]
+fn counts_survive_the_exit_of_their_process() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("alpha")).unwrap();
+    let replies = settle(&mut reg, &mut sim).unwrap();
+    let (_, Reply::Attach(Ok(r))) = &replies[0] else {
+        panic!("{replies:?}")
+    };
+    let tracer = r.tracer.as_ref().unwrap().tracer_id;
+    let report = |n| pb::CountReport {
+        tracer_id: tracer,
+        counts: vec![pb::SiteCount {
+            site: Some(pb::Site {
+                address: addr(0),
+                name: "alpha".into(),
+            }),
+            count: n,
+        }],
+    };
+    reg.count_report(sim.id, report(5));
+    reg.count_report(sim.id, report(7)); // cumulative: replaces
+    assert_eq!(reg.counts(Caller::ROOT, tracer).unwrap().total, 7);
+    assert!(matches!(
+        reg.counts(Caller { uid: 7 }, tracer),
+        Err(CoreError::PermissionDenied(_))
+    ));
+    reg.agent_disconnected(sim.id);
+    reg.agent_gone(sim.id);
+    let c = reg.counts(Caller::ROOT, tracer).unwrap();
+    assert_eq!((c.total, c.counts[0].function.as_str()), (7, "alpha"));
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Attach(usize),
