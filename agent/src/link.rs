@@ -1,0 +1,127 @@
+//! The link to the server: one background thread running a single-threaded tokio
+//! runtime that keeps an `Agent.Session` stream open, reconnecting with backoff when the
+//! server is absent or goes away. It never blocks or signals program threads: all it
+//! does with the program is through the [`Handler`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use patchbay_proto as pb;
+use pb::agent_message::Body as FromAgent;
+use pb::server_message::Body as ToAgent;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// Backoff between connection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What the link drives. Runs on the link thread only.
+pub trait Handler {
+    /// Builds the hello of a new connection (threads, epoch, re-reported trampolines).
+    fn hello(&mut self) -> pb::Hello;
+    /// The server accepted us.
+    fn welcome(&mut self, w: &pb::Welcome);
+    /// A message from the server; answers go to `out`.
+    fn message(&mut self, msg: ToAgent, out: &mut Vec<FromAgent>);
+    /// Periodic work (thread scan, quiescent detection, flushing counts and events).
+    /// `connected` is false while there is no server: the handler keeps the program
+    /// safe and buffers within its bounds.
+    fn tick(&mut self, connected: bool, out: &mut Vec<FromAgent>);
+    /// How often to tick.
+    fn tick_interval(&self) -> Duration;
+    /// The session ended (the server went away or refused us).
+    fn disconnected(&mut self, why: &str);
+}
+
+/// Runs forever on the calling thread.
+pub fn run(socket: PathBuf, mut handler: impl Handler) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            crate::log::warn(&format!("patchbay agent: no runtime ({e}); agent disabled"));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match session(&socket, &mut handler).await {
+                Ok(()) => backoff = BACKOFF_MIN,
+                Err(why) => {
+                    handler.disconnected(&why);
+                    crate::log::debug(&format!("patchbay agent: {why}"));
+                }
+            }
+            // Keep ticking while waiting for a server.
+            let until = tokio::time::Instant::now() + backoff;
+            while tokio::time::Instant::now() < until {
+                let mut out = Vec::new();
+                handler.tick(false, &mut out);
+                tokio::time::sleep(handler.tick_interval().min(backoff)).await;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    });
+}
+
+async fn connect(socket: &PathBuf) -> Result<pb::agent_client::AgentClient<tonic::transport::Channel>, String> {
+    let path = socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot reach patchbayd at {}: {e}", socket.display()))?;
+    Ok(pb::agent_client::AgentClient::new(channel)
+        .max_decoding_message_size(64 << 20))
+}
+
+/// One session: hello, welcome, then messages both ways until the stream ends.
+async fn session(socket: &PathBuf, handler: &mut impl Handler) -> Result<(), String> {
+    let mut client = connect(socket).await?;
+    let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
+    let send = |body: FromAgent| {
+        let _ = tx.send(pb::AgentMessage { body: Some(body) });
+    };
+    send(FromAgent::Hello(handler.hello()));
+    let mut inbound = client
+        .session(UnboundedReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("server refused the session: {}", s.message()))?
+        .into_inner();
+    match inbound.next().await {
+        Some(Ok(pb::ServerMessage {
+            body: Some(ToAgent::Welcome(w)),
+        })) => handler.welcome(&w),
+        Some(Ok(_)) => return Err("server did not welcome us".into()),
+        Some(Err(s)) => return Err(format!("server refused us: {}", s.message())),
+        None => return Err("server closed the session".into()),
+    }
+    let mut tick = tokio::time::interval(handler.tick_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            msg = inbound.next() => match msg {
+                Some(Ok(pb::ServerMessage { body: Some(ToAgent::Shutdown(s)) })) => {
+                    return Err(format!("server shut the session down: {}", s.reason));
+                }
+                Some(Ok(pb::ServerMessage { body: Some(body) })) => handler.message(body, &mut out),
+                Some(Ok(_)) => {}
+                Some(Err(s)) => return Err(format!("session failed: {}", s.message())),
+                None => return Err("server closed the session".into()),
+            },
+            _ = tick.tick() => handler.tick(true, &mut out),
+        }
+        for body in out.drain(..) {
+            send(body);
+        }
+    }
+}
