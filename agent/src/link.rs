@@ -3,7 +3,7 @@
 //! server is absent or goes away. It never blocks or signals program threads: all it
 //! does with the program is through the [`Handler`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use patchbay_proto as pb;
@@ -37,7 +37,10 @@ pub trait Handler {
 
 /// Runs forever on the calling thread.
 pub fn run(socket: PathBuf, mut handler: impl Handler) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             crate::log::warn(&format!("patchbay agent: no runtime ({e}); agent disabled"));
@@ -66,8 +69,10 @@ pub fn run(socket: PathBuf, mut handler: impl Handler) {
     });
 }
 
-async fn connect(socket: &PathBuf) -> Result<pb::agent_client::AgentClient<tonic::transport::Channel>, String> {
-    let path = socket.clone();
+async fn connect(
+    socket: &Path,
+) -> Result<pb::agent_client::AgentClient<tonic::transport::Channel>, String> {
+    let path = socket.to_path_buf();
     let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
@@ -79,12 +84,11 @@ async fn connect(socket: &PathBuf) -> Result<pb::agent_client::AgentClient<tonic
         }))
         .await
         .map_err(|e| format!("cannot reach patchbayd at {}: {e}", socket.display()))?;
-    Ok(pb::agent_client::AgentClient::new(channel)
-        .max_decoding_message_size(64 << 20))
+    Ok(pb::agent_client::AgentClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
 /// One session: hello, welcome, then messages both ways until the stream ends.
-async fn session(socket: &PathBuf, handler: &mut impl Handler) -> Result<(), String> {
+async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String> {
     let mut client = connect(socket).await?;
     let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
     let send = |body: FromAgent| {

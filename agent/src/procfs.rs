@@ -159,7 +159,10 @@ mod tests {
         let tid = tid_rx.recv().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while syscall_state(tid) != SyscallState::Running {
-            assert!(std::time::Instant::now() < deadline, "spinning thread never running");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "spinning thread never running"
+            );
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         h.join().unwrap();

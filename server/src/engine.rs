@@ -100,15 +100,33 @@ impl Engine {
         }
     }
 
-    /// Registers the outbound channel of a new connection of `agent`; returns the
-    /// connection number, which later disconnects must present.
-    pub fn connect_agent(&self, agent: AgentId, tx: AgentTx) -> u64 {
+    /// Admits an agent: runs its hello through the registry and, in the same critical
+    /// section, sends the welcome and registers the outbound channel, so that messages
+    /// the hello produced (re-attaches, removals) reach this connection. Returns the
+    /// agent id and the connection number, which the disconnect must present.
+    pub fn admit_agent(
+        &self,
+        peer: (u32, u32),
+        hello: pb::Hello,
+        tx: AgentTx,
+    ) -> Result<(AgentId, u64, bool), CoreError> {
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (agent, welcome) = match s.reg.agent_hello(Some(peer), hello, Instant::now()) {
+            Ok(r) => r,
+            Err(e) => {
+                s.apply();
+                return Err(e);
+            }
+        };
+        let resumed = welcome.resumed;
+        let _ = tx.send(Ok(pb::ServerMessage {
+            body: Some(pb::server_message::Body::Welcome(welcome)),
+        }));
         let conn = s.next_conn;
         s.next_conn += 1;
         s.agents.insert(agent, (conn, tx));
         s.apply();
-        conn
+        Ok((agent, conn, resumed))
     }
 
     /// The connection `conn` of `agent` ended. Ignored if a newer one replaced it.

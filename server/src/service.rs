@@ -82,16 +82,9 @@ impl pb::agent_server::Agent for AgentService {
             None => return Err(Status::invalid_argument("stream ended before Hello")),
         };
         let pid = hello.pid;
-        let (agent, welcome) = self
-            .engine
-            .lock()
-            .agent_hello(Some(peer), hello, Engine::now())?;
-        tracing::info!(agent, pid, resumed = welcome.resumed, "agent connected");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let _ = tx.send(Ok(pb::ServerMessage {
-            body: Some(pb::server_message::Body::Welcome(welcome)),
-        }));
-        let conn = self.engine.connect_agent(agent, tx);
+        let (agent, conn, resumed) = self.engine.admit_agent(peer, hello, tx)?;
+        tracing::info!(agent, pid, resumed, "agent connected");
         let engine = self.engine.clone();
         tokio::spawn(async move {
             loop {
