@@ -1,8 +1,64 @@
-//! The in-process agent of patchbay (built out in the agent issue).
+//! The in-process agent of patchbay.
+//!
+//! Loaded with `LD_PRELOAD=libpatchbay_agent.so` (it starts itself), or linked into a
+//! Rust program as a library: call [`start`], mark quiescent points with
+//! [`quiescent`], register callbacks with [`register_callback`]. See ARCHITECTURE.md.
 
+pub mod arena;
+pub mod block;
+pub mod callbacks;
+/// An in-trampoline callback flavour (callbacks called from trampoline memory), kept
+/// as the test vehicle of the patcher's stress tests; the runtime uses `tramp` + `dispatch`.
+#[cfg(test)]
+#[allow(dead_code)]
+pub(crate) mod codegen;
+pub mod counters;
 pub mod demangle;
+pub mod dispatch;
+pub mod init;
 pub mod link;
 mod log;
+pub mod patch;
 pub mod procfs;
+pub mod qs;
+pub mod ring;
+pub mod runtime;
 pub mod sites;
 pub mod threads;
+/// Per-thread blocks of the `codegen` test flavour (the runtime uses `block`).
+#[cfg(test)]
+#[allow(dead_code)]
+pub(crate) mod tls;
+pub mod tramp;
+pub mod trap;
+
+pub use dispatch::{CallCtx, Callback};
+pub use init::{StartError, start};
+
+/// Marks a quiescent point of the calling thread: it is outside every traced function
+/// and callback (QSBR style; the cheapest way to end grace periods).
+pub fn quiescent() {
+    qs::quiescent()
+}
+
+/// Registers a callback tools can attach by `name` (`patchbay attach --custom NAME`).
+pub fn register_callback(name: &str, f: Callback) {
+    callbacks::register(name, f)
+}
+
+/// Starts the agent when this library was preloaded (`LD_PRELOAD`): the constructor
+/// of `libpatchbay_agent.so`. In a program that links the crate it does nothing; the
+/// program calls [`start`].
+extern "C" fn preload_constructor() {
+    let preloaded = std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("libpatchbay_agent"));
+    if preloaded
+        && std::env::var_os("PATCHBAY_DISABLE").is_none()
+        && let Err(e) = start()
+    {
+        log::warn(&format!("agent not started: {e}"));
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static PRELOAD_CONSTRUCTOR: extern "C" fn() = preload_constructor;

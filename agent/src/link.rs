@@ -13,6 +13,42 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+/// The outbound channel of the current session, for messages produced outside the
+/// link thread (the final flush at exit).
+static OUTBOX: std::sync::Mutex<Option<mpsc::UnboundedSender<pb::AgentMessage>>> =
+    std::sync::Mutex::new(None);
+/// Messages queued on, and taken from, the session's channel.
+static QUEUED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Queues messages on the current session from any thread; false when there is none.
+pub fn send_from_any_thread(msgs: Vec<FromAgent>) -> bool {
+    use std::sync::atomic::Ordering;
+    let outbox = OUTBOX.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(tx) = outbox.as_ref() else {
+        return false;
+    };
+    for body in msgs {
+        if tx.send(pb::AgentMessage { body: Some(body) }).is_err() {
+            return false;
+        }
+        QUEUED.fetch_add(1, Ordering::AcqRel);
+    }
+    true
+}
+
+/// Waits (bounded) until the transport took every queued message.
+pub fn wait_taken(deadline: std::time::Instant) -> bool {
+    use std::sync::atomic::Ordering;
+    while TAKEN.load(Ordering::Acquire) < QUEUED.load(Ordering::Acquire) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
 /// Backoff between connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -92,11 +128,29 @@ async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String
     let mut client = connect(socket).await?;
     let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
     let send = |body: FromAgent| {
-        let _ = tx.send(pb::AgentMessage { body: Some(body) });
+        if tx.send(pb::AgentMessage { body: Some(body) }).is_ok() {
+            QUEUED.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
     };
     send(FromAgent::Hello(handler.hello()));
+    *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+    let outbound = UnboundedReceiverStream::new(rx).map(|m| {
+        TAKEN.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        m
+    });
+    let result = run_session(&mut client, outbound, handler, &send).await;
+    *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    result
+}
+
+async fn run_session(
+    client: &mut pb::agent_client::AgentClient<tonic::transport::Channel>,
+    outbound: impl tokio_stream::Stream<Item = pb::AgentMessage> + Send + 'static,
+    handler: &mut impl Handler,
+    send: &impl Fn(FromAgent),
+) -> Result<(), String> {
     let mut inbound = client
-        .session(UnboundedReceiverStream::new(rx))
+        .session(outbound)
         .await
         .map_err(|s| format!("server refused the session: {}", s.message()))?
         .into_inner();
@@ -108,10 +162,10 @@ async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String
         Some(Err(s)) => return Err(format!("server refused us: {}", s.message())),
         None => return Err("server closed the session".into()),
     }
-    let mut tick = tokio::time::interval(handler.tick_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
+    let mut next_tick = tokio::time::Instant::now() + handler.tick_interval();
     loop {
+        let tick = tokio::time::sleep_until(next_tick);
         tokio::select! {
             msg = inbound.next() => match msg {
                 Some(Ok(pb::ServerMessage { body: Some(ToAgent::Shutdown(s)) })) => {
@@ -122,8 +176,12 @@ async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String
                 Some(Err(s)) => return Err(format!("session failed: {}", s.message())),
                 None => return Err("server closed the session".into()),
             },
-            _ = tick.tick() => handler.tick(true, &mut out),
+            _ = tick => {
+                handler.tick(true, &mut out);
+                next_tick = tokio::time::Instant::now() + handler.tick_interval();
+            }
         }
+        next_tick = next_tick.min(tokio::time::Instant::now() + handler.tick_interval());
         for body in out.drain(..) {
             send(body);
         }

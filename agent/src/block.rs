@@ -1,0 +1,298 @@
+//! Per-thread blocks: the state a program thread shares with trampolines and with the
+//! agent thread. One block per thread, taken from a pool the agent thread keeps
+//! filled (so that a program thread never makes a system call or allocates to get one).
+//!
+//! Layout of a block (one mmap'd region, `BLOCK_BYTES`, pages touched lazily):
+//! ```text
+//!   [Header: 64 bytes][counters: COUNTERS x u64][event ring: RING_SLOTS x EVENT_BYTES]
+//! ```
+//! A thread's TLS word [`TLS`] points at `counters[0]` (so that a `count` trampoline
+//! reaches its counter with one TLS load: `mov r11, fs:[OFF]; inc qword [r11 + 8*idx]`).
+//! The header sits just below it.
+//!
+//! Invariants:
+//! - a block is owned by one thread at a time (tid in the header); only that thread
+//!   writes its counters, `nesting` and `seq`; the agent thread only reads them (and
+//!   zeroes a counter index only after a grace period proves no thread uses it);
+//! - blocks are never unmapped: an exited thread's block is folded into the totals and
+//!   returned to the pool.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// Counter slots per thread block (indexes handed out per (tracer, site)).
+pub const COUNTERS: usize = 1 << 16;
+/// Event slots of a thread's ring (single producer: the thread; single consumer: the
+/// agent thread).
+pub const RING_SLOTS: usize = 4096;
+/// Bytes of one event record in the ring (see `ring.rs`).
+pub const EVENT_BYTES: usize = 80;
+/// Bytes of one block: header + counters + ring.
+pub const BLOCK_BYTES: usize = HEADER_BYTES + COUNTERS * 8 + RING_SLOTS * EVENT_BYTES;
+pub const HEADER_BYTES: usize = 64;
+/// Threads that can hold a block at once.
+pub const MAX_BLOCKS: usize = 16384;
+
+/// The part of a block other threads may read.
+#[repr(C, align(64))]
+pub struct Header {
+    /// Owner thread (0 when free).
+    pub tid: AtomicU32,
+    /// Depth of callback dispatch on this thread (0: not inside any).
+    pub nesting: AtomicU32,
+    /// Bumped at every dispatch entry: lets another thread check that no dispatch
+    /// started or ended between two reads.
+    pub seq: AtomicU64,
+    /// A quiescent observation was deferred (the thread was inside): the dispatch exit
+    /// stamps `qs_epoch` when `nesting` drops to 0.
+    pub deferred: AtomicU32,
+    _pad0: u32,
+    /// Highest epoch at which this thread was seen quiescent (explicit call, signal, or
+    /// deferred exit).
+    pub qs_epoch: AtomicU64,
+    /// Events written to the ring (producer position, owner thread only).
+    pub ring_head: AtomicU64,
+    /// Events consumed from the ring (agent thread only).
+    pub ring_tail: AtomicU64,
+    _pad: [u64; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_BYTES);
+
+thread_local! {
+    /// Points at `counters[0]` of this thread's block, or null. Const-initialized and
+    /// without a destructor, so it is a plain `fs`-relative word: readable from
+    /// generated code and from signal handlers.
+    pub static TLS: Cell<*mut u64> = const { Cell::new(std::ptr::null_mut()) };
+    /// Dispatch depth of this thread, raised by the static entry stub *before* any
+    /// callback code runs and lowered after. Read by this thread's signal handler.
+    pub static NEST: Cell<u64> = const { Cell::new(0) };
+    /// Set by the quiescent-state signal handler when it found the thread inside a
+    /// dispatch: the outermost dispatch stamps a quiescent state when it is done.
+    pub static DEFERRED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Offset of a thread-local from the thread pointer (`fs:0`), for generated code.
+/// Returns None when it is not the same in every thread (the agent was not loaded at
+/// start-up, so its TLS is dynamic).
+pub fn fs_offset_of<T>(addr: *const T) -> i64 {
+    let tp: u64;
+    // SAFETY: on x86_64 Linux, fs:0 holds the thread pointer (the TCB's self pointer).
+    unsafe {
+        std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
+    addr as i64 - tp as i64
+}
+
+/// The `fs`-relative offsets of [`TLS`] and [`NEST`], checked to be the same in this
+/// thread and in a fresh one (static TLS).
+pub fn tls_offsets() -> Option<(i32, i32)> {
+    let here = (
+        TLS.with(|t| fs_offset_of(t as *const _)),
+        NEST.with(|t| fs_offset_of(t as *const _)),
+    );
+    let there = std::thread::spawn(|| {
+        (
+            TLS.with(|t| fs_offset_of(t as *const _)),
+            NEST.with(|t| fs_offset_of(t as *const _)),
+        )
+    })
+    .join()
+    .ok()?;
+    if here != there {
+        return None;
+    }
+    Some((i32::try_from(here.0).ok()?, i32::try_from(here.1).ok()?))
+}
+
+/// Every block ever mapped (index = block number). Never shrinks.
+static BLOCKS: [AtomicPtr<Header>; MAX_BLOCKS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_BLOCKS];
+/// Number of entries of `BLOCKS` in use.
+static MAPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// The header of the block whose counters start at `counters`.
+///
+/// # Safety
+/// `counters` must be a value stored in [`TLS`] by [`claim`] (non-null).
+#[inline(always)]
+pub unsafe fn header_of(counters: *mut u64) -> &'static Header {
+    // SAFETY: blocks are never unmapped and the header is HEADER_BYTES below the
+    // counters (caller's precondition).
+    unsafe { &*(counters.cast::<u8>().sub(HEADER_BYTES).cast::<Header>()) }
+}
+
+/// The calling thread's header, if it has a block. Async-signal-safe.
+#[inline(always)]
+pub fn current() -> Option<&'static Header> {
+    let p = TLS.with(|t| t.get());
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: non-null TLS values are only ever set by `claim`.
+        Some(unsafe { header_of(p) })
+    }
+}
+
+/// Gives the calling thread a block from the pool, if it has none. Lock-free, no
+/// system call, no allocation. Async-signal-safe. Returns None when the pool is empty.
+pub fn claim(tid: u32) -> Option<&'static Header> {
+    if let Some(h) = current() {
+        return Some(h);
+    }
+    let n = MAPPED.load(Ordering::Acquire);
+    for b in BLOCKS.iter().take(n) {
+        let h = b.load(Ordering::Acquire);
+        if h.is_null() {
+            continue;
+        }
+        // SAFETY: mapped blocks are never unmapped.
+        let header = unsafe { &*h };
+        if header
+            .tid
+            .compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            // SAFETY: counters follow the header inside the same mapping.
+            let counters = unsafe { h.cast::<u8>().add(HEADER_BYTES).cast::<u64>() };
+            TLS.with(|t| t.set(counters));
+            return Some(header);
+        }
+    }
+    None
+}
+
+/// Number of free blocks in the pool.
+pub fn free_blocks() -> usize {
+    all().filter(|h| h.tid.load(Ordering::Acquire) == 0).count()
+}
+
+/// Maps blocks until at least `want` are free (agent thread only).
+pub fn refill(want: usize) -> std::io::Result<()> {
+    let mut free = free_blocks();
+    while free < want {
+        let n = MAPPED.load(Ordering::Acquire);
+        if n >= MAX_BLOCKS {
+            return Err(std::io::Error::other("thread block table full"));
+        }
+        // SAFETY: anonymous private mapping, no address hint; checked for failure.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                BLOCK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        BLOCKS[n].store(p.cast(), Ordering::Release);
+        MAPPED.store(n + 1, Ordering::Release);
+        free += 1;
+    }
+    Ok(())
+}
+
+/// Every mapped block's header.
+pub fn all() -> impl Iterator<Item = &'static Header> {
+    let n = MAPPED.load(Ordering::Acquire);
+    BLOCKS.iter().take(n).filter_map(|b| {
+        let h = b.load(Ordering::Acquire);
+        // SAFETY: mapped blocks are never unmapped.
+        (!h.is_null()).then(|| unsafe { &*h })
+    })
+}
+
+impl Header {
+    /// The counters of this block.
+    pub fn counters(&self) -> *mut u64 {
+        // SAFETY: counters follow the header inside the same mapping.
+        unsafe {
+            (self as *const Header as *mut u8)
+                .add(HEADER_BYTES)
+                .cast::<u64>()
+        }
+    }
+
+    /// The event ring's slots.
+    pub fn ring(&self) -> *mut u8 {
+        // SAFETY: the ring follows the counters inside the same mapping.
+        unsafe { self.counters().add(COUNTERS).cast::<u8>() }
+    }
+
+    /// Reads counter `idx` (written only by the owner thread; an aligned 8-byte load is
+    /// never torn on x86_64).
+    pub fn counter(&self, idx: u32) -> u64 {
+        debug_assert!((idx as usize) < COUNTERS);
+        // SAFETY: idx < COUNTERS; the volatile read keeps the compiler from caching a
+        // value another thread keeps changing.
+        unsafe { self.counters().add(idx as usize).read_volatile() }
+    }
+
+    /// Zeroes counter `idx`. Only when no thread can increment it (after a grace
+    /// period, or for a free block).
+    pub fn reset_counter(&self, idx: u32) {
+        // SAFETY: as in `counter`; no concurrent writer by the caller's precondition.
+        unsafe { self.counters().add(idx as usize).write_volatile(0) }
+    }
+
+    /// Returns the block to the pool (its thread exited). The caller folded its
+    /// counters first; they are zeroed here for the next owner.
+    pub fn release(&self, live_indexes: impl Iterator<Item = u32>) {
+        for i in live_indexes {
+            self.reset_counter(i);
+        }
+        self.nesting.store(0, Ordering::Relaxed);
+        self.deferred.store(0, Ordering::Relaxed);
+        self.qs_epoch.store(0, Ordering::Relaxed);
+        self.seq.store(0, Ordering::Relaxed);
+        self.ring_head.store(0, Ordering::Relaxed);
+        self.ring_tail.store(0, Ordering::Relaxed);
+        self.tid.store(0, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_offsets_are_static() {
+        let (tls, nest) = tls_offsets().expect("static TLS");
+        assert_ne!(tls, nest);
+        // Reading through fs with the offset gives the same value as the thread-local.
+        NEST.with(|n| n.set(42));
+        let v: u64;
+        // SAFETY: the offset was just computed for this thread's static TLS block.
+        unsafe {
+            std::arch::asm!("mov {v}, qword ptr fs:[{o}]", v = out(reg) v, o = in(reg) nest as i64)
+        };
+        assert_eq!(v, 42);
+        NEST.with(|n| n.set(0));
+    }
+
+    #[test]
+    fn threads_claim_distinct_blocks_without_syscalls() {
+        refill(4).unwrap();
+        let a = std::thread::spawn(|| claim(111).map(|h| h as *const Header as usize))
+            .join()
+            .unwrap()
+            .unwrap();
+        let b = std::thread::spawn(|| claim(222).map(|h| h as *const Header as usize))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_ne!(a, b);
+        let owners: Vec<u32> = all().map(|h| h.tid.load(Ordering::Relaxed)).collect();
+        assert!(owners.contains(&111) && owners.contains(&222));
+        for h in all() {
+            let t = h.tid.load(Ordering::Relaxed);
+            if t == 111 || t == 222 {
+                h.release(std::iter::empty());
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Counter indexes and count totals (agent thread only).
+//!
+//! Each (trampoline, count tracer, site) gets an index into every thread block's
+//! counter array; a trace tracer gets one index per trampoline for its drops. The
+//! total of an index is what exited threads left behind plus the sum over the blocks
+//! of live threads. When a trampoline is freed (after its grace period, so no thread
+//! can still increment its indexes) its totals are folded into per-(tracer, site)
+//! totals and the indexes are zeroed and reused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use crate::block::{self, COUNTERS};
+
+#[derive(Debug, thiserror::Error)]
+#[error("all {COUNTERS} counters are in use: detach some tracers")]
+pub struct Exhausted;
+
+#[derive(Default)]
+pub struct Counters {
+    free: Vec<u32>,
+    next: u32,
+    /// Left behind by exited threads, per live index.
+    exited: HashMap<u32, u64>,
+    /// Live indexes.
+    live: Vec<u32>,
+}
+
+impl Counters {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn alloc(&mut self) -> Result<u32, Exhausted> {
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None if (self.next as usize) < COUNTERS => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return Err(Exhausted),
+        };
+        self.live.push(i);
+        Ok(i)
+    }
+
+    /// Current total of index `i`.
+    pub fn total(&self, i: u32) -> u64 {
+        let mut sum = self.exited.get(&i).copied().unwrap_or(0);
+        for h in block::all() {
+            if h.tid.load(Ordering::Acquire) != 0 {
+                sum = sum.wrapping_add(h.counter(i));
+            }
+        }
+        sum
+    }
+
+    /// A thread exited: keep what its block counted, then return the block.
+    pub fn fold_exited_block(&mut self, h: &block::Header) {
+        for &i in &self.live {
+            let v = h.counter(i);
+            if v != 0 {
+                *self.exited.entry(i).or_insert(0) += v;
+            }
+        }
+        h.release(self.live.iter().copied());
+    }
+
+    /// Drops the totals of exited threads (a forked child counts from zero).
+    pub fn forget_exited(&mut self) {
+        self.exited.clear();
+    }
+
+    /// Frees index `i` (no thread can increment it any more); returns its final total.
+    pub fn free(&mut self, i: u32) -> u64 {
+        let total = self.total(i);
+        self.exited.remove(&i);
+        for h in block::all() {
+            h.reset_counter(i);
+        }
+        self.live.retain(|x| *x != i);
+        self.free.push(i);
+        total
+    }
+}
+
+/// Totals of (tracer, site) from freed trampolines.
+#[derive(Default)]
+pub struct Folded(pub BTreeMap<(u64, u64), u64>);

@@ -1,0 +1,272 @@
+//! The static entry stub and the callback dispatcher. Both are part of the agent's own
+//! text and are never freed: a dynamic trampoline only pushes its descriptor and jumps
+//! here, so no frame of trampoline memory stays on a thread's stack while callbacks
+//! run. The stub raises the thread's dispatch depth ([`block::NEST`]) before any
+//! callback code runs and lowers it after, which is what the quiescent-state machinery
+//! reads.
+//!
+//! Everything in this module runs on program threads inside traced calls: it is
+//! async-signal-safe (no allocation, no locks, no system call but a one-time `gettid`,
+//! no panics across the FFI boundary).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::block::{self, Header};
+use crate::qs;
+use crate::ring;
+
+/// `fs`-relative offset of [`block::NEST`], set once at agent start before any
+/// trampoline exists. Read by the stub.
+pub static PATCHBAY_NEST_OFFSET: AtomicI64 = AtomicI64::new(0);
+
+/// Calls that found no thread block (pool exhausted): their callbacks were skipped.
+pub static MISSED: AtomicU64 = AtomicU64::new(0);
+
+/// Registers saved by the stub, in memory order (lowest address first).
+#[repr(C)]
+pub struct Regs {
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rax: u64,
+}
+
+impl Regs {
+    /// The integer argument registers in ABI order.
+    pub fn args(&self) -> [u64; 6] {
+        [self.rdi, self.rsi, self.rdx, self.rcx, self.r8, self.r9]
+    }
+}
+
+/// What a registered (custom) callback receives.
+#[repr(C)]
+pub struct CallCtx<'a> {
+    /// Entry address of the traced function (its patch site).
+    pub site: u64,
+    /// Kernel thread id of the caller.
+    pub tid: u32,
+    /// Integer argument registers (rdi, rsi, rdx, rcx, r8, r9).
+    pub args: &'a [u64; 6],
+}
+
+/// A callback a program registers by name. It runs inside traced calls: it must not
+/// unwind, and should not block (a blocked callback holds up grace periods).
+pub type Callback = fn(&CallCtx<'_>);
+
+/// One tracer of a callback group, resolved for the hot path.
+pub enum Action {
+    /// Bump counter `idx[site position]` of this thread.
+    Count { idx: Box<[u32]> },
+    /// Write an entry event with `nargs` argument registers; drops go to counter
+    /// `dropped_idx`.
+    Trace {
+        tracer: u64,
+        nargs: u32,
+        dropped_idx: u32,
+    },
+    /// A program-registered callback.
+    Custom { f: Callback },
+}
+
+/// Everything a trampoline's calls need; owned by the trampoline and freed with it
+/// (after its grace period).
+pub struct Descriptor {
+    pub trampoline_id: u64,
+    /// Site addresses, sorted.
+    pub sites: Box<[u64]>,
+    pub actions: Box<[Action]>,
+}
+
+impl Descriptor {
+    fn position(&self, site: u64) -> Option<usize> {
+        self.sites.binary_search(&site).ok()
+    }
+}
+
+std::thread_local! {
+    static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The calling thread's id, cached. Async-signal-safe.
+#[inline]
+pub fn tid() -> u32 {
+    TID.with(|t| {
+        let v = t.get();
+        if v != 0 {
+            return v;
+        }
+        // SAFETY: gettid has no preconditions.
+        let v = unsafe { libc::gettid() } as u32;
+        t.set(v);
+        v
+    })
+}
+
+/// Forgets the cached tid (in a forked child).
+pub fn reset_tid() {
+    TID.with(|t| t.set(0));
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.patchbay_stubs,\"ax\",@progbits",
+    ".balign 16",
+    ".globl patchbay_stubs_start",
+    ".hidden patchbay_stubs_start",
+    "patchbay_stubs_start:",
+    ".globl patchbay_generic_entry",
+    ".hidden patchbay_generic_entry",
+    "patchbay_generic_entry:",
+    // [rsp] = descriptor, [rsp+8] = site+5 (return into the traced function)
+    "push rbp",
+    "mov rbp, rsp",
+    "push rax",
+    "push rdi",
+    "push rsi",
+    "push rdx",
+    "push rcx",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "mov r11, qword ptr [rip + {nest}]",
+    "inc qword ptr fs:[r11]",
+    "sub rsp, 128",
+    "and rsp, -16",
+    "movdqu xmmword ptr [rsp], xmm0",
+    "movdqu xmmword ptr [rsp + 16], xmm1",
+    "movdqu xmmword ptr [rsp + 32], xmm2",
+    "movdqu xmmword ptr [rsp + 48], xmm3",
+    "movdqu xmmword ptr [rsp + 64], xmm4",
+    "movdqu xmmword ptr [rsp + 80], xmm5",
+    "movdqu xmmword ptr [rsp + 96], xmm6",
+    "movdqu xmmword ptr [rsp + 112], xmm7",
+    "mov rdi, qword ptr [rbp + 8]",
+    "lea rsi, [rbp - 72]",
+    "mov rdx, qword ptr [rbp + 16]",
+    "call {dispatch}",
+    "movdqu xmm0, xmmword ptr [rsp]",
+    "movdqu xmm1, xmmword ptr [rsp + 16]",
+    "movdqu xmm2, xmmword ptr [rsp + 32]",
+    "movdqu xmm3, xmmword ptr [rsp + 48]",
+    "movdqu xmm4, xmmword ptr [rsp + 64]",
+    "movdqu xmm5, xmmword ptr [rsp + 80]",
+    "movdqu xmm6, xmmword ptr [rsp + 96]",
+    "movdqu xmm7, xmmword ptr [rsp + 112]",
+    "mov r11, qword ptr [rip + {nest}]",
+    "dec qword ptr fs:[r11]",
+    "lea rsp, [rbp - 72]",
+    "pop r11",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rcx",
+    "pop rdx",
+    "pop rsi",
+    "pop rdi",
+    "pop rax",
+    "pop rbp",
+    "lea rsp, [rsp + 8]",
+    "ret",
+    ".globl patchbay_stubs_end",
+    ".hidden patchbay_stubs_end",
+    "patchbay_stubs_end:",
+    ".popsection",
+    nest = sym PATCHBAY_NEST_OFFSET,
+    dispatch = sym patchbay_dispatch,
+);
+
+unsafe extern "C" {
+    fn patchbay_generic_entry();
+    static patchbay_stubs_start: u8;
+    static patchbay_stubs_end: u8;
+}
+
+/// Address of the static entry stub (jumped to by trampolines).
+pub fn generic_entry() -> u64 {
+    patchbay_generic_entry as *const () as u64
+}
+
+/// The static stub's address range. Async-signal-safe.
+#[inline]
+pub fn stub_range() -> (u64, u64) {
+    // Taking the address of the stub's labels; never read through.
+    (
+        &raw const patchbay_stubs_start as u64,
+        &raw const patchbay_stubs_end as u64,
+    )
+}
+
+/// Called by the stub with the trampoline's descriptor, the saved registers, and the
+/// return address into the traced function (site + 5). Async-signal-safe.
+extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret: u64) {
+    // SAFETY: the trampoline pushed a pointer to its live descriptor; the descriptor is
+    // freed only after a grace period, and this thread's NEST > 0 (raised by the stub)
+    // keeps that grace period from completing while we run.
+    let desc = unsafe { &*desc };
+    // SAFETY: the stub passes a pointer to the registers it saved on this stack.
+    let regs = unsafe { &*regs };
+    let Some(h) = block::current().or_else(|| block::claim(tid())) else {
+        MISSED.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    h.seq.fetch_add(1, Ordering::Relaxed);
+    h.nesting.fetch_add(1, Ordering::Release);
+    let site = ret.wrapping_sub(5);
+    if let Some(pos) = desc.position(site) {
+        run_actions(h, desc, pos, site, regs);
+    }
+    h.nesting.fetch_sub(1, Ordering::Release);
+    h.seq.fetch_add(1, Ordering::Release);
+    // The outermost dispatch stamps a deferred quiescent state: from here on this
+    // thread touches neither the descriptor nor trampoline memory.
+    if block::NEST.with(|n| n.get()) == 1 && block::DEFERRED.with(|d| d.replace(0)) != 0 {
+        qs::stamp(h);
+    }
+}
+
+fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs) {
+    for action in desc.actions.iter() {
+        match action {
+            Action::Count { idx } => {
+                let i = idx[pos] as usize;
+                // SAFETY: indexes are < COUNTERS (allocated by `counters.rs`); only the
+                // owner thread writes its counters.
+                unsafe {
+                    let c = h.counters().add(i);
+                    c.write_volatile(c.read_volatile() + 1);
+                }
+            }
+            Action::Trace {
+                tracer,
+                nargs,
+                dropped_idx,
+            } => {
+                let args = regs.args();
+                if !ring::push(h, *tracer, site, tid(), &args[..*nargs as usize]) {
+                    // SAFETY: as above.
+                    unsafe {
+                        let c = h.counters().add(*dropped_idx as usize);
+                        c.write_volatile(c.read_volatile() + 1);
+                    }
+                }
+            }
+            Action::Custom { f } => {
+                let args = regs.args();
+                let ctx = CallCtx {
+                    site,
+                    tid: tid(),
+                    args: &args,
+                };
+                // A panicking callback must not unwind into the traced program.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx))).is_err() {
+                    MISSED.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! Cross-modifying the program's code: the int3 protocol, in batches.
+//!
+//! Code is written with `pwrite` on `/proc/self/mem`, which writes through page
+//! protections (text pages are never made writable, nor ever non-executable). For a
+//! batch of single-instruction 5-byte sites:
+//!
+//! 1. publish each site's transition in the trap table ([`crate::trap`]);
+//! 2. write `0xCC` at every site, serialize all cores;
+//! 3. write the 4 tail bytes, serialize;
+//! 4. write the first byte (`0xE8` for `call rel32`, `0x0F` for the nop), serialize;
+//! 5. mark the sites idle.
+//!
+//! "Serialize" is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`: every core
+//! running a thread of this process executes a core-serializing instruction, and
+//! threads not running do before they run again. A thread reaching a site between
+//! steps 2 and 4 traps and the handler emulates what the site is becoming.
+//!
+//! Sites: a 5-byte nop (`0f 1f 44 00 xx`), or a `call rel32` (to `__fentry__`, or to a
+//! trampoline). `Op::Call` installs or replaces a call; `Op::Nop` restores the nop the
+//! site had when first patched (or the canonical `0f 1f 44 00 00` for a site that was
+//! a call, e.g. `call __fentry__`). Five 1-byte nops (gcc's
+//! `-fpatchable-function-entry=5`) need the grace-period-guarded multi-instruction
+//! protocol and get [`PatchError::Unsupported`] here.
+//!
+//! A batch is validated completely before anything is written: a bad site or target
+//! changes nothing. If a write or a membarrier fails in the middle of a batch (not
+//! seen in practice), the sites keep their published transition, so the trap handler
+//! keeps emulating any `0xCC` left behind; the error says which address failed.
+//!
+//! Before writing, the patcher refuses (with [`PatchError::SigtrapBlocked`]) while a
+//! thread blocks SIGTRAP: the kernel kills a process whose thread hits an `int3` with
+//! SIGTRAP blocked. It also re-installs the trap handler if the program replaced it
+//! (chaining to the replacement).
+//!
+//! Cost: three `pwrite`s per site and three membarriers per batch.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, OnceLock};
+
+use crate::trap::{self, Transition};
+
+/// The canonical 5-byte nop.
+pub const NOP5: [u8; 5] = [0x0F, 0x1F, 0x44, 0x00, 0x00];
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+
+/// What a site's bytes are now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteKind {
+    /// `0f 1f 44 00 xx`.
+    Nop5([u8; 5]),
+    /// `e8 rel32`, with its absolute target.
+    Call { target: usize },
+    /// `90 90 90 90 90` (gcc): not patchable with this protocol.
+    NopSled,
+    /// Anything else.
+    Other([u8; 5]),
+}
+
+/// Classifies 5 bytes found at `site`.
+pub fn classify_bytes(site: usize, b: [u8; 5]) -> SiteKind {
+    match b {
+        [0x0F, 0x1F, 0x44, 0x00, _] => SiteKind::Nop5(b),
+        [0xE8, d0, d1, d2, d3] => SiteKind::Call {
+            target: (site as i64 + 5 + i32::from_le_bytes([d0, d1, d2, d3]) as i64) as usize,
+        },
+        [0x90, 0x90, 0x90, 0x90, 0x90] => SiteKind::NopSled,
+        _ => SiteKind::Other(b),
+    }
+}
+
+/// Reads the 5 bytes at `site`.
+///
+/// # Safety
+/// `site..site+5` must be mapped and readable (a site in loaded text).
+pub unsafe fn read_site(site: usize) -> [u8; 5] {
+    let mut b = [0u8; 5];
+    for (i, x) in b.iter_mut().enumerate() {
+        // SAFETY: guaranteed readable by the caller.
+        *x = unsafe { std::ptr::read_volatile((site + i) as *const u8) };
+    }
+    b
+}
+
+/// One change of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Make the site `call target`.
+    Call { site: usize, target: usize },
+    /// Make the site a 5-byte nop.
+    Nop { site: usize },
+}
+
+impl Op {
+    pub fn site(&self) -> usize {
+        match *self {
+            Op::Call { site, .. } | Op::Nop { site } => site,
+        }
+    }
+}
+
+/// A point of the protocol, reported to [`Patcher::apply_observed`]'s observer after
+/// the step and its core serialization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Int3Written,
+    TailWritten,
+    FirstByteWritten,
+}
+
+/// Errors of patching. All but `Io` and `Membarrier` leave every site unchanged.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum PatchError {
+    #[error(
+        "site {site:#x} is five 1-byte nops (gcc -fpatchable-function-entry): unsupported \
+         until multi-instruction patching exists; rebuild with clang or -mfentry -mnop-mcount"
+    )]
+    Unsupported { site: usize },
+    #[error("{site:#x} is not a patchable site: bytes {bytes:02x?}")]
+    NotASite { site: usize, bytes: [u8; 5] },
+    #[error("trampoline {target:#x} is out of rel32 reach of site {site:#x}")]
+    OutOfReach { site: usize, target: usize },
+    #[error("site {site:#x} appears twice in one batch")]
+    Duplicate { site: usize },
+    #[error(
+        "thread {tid} blocks SIGTRAP: an int3 it hit would kill the process; \
+         patching refused"
+    )]
+    SigtrapBlocked { tid: u32 },
+    #[error("membarrier: {what} failed with errno {errno} (needs Linux >= 4.16)")]
+    Membarrier { what: &'static str, errno: i32 },
+    #[error("writing code through /proc/self/mem failed with errno {errno} at {addr:#x}")]
+    Io { addr: usize, errno: i32 },
+    #[error("opening /proc/self/mem failed with errno {0}")]
+    Open(i32),
+    #[error(transparent)]
+    Trap(#[from] trap::TrapError),
+}
+
+/// What a batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Sites rewritten.
+    pub changed: usize,
+    /// Sites already in the requested state.
+    pub unchanged: usize,
+}
+
+static MEM: OnceLock<Result<std::fs::File, i32>> = OnceLock::new();
+
+fn mem() -> std::io::Result<&'static std::fs::File> {
+    match MEM.get_or_init(|| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .map_err(|e| e.raw_os_error().unwrap_or(0))
+    }) {
+        Ok(f) => Ok(f),
+        Err(e) => Err(std::io::Error::from_raw_os_error(*e)),
+    }
+}
+
+/// Writes `bytes` at `addr` in this process through `/proc/self/mem` (works on
+/// read-only and read-execute pages). Does not serialize other cores.
+pub fn poke(addr: usize, bytes: &[u8]) -> std::io::Result<()> {
+    mem()?.write_all_at(bytes, addr as u64)
+}
+
+fn membarrier(cmd: libc::c_int) -> Result<(), i32> {
+    // SAFETY: membarrier takes (cmd, flags, cpu_id) and touches no user memory.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    Ok(())
+}
+
+/// Serializes every core running a thread of this process.
+pub fn sync_cores() -> Result<(), PatchError> {
+    membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE).map_err(|errno| PatchError::Membarrier {
+        what: "PRIVATE_EXPEDITED_SYNC_CORE",
+        errno,
+    })
+}
+
+/// Threads of this process that block SIGTRAP (from `/proc/self/task/*/status`).
+pub fn threads_blocking_sigtrap() -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(st) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        if status_blocks_sigtrap(&st) {
+            out.push(tid);
+        }
+    }
+    out
+}
+
+/// Fails if a thread blocks SIGTRAP for more than a moment. `pthread_create` blocks
+/// every signal in a new thread until it has set the thread up (before any program
+/// code runs there; on a busy machine it may wait a while to be scheduled), so a
+/// blocker is re-checked for up to 250 ms before it counts.
+fn check_no_thread_blocks_sigtrap() -> Result<(), PatchError> {
+    let mut blockers = threads_blocking_sigtrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(250);
+    while let Some(&tid) = blockers.first() {
+        if std::time::Instant::now() >= end {
+            return Err(PatchError::SigtrapBlocked { tid });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        blockers.retain(|&t| {
+            std::fs::read_to_string(format!("/proc/self/task/{t}/status"))
+                .is_ok_and(|st| status_blocks_sigtrap(&st))
+        });
+    }
+    Ok(())
+}
+
+/// Whether a `/proc/.../status` text has SIGTRAP in its `SigBlk` mask.
+pub fn status_blocks_sigtrap(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGTRAP - 1)) != 0)
+}
+
+/// The process-wide patcher (one, because the trap table and handler are global).
+pub struct Patcher {
+    /// Original nop bytes of sites patched so far.
+    originals: Mutex<HashMap<usize, [u8; 5]>>,
+}
+
+static GLOBAL: OnceLock<Result<Patcher, PatchError>> = OnceLock::new();
+
+struct Planned {
+    site: usize,
+    new: [u8; 5],
+    transition: Transition,
+}
+
+impl Patcher {
+    /// The patcher, initialized on first use: opens `/proc/self/mem`, registers for
+    /// core-serializing membarriers and installs the SIGTRAP handler.
+    pub fn global() -> Result<&'static Patcher, PatchError> {
+        GLOBAL
+            .get_or_init(|| {
+                mem().map_err(|e| PatchError::Open(e.raw_os_error().unwrap_or(0)))?;
+                membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE).map_err(
+                    |errno| PatchError::Membarrier {
+                        what: "REGISTER_PRIVATE_EXPEDITED_SYNC_CORE",
+                        errno,
+                    },
+                )?;
+                trap::ensure_installed()?;
+                Ok(Patcher {
+                    originals: Mutex::new(HashMap::new()),
+                })
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Applies a batch.
+    pub fn apply(&self, ops: &[Op]) -> Result<BatchReport, PatchError> {
+        self.apply_observed(ops, &mut |_| {})
+    }
+
+    /// Applies a batch, calling `observer` after each protocol step (tests use it to
+    /// execute sites while they hold `0xCC`).
+    pub fn apply_observed(
+        &self,
+        ops: &[Op],
+        observer: &mut dyn FnMut(Stage),
+    ) -> Result<BatchReport, PatchError> {
+        let mut originals = self.originals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = BatchReport::default();
+        let mut seen = HashSet::with_capacity(ops.len());
+        let mut plan = Vec::with_capacity(ops.len());
+        for op in ops {
+            let site = op.site();
+            if !seen.insert(site) {
+                return Err(PatchError::Duplicate { site });
+            }
+            // SAFETY: sites come from site discovery (loaded text) or tests.
+            let cur = unsafe { read_site(site) };
+            let kind = classify_bytes(site, cur);
+            match kind {
+                SiteKind::NopSled => return Err(PatchError::Unsupported { site }),
+                SiteKind::Other(bytes) => return Err(PatchError::NotASite { site, bytes }),
+                _ => {}
+            }
+            let (new, transition) = match *op {
+                Op::Call { target, .. } => {
+                    let disp = i32::try_from(target as i64 - (site as i64 + 5))
+                        .map_err(|_| PatchError::OutOfReach { site, target })?;
+                    let d = disp.to_le_bytes();
+                    ([0xE8, d[0], d[1], d[2], d[3]], Transition::ToCall(target))
+                }
+                Op::Nop { .. } => {
+                    let nop = match (originals.get(&site), kind) {
+                        (Some(o), _) => *o,
+                        (None, SiteKind::Nop5(b)) => b,
+                        _ => NOP5,
+                    };
+                    (nop, Transition::ToNop)
+                }
+            };
+            if new == cur {
+                report.unchanged += 1;
+                continue;
+            }
+            plan.push((
+                Planned {
+                    site,
+                    new,
+                    transition,
+                },
+                kind,
+            ));
+        }
+        if plan.is_empty() {
+            return Ok(report);
+        }
+        check_no_thread_blocks_sigtrap()?;
+        trap::ensure_installed()?;
+        for (p, kind) in &plan {
+            if let SiteKind::Nop5(b) = kind {
+                originals.entry(p.site).or_insert(*b);
+            }
+            trap::set_transition(p.site, p.transition);
+        }
+        let io = |addr: usize| {
+            move |e: std::io::Error| PatchError::Io {
+                addr,
+                errno: e.raw_os_error().unwrap_or(0),
+            }
+        };
+        for (p, _) in &plan {
+            poke(p.site, &[0xCC]).map_err(io(p.site))?;
+        }
+        sync_cores()?;
+        observer(Stage::Int3Written);
+        for (p, _) in &plan {
+            poke(p.site + 1, &p.new[1..]).map_err(io(p.site))?;
+        }
+        sync_cores()?;
+        observer(Stage::TailWritten);
+        for (p, _) in &plan {
+            poke(p.site, &p.new[..1]).map_err(io(p.site))?;
+        }
+        sync_cores()?;
+        observer(Stage::FirstByteWritten);
+        for (p, _) in &plan {
+            trap::set_transition(p.site, Transition::Idle);
+        }
+        report.changed = plan.len();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+#[path = "patch_fixtures.rs"]
+pub(crate) mod fixtures;
+
+#[cfg(test)]
+#[path = "patch_tests.rs"]
+mod tests;

@@ -1,0 +1,168 @@
+//! Per-thread event rings: single producer (the thread, inside traced calls), single
+//! consumer (the agent thread). Fixed 80-byte records, no allocation, no locks: a full
+//! ring drops the event and the caller counts the drop.
+//!
+//! Record (little-endian): u64 tsc, u64 site, u64 tracer, u32 tid, u32 nargs,
+//! 6 x u64 args.
+
+use std::sync::atomic::Ordering;
+
+use crate::block::{EVENT_BYTES, Header, RING_SLOTS};
+
+/// One decoded record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub tsc: u64,
+    pub site: u64,
+    pub tracer: u64,
+    pub tid: u32,
+    pub nargs: u32,
+    pub args: [u64; 6],
+}
+
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions on x86_64.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Appends an event. Returns false (and writes nothing) when the ring is full.
+/// Async-signal-safe; owner thread only.
+#[inline]
+pub fn push(h: &Header, tracer: u64, site: u64, tid: u32, args: &[u64]) -> bool {
+    let head = h.ring_head.load(Ordering::Relaxed);
+    let tail = h.ring_tail.load(Ordering::Acquire);
+    if head.wrapping_sub(tail) >= RING_SLOTS as u64 {
+        return false;
+    }
+    let slot = (head % RING_SLOTS as u64) as usize;
+    // SAFETY: slot < RING_SLOTS; the consumer does not read slots at or past `head`.
+    unsafe {
+        let p = h.ring().add(slot * EVENT_BYTES).cast::<u64>();
+        p.write(rdtsc());
+        p.add(1).write(site);
+        p.add(2).write(tracer);
+        p.add(3).write((tid as u64) | ((args.len() as u64) << 32));
+        for (i, a) in args.iter().take(6).enumerate() {
+            p.add(4 + i).write(*a);
+        }
+    }
+    h.ring_head.store(head.wrapping_add(1), Ordering::Release);
+    true
+}
+
+/// Takes every event currently in the ring (agent thread only).
+pub fn drain(h: &Header, mut f: impl FnMut(Record)) -> usize {
+    let tail = h.ring_tail.load(Ordering::Relaxed);
+    let head = h.ring_head.load(Ordering::Acquire);
+    let mut n = 0;
+    let mut pos = tail;
+    while pos != head {
+        let slot = (pos % RING_SLOTS as u64) as usize;
+        // SAFETY: slots in [tail, head) were published by the producer's release store.
+        let r = unsafe {
+            let p = h.ring().add(slot * EVENT_BYTES).cast::<u64>();
+            let tid_n = p.add(3).read();
+            let nargs = ((tid_n >> 32) as u32).min(6);
+            let mut args = [0u64; 6];
+            for (i, a) in args.iter_mut().enumerate().take(nargs as usize) {
+                *a = p.add(4 + i).read();
+            }
+            Record {
+                tsc: p.read(),
+                site: p.add(1).read(),
+                tracer: p.add(2).read(),
+                tid: tid_n as u32,
+                nargs,
+                args,
+            }
+        };
+        f(r);
+        pos = pos.wrapping_add(1);
+        n += 1;
+    }
+    h.ring_tail.store(pos, Ordering::Release);
+    n
+}
+
+/// Converts TSC readings to CLOCK_MONOTONIC nanoseconds (calibrated at start and
+/// refined on every call to [`Clock::recalibrate`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    tsc0: u64,
+    ns0: u64,
+    ns_per_tick: f64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            tsc0: rdtsc(),
+            ns0: monotonic_ns(),
+            ns_per_tick: 0.0,
+        }
+    }
+
+    /// Updates the scale from the time elapsed since creation.
+    pub fn recalibrate(&mut self) {
+        let (t, n) = (rdtsc(), monotonic_ns());
+        let dt = t.wrapping_sub(self.tsc0);
+        if dt > 1_000_000 && n > self.ns0 {
+            self.ns_per_tick = (n - self.ns0) as f64 / dt as f64;
+        }
+    }
+
+    pub fn to_ns(&self, tsc: u64) -> u64 {
+        let scale = if self.ns_per_tick > 0.0 {
+            self.ns_per_tick
+        } else {
+            1.0
+        };
+        let d = tsc as i128 - self.tsc0 as i128;
+        (self.ns0 as i128 + (d as f64 * scale) as i128).max(0) as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block;
+
+    #[test]
+    fn push_drain_and_drop_when_full() {
+        block::refill(2).unwrap();
+        std::thread::spawn(|| {
+            let h = block::claim(77).unwrap();
+            assert!(push(h, 9, 0x1000, 77, &[1, 2]));
+            let mut got = Vec::new();
+            assert_eq!(drain(h, |r| got.push(r)), 1);
+            assert_eq!(got[0].site, 0x1000);
+            assert_eq!(got[0].tracer, 9);
+            assert_eq!(&got[0].args[..2], &[1, 2]);
+            for _ in 0..RING_SLOTS {
+                assert!(push(h, 9, 0x1000, 77, &[]));
+            }
+            assert!(!push(h, 9, 0x1000, 77, &[]), "full ring drops");
+            assert_eq!(drain(h, |_| {}), RING_SLOTS);
+            h.release(std::iter::empty());
+        })
+        .join()
+        .unwrap();
+    }
+}

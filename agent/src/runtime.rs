@@ -1,0 +1,940 @@
+//! The agent's brain on its own thread: answers the server ([`link::Handler`]), plans
+//! and applies patches, owns trampolines until the server authorizes freeing them,
+//! runs the quiescent-state observer, and flushes counts and events.
+//!
+//! Invariants:
+//! - a trampoline's memory and descriptor are released only in `authorize_free`, i.e.
+//!   after the server saw every thread quiescent since the trampoline's retirement;
+//! - the epoch is bumped only after an unpatch batch completed (the patcher serializes
+//!   every core after its last write), so stamps `>= e` prove a thread is outside;
+//! - the program never waits on this thread: program threads only touch their own
+//!   blocks, rings and TLS.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use patchbay_proto as pb;
+use pb::agent_message::Body as FromAgent;
+use pb::server_message::Body as ToAgent;
+
+use crate::arena::{Arena, Slot, Window};
+use crate::block;
+use crate::counters::Counters;
+use crate::dispatch::{self, Action, Descriptor};
+use crate::patch::{Op, Patcher};
+use crate::qs::{self, EPOCH, Observer};
+use crate::ring::{self, Clock};
+use crate::sites::{self, Discoverer, FunctionSite, SiteKind};
+use crate::threads::Threads;
+use crate::tramp::{self, Layout};
+use crate::{callbacks, link, log, procfs};
+
+/// Sites per trampoline slot (a slot must fit in an arena chunk).
+const SITES_PER_SLOT: usize = 1000;
+/// Events buffered per tracer while the server is away; more are dropped and counted.
+const EVENT_BUFFER: usize = 1 << 16;
+/// Records per event batch.
+const EVENTS_PER_BATCH: usize = 4096;
+/// Free thread blocks kept ready.
+const SPARE_BLOCKS: usize = 64;
+
+enum TState {
+    Live,
+    Retired { epoch: u64, tids: Vec<u32> },
+}
+
+struct Tramp {
+    group: Vec<pb::TracerRef>,
+    /// Sites calling it now.
+    sites: BTreeSet<u64>,
+    slots: Vec<Slot>,
+    desc: Box<Descriptor>,
+    state: TState,
+    /// (tracer, site, counter index) of its `count` tracers.
+    counts: Vec<(u64, u64, u32)>,
+    /// (tracer, counter index) of its `trace` tracers' drops.
+    drops: Vec<(u64, u32)>,
+}
+
+pub struct Runtime {
+    discoverer: Discoverer,
+    functions: Vec<FunctionSite>,
+    by_addr: HashMap<u64, usize>,
+    discovered: bool,
+    arena: Arena,
+    ranges_registered: usize,
+    tramps: BTreeMap<u64, Tramp>,
+    owner: HashMap<u64, u64>,
+    counters: Counters,
+    /// Final counts of freed trampolines per (tracer, site).
+    folded: BTreeMap<(u64, u64), u64>,
+    /// Drops of freed trampolines per tracer.
+    folded_drops: BTreeMap<u64, u64>,
+    threads: Threads,
+    observer: Observer,
+    clock: Clock,
+    /// Per tracer: packed records waiting to be sent, their count, and drops.
+    events: BTreeMap<u64, (Vec<u8>, u32)>,
+    lost_events: BTreeMap<u64, u64>,
+    /// Barriers whose epoch threads must still reach.
+    barriers: Vec<u64>,
+    settings: pb::AgentSettings,
+    tls_offset: Option<i32>,
+    last_flush: Instant,
+    last_stall_report: Instant,
+    pub started: Instant,
+}
+
+fn report(id: u64, r: pb::trampoline_report::Report) -> FromAgent {
+    FromAgent::Trampoline(pb::TrampolineReport {
+        trampoline_id: id,
+        report: Some(r),
+    })
+}
+
+impl Runtime {
+    pub fn new(tls_offset: Option<i32>) -> Runtime {
+        Runtime {
+            discoverer: Discoverer::new(),
+            functions: Vec::new(),
+            by_addr: HashMap::new(),
+            discovered: false,
+            arena: Arena::new(),
+            ranges_registered: 0,
+            tramps: BTreeMap::new(),
+            owner: HashMap::new(),
+            counters: Counters::new(),
+            folded: BTreeMap::new(),
+            folded_drops: BTreeMap::new(),
+            threads: Threads::new(),
+            observer: Observer::new(),
+            clock: Clock::new(),
+            events: BTreeMap::new(),
+            lost_events: BTreeMap::new(),
+            barriers: Vec::new(),
+            settings: pb::AgentSettings {
+                qs_signal: 0,
+                stall_threshold_ms: 1000,
+                flush_interval_ms: 100,
+            },
+            tls_offset,
+            last_flush: Instant::now(),
+            last_stall_report: Instant::now(),
+            started: Instant::now(),
+        }
+    }
+
+    // ------------------------------------------------------------- functions
+
+    fn discover(&mut self) {
+        let new = if self.discovered {
+            self.discoverer.discover_new()
+        } else {
+            self.discovered = true;
+            self.discoverer.discover_all()
+        };
+        match new {
+            Ok(list) => {
+                let mut neutralize = Vec::new();
+                for mut f in list {
+                    if f.name.starts_with("patchbay_agent::") {
+                        f.patchable = false;
+                        f.reason = Some("the agent's own code is never traced".into());
+                    }
+                    if f.patchable && matches!(f.kind, SiteKind::Fentry) {
+                        neutralize.push(Op::Nop {
+                            site: f.address as usize,
+                        });
+                    }
+                    if f.kind == SiteKind::NopSled {
+                        f.patchable = false;
+                        f.reason = Some(
+                            "five 1-byte nops (gcc -fpatchable-function-entry=5) need the grace-period-guarded protocol, not supported yet: build with -mfentry -mnop-mcount or with clang".into(),
+                        );
+                    }
+                    if f.kind == SiteKind::FentryGot {
+                        f.patchable = false;
+                        f.reason = Some(
+                            "6-byte `call *__fentry__@GOTPCREL` (PIC/PIE -pg -mfentry) is not supported yet: add -fno-pic/-fno-pie (or -mnop-mcount -fno-pie -no-pie)".into(),
+                        );
+                    }
+                    self.by_addr.insert(f.address, self.functions.len());
+                    self.functions.push(f);
+                }
+                // `call __fentry__` sites become nops now, once: cheaper untraced calls,
+                // and the form every later patch starts from.
+                if !neutralize.is_empty() {
+                    match Patcher::global().and_then(|p| p.apply(&neutralize)) {
+                        Ok(r) => {
+                            log::debug(&format!("{} fentry calls turned into nops", r.changed))
+                        }
+                        Err(e) => {
+                            log::warn(&format!("cannot neutralize fentry calls: {e}"));
+                            for op in neutralize {
+                                if let Some(&i) = self.by_addr.get(&(op.site() as u64)) {
+                                    self.functions[i].patchable = false;
+                                    self.functions[i].reason = Some(format!("cannot patch: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => log::warn(&format!("site discovery failed: {e}")),
+        }
+    }
+
+    fn list_functions(&mut self, l: pb::ListFunctions) -> FromAgent {
+        self.discover();
+        let answer = match sites::filter(&self.functions, &l.pattern) {
+            Ok(found) => pb::FunctionList {
+                request_id: l.request_id,
+                functions: found
+                    .into_iter()
+                    .map(|f| pb::Function {
+                        name: f.name.clone(),
+                        mangled: f.mangled.clone(),
+                        address: f.address,
+                        object: f.object.display().to_string(),
+                        patchable: f.patchable,
+                        site_kind: match f.kind {
+                            SiteKind::Fentry | SiteKind::FentryGot => pb::SiteKind::Fentry,
+                            SiteKind::Nop5 => pb::SiteKind::Nop5,
+                            SiteKind::NopSled => pb::SiteKind::NopSled,
+                            SiteKind::None => pb::SiteKind::Unspecified,
+                        } as i32,
+                        reason: f.reason.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+                error: String::new(),
+            },
+            Err(e) => pb::FunctionList {
+                request_id: l.request_id,
+                functions: vec![],
+                error: e.to_string(),
+            },
+        };
+        FromAgent::FunctionList(answer)
+    }
+
+    fn name_of(&self, site: u64) -> String {
+        self.by_addr
+            .get(&site)
+            .map(|&i| self.functions[i].name.clone())
+            .unwrap_or_default()
+    }
+
+    // --------------------------------------------------------------- install
+
+    fn install(&mut self, i: pb::Install) -> FromAgent {
+        let id = i.trampoline_id;
+        if self.tramps.contains_key(&id) {
+            return report(
+                id,
+                pb::trampoline_report::Report::Failed(pb::InstallFailed {
+                    reason: format!("trampoline {id} already exists"),
+                }),
+            );
+        }
+        match self.try_install(&i) {
+            Ok((sites, skipped)) => report(
+                id,
+                pb::trampoline_report::Report::Live(pb::Live { sites, skipped }),
+            ),
+            Err(reason) => report(
+                id,
+                pb::trampoline_report::Report::Failed(pb::InstallFailed { reason }),
+            ),
+        }
+    }
+
+    fn try_install(
+        &mut self,
+        i: &pb::Install,
+    ) -> Result<(Vec<pb::Site>, Vec<pb::SiteError>), String> {
+        let id = i.trampoline_id;
+        let mut skipped = Vec::new();
+        let mut sites: Vec<u64> = Vec::new();
+        for s in &i.sites {
+            match self.by_addr.get(&s.address).map(|&x| &self.functions[x]) {
+                Some(f) if f.patchable => sites.push(s.address),
+                Some(f) => skipped.push(pb::SiteError {
+                    site: Some(s.clone()),
+                    reason: f.reason.clone().unwrap_or_else(|| "not patchable".into()),
+                }),
+                None => skipped.push(pb::SiteError {
+                    site: Some(s.clone()),
+                    reason: "no patchable function at this address in this process".into(),
+                }),
+            }
+        }
+        sites.sort_unstable();
+        sites.dedup();
+        if sites.is_empty() {
+            return Err("no site of this install is patchable here".into());
+        }
+        // Resolve the callback group.
+        let mut actions = Vec::new();
+        let mut counts = Vec::new();
+        let mut drops = Vec::new();
+        let mut allocated = Vec::new();
+        let fail = |counters: &mut Counters, allocated: &mut Vec<u32>, msg: String| {
+            for x in allocated.drain(..) {
+                counters.free(x);
+            }
+            Err::<(Vec<pb::Site>, Vec<pb::SiteError>), String>(msg)
+        };
+        for t in &i.tracers {
+            let cb = t.callback.clone().unwrap_or_default();
+            match pb::CallbackKind::try_from(cb.kind) {
+                Ok(pb::CallbackKind::Count) => {
+                    let mut idx = Vec::with_capacity(sites.len());
+                    for &s in &sites {
+                        match self.counters.alloc() {
+                            Ok(x) => {
+                                allocated.push(x);
+                                idx.push(x);
+                                counts.push((t.tracer_id, s, x));
+                            }
+                            Err(e) => {
+                                return fail(&mut self.counters, &mut allocated, e.to_string());
+                            }
+                        }
+                    }
+                    actions.push(Action::Count { idx: idx.into() });
+                }
+                Ok(pb::CallbackKind::Trace) => {
+                    let x = match self.counters.alloc() {
+                        Ok(x) => x,
+                        Err(e) => return fail(&mut self.counters, &mut allocated, e.to_string()),
+                    };
+                    allocated.push(x);
+                    drops.push((t.tracer_id, x));
+                    actions.push(Action::Trace {
+                        tracer: t.tracer_id,
+                        nargs: cb.arg_count.min(6),
+                        dropped_idx: x,
+                    });
+                }
+                Ok(pb::CallbackKind::Custom) => match callbacks::get(&cb.custom_name) {
+                    Some(f) => actions.push(Action::Custom { f }),
+                    None => {
+                        return fail(
+                            &mut self.counters,
+                            &mut allocated,
+                            format!(
+                                "no callback named '{}' is registered in this program",
+                                cb.custom_name
+                            ),
+                        );
+                    }
+                },
+                _ => {
+                    return fail(
+                        &mut self.counters,
+                        &mut allocated,
+                        format!(
+                            "callback kind {} is not supported by this agent yet",
+                            cb.kind
+                        ),
+                    );
+                }
+            }
+        }
+        let count_only = actions.len() == 1 && matches!(actions[0], Action::Count { .. });
+        let desc = Box::new(Descriptor {
+            trampoline_id: id,
+            sites: sites.clone().into(),
+            actions: actions.into(),
+        });
+        let desc_ptr = &*desc as *const Descriptor as u64;
+        // Slots: runs of sites within rel32 reach of one window, at most SITES_PER_SLOT.
+        let mut slots = Vec::new();
+        let mut ops = Vec::new();
+        let mut pos = 0;
+        while pos < sites.len() {
+            let mut end = pos + 1;
+            while end < sites.len()
+                && end - pos < SITES_PER_SLOT
+                && Window::for_calls_from(
+                    &sites[pos..=end]
+                        .iter()
+                        .map(|s| *s as usize)
+                        .collect::<Vec<_>>(),
+                )
+                .is_some()
+            {
+                end += 1;
+            }
+            let chunk = &sites[pos..end];
+            let idx: Vec<u32> = if count_only {
+                chunk
+                    .iter()
+                    .map(|s| {
+                        counts
+                            .iter()
+                            .find(|c| c.1 == *s)
+                            .expect("allocated above")
+                            .2
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let layout = match (count_only, self.tls_offset) {
+                (true, Some(off)) => Layout::Count {
+                    idx: &idx,
+                    tls_offset: off,
+                },
+                _ => Layout::Generic,
+            };
+            let window =
+                Window::for_calls_from(&chunk.iter().map(|s| *s as usize).collect::<Vec<_>>())
+                    .expect("checked above");
+            let code = tramp::generate(&layout, desc_ptr, dispatch::generic_entry());
+            let slot = match self.arena.alloc(window, code.len()) {
+                Ok(s) => s,
+                Err(e) => {
+                    for s in slots {
+                        let _ = self.arena.free(s);
+                    }
+                    return fail(
+                        &mut self.counters,
+                        &mut allocated,
+                        format!("no trampoline memory near the code: {e}"),
+                    );
+                }
+            };
+            if let Err(e) = self.arena.write_and_seal(&slot, &code) {
+                let _ = self.arena.free(slot);
+                for s in slots {
+                    let _ = self.arena.free(s);
+                }
+                return fail(
+                    &mut self.counters,
+                    &mut allocated,
+                    format!("writing the trampoline failed: {e}"),
+                );
+            }
+            for (k, &s) in chunk.iter().enumerate() {
+                ops.push(Op::Call {
+                    site: s as usize,
+                    target: slot.addr() + tramp::site_entry(&layout, k),
+                });
+            }
+            slots.push(slot);
+            pos = end;
+        }
+        self.register_ranges();
+        let patched = Patcher::global()
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.apply(&ops).map_err(|e| e.to_string()));
+        if let Err(e) = patched {
+            // Nothing was patched (the patcher validates a batch before writing).
+            for s in slots {
+                let _ = self.arena.free(s);
+            }
+            return fail(
+                &mut self.counters,
+                &mut allocated,
+                format!("patching failed: {e}"),
+            );
+        }
+        for &s in &sites {
+            if let Some(old) = self.owner.insert(s, id)
+                && let Some(t) = self.tramps.get_mut(&old)
+            {
+                t.sites.remove(&s);
+            }
+        }
+        self.tramps.insert(
+            id,
+            Tramp {
+                group: i.tracers.clone(),
+                sites: sites.iter().copied().collect(),
+                slots,
+                desc,
+                state: TState::Live,
+                counts,
+                drops,
+            },
+        );
+        let live = sites
+            .iter()
+            .map(|&s| pb::Site {
+                address: s,
+                name: self.name_of(s),
+            })
+            .collect();
+        Ok((live, skipped))
+    }
+
+    fn register_ranges(&mut self) {
+        let ranges = self.arena.chunk_ranges();
+        for &(s, e) in &ranges[self.ranges_registered.min(ranges.len())..] {
+            if !qs::add_range(s as u64, e as u64) {
+                log::warn("trampoline range table full");
+            }
+        }
+        self.ranges_registered = ranges.len();
+    }
+
+    // ---------------------------------------------------------------- remove
+
+    fn remove(&mut self, r: pb::Remove) -> FromAgent {
+        let id = r.trampoline_id;
+        let Some(t) = self.tramps.get(&id) else {
+            return FromAgent::Error(pb::AgentError {
+                message: format!("remove: unknown trampoline {id}"),
+            });
+        };
+        if !matches!(t.state, TState::Live) {
+            return FromAgent::Error(pb::AgentError {
+                message: format!("remove: trampoline {id} is already retired"),
+            });
+        }
+        let ops: Vec<Op> = t
+            .sites
+            .iter()
+            .map(|&s| Op::Nop { site: s as usize })
+            .collect();
+        if !ops.is_empty()
+            && let Err(e) = Patcher::global().and_then(|p| p.apply(&ops))
+        {
+            // The trampoline stays live and allocated: never retire what may still be
+            // entered.
+            return FromAgent::Error(pb::AgentError {
+                message: format!("remove of trampoline {id} failed, it stays live: {e}"),
+            });
+        }
+        // The unpatch is complete and every core serialized: a new epoch begins.
+        let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+        self.threads.scan();
+        let tids: Vec<u32> = self.threads.known().iter().copied().collect();
+        let t = self.tramps.get_mut(&id).expect("checked");
+        for s in std::mem::take(&mut t.sites) {
+            self.owner.remove(&s);
+        }
+        t.state = TState::Retired {
+            epoch,
+            tids: tids.clone(),
+        };
+        report(
+            id,
+            pb::trampoline_report::Report::Retired(pb::Retired { epoch, tids }),
+        )
+    }
+
+    fn authorize_free(&mut self, ids: Vec<u64>, out: &mut Vec<FromAgent>) {
+        for id in ids {
+            let Some(t) = self.tramps.get(&id) else {
+                continue;
+            };
+            if !matches!(t.state, TState::Retired { .. }) {
+                out.push(FromAgent::Error(pb::AgentError {
+                    message: format!(
+                        "authorize-free of trampoline {id} which is not retired: ignored"
+                    ),
+                }));
+                continue;
+            }
+            // Events still in rings reference no trampoline memory; drain anyway so that
+            // they are attributed before the counters go.
+            self.drain_rings();
+            let t = self.tramps.remove(&id).expect("checked");
+            for (tracer, site, idx) in &t.counts {
+                *self.folded.entry((*tracer, *site)).or_insert(0) += self.counters.free(*idx);
+            }
+            for (tracer, idx) in &t.drops {
+                *self.folded_drops.entry(*tracer).or_insert(0) += self.counters.free(*idx);
+            }
+            for s in t.slots {
+                if let Err(e) = self.arena.free(s) {
+                    log::warn(&format!("freeing trampoline {id}: {e}"));
+                }
+            }
+            drop(t.desc);
+            out.push(report(
+                id,
+                pb::trampoline_report::Report::Freed(pb::Freed {}),
+            ));
+        }
+    }
+
+    // ------------------------------------------------------------------ tick
+
+    /// The epoch threads must reach for pending grace periods (0: none).
+    fn need(&self) -> u64 {
+        let t = self
+            .tramps
+            .values()
+            .filter_map(|t| match t.state {
+                TState::Retired { epoch, .. } => Some(epoch),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        t.max(self.barriers.iter().copied().max().unwrap_or(0))
+    }
+
+    fn drain_rings(&mut self) {
+        self.clock.recalibrate();
+        let clock = self.clock;
+        let events = &mut self.events;
+        let lost = &mut self.lost_events;
+        for h in block::all() {
+            if h.tid.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            ring::drain(h, |r| {
+                let (buf, n) = events.entry(r.tracer).or_default();
+                if *n as usize >= EVENT_BUFFER {
+                    *lost.entry(r.tracer).or_insert(0) += 1;
+                    return;
+                }
+                buf.extend_from_slice(&clock.to_ns(r.tsc).to_le_bytes());
+                buf.extend_from_slice(&r.site.to_le_bytes());
+                buf.extend_from_slice(&r.tid.to_le_bytes());
+                buf.extend_from_slice(&r.nargs.to_le_bytes());
+                for a in &r.args[..r.nargs as usize] {
+                    buf.extend_from_slice(&a.to_le_bytes());
+                }
+                *n += 1;
+            });
+        }
+    }
+
+    fn dropped(&self, tracer: u64) -> u64 {
+        let mut d = self.folded_drops.get(&tracer).copied().unwrap_or(0)
+            + self.lost_events.get(&tracer).copied().unwrap_or(0);
+        for t in self.tramps.values() {
+            for (tr, idx) in &t.drops {
+                if *tr == tracer {
+                    d += self.counters.total(*idx);
+                }
+            }
+        }
+        d
+    }
+
+    fn flush(&mut self, out: &mut Vec<FromAgent>) {
+        // Counts: cumulative per (tracer, site) over live and freed trampolines.
+        let mut totals: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
+        for ((tracer, site), n) in &self.folded {
+            *totals.entry(*tracer).or_default().entry(*site).or_insert(0) += n;
+        }
+        for t in self.tramps.values() {
+            for (tracer, site, idx) in &t.counts {
+                *totals.entry(*tracer).or_default().entry(*site).or_insert(0) +=
+                    self.counters.total(*idx);
+            }
+        }
+        for (tracer, sites) in totals {
+            out.push(FromAgent::Counts(pb::CountReport {
+                tracer_id: tracer,
+                counts: sites
+                    .into_iter()
+                    .map(|(s, count)| pb::SiteCount {
+                        site: Some(pb::Site {
+                            address: s,
+                            name: self.name_of(s),
+                        }),
+                        count,
+                    })
+                    .collect(),
+            }));
+        }
+        self.drain_rings();
+        let tracers: Vec<u64> = self.events.keys().copied().collect();
+        for tracer in tracers {
+            let dropped = self.dropped(tracer);
+            let (buf, n) = self.events.remove(&tracer).unwrap_or_default();
+            if n == 0 {
+                continue;
+            }
+            // Split into batches on record boundaries.
+            let mut rest = &buf[..];
+            let mut left = n;
+            while left > 0 {
+                let take = (left as usize).min(EVENTS_PER_BATCH);
+                let mut len = 0;
+                for _ in 0..take {
+                    let nargs =
+                        u32::from_le_bytes(rest[len + 20..len + 24].try_into().expect("4 bytes"));
+                    len += 24 + 8 * nargs as usize;
+                }
+                out.push(FromAgent::Events(pb::EventBatch {
+                    tracer_id: tracer,
+                    data: rest[..len].to_vec(),
+                    record_count: take as u32,
+                    dropped,
+                }));
+                rest = &rest[len..];
+                left -= take as u32;
+            }
+        }
+    }
+
+    fn scan_threads(&mut self, out: &mut Vec<FromAgent>) {
+        let changes = self.threads.scan();
+        if !changes.born.is_empty() {
+            out.push(FromAgent::ThreadsBorn(pb::ThreadsBorn {
+                tids: changes.born,
+            }));
+        }
+        if !changes.exited.is_empty() {
+            for t in &changes.exited {
+                self.observer.thread_exited(*t);
+            }
+            out.push(FromAgent::ThreadsExited(pb::ThreadsExited {
+                tids: changes.exited,
+            }));
+        }
+        // Blocks of threads that are gone: keep their counts, recycle them.
+        self.drain_rings();
+        let known = self.threads.known().clone();
+        for h in block::all() {
+            let tid = h.tid.load(Ordering::Acquire);
+            if tid != 0 && !known.contains(&tid) && !Threads::alive(tid) {
+                self.counters.fold_exited_block(h);
+            }
+        }
+        if let Err(e) = block::refill(SPARE_BLOCKS) {
+            log::warn(&format!("cannot map thread blocks: {e}"));
+        }
+    }
+
+    fn observe(&mut self, out: &mut Vec<FromAgent>) {
+        let need = self.need();
+        let stamps = self.observer.round(self.threads.known(), need, need > 0);
+        if !stamps.is_empty() {
+            out.push(FromAgent::Quiescent(pb::QuiescentBatch {
+                reports: stamps
+                    .into_iter()
+                    .map(|(tid, epoch)| pb::Quiescent { tid, epoch })
+                    .collect(),
+            }));
+        }
+        // Barriers every thread has passed are done.
+        let min_seen = self
+            .threads
+            .known()
+            .iter()
+            .map(|t| self.observer.reported(*t))
+            .min()
+            .unwrap_or(u64::MAX);
+        self.barriers.retain(|e| *e > min_seen);
+        let threshold = Duration::from_millis(self.settings.stall_threshold_ms.max(1) as u64);
+        if self.last_stall_report.elapsed() >= threshold / 2 {
+            let stalls = self.observer.stalls(threshold);
+            if !stalls.is_empty() {
+                self.last_stall_report = Instant::now();
+                out.push(FromAgent::Stalls(pb::StallReport {
+                    stalls: stalls
+                        .into_iter()
+                        .map(|h| pb::Stall {
+                            tid: h.tid,
+                            pc: h.pc,
+                            symbol: self.symbol(h.pc),
+                            duration_ms: h.since.elapsed().as_millis() as u64,
+                            reason: if h.blocks_signal {
+                                "the thread blocks the quiescent-state signal".into()
+                            } else if h.pc != 0 {
+                                "blocked inside a traced call or callback".into()
+                            } else {
+                                "running inside a traced call or callback".into()
+                            },
+                        })
+                        .collect(),
+                }));
+            }
+        }
+    }
+
+    fn symbol(&self, pc: u64) -> String {
+        if pc == 0 {
+            return String::new();
+        }
+        if qs::in_trampoline(pc) {
+            return "<trampoline>".into();
+        }
+        self.functions
+            .iter()
+            .find(|f| f.function_address <= pc && pc < f.function_address + f.size.max(1))
+            .map(|f| f.name.clone())
+            .unwrap_or_default()
+    }
+
+    fn hello(&mut self) -> pb::Hello {
+        self.threads.scan();
+        self.observer.forget_reports();
+        let trampolines = self
+            .tramps
+            .iter()
+            .map(|(id, t)| {
+                let (state, epoch, tids) = match &t.state {
+                    TState::Live => (pb::TrampolineState::Live, 0, vec![]),
+                    TState::Retired { epoch, tids } => {
+                        (pb::TrampolineState::Retired, *epoch, tids.clone())
+                    }
+                };
+                pb::TrampolineStatus {
+                    trampoline_id: *id,
+                    state: state as i32,
+                    tracers: t.group.clone(),
+                    sites: t
+                        .sites
+                        .iter()
+                        .map(|&s| pb::Site {
+                            address: s,
+                            name: self.name_of(s),
+                        })
+                        .collect(),
+                    retired_epoch: epoch,
+                    retired_tids: tids,
+                }
+            })
+            .collect();
+        pb::Hello {
+            protocol_version: pb::PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            start_time: procfs::start_time(),
+            // SAFETY: getuid cannot fail.
+            uid: unsafe { libc::getuid() },
+            exe: std::fs::read_link("/proc/self/exe")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            build_id: String::new(),
+            tids: self.threads.known().iter().copied().collect(),
+            epoch: EPOCH.load(Ordering::Acquire),
+            trampolines,
+            callbacks: callbacks::names(),
+        }
+    }
+}
+
+impl link::Handler for Runtime {
+    fn hello(&mut self) -> pb::Hello {
+        Runtime::hello(self)
+    }
+
+    fn welcome(&mut self, w: &pb::Welcome) {
+        if let Some(s) = w.settings {
+            self.settings = s;
+        }
+        log::debug(&format!("welcomed as agent {}", w.agent_id));
+    }
+
+    fn message(&mut self, msg: ToAgent, out: &mut Vec<FromAgent>) {
+        match msg {
+            ToAgent::ListFunctions(l) => out.push(self.list_functions(l)),
+            ToAgent::Install(i) => {
+                self.discover_if_needed();
+                out.push(self.install(i));
+            }
+            ToAgent::Remove(r) => {
+                out.push(self.remove(r));
+                // Look at every thread at once: the expedited path.
+                self.observe(out);
+            }
+            ToAgent::AuthorizeFree(a) => {
+                // Counts of what is freed go out first, so totals never step back.
+                self.flush(out);
+                self.authorize_free(a.trampoline_ids, out);
+            }
+            ToAgent::Barrier(b) => {
+                let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+                self.threads.scan();
+                self.barriers.push(epoch);
+                out.push(FromAgent::Barrier(pb::BarrierReport {
+                    barrier_id: b.barrier_id,
+                    epoch,
+                    tids: self.threads.known().iter().copied().collect(),
+                }));
+                self.observe(out);
+            }
+            ToAgent::Expedite(_) => self.observe(out),
+            ToAgent::Welcome(_) | ToAgent::Shutdown(_) => {}
+        }
+    }
+
+    fn tick(&mut self, connected: bool, out: &mut Vec<FromAgent>) {
+        self.scan_threads(out);
+        self.observe(out);
+        let every = Duration::from_millis(self.settings.flush_interval_ms.max(1) as u64);
+        if self.last_flush.elapsed() >= every {
+            self.last_flush = Instant::now();
+            if connected {
+                self.flush(out);
+            } else {
+                self.drain_rings();
+            }
+        }
+        if !connected {
+            out.clear();
+        }
+    }
+
+    fn tick_interval(&self) -> Duration {
+        if self.need() > 0 {
+            Duration::from_micros(500)
+        } else {
+            Duration::from_millis(20)
+        }
+    }
+
+    fn disconnected(&mut self, why: &str) {
+        log::debug(&format!("disconnected: {why}"));
+    }
+}
+
+impl Runtime {
+    fn discover_if_needed(&mut self) {
+        if !self.discovered {
+            self.discover();
+        }
+    }
+
+    /// Final flush at exit: counts and events still in rings.
+    pub fn final_flush(&mut self) -> Vec<FromAgent> {
+        let mut out = Vec::new();
+        self.flush(&mut out);
+        out
+    }
+}
+
+impl Runtime {
+    /// In a forked child: a new process with one thread, the inherited trampolines and
+    /// patched code. Counts start from zero; the blocks of threads that do not exist
+    /// here are returned.
+    pub fn forked_child(&mut self) {
+        let me = crate::procfs::gettid();
+        let mine = block::current().map(|h| h as *const block::Header);
+        for h in block::all() {
+            if Some(h as *const block::Header) == mine {
+                h.tid.store(me, Ordering::Release);
+                h.qs_epoch.store(0, Ordering::Release);
+            } else if h.tid.load(Ordering::Acquire) != 0 {
+                h.release(std::iter::empty());
+            }
+        }
+        // Zero every counter index in use (this process has counted nothing yet).
+        for t in self.tramps.values() {
+            for (_, _, idx) in &t.counts {
+                for h in block::all() {
+                    h.reset_counter(*idx);
+                }
+            }
+        }
+        self.counters.forget_exited();
+        self.folded.clear();
+        self.folded_drops.clear();
+        self.events.clear();
+        self.lost_events.clear();
+        self.threads = Threads::new();
+        self.observer = Observer::new();
+        self.barriers.clear();
+    }
+}

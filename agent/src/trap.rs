@@ -1,0 +1,451 @@
+//! The SIGTRAP handler that makes the int3 patching protocol safe, and the lock-free
+//! table of sites it reads.
+//!
+//! While a site is rewritten (see [`crate::patch`]) its first byte is `0xCC` for a
+//! while. A thread that executes it traps; the handler looks the site up and emulates
+//! the instruction the site is becoming:
+//! * becoming `call tramp`: push site + 5 on the interrupted stack, continue at `tramp`;
+//! * becoming a nop: continue at site + 5;
+//! * no longer in transition (the trap was taken before the final byte was written but
+//!   the handler runs only now, e.g. the thread was preempted in between): the byte is
+//!   no longer `0xCC`, so continue at the site and execute whatever is there now.
+//!
+//! Anything else (a `0xCC` that is not one of our sites, a `SIGTRAP` sent with `kill`,
+//! a debugger's trap) is passed to the handler that was installed before ours:
+//! `sa_sigaction` or `sa_handler`; `SIG_DFL` is honoured by restoring the default
+//! action and re-raising, and so is `SIG_IGN` for a trap raised by an instruction (the
+//! kernel would have forced the default action there too).
+//!
+//! The table is an append-only chain of open-addressing hash tables of
+//! `(site, state)` atomics; a site's entry is never removed and its state is a single
+//! `AtomicU64` (kind in the top byte, target address below), so the handler can never
+//! see a half-written entry and needs neither a lock nor a retry loop. Tables are
+//! never freed. Writers are serialized by a mutex the handler never takes.
+//!
+//! Installation flags: `SA_SIGINFO` (we need `ucontext`), `SA_RESTART` (harmless;
+//! matters only for a chained handler of an asynchronous SIGTRAP that interrupted a
+//! system call), `SA_ONSTACK` (a site hit with an almost exhausted stack can still be
+//! emulated when the thread has an alternate stack, as Rust threads do; emulation
+//! writes only 8 bytes below the interrupted `rsp`, where a real `call` would have
+//! written), and a full `sa_mask`: no other signal handler, in particular the
+//! quiescent-state probe, runs while the handler is between looking a site up and
+//! redirecting the thread, so a thread is never judged to be outside a trampoline it
+//! is about to enter.
+//!
+//! Known hazard: the kernel delivers an instruction trap to a thread that *blocks*
+//! SIGTRAP by resetting the action to `SIG_DFL`, which kills the process. The patcher
+//! therefore refuses to patch while any thread blocks SIGTRAP.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+/// `si_code` of a trap raised by an `int3` instruction.
+pub const SI_KERNEL: i32 = 0x80;
+
+const KIND_SHIFT: u32 = 56;
+const ADDR_MASK: u64 = (1 << KIND_SHIFT) - 1;
+const KIND_CALL: u64 = 1;
+const KIND_NOP: u64 = 2;
+
+/// What a site is turning into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Not being rewritten.
+    Idle,
+    /// Becoming (or staying) `call target`.
+    ToCall(usize),
+    /// Becoming a 5-byte nop.
+    ToNop,
+}
+
+impl Transition {
+    /// Async-signal-safe.
+    fn encode(self) -> u64 {
+        match self {
+            Transition::Idle => 0,
+            Transition::ToCall(t) => (KIND_CALL << KIND_SHIFT) | (t as u64 & ADDR_MASK),
+            Transition::ToNop => KIND_NOP << KIND_SHIFT,
+        }
+    }
+    /// Async-signal-safe.
+    fn decode(v: u64) -> Self {
+        match v >> KIND_SHIFT {
+            KIND_CALL => Transition::ToCall((v & ADDR_MASK) as usize),
+            KIND_NOP => Transition::ToNop,
+            _ => Transition::Idle,
+        }
+    }
+}
+
+struct Entry {
+    site: AtomicUsize,
+    state: AtomicU64,
+}
+
+struct Table {
+    mask: usize,
+    next: AtomicPtr<Table>,
+    entries: Box<[Entry]>,
+}
+
+static HEAD: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+
+struct Writer {
+    newest: *mut Table,
+    used: usize,
+}
+// SAFETY: the raw pointer refers to a leaked, never-freed table; access is serialized
+// by the WRITER mutex.
+unsafe impl Send for Writer {}
+
+static WRITER: Mutex<Writer> = Mutex::new(Writer {
+    newest: std::ptr::null_mut(),
+    used: 0,
+});
+
+const FIRST_CAPACITY: usize = 4096;
+
+/// Async-signal-safe.
+fn hash(site: usize, mask: usize) -> usize {
+    ((site as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 29) as usize & mask
+}
+
+/// Async-signal-safe.
+fn find(site: usize) -> Option<&'static Entry> {
+    let mut t = HEAD.load(Ordering::Acquire);
+    while !t.is_null() {
+        // SAFETY: tables are leaked and never freed; `t` was published with Release
+        // after it was fully initialized.
+        let table = unsafe { &*t };
+        let mut i = hash(site, table.mask);
+        for _ in 0..=table.mask {
+            let e = &table.entries[i];
+            match e.site.load(Ordering::Acquire) {
+                0 => break,
+                s if s == site => return Some(e),
+                _ => i = (i + 1) & table.mask,
+            }
+        }
+        t = table.next.load(Ordering::Acquire);
+    }
+    None
+}
+
+/// The state of a known site, or `None` if the site was never patched.
+///
+/// Async-signal-safe.
+pub fn transition(site: usize) -> Option<Transition> {
+    find(site).map(|e| Transition::decode(e.state.load(Ordering::Acquire)))
+}
+
+fn new_table(cap: usize) -> *mut Table {
+    let entries: Box<[Entry]> = (0..cap)
+        .map(|_| Entry {
+            site: AtomicUsize::new(0),
+            state: AtomicU64::new(0),
+        })
+        .collect();
+    Box::into_raw(Box::new(Table {
+        mask: cap - 1,
+        next: AtomicPtr::new(std::ptr::null_mut()),
+        entries,
+    }))
+}
+
+/// Publishes a site's state (inserting the site if new). The store is `Release` and
+/// precedes, in program order, every code write of the transition.
+pub fn set_transition(site: usize, t: Transition) {
+    assert!(site != 0 && (site as u64) <= ADDR_MASK);
+    let mut w = WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = find(site) {
+        e.state.store(t.encode(), Ordering::Release);
+        return;
+    }
+    if w.newest.is_null() || w.used * 2 >= table_len(w.newest) {
+        let cap = if w.newest.is_null() {
+            FIRST_CAPACITY
+        } else {
+            table_len(w.newest) * 2
+        };
+        let t = new_table(cap);
+        if w.newest.is_null() {
+            HEAD.store(t, Ordering::Release);
+        } else {
+            // SAFETY: `newest` is a leaked table owned by the writer side.
+            unsafe { (*w.newest).next.store(t, Ordering::Release) };
+        }
+        w.newest = t;
+        w.used = 0;
+    }
+    // SAFETY: as above; only writers (serialized) mutate the table's entries' keys.
+    let table = unsafe { &*w.newest };
+    let mut i = hash(site, table.mask);
+    while table.entries[i].site.load(Ordering::Relaxed) != 0 {
+        i = (i + 1) & table.mask;
+    }
+    table.entries[i].state.store(t.encode(), Ordering::Relaxed);
+    table.entries[i].site.store(site, Ordering::Release);
+    w.used += 1;
+}
+
+fn table_len(t: *mut Table) -> usize {
+    // SAFETY: `t` is a leaked, live table.
+    unsafe { (*t).mask + 1 }
+}
+
+/// What the handler does with a trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Push `ret` and continue at `target`.
+    EmulateCall { target: usize, ret: usize },
+    /// Continue at `to` (nop emulation, or re-executing a site that changed).
+    Resume { to: usize },
+    /// Not ours.
+    Chain,
+}
+
+/// Decides what to do with a trap at `pc` (the address after the `int3`), given the
+/// site's state and the byte now at `pc - 1`.
+///
+/// Async-signal-safe.
+pub fn decide(si_code: i32, pc: usize, state: Option<Transition>, byte_now: u8) -> Action {
+    if si_code != SI_KERNEL {
+        return Action::Chain;
+    }
+    let site = pc.wrapping_sub(1);
+    match state {
+        None => Action::Chain,
+        Some(Transition::ToCall(target)) => Action::EmulateCall {
+            target,
+            ret: site + 5,
+        },
+        Some(Transition::ToNop) => Action::Resume { to: site + 5 },
+        Some(Transition::Idle) if byte_now != 0xCC => Action::Resume { to: site },
+        Some(Transition::Idle) => Action::Chain,
+    }
+}
+
+/// Counters of what the handler did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrapStats {
+    pub emulated_calls: u64,
+    pub emulated_nops: u64,
+    pub restarted: u64,
+    pub chained: u64,
+}
+
+static EMULATED_CALLS: AtomicU64 = AtomicU64::new(0);
+static EMULATED_NOPS: AtomicU64 = AtomicU64::new(0);
+static RESTARTED: AtomicU64 = AtomicU64::new(0);
+static CHAINED: AtomicU64 = AtomicU64::new(0);
+
+pub fn stats() -> TrapStats {
+    TrapStats {
+        emulated_calls: EMULATED_CALLS.load(Ordering::Relaxed),
+        emulated_nops: EMULATED_NOPS.load(Ordering::Relaxed),
+        restarted: RESTARTED.load(Ordering::Relaxed),
+        chained: CHAINED.load(Ordering::Relaxed),
+    }
+}
+
+/// The handler installed before ours (leaked, replaced only by [`ensure_installed`]).
+static PREV: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Errors of installation.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TrapError {
+    #[error("sigaction(SIGTRAP) failed with errno {0}")]
+    Sigaction(i32),
+}
+
+type SigAction = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+type SigHandler = extern "C" fn(libc::c_int);
+
+/// The SIGTRAP handler.
+///
+/// Async-signal-safe.
+extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes valid siginfo and ucontext pointers to an SA_SIGINFO
+    // handler; they stay valid until the handler returns.
+    let (code, uc) = unsafe { ((*info).si_code, &mut *(uctx as *mut libc::ucontext_t)) };
+    let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+    let state = if code == SI_KERNEL {
+        transition(pc.wrapping_sub(1))
+    } else {
+        None
+    };
+    let byte = match state {
+        // SAFETY: the address is a known site: mapped, readable text.
+        Some(_) => unsafe { std::ptr::read_volatile((pc - 1) as *const u8) },
+        None => 0,
+    };
+    match decide(code, pc, state, byte) {
+        Action::EmulateCall { target, ret } => {
+            let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as usize - 8;
+            // SAFETY: the interrupted thread was about to execute `call`, which would
+            // have pushed the same word at the same place on its own stack; the
+            // handler runs on another frame (below the red zone, or on the altstack).
+            unsafe { std::ptr::write(sp as *mut u64, ret as u64) };
+            uc.uc_mcontext.gregs[libc::REG_RSP as usize] = sp as i64;
+            uc.uc_mcontext.gregs[libc::REG_RIP as usize] = target as i64;
+            EMULATED_CALLS.fetch_add(1, Ordering::Relaxed);
+        }
+        Action::Resume { to } => {
+            uc.uc_mcontext.gregs[libc::REG_RIP as usize] = to as i64;
+            if to == pc - 1 {
+                RESTARTED.fetch_add(1, Ordering::Relaxed);
+            } else {
+                EMULATED_NOPS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Action::Chain => {
+            CHAINED.fetch_add(1, Ordering::Relaxed);
+            chain(sig, info, uctx);
+        }
+    }
+}
+
+/// Passes a trap that is not ours to the previous handler.
+///
+/// Async-signal-safe.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    let prev = PREV.load(Ordering::Acquire);
+    // SAFETY: PREV is null or a leaked, never-freed sigaction.
+    let (handler, flags) = match unsafe { prev.as_ref() } {
+        Some(p) => (p.sa_sigaction, p.sa_flags),
+        None => (libc::SIG_DFL, 0),
+    };
+    // SAFETY: `info` is the kernel's siginfo for this signal.
+    let synchronous = unsafe { (*info).si_code } == SI_KERNEL;
+    if handler == libc::SIG_IGN && !synchronous {
+        return;
+    }
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        // SAFETY: sigaction and tgkill are async-signal-safe system calls; the signal
+        // is blocked while we run, so the re-raised one is delivered with the default
+        // action as soon as the handler returns.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::syscall(libc::SYS_gettid),
+                sig,
+            );
+        }
+        return;
+    }
+    if flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: with SA_SIGINFO the previous handler has the three-argument form.
+        let f: SigAction = unsafe { std::mem::transmute::<usize, SigAction>(handler) };
+        f(sig, info, uctx);
+    } else {
+        // SAFETY: without SA_SIGINFO it is a one-argument handler.
+        let f: SigHandler = unsafe { std::mem::transmute::<usize, SigHandler>(handler) };
+        f(sig);
+    }
+}
+
+fn our_action() -> libc::sigaction {
+    // SAFETY: sigaction is plain data; zeroed is a valid starting point.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_sigtrap as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+    // SAFETY: sa_mask is a valid sigset_t to fill.
+    unsafe { libc::sigfillset(&mut sa.sa_mask) };
+    sa
+}
+
+/// Installs the handler if it is not the current SIGTRAP action (first call, or the
+/// program replaced it since: the replacement becomes the handler we chain to).
+pub fn ensure_installed() -> Result<(), TrapError> {
+    let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: querying the current action into a valid out pointer.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
+        return Err(TrapError::Sigaction(errno()));
+    }
+    if cur.sa_sigaction == on_sigtrap as *const () as usize {
+        return Ok(());
+    }
+    // Publish the previous action before any trap can reach our handler.
+    PREV.store(Box::into_raw(Box::new(cur)), Ordering::Release);
+    let sa = our_action();
+    // SAFETY: installing a valid action for SIGTRAP.
+    if unsafe { libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(TrapError::Sigaction(errno()));
+    }
+    Ok(())
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_decode() {
+        for t in [
+            Transition::Idle,
+            Transition::ToNop,
+            Transition::ToCall(0x7fff_1234_5640),
+        ] {
+            assert_eq!(Transition::decode(t.encode()), t);
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let pc = 0x5000_0001;
+        let call = Some(Transition::ToCall(0x6000_0000));
+        assert_eq!(
+            decide(SI_KERNEL, pc, call, 0xCC),
+            Action::EmulateCall {
+                target: 0x6000_0000,
+                ret: 0x5000_0005
+            }
+        );
+        assert_eq!(
+            decide(SI_KERNEL, pc, Some(Transition::ToNop), 0xCC),
+            Action::Resume { to: 0x5000_0005 }
+        );
+        // Stale trap: the site has its final bytes now; re-execute it.
+        assert_eq!(
+            decide(SI_KERNEL, pc, Some(Transition::Idle), 0xE8),
+            Action::Resume { to: 0x5000_0000 }
+        );
+        assert_eq!(
+            decide(SI_KERNEL, pc, Some(Transition::Idle), 0xCC),
+            Action::Chain
+        );
+        assert_eq!(decide(SI_KERNEL, pc, None, 0), Action::Chain);
+        // SIGTRAP sent with kill/tgkill: never ours.
+        assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
+    }
+
+    #[test]
+    fn table_grows_and_finds_every_site() {
+        // Addresses no other test uses (never executed: only the table is exercised).
+        let base = 0x1_0000_0000usize;
+        let n = FIRST_CAPACITY * 3;
+        for i in 0..n {
+            set_transition(base + 16 * i, Transition::ToCall(base + i));
+        }
+        for i in 0..n {
+            assert_eq!(
+                transition(base + 16 * i),
+                Some(Transition::ToCall(base + i))
+            );
+            set_transition(base + 16 * i, Transition::Idle);
+        }
+        assert_eq!(transition(base + 16 * 5), Some(Transition::Idle));
+        assert_eq!(transition(base + 8), None);
+    }
+}
