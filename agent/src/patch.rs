@@ -91,12 +91,16 @@ pub enum Op {
     Call { site: usize, target: usize },
     /// Make the site a 5-byte nop.
     Nop { site: usize },
+    /// Turn a 6-byte `call *__fentry__@GOTPCREL(%rip)` (`ff 15 disp32`, PIC/PIE
+    /// `-pg -mfentry`; the caller checked the GOT slot is `__fentry__`'s) into a 5-byte
+    /// nop and a 1-byte nop. Afterwards the site is an ordinary 5-byte nop site.
+    NopFentryGot { site: usize },
 }
 
 impl Op {
     pub fn site(&self) -> usize {
         match *self {
-            Op::Call { site, .. } | Op::Nop { site } => site,
+            Op::Call { site, .. } | Op::Nop { site } | Op::NopFentryGot { site } => site,
         }
     }
 }
@@ -245,7 +249,8 @@ static GLOBAL: OnceLock<Result<Patcher, PatchError>> = OnceLock::new();
 
 struct Planned {
     site: usize,
-    new: [u8; 5],
+    /// New bytes: 5, or 6 for a former `ff 15` fentry call.
+    new: Vec<u8>,
     transition: Transition,
 }
 
@@ -294,6 +299,28 @@ impl Patcher {
             }
             // SAFETY: sites come from site discovery (loaded text) or tests.
             let cur = unsafe { read_site(site) };
+            if let Op::NopFentryGot { .. } = *op {
+                // SAFETY: as above; the instruction is 6 bytes long.
+                let sixth = unsafe { std::ptr::read_volatile((site + 5) as *const u8) };
+                let target = [0x0F, 0x1F, 0x44, 0x00, 0x00, 0x90];
+                let now = [cur[0], cur[1], cur[2], cur[3], cur[4], sixth];
+                if now == target {
+                    report.unchanged += 1;
+                    continue;
+                }
+                if cur[..2] != [0xFF, 0x15] {
+                    return Err(PatchError::NotASite { site, bytes: cur });
+                }
+                plan.push((
+                    Planned {
+                        site,
+                        new: target.to_vec(),
+                        transition: Transition::ToNop6,
+                    },
+                    SiteKind::Other(cur),
+                ));
+                continue;
+            }
             let kind = classify_bytes(site, cur);
             match kind {
                 SiteKind::NopSled => return Err(PatchError::Unsupported { site }),
@@ -307,7 +334,7 @@ impl Patcher {
                     let d = disp.to_le_bytes();
                     ([0xE8, d[0], d[1], d[2], d[3]], Transition::ToCall(target))
                 }
-                Op::Nop { .. } => {
+                Op::Nop { .. } | Op::NopFentryGot { .. } => {
                     let nop = match (originals.get(&site), kind) {
                         (Some(o), _) => *o,
                         (None, SiteKind::Nop5(b)) => b,
@@ -323,7 +350,7 @@ impl Patcher {
             plan.push((
                 Planned {
                     site,
-                    new,
+                    new: new.to_vec(),
                     transition,
                 },
                 kind,

@@ -153,11 +153,10 @@ impl Runtime {
                             "five 1-byte nops (gcc -fpatchable-function-entry=5) need the grace-period-guarded protocol, not supported yet: build with -mfentry -mnop-mcount or with clang".into(),
                         );
                     }
-                    if f.kind == SiteKind::FentryGot {
-                        f.patchable = false;
-                        f.reason = Some(
-                            "6-byte `call *__fentry__@GOTPCREL` (PIC/PIE -pg -mfentry) is not supported yet: add -fno-pic/-fno-pie (or -mnop-mcount -fno-pie -no-pie)".into(),
-                        );
+                    if f.patchable && f.kind == SiteKind::FentryGot {
+                        neutralize.push(Op::NopFentryGot {
+                            site: f.address as usize,
+                        });
                     }
                     self.by_addr.insert(f.address, self.functions.len());
                     self.functions.push(f);
@@ -190,8 +189,14 @@ impl Runtime {
         let answer = match sites::filter(&self.functions, &l.pattern) {
             Ok(found) => pb::FunctionList {
                 request_id: l.request_id,
+                unpatchable_matches: if l.patchable_only {
+                    found.iter().filter(|f| !f.patchable).count() as u32
+                } else {
+                    0
+                },
                 functions: found
                     .into_iter()
+                    .filter(|f| f.patchable || !l.patchable_only)
                     .map(|f| pb::Function {
                         name: f.name.clone(),
                         mangled: f.mangled.clone(),
@@ -213,6 +218,7 @@ impl Runtime {
                 request_id: l.request_id,
                 functions: vec![],
                 error: e.to_string(),
+                unpatchable_matches: 0,
             },
         };
         FromAgent::FunctionList(answer)

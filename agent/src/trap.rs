@@ -46,6 +46,7 @@ const KIND_SHIFT: u32 = 56;
 const ADDR_MASK: u64 = (1 << KIND_SHIFT) - 1;
 const KIND_CALL: u64 = 1;
 const KIND_NOP: u64 = 2;
+const KIND_NOP6: u64 = 3;
 
 /// What a site is turning into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +57,9 @@ pub enum Transition {
     ToCall(usize),
     /// Becoming a 5-byte nop.
     ToNop,
+    /// A 6-byte `call *__fentry__@GOTPCREL(%rip)` becoming a 5-byte nop and a 1-byte
+    /// nop: skip all 6 bytes.
+    ToNop6,
 }
 
 impl Transition {
@@ -65,6 +69,7 @@ impl Transition {
             Transition::Idle => 0,
             Transition::ToCall(t) => (KIND_CALL << KIND_SHIFT) | (t as u64 & ADDR_MASK),
             Transition::ToNop => KIND_NOP << KIND_SHIFT,
+            Transition::ToNop6 => KIND_NOP6 << KIND_SHIFT,
         }
     }
     /// Async-signal-safe.
@@ -72,6 +77,7 @@ impl Transition {
         match v >> KIND_SHIFT {
             KIND_CALL => Transition::ToCall((v & ADDR_MASK) as usize),
             KIND_NOP => Transition::ToNop,
+            KIND_NOP6 => Transition::ToNop6,
             _ => Transition::Idle,
         }
     }
@@ -220,6 +226,7 @@ pub fn decide(si_code: i32, pc: usize, state: Option<Transition>, byte_now: u8) 
             ret: site + 5,
         },
         Some(Transition::ToNop) => Action::Resume { to: site + 5 },
+        Some(Transition::ToNop6) => Action::Resume { to: site + 6 },
         Some(Transition::Idle) if byte_now != 0xCC => Action::Resume { to: site },
         Some(Transition::Idle) => Action::Chain,
     }

@@ -131,7 +131,8 @@ impl Client {
         };
         tracing::debug!(%target, "connected to patchbayd");
         Ok(Client {
-            inner: ControlClient::with_interceptor(channel, metadata),
+            inner: ControlClient::with_interceptor(channel, metadata)
+                .max_decoding_message_size(256 << 20),
             target: target.clone(),
         })
     }

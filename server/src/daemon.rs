@@ -13,6 +13,10 @@ use crate::listen;
 use crate::registry::{Registry, Settings};
 use crate::service::{AgentService, ControlService};
 
+/// Largest message accepted from an agent or sent to a client (function lists of
+/// big processes).
+pub const MAX_MESSAGE: usize = 256 << 20;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Unix socket path (its directory must exist, or be the default one).
@@ -88,13 +92,17 @@ impl Server {
         let token = self.tcp.as_ref().map(|(_, t)| t.clone());
         let router = |engine: &Engine| {
             tonic::transport::Server::builder()
-                .add_service(pb::agent_server::AgentServer::new(AgentService::new(
-                    engine.clone(),
-                )))
-                .add_service(pb::control_server::ControlServer::new(ControlService::new(
-                    engine.clone(),
-                    token.clone(),
-                )))
+                .add_service(
+                    pb::agent_server::AgentServer::new(AgentService::new(engine.clone()))
+                        .max_decoding_message_size(MAX_MESSAGE),
+                )
+                .add_service(
+                    pb::control_server::ControlServer::new(ControlService::new(
+                        engine.clone(),
+                        token.clone(),
+                    ))
+                    .max_encoding_message_size(MAX_MESSAGE),
+                )
         };
         let mut tasks = tokio::task::JoinSet::new();
         let unix = router(&self.engine).serve_with_incoming_shutdown(

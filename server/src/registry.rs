@@ -793,6 +793,7 @@ impl Registry {
             ToAgent::ListFunctions(pb::ListFunctions {
                 request_id: rid,
                 pattern,
+                patchable_only: true,
             }),
         );
     }
@@ -828,6 +829,7 @@ impl Registry {
             ToAgent::ListFunctions(pb::ListFunctions {
                 request_id: rid,
                 pattern,
+                patchable_only: false,
             }),
         );
         Ok(op)
@@ -896,16 +898,17 @@ impl Registry {
                     .filter(|f| f.patchable)
                     .map(|f| f.address)
                     .collect();
-                let skipped = (list.functions.len() - sites.len()) as u32;
+                let unpatchable =
+                    (list.functions.len() - sites.len()) as u32 + list.unpatchable_matches;
+                let skipped = unpatchable;
                 if sites.is_empty() {
                     if let Some(op) = op {
                         let pattern = self.tracers[&tracer].spec.pattern.clone();
-                        let hint = if list.functions.is_empty() {
+                        let hint = if unpatchable == 0 {
                             ": list functions with `patchbay functions --pid PID`".to_string()
                         } else {
                             format!(
-                                " ({} match but none is instrumented: build with -pg -mfentry -mrecord-mcount or -fpatchable-function-entry=5)",
-                                list.functions.len()
+                                " ({unpatchable} match but none is patchable: see the reasons with `patchbay functions --pid {pid} 'PATTERN'`; build with -pg -mfentry -mrecord-mcount or -fpatchable-function-entry=5)"
                             )
                         };
                         self.attach_agent_result(

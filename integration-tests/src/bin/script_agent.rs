@@ -330,10 +330,19 @@ impl Agent {
                             lf.pattern,
                             functions.len()
                         ));
+                        let unpatchable = if lf.patchable_only {
+                            functions.iter().filter(|f| !f.patchable).count() as u32
+                        } else {
+                            0
+                        };
                         FunctionList {
                             request_id: lf.request_id,
-                            functions,
+                            functions: functions
+                                .into_iter()
+                                .filter(|f| f.patchable || !lf.patchable_only)
+                                .collect(),
                             error: String::new(),
+                            unpatchable_matches: unpatchable,
                         }
                     }
                     Err(e) => {
@@ -345,6 +354,7 @@ impl Agent {
                             request_id: lf.request_id,
                             functions: Vec::new(),
                             error: format!("malformed pattern {pattern:?}: {e}"),
+                            unpatchable_matches: 0,
                         }
                     }
                 };

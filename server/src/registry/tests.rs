@@ -108,6 +108,7 @@ impl Sim {
                         request_id: l.request_id,
                         functions,
                         error: String::new(),
+                        unpatchable_matches: 0,
                     }));
             }
             ToAgent::Install(i) => {
