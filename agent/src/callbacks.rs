@@ -1,24 +1,63 @@
-//! Callbacks a program registers by name (attachable as `CALLBACK_KIND_CUSTOM`).
+//! Callbacks a program registers by name (attachable as `CALLBACK_KIND_CUSTOM`): Rust
+//! functions through [`register`], C functions through the exported
+//! `patchbay_register_callback`.
 
 use std::collections::BTreeMap;
+use std::ffi::{CStr, c_char, c_int};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dispatch::Callback;
+use crate::dispatch::{CallCtx, Callback};
 
-static REGISTRY: Mutex<BTreeMap<String, Callback>> = Mutex::new(BTreeMap::new());
+/// A C callback: receives a pointer to the call's context.
+pub type CCallback = extern "C" fn(*const CallCtx<'static>);
 
-/// Registers `f` under `name` (replacing an earlier one of the same name). Tools see
-/// it in `patchbay agents` and attach it with `patchbay attach --custom NAME`.
-/// Registered before the agent connects, it is announced in the hello; later ones are
-/// announced at the next reconnect.
-pub fn register(name: &str, f: Callback) {
+/// A registered callback.
+#[derive(Clone, Copy)]
+pub enum Registered {
+    Rust(Callback),
+    C(CCallback),
+}
+
+static REGISTRY: Mutex<BTreeMap<String, Registered>> = Mutex::new(BTreeMap::new());
+/// Bumped at every registration, so the agent announces changes to the server.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+fn insert(name: &str, f: Registered) {
     REGISTRY
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.to_string(), f);
+    GENERATION.fetch_add(1, Ordering::AcqRel);
 }
 
-pub fn get(name: &str) -> Option<Callback> {
+/// Registers `f` under `name` (replacing an earlier one of the same name). Tools see
+/// it in `patchbay agents` and attach it with `patchbay attach --custom NAME`.
+pub fn register(name: &str, f: Callback) {
+    insert(name, Registered::Rust(f));
+}
+
+/// C entry point: `int patchbay_register_callback(const char *name, void (*f)(const
+/// patchbay_call_ctx *))`. Returns 0, or -1 for a null or non-UTF-8 name.
+///
+/// # Safety
+/// `name` must be null or a valid NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn patchbay_register_callback(name: *const c_char, f: CCallback) -> c_int {
+    if name.is_null() {
+        return -1;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    match unsafe { CStr::from_ptr(name) }.to_str() {
+        Ok(n) if !n.is_empty() => {
+            insert(n, Registered::C(f));
+            0
+        }
+        _ => -1,
+    }
+}
+
+pub fn get(name: &str) -> Option<Registered> {
     REGISTRY
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -33,4 +72,8 @@ pub fn names() -> Vec<String> {
         .keys()
         .cloned()
         .collect()
+}
+
+pub fn generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
 }

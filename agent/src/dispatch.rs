@@ -70,7 +70,7 @@ pub enum Action {
         dropped_idx: u32,
     },
     /// A program-registered callback.
-    Custom { f: Callback },
+    Custom { f: crate::callbacks::Registered },
 }
 
 /// Everything a trampoline's calls need; owned by the trampoline and freed with it
@@ -262,9 +262,21 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                     tid: tid(),
                     args: &args,
                 };
-                // A panicking callback must not unwind into the traced program.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx))).is_err() {
-                    MISSED.fetch_add(1, Ordering::Relaxed);
+                match f {
+                    crate::callbacks::Registered::Rust(f) => {
+                        // A panicking callback must not unwind into the traced program.
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx)))
+                            .is_err()
+                        {
+                            MISSED.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    crate::callbacks::Registered::C(f) => {
+                        // SAFETY: the context outlives the call; C callbacks get a
+                        // pointer valid for the duration of the call only.
+                        let p = &ctx as *const CallCtx<'_> as *const CallCtx<'static>;
+                        f(p)
+                    }
                 }
             }
         }

@@ -83,6 +83,8 @@ pub struct Runtime {
     tls_offset: Option<i32>,
     last_flush: Instant,
     last_stall_report: Instant,
+    /// Callback registry generation last announced to the server.
+    callbacks_announced: u64,
     pub started: Instant,
 }
 
@@ -121,6 +123,7 @@ impl Runtime {
             tls_offset,
             last_flush: Instant::now(),
             last_stall_report: Instant::now(),
+            callbacks_announced: 0,
             started: Instant::now(),
         }
     }
@@ -816,7 +819,10 @@ impl Runtime {
             tids: self.threads.known().iter().copied().collect(),
             epoch: EPOCH.load(Ordering::Acquire),
             trampolines,
-            callbacks: callbacks::names(),
+            callbacks: {
+                self.callbacks_announced = callbacks::generation();
+                callbacks::names()
+            },
         }
     }
 }
@@ -867,6 +873,13 @@ impl link::Handler for Runtime {
     }
 
     fn tick(&mut self, connected: bool, out: &mut Vec<FromAgent>) {
+        let generation = callbacks::generation();
+        if generation != self.callbacks_announced {
+            self.callbacks_announced = generation;
+            out.push(FromAgent::Callbacks(pb::Callbacks {
+                names: callbacks::names(),
+            }));
+        }
         self.scan_threads(out);
         self.observe(out);
         let every = Duration::from_millis(self.settings.flush_interval_ms.max(1) as u64);

@@ -573,8 +573,10 @@ impl Registry {
         let mut stale: BTreeSet<TracerId> = BTreeSet::new();
         for t in agent.trampolines.values().filter(|t| t.state.active()) {
             for tr in t.group_ids() {
+                // A tracer that is gone, detaching, or not meant for this process (a
+                // forked child inherits its parent's patched code) is removed here.
                 match self.tracers.get(&tr) {
-                    Some(x) if x.state == TracerState::Active => {
+                    Some(x) if x.state == TracerState::Active && x.targets(agent) => {
                         present.insert(tr);
                     }
                     _ => {
@@ -772,6 +774,13 @@ impl Registry {
         };
         self.effects.push(Effect::Events(batch.tracer_id, view));
         Ok(())
+    }
+
+    /// The program registered callbacks after its hello.
+    pub fn callbacks_changed(&mut self, id: AgentId, names: Vec<String>) {
+        if let Some(a) = self.agents.get_mut(&id) {
+            a.hello.callbacks = names;
+        }
     }
 
     pub fn agent_error(&mut self, id: AgentId, message: &str) {

@@ -126,6 +126,7 @@ fn handle_agent_message(engine: &Engine, agent: u64, msg: pb::AgentMessage) {
         Some(FromAgent::Counts(c)) => reg.count_report(agent, c),
         Some(FromAgent::Error(e)) => reg.agent_error(agent, &e.message),
         Some(FromAgent::Barrier(b)) => reg.barrier_report(agent, b, now),
+        Some(FromAgent::Callbacks(c)) => reg.callbacks_changed(agent, c.names),
         None => tracing::warn!(agent, "empty agent message ignored"),
     }
 }
