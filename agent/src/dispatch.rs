@@ -274,7 +274,7 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                     crate::callbacks::Registered::C(f) => {
                         // SAFETY: the context outlives the call; C callbacks get a
                         // pointer valid for the duration of the call only.
-                        let p = &ctx as *const CallCtx<'_> as *const CallCtx<'static>;
+                        let p = (&ctx as *const CallCtx<'_>).cast::<CallCtx<'static>>();
                         f(p)
                     }
                 }
