@@ -72,17 +72,34 @@ enum Command {
     Watch(commands::watch::Args),
     /// Show the call counts of a `count` tracer, highest first
     Counts(commands::counts::Args),
+    /// Run a program with the agent preloaded and show its hottest functions live
+    ///
+    /// Uses the server at --socket (or the default socket) if one answers, else starts an
+    /// embedded one for the duration of the run. Prints a live table on stderr while the
+    /// program runs (when stderr is a terminal) and the final counts when it exits (with
+    /// --json: one line of JSON on stdout, after the program's own output). Exits with the
+    /// program's status (128 + the signal if a signal killed it); SIGINT and SIGTERM are
+    /// passed on to the program.
+    Run(commands::run::Args),
 }
 
 /// Runs the CLI and returns the process exit status: 0 on success, 1 on any error (clap
-/// exits with 2 on usage errors before this runs).
+/// exits with 2 on usage errors before this runs); `run` exits with the program's status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // `run` may serve an embedded server while it drives the program: give it workers.
+    let runtime = if matches!(cli.command, Command::Run(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -90,7 +107,7 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         // `patchbay watch 1 | head`: the reader went away, which is not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
@@ -110,10 +127,20 @@ fn init_tracing() {
         .init();
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs one command; the result is the exit status.
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Run(args) = cli.command {
+        let token = cli.token_file.as_deref().map(read_token).transpose()?;
+        let globals = commands::run::Globals {
+            socket: cli.socket.as_deref(),
+            token: token.as_deref(),
+            json: cli.json,
+        };
+        return commands::run::main(args, globals).await;
+    }
     let client = connect(cli.socket.as_deref(), cli.token_file.as_deref()).await?;
     let mut out = Output::new(cli.json, Box::new(io::stdout()));
-    match cli.command {
+    let result = match cli.command {
         Command::Agents => commands::agents::run(&client, &mut out).await,
         Command::Functions(args) => commands::functions::run(&client, args, &mut out).await,
         Command::Attach(args) => commands::attach::run(&client, args, &mut out).await,
@@ -124,7 +151,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync(args) => commands::sync::run(&client, args, &mut out).await,
         Command::Watch(args) => commands::watch::run(&client, args, &mut out).await,
         Command::Counts(args) => commands::counts::run(&client, args, &mut out).await,
-    }
+        Command::Run(_) => unreachable!("handled above"),
+    };
+    result.map(|()| 0)
 }
 
 async fn connect(socket: Option<&str>, token_file: Option<&Path>) -> anyhow::Result<Client> {

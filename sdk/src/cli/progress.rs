@@ -4,7 +4,7 @@ use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
+pub const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
 const TICK: Duration = Duration::from_millis(100);
 
 /// Runs `fut`, showing `message` with a spinner and the elapsed time on stderr when stderr
@@ -45,7 +45,7 @@ fn clear() {
     let _ = err.flush();
 }
 
-fn spinner_line(frame: char, message: &str, elapsed: Duration) -> String {
+pub fn spinner_line(frame: char, message: &str, elapsed: Duration) -> String {
     format!("{frame} {message} ({:.1}s)", elapsed.as_secs_f64())
 }
 

@@ -25,6 +25,12 @@ pub struct Fake {
     pub seen: Arc<Mutex<Seen>>,
     /// When set, requests must carry `authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// When set, ListAgents lists only the agent of the pid written in this file (once it
+    /// exists), connected while `/proc/PID` exists: a program started by `patchbay run`
+    /// "connects" by writing its pid there.
+    pub agent_pid_file: Option<PathBuf>,
+    /// Detach requests seen.
+    pub detached: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Fake {
@@ -79,6 +85,22 @@ impl Control for Fake {
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
         self.check(&request)?;
+        if let Some(file) = &self.agent_pid_file {
+            let pid = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            let agents = pid
+                .map(|pid| AgentInfo {
+                    agent_id: 1,
+                    pid,
+                    uid: 1000,
+                    connected: std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                    ..AgentInfo::default()
+                })
+                .into_iter()
+                .collect();
+            return Ok(Response::new(ListAgentsResponse { agents }));
+        }
         Ok(Response::new(ListAgentsResponse {
             agents: vec![AgentInfo {
                 agent_id: 1,
@@ -135,11 +157,20 @@ impl Control for Fake {
     ) -> Result<Response<AttachResponse>, Status> {
         self.check(&request)?;
         let r = request.into_inner();
+        let pid = match r
+            .spec
+            .as_ref()
+            .and_then(|s| s.target.as_ref())
+            .and_then(|t| t.target.as_ref())
+        {
+            Some(target::Target::Pid(pid)) => *pid,
+            _ => 4242,
+        };
         Ok(Response::new(AttachResponse {
             tracer: Some(tracer(1, r.spec)),
             results: vec![AgentAttachResult {
                 agent_id: 1,
-                pid: 4242,
+                pid,
                 sites_patched: r.timeout_ms,
                 sites_skipped: 0,
                 error: String::new(),
@@ -153,6 +184,7 @@ impl Control for Fake {
     ) -> Result<Response<DetachResponse>, Status> {
         self.check(&request)?;
         let r = request.into_inner();
+        self.detached.lock().unwrap().push(r.tracer_id);
         if r.tracer_id != 1 {
             return Err(Status::not_found(format!("no tracer {}", r.tracer_id)));
         }
@@ -268,6 +300,7 @@ impl Control for Fake {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.check(&request)?;
         let r = request.into_inner();
+        self.detached.lock().unwrap().push(r.tracer_id);
         if r.tracer_id != 1 {
             return Err(Status::not_found(format!("no tracer {}", r.tracer_id)));
         }

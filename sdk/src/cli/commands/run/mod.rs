@@ -1,0 +1,591 @@
+//! `patchbay run --count PATTERN [--interval-ms MS] [--top N] [--agent PATH]
+//! [--timeout-ms MS] -- PROGRAM ARGS...`: the one command that does the main job.
+//!
+//! 1. use the server at `--socket` (or the default socket) if one answers, else start an
+//!    embedded one on a private socket ([`server`]);
+//! 2. find the agent library and launch the program with it preloaded ([`launch`]);
+//! 3. wait until the program's agent connects, attach a `count` tracer to it;
+//! 4. while the program runs, redraw the hottest functions on stderr ([`view`]);
+//! 5. when it exits, wait for its agent's last counts, print the final table (or JSON),
+//!    detach, and exit with the program's status.
+//!
+//! SIGINT and SIGTERM are caught and passed on to the program ([`signals`]), so that
+//! `patchbay` outlives it and prints the final counts.
+
+mod launch;
+mod server;
+mod signals;
+mod view;
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::Signal;
+use patchbay_sdk::proto::{CountsResponse, TracerSpec, TracerState, target};
+use patchbay_sdk::{Client, Error, spec};
+use serde_json::json;
+
+use crate::cli::output::Output;
+use launch::{Exit, seconds};
+use server::Connection;
+use signals::{Received, Signals};
+use view::{Live, Spinner};
+
+/// The label of the tracers `patchbay run` attaches.
+const RUN_TRACER_NAME: &str = "patchbay run";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Count the calls of the functions whose demangled name matches this glob
+    #[arg(long = "count", value_name = "PATTERN", required = true)]
+    pub pattern: String,
+    /// How often the live table is refreshed, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub interval_ms: u64,
+    /// How many of the hottest functions the tables show
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub top: u64,
+    /// The agent library to preload [default: libpatchbay_agent.so next to the patchbay
+    /// executable, else in ../lib/patchbay/]
+    #[arg(long, env = "PATCHBAY_AGENT", value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// How long to wait for the program's agent to connect, and then for the tracer to go
+    /// live, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// The program to run, and its arguments (after `--`)
+    #[arg(value_name = "PROGRAM", required = true, num_args = 1..,
+          trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+/// Options of the whole CLI that `run` uses.
+pub struct Globals<'a> {
+    pub socket: Option<&'a str>,
+    pub token: Option<&'a str>,
+    pub json: bool,
+}
+
+/// Runs the command; the result is the exit status of `patchbay`.
+pub async fn main(args: Args, globals: Globals<'_>) -> anyhow::Result<u8> {
+    let exe = std::env::current_exe().ok();
+    let agent = launch::find_agent(args.agent.as_deref(), exe.as_deref(), Path::is_file)?;
+    let agent = std::path::absolute(&agent).unwrap_or(agent);
+    let mut signals = Signals::install(&[Signal::SIGINT, Signal::SIGTERM])
+        .context("cannot catch SIGINT and SIGTERM")?;
+    let connection = Connection::open(globals.socket, globals.token).await?;
+    // Interrupted while starting: do not start the program.
+    if let Some(received) = signals.try_recv() {
+        connection.shutdown().await;
+        eprintln!("patchbay: interrupted ({})", received.signal.as_str());
+        return Ok(Exit::Signal(received.signal as i32).code());
+    }
+    let result = async {
+        let program = Program::launch(&args.command, &agent, &connection.socket, signals)?;
+        let session = Session {
+            client: &connection.client,
+            socket: &connection.socket,
+            args: &args,
+            json: globals.json,
+            terminal: std::io::stderr().is_terminal(),
+            program,
+        };
+        Ok(session.run().await)
+    }
+    .await;
+    connection.shutdown().await;
+    result
+}
+
+/// The running program: its exit once known, and the signals to pass on to it.
+struct Program {
+    child: tokio::process::Child,
+    pid: u32,
+    started: Instant,
+    exit: Option<Exit>,
+    signals: Signals,
+}
+
+impl Program {
+    fn launch(
+        command: &[OsString],
+        agent: &Path,
+        socket: &Path,
+        signals: Signals,
+    ) -> anyhow::Result<Program> {
+        let (program, args) = command.split_first().context("no program to run")?;
+        let preload = launch::ld_preload(agent, std::env::var_os("LD_PRELOAD").as_deref());
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .env("LD_PRELOAD", preload)
+            .env("PATCHBAY_SOCKET", socket)
+            .spawn()
+            .with_context(|| format!("cannot start {}", Path::new(program).display()))?;
+        let pid = child.id().context("the program exited at once")?;
+        Ok(Program {
+            child,
+            pid,
+            started: Instant::now(),
+            exit: None,
+            signals,
+        })
+    }
+
+    fn running(&self) -> bool {
+        self.exit.is_none()
+    }
+
+    /// Runs `fut`, passing signals on meanwhile. With `stop_on_exit`, gives up on `fut`
+    /// and returns `None` as soon as the program exits (at once if it has already).
+    async fn drive<F: Future>(&mut self, fut: F, stop_on_exit: bool) -> Option<F::Output> {
+        if stop_on_exit && !self.running() {
+            return None;
+        }
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                output = &mut fut => return Some(output),
+                status = self.child.wait(), if self.exit.is_none() => {
+                    self.exit = Some(match status {
+                        Ok(status) => Exit::from_status(status),
+                        Err(err) => {
+                            eprintln!("patchbay: cannot wait for pid {}: {err}", self.pid);
+                            Exit::Unknown
+                        }
+                    });
+                    if stop_on_exit {
+                        return None;
+                    }
+                }
+                received = self.signals.recv() => self.forward(received),
+            }
+        }
+    }
+
+    /// Runs `fut` until it completes or the program exits (`None`).
+    async fn during<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        self.drive(fut, true).await
+    }
+
+    /// Runs `fut` to completion even if the program exits meanwhile.
+    async fn complete<F: Future>(&mut self, fut: F) -> F::Output {
+        self.drive(fut, false).await.expect("not stopped on exit")
+    }
+
+    /// Waits for the program to exit.
+    async fn wait(&mut self) -> Exit {
+        self.during(std::future::pending::<()>()).await;
+        self.exit.unwrap_or(Exit::Unknown)
+    }
+
+    /// Passes a signal on to the program, unless the terminal sent it to the program too.
+    fn forward(&self, received: Received) {
+        if self.running() && !received.from_terminal {
+            let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+            // The program is not reaped yet (we reap it), so the pid is still its own.
+            let _ = nix::sys::signal::kill(pid, received.signal);
+        }
+    }
+}
+
+/// How waiting for the program's agent ended.
+enum AgentWait {
+    Connected,
+    /// The program exited first; `seen`: its agent had connected meanwhile.
+    Exited {
+        seen: bool,
+    },
+    TimedOut,
+    Failed(anyhow::Error),
+}
+
+struct Session<'a> {
+    client: &'a Client,
+    socket: &'a Path,
+    args: &'a Args,
+    json: bool,
+    /// stderr is a terminal: show the spinner and the live table.
+    terminal: bool,
+    program: Program,
+}
+
+impl Session<'_> {
+    const POLL: Duration = Duration::from_millis(20);
+    /// How long the agent of an exited program may take to flush its counts and leave.
+    const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.args.timeout_ms)
+    }
+
+    fn top(&self) -> usize {
+        usize::try_from(self.args.top).unwrap_or(usize::MAX)
+    }
+
+    async fn run(mut self) -> u8 {
+        let pid = self.program.pid;
+        match self.wait_for_agent().await {
+            AgentWait::Connected => {}
+            AgentWait::Exited { seen } => {
+                let exit = self.program.exit.unwrap_or(Exit::Unknown);
+                if seen {
+                    eprintln!(
+                        "patchbay: the program {} before patchbay could attach to it (its agent \
+                         connected, but the program ended first)",
+                        exit.sentence()
+                    );
+                } else {
+                    eprintln!(
+                        "patchbay: the program {} before its agent connected: is {} loadable? \
+                         try LD_DEBUG=libs",
+                        exit.sentence(),
+                        launch::AGENT_FILE
+                    );
+                }
+                return exit.failure_code();
+            }
+            AgentWait::TimedOut => {
+                eprintln!(
+                    "patchbay: no agent connected from pid {pid} within {}: is {} loadable \
+                     (try LD_DEBUG=libs), and does the program keep LD_PRELOAD and \
+                     PATCHBAY_SOCKET in its environment?",
+                    seconds(self.args.timeout_ms),
+                    launch::AGENT_FILE
+                );
+                return self.untraced().await;
+            }
+            AgentWait::Failed(err) => {
+                eprintln!("{}", crate::cli::render_error(&err));
+                return self.untraced().await;
+            }
+        }
+
+        let spec = TracerSpec {
+            target: Some(spec::pid(pid)),
+            pattern: self.args.pattern.clone(),
+            callback: Some(spec::count()),
+            name: RUN_TRACER_NAME.to_owned(),
+        };
+        let attach = self.client.attach(spec, Some(self.timeout()));
+        let answer = match self.program.complete(attach).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                eprintln!("{}", crate::cli::render_error(&err.into()));
+                self.remove_leftover_tracers().await;
+                if self.program.running() {
+                    eprintln!(
+                        "  hint: see what can be traced with `patchbay --socket {} functions \
+                         --pid {pid}` while the program runs",
+                        self.socket.display()
+                    );
+                }
+                return self.untraced().await;
+            }
+        };
+        let attached_at = Instant::now();
+        let tracer = answer.tracer.as_ref().map_or(0, |t| t.tracer_id);
+        let mine = answer.results.iter().filter(|r| r.pid == pid);
+        let (patched, skipped) = mine.fold((0u64, 0u64), |(p, s), r| {
+            (
+                p + u64::from(r.sites_patched),
+                s + u64::from(r.sites_skipped),
+            )
+        });
+        let skipped = if skipped > 0 {
+            format!("; {skipped} more match but are not patchable")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "patchbay: counting {patched} {} matching '{}' in pid {pid} (tracer {tracer}){skipped}",
+            if patched == 1 {
+                "function"
+            } else {
+                "functions"
+            },
+            self.args.pattern,
+        );
+        for r in answer.results.iter().filter(|r| !r.error.is_empty()) {
+            eprintln!("patchbay: warning: pid {}: {}", r.pid, r.error);
+        }
+
+        let mut live = Live::new(self.top(), attached_at);
+        if self.terminal {
+            self.show_live(tracer, &mut live).await;
+        }
+        let exit = self.program.wait().await;
+        live.clear();
+        self.finish(tracer, exit).await
+    }
+
+    /// Polls the server until an agent of the program is connected, the program exits,
+    /// or the deadline passes.
+    async fn wait_for_agent(&mut self) -> AgentWait {
+        let pid = self.program.pid;
+        let deadline = Instant::now() + self.timeout();
+        let mut spinner = self
+            .terminal
+            .then(|| Spinner::new(format!("waiting for the agent of pid {pid}")));
+        let outcome = loop {
+            let agents = match self.program.during(self.client.list_agents()).await {
+                None => break None,
+                Some(Ok(agents)) => agents,
+                Some(Err(err)) => {
+                    break Some(AgentWait::Failed(
+                        anyhow::Error::from(err).context("cannot list the agents"),
+                    ));
+                }
+            };
+            if agents.iter().any(|a| a.pid == pid && a.connected) {
+                break Some(AgentWait::Connected);
+            }
+            if Instant::now() >= deadline {
+                break Some(AgentWait::TimedOut);
+            }
+            if let Some(s) = spinner.as_mut() {
+                s.tick();
+            }
+            if self
+                .program
+                .during(tokio::time::sleep(Self::POLL))
+                .await
+                .is_none()
+            {
+                break None;
+            }
+        };
+        if let Some(s) = spinner.as_mut() {
+            s.clear();
+        }
+        match outcome {
+            Some(outcome) => outcome,
+            None => {
+                // An agent that connected between two polls is still listed (disconnected)
+                // for a while after its process ended.
+                let seen = self
+                    .client
+                    .list_agents()
+                    .await
+                    .is_ok_and(|agents| agents.iter().any(|a| a.pid == pid));
+                AgentWait::Exited { seen }
+            }
+        }
+    }
+
+    /// After a failed attach: a tracer may have been left where it went live (an attach that
+    /// timed out): detach this run's tracers of the program.
+    async fn remove_leftover_tracers(&self) {
+        let pid = self.program.pid;
+        let Ok(tracers) = self.client.list_tracers().await else {
+            return;
+        };
+        for tracer in tracers {
+            let spec = tracer.spec.as_ref();
+            let ours = spec.is_some_and(|s| {
+                s.name == RUN_TRACER_NAME
+                    && s.target
+                        .as_ref()
+                        .is_some_and(|t| t.target == Some(target::Target::Pid(pid)))
+            });
+            if ours && tracer.state() == TracerState::Active {
+                let _ = self.client.detach(tracer.tracer_id, false, None).await;
+            }
+        }
+    }
+
+    /// Tracing failed: the program keeps running as it is; wait for it and fail.
+    async fn untraced(&mut self) -> u8 {
+        if self.program.running() {
+            eprintln!("patchbay: the program keeps running untraced; patchbay exits when it does");
+        }
+        let exit = self.program.wait().await;
+        eprintln!("patchbay: pid {} {}", self.program.pid, exit.sentence());
+        1
+    }
+
+    /// Redraws the live table every interval until the program exits.
+    async fn show_live(&mut self, tracer: u64, live: &mut Live) {
+        let interval = Duration::from_millis(self.args.interval_ms);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        while self.program.running() {
+            if self.program.during(ticker.tick()).await.is_none() {
+                break;
+            }
+            match self.program.during(self.client.counts(tracer)).await {
+                None => break,
+                Some(Ok(mut counts)) => {
+                    crate::cli::commands::counts::sort(&mut counts.counts);
+                    let header = format!(
+                        "patchbay: pid {}, tracer {tracer}: {} calls in {:.1} s",
+                        self.program.pid,
+                        counts.total,
+                        self.program.started.elapsed().as_secs_f64()
+                    );
+                    live.draw(&header, &counts);
+                }
+                Some(Err(err)) if !warned => {
+                    warned = true;
+                    live.clear();
+                    eprintln!("patchbay: warning: cannot fetch the counts: {err}");
+                }
+                Some(Err(_)) => {}
+            }
+        }
+    }
+
+    /// After the program exited: its last counts, the final table or JSON, detach.
+    async fn finish(&mut self, tracer: u64, exit: Exit) -> u8 {
+        let pid = self.program.pid;
+        let ran = self.program.started.elapsed();
+        if !self.wait_for_disconnect().await {
+            eprintln!(
+                "patchbay: warning: the agent of pid {pid} still looks connected {} after the \
+                 program exited; its last counts may be missing",
+                seconds(Self::FLUSH_WAIT.as_millis() as u64)
+            );
+        }
+        let counts = self.client.counts(tracer).await;
+        match self.client.detach(tracer, false, None).await {
+            Ok(_) | Err(Error::NotFound(_)) => {}
+            Err(err) => eprintln!("patchbay: warning: cannot detach tracer {tracer}: {err}"),
+        }
+        let mut counts = match counts {
+            Ok(counts) => counts,
+            Err(err) => {
+                let err = anyhow::Error::from(err).context("cannot fetch the final counts");
+                eprintln!("{}", crate::cli::render_error(&err));
+                eprintln!("patchbay: pid {pid} {}", exit.sentence());
+                return 1;
+            }
+        };
+        crate::cli::commands::counts::sort(&mut counts.counts);
+        eprintln!(
+            "patchbay: pid {pid} {} after {:.2} s",
+            exit.sentence(),
+            ran.as_secs_f64()
+        );
+        if self.json {
+            let mut out = Output::new(true, Box::new(std::io::stdout()));
+            // One line, after the program's own output (which shares stdout): the last line.
+            if let Err(err) = out.json_line(&document(pid, exit, tracer, &counts)) {
+                eprintln!("error: cannot write the JSON document: {err}");
+                return 1;
+            }
+        } else {
+            eprint!("{}", view::final_table(&counts, self.top()));
+        }
+        exit.code()
+    }
+
+    /// Waits until no agent of the program is connected (it flushed its last counts and
+    /// left), at most [`Self::FLUSH_WAIT`]. False on timeout.
+    async fn wait_for_disconnect(&self) -> bool {
+        let pid = self.program.pid;
+        let deadline = Instant::now() + Self::FLUSH_WAIT;
+        loop {
+            match self.client.list_agents().await {
+                Ok(agents) if !agents.iter().any(|a| a.pid == pid && a.connected) => return true,
+                Ok(_) => {}
+                // The final fetch will report a server that went away.
+                Err(_) => return true,
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Self::POLL).await;
+        }
+    }
+}
+
+/// The `--json` document of a finished run. `counts` holds every function, not only the
+/// top ones.
+fn document(pid: u32, exit: Exit, tracer: u64, counts: &CountsResponse) -> serde_json::Value {
+    json!({
+        "pid": pid,
+        "status": exit.code(),
+        "signal": exit.signal(),
+        "tracer": tracer,
+        "counts": counts
+            .counts
+            .iter()
+            .map(|c| json!({ "function": c.function, "count": c.count }))
+            .collect::<Vec<_>>(),
+        "total": counts.total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use patchbay_sdk::proto::FunctionCount;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Wrapper::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|w| w.args)
+    }
+
+    #[test]
+    fn parses_the_program_and_its_own_flags() {
+        let a = parse(&[
+            "--count", "parse_*", "--top", "5", "--", "prog", "-x", "--count", "y",
+        ])
+        .unwrap();
+        assert_eq!(a.pattern, "parse_*");
+        assert_eq!(a.top, 5);
+        assert_eq!((a.interval_ms, a.timeout_ms), (1000, 10_000));
+        assert_eq!(a.command, ["prog", "-x", "--count", "y"]);
+        // Without `--`, everything from the program on is its own.
+        let a = parse(&["--count", "*", "prog", "--top", "3"]).unwrap();
+        assert_eq!(a.command, ["prog", "--top", "3"]);
+        assert_eq!(a.top, 20);
+    }
+
+    #[test]
+    fn rejects_bad_usage() {
+        for bad in [
+            &["--", "prog"][..],
+            &["--count", "*"],
+            &["--count", "*", "--interval-ms", "0", "--", "p"],
+            &["--count", "*", "--top", "0", "--", "p"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_document() {
+        let counts = CountsResponse {
+            counts: vec![FunctionCount {
+                function: "hot".into(),
+                count: 7,
+                agents: 1,
+            }],
+            total: 7,
+        };
+        assert_eq!(
+            document(42, Exit::Signal(15), 3, &counts),
+            json!({
+                "pid": 42, "status": 143, "signal": 15, "tracer": 3,
+                "counts": [{ "function": "hot", "count": 7 }], "total": 7,
+            })
+        );
+        assert_eq!(
+            document(1, Exit::Code(3), 1, &counts)["signal"],
+            json!(null)
+        );
+    }
+}
