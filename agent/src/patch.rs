@@ -152,25 +152,37 @@ pub struct BatchReport {
     pub unchanged: usize,
 }
 
-static MEM: OnceLock<Result<std::fs::File, i32>> = OnceLock::new();
+/// `/proc/self/mem` of *this* process, with the pid it was opened in. A forked child
+/// inherits the parent's descriptor, which still names the parent's memory: writing
+/// through it would patch the parent. So the descriptor is reopened whenever the pid
+/// changed.
+static MEM: Mutex<Option<(u32, std::fs::File)>> = Mutex::new(None);
 
-fn mem() -> std::io::Result<&'static std::fs::File> {
-    match MEM.get_or_init(|| {
-        std::fs::OpenOptions::new()
+fn with_mem<R>(f: impl FnOnce(&std::fs::File) -> std::io::Result<R>) -> std::io::Result<R> {
+    let mut g = MEM.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    if g.as_ref().is_none_or(|(p, _)| *p != pid) {
+        let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open("/proc/self/mem")
-            .map_err(|e| e.raw_os_error().unwrap_or(0))
-    }) {
-        Ok(f) => Ok(f),
-        Err(e) => Err(std::io::Error::from_raw_os_error(*e)),
+            .open("/proc/self/mem")?;
+        *g = Some((pid, f));
+        let before = OPENED_IN.swap(pid, std::sync::atomic::Ordering::AcqRel);
+        if before != 0 {
+            // A forked child: membarrier registration is per process, register it too.
+            let _ = membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE);
+        }
     }
+    f(&g.as_ref().expect("opened above").1)
 }
+
+/// The process `/proc/self/mem` was first opened in (0: never).
+static OPENED_IN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Writes `bytes` at `addr` in this process through `/proc/self/mem` (works on
 /// read-only and read-execute pages). Does not serialize other cores.
 pub fn poke(addr: usize, bytes: &[u8]) -> std::io::Result<()> {
-    mem()?.write_all_at(bytes, addr as u64)
+    with_mem(|m| m.write_all_at(bytes, addr as u64))
 }
 
 fn membarrier(cmd: libc::c_int) -> Result<(), i32> {
@@ -260,7 +272,8 @@ impl Patcher {
     pub fn global() -> Result<&'static Patcher, PatchError> {
         GLOBAL
             .get_or_init(|| {
-                mem().map_err(|e| PatchError::Open(e.raw_os_error().unwrap_or(0)))?;
+                with_mem(|_| Ok(()))
+                    .map_err(|e| PatchError::Open(e.raw_os_error().unwrap_or(0)))?;
                 membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE).map_err(
                     |errno| PatchError::Membarrier {
                         what: "REGISTER_PRIVATE_EXPEDITED_SYNC_CORE",

@@ -190,33 +190,50 @@ impl Runtime {
     fn list_functions(&mut self, l: pb::ListFunctions) -> FromAgent {
         self.discover();
         let answer = match sites::filter(&self.functions, &l.pattern) {
-            Ok(found) => pb::FunctionList {
-                request_id: l.request_id,
-                unpatchable_matches: if l.patchable_only {
-                    found.iter().filter(|f| !f.patchable).count() as u32
+            Ok(found) => {
+                // Attaching needs only patchable functions; when none matches, a few
+                // unpatchable ones go along so the server can say why.
+                let any_patchable = found.iter().any(|f| f.patchable);
+                let mut examples = 0;
+                let keep: Vec<&FunctionSite> = found
+                    .iter()
+                    .copied()
+                    .filter(|f| {
+                        if f.patchable || !l.patchable_only {
+                            return true;
+                        }
+                        examples += 1;
+                        !any_patchable && examples <= 5
+                    })
+                    .collect();
+                let unpatchable_matches = if l.patchable_only {
+                    (found.len() - keep.len()) as u32
                 } else {
                     0
-                },
-                functions: found
-                    .into_iter()
-                    .filter(|f| f.patchable || !l.patchable_only)
-                    .map(|f| pb::Function {
-                        name: f.name.clone(),
-                        mangled: f.mangled.clone(),
-                        address: f.address,
-                        object: f.object.display().to_string(),
-                        patchable: f.patchable,
-                        site_kind: match f.kind {
-                            SiteKind::Fentry | SiteKind::FentryGot => pb::SiteKind::Fentry,
-                            SiteKind::Nop5 => pb::SiteKind::Nop5,
-                            SiteKind::NopSled => pb::SiteKind::NopSled,
-                            SiteKind::None => pb::SiteKind::Unspecified,
-                        } as i32,
-                        reason: f.reason.clone().unwrap_or_default(),
-                    })
-                    .collect(),
-                error: String::new(),
-            },
+                };
+                pb::FunctionList {
+                    request_id: l.request_id,
+                    unpatchable_matches,
+                    functions: keep
+                        .into_iter()
+                        .map(|f| pb::Function {
+                            name: f.name.clone(),
+                            mangled: f.mangled.clone(),
+                            address: f.address,
+                            object: f.object.display().to_string(),
+                            patchable: f.patchable,
+                            site_kind: match f.kind {
+                                SiteKind::Fentry | SiteKind::FentryGot => pb::SiteKind::Fentry,
+                                SiteKind::Nop5 => pb::SiteKind::Nop5,
+                                SiteKind::NopSled => pb::SiteKind::NopSled,
+                                SiteKind::None => pb::SiteKind::Unspecified,
+                            } as i32,
+                            reason: f.reason.clone().unwrap_or_default(),
+                        })
+                        .collect(),
+                    error: String::new(),
+                }
+            }
             Err(e) => pb::FunctionList {
                 request_id: l.request_id,
                 functions: vec![],

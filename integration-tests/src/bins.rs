@@ -1,5 +1,6 @@
-//! Locates the workspace binaries (`patchbayd`, `patchbay`, `script-agent`), building
-//! them once per test process with the test executable's profile.
+//! Locates the workspace binaries (`patchbayd`, `patchbay`, `script-agent`) and the
+//! agent library (`libpatchbay_agent.so`), building them once per test process with the
+//! test executable's profile.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,8 +49,10 @@ fn build_once() -> &'static Result<(), String> {
                 "patchbay-sdk",
                 "-p",
                 "integration-tests",
+                "-p",
+                "patchbay-agent",
             ])
-            .arg("--bins");
+            .args(["--bins", "--lib"]);
         match profile.as_str() {
             "debug" => {}
             "release" => {
@@ -87,9 +90,18 @@ pub fn bin(name: &str) -> PathBuf {
         return path;
     }
     panic!(
-        "binary {name} not found at {} even after `cargo build -p patchbay-server -p patchbay-sdk -p integration-tests --bins`",
+        "binary {name} not found at {} even after `cargo build -p patchbay-server -p patchbay-sdk -p integration-tests -p patchbay-agent --bins --lib`",
         path.display()
     );
+}
+
+/// File name of the agent's preloadable library.
+pub const AGENT_LIB: &str = "libpatchbay_agent.so";
+
+/// Path of the agent cdylib, `target/<profile>/libpatchbay_agent.so` (built like the
+/// binaries, once per test process).
+pub fn agent_lib() -> PathBuf {
+    bin(AGENT_LIB)
 }
 
 /// Path of `control-probe`.

@@ -41,6 +41,21 @@ impl TestServer {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod tempdir");
         let socket = dir.path().join("s.sock");
+        TestServer::spawn(dir, socket, args)
+    }
+
+    /// Starts a server listening on `socket` (a path the test chose, e.g. one a traced
+    /// program already points at, or the socket of a server that was killed); its log
+    /// goes to a fresh temporary directory. The socket's directory must exist.
+    pub fn start_at(socket: &Path, args: &[&str]) -> TestServer {
+        let dir = tempfile::Builder::new()
+            .prefix("patchbay-it-")
+            .tempdir()
+            .expect("tempdir");
+        TestServer::spawn(dir, socket.to_path_buf(), args)
+    }
+
+    fn spawn(dir: TempDir, socket: PathBuf, args: &[&str]) -> TestServer {
         let log = dir.path().join("patchbayd.log");
         let stderr = File::create(&log).expect("create server log");
         let exe = bins::patchbayd();
@@ -220,6 +235,14 @@ impl TestServer {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// Kills the server with SIGKILL (no shutdown of any kind: the socket file stays)
+    /// and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("server already stopped");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Stops the server with SIGTERM and waits for it; returns its exit status.

@@ -739,6 +739,11 @@ impl Registry {
     }
 
     pub fn count_report(&mut self, id: AgentId, report: pb::CountReport) {
+        if !self.tracer_applies(report.tracer_id, id) {
+            // E.g. a forked child still running its parent's inherited trampoline
+            // until reconcile removes it: its calls are not the tracer's.
+            return;
+        }
         if let Some(a) = self.agents.get_mut(&id) {
             for c in &report.counts {
                 if let Some(site) = &c.site
@@ -752,7 +757,18 @@ impl Registry {
     }
 
     /// Decodes an event batch. A malformed batch is rejected whole.
+    /// Whether tracer `tracer` exists and is meant for agent `id`.
+    fn tracer_applies(&self, tracer: TracerId, id: AgentId) -> bool {
+        match (self.tracers.get(&tracer), self.agents.get(&id)) {
+            (Some(t), Some(a)) => t.targets(a),
+            _ => false,
+        }
+    }
+
     pub fn events(&mut self, id: AgentId, batch: pb::EventBatch) -> Result<(), CoreError> {
+        if !self.tracer_applies(batch.tracer_id, id) {
+            return Ok(());
+        }
         let Some(a) = self.agents.get_mut(&id) else {
             return Ok(());
         };
@@ -916,8 +932,18 @@ impl Registry {
                         let hint = if unpatchable == 0 {
                             ": list functions with `patchbay functions --pid PID`".to_string()
                         } else {
+                            // The agent sends a few unpatchable matches with their reason.
+                            let why = list
+                                .functions
+                                .iter()
+                                .find(|f| !f.reason.is_empty())
+                                .map(|f| format!("{}: {}", f.name, f.reason))
+                                .unwrap_or_else(|| {
+                                    "not instrumented: build with -pg -mfentry -mrecord-mcount or -fpatchable-function-entry=5".into()
+                                });
                             format!(
-                                " ({unpatchable} match but none is patchable: see the reasons with `patchbay functions --pid {pid} 'PATTERN'`; build with -pg -mfentry -mrecord-mcount or -fpatchable-function-entry=5)"
+                                " ({unpatchable} match but none is patchable; {why}; all reasons: `patchbay functions --pid {pid} '{pattern}'`)",
+                                pattern = self.tracers[&tracer].spec.pattern
                             )
                         };
                         self.attach_agent_result(

@@ -1,0 +1,207 @@
+//! Traced programs built by the test crate itself: the C program
+//! `integration-tests/fixtures/target.c` in several instrumentation modes and the Rust
+//! program `integration-tests/fixtures/rtarget.rs`, compiled once per test process (the
+//! sources may change between runs) into a cache directory of the test executable under
+//! `target/tmp` (cargo's `CARGO_TARGET_TMPDIR`).
+//!
+//! Both programs speak the same line protocol on stdin/stdout; see the header of
+//! `target.c` and [`crate::target::Target`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use crate::bins;
+
+/// How a fixture is built, i.e. what the agent finds at each function entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Build {
+    /// gcc `-O2 -pg -mfentry -mrecord-mcount -mnop-mcount -fno-pie -no-pie`: a 5-byte
+    /// nop (`0f 1f 44 00 00`) at every entry, listed in `__mcount_loc`.
+    Nop5,
+    /// gcc `-O2 -pg -mfentry -mrecord-mcount -fno-pie -no-pie`: `call __fentry__`
+    /// (`e8 rel32`) at every entry; the agent turns them into nops at start.
+    FentryCall,
+    /// gcc `-O2 -fpatchable-function-entry=5 -fno-pie -no-pie`: five 1-byte nops, which
+    /// the agent must refuse to patch like a 5-byte nop.
+    NopSled,
+    /// gcc `-O2 -pg -mfentry -mrecord-mcount`, PIE (the default), linked with
+    /// `-Wl,-z,notext`: `call *__fentry__@GOTPCREL(%rip)` (`ff 15 disp32`, 6 bytes).
+    PieGot,
+    /// `RUSTC_BOOTSTRAP=1 rustc -O -Z patchable-function-entry=5`: one 5-byte nop
+    /// (`0f 1f 44 00 08`) per function, listed in `__patchable_function_entries`.
+    Rust,
+}
+
+impl Build {
+    /// Every build mode.
+    pub const ALL: [Build; 5] = [
+        Build::Nop5,
+        Build::FentryCall,
+        Build::NopSled,
+        Build::PieGot,
+        Build::Rust,
+    ];
+
+    /// File name of the built program.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Build::Nop5 => "target-nop5",
+            Build::FentryCall => "target-fentry",
+            Build::NopSled => "target-nopsled",
+            Build::PieGot => "target-pie-got",
+            Build::Rust => "rtarget",
+        }
+    }
+
+    /// Compiler flags (gcc: for the compile step; the link step never gets `-pg`,
+    /// which would start gprof via gcrt1).
+    pub fn cflags(self) -> &'static [&'static str] {
+        match self {
+            Build::Nop5 => &[
+                "-O2",
+                "-pg",
+                "-mfentry",
+                "-mrecord-mcount",
+                "-mnop-mcount",
+                "-fno-pie",
+            ],
+            Build::FentryCall => &["-O2", "-pg", "-mfentry", "-mrecord-mcount", "-fno-pie"],
+            Build::NopSled => &["-O2", "-fpatchable-function-entry=5", "-fno-pie"],
+            Build::PieGot => &["-O2", "-pg", "-mfentry", "-mrecord-mcount"],
+            Build::Rust => &[
+                "-O",
+                "-Z",
+                "patchable-function-entry=5",
+                "--edition",
+                "2024",
+            ],
+        }
+    }
+
+    /// gcc link flags (before the object; `-lpthread` is always added after it).
+    pub fn ldflags(self) -> &'static [&'static str] {
+        match self {
+            Build::Nop5 | Build::FentryCall | Build::NopSled => &["-no-pie"],
+            Build::PieGot => &["-Wl,-z,notext"],
+            Build::Rust => &[],
+        }
+    }
+
+    /// Demangled name of the fixture's `work` function (what patterns match).
+    pub fn work(self) -> &'static str {
+        match self {
+            Build::Rust => "rtarget::traced::work",
+            _ => "work",
+        }
+    }
+
+    /// Demangled name of the fixture's `other` function.
+    pub fn other(self) -> &'static str {
+        match self {
+            Build::Rust => "rtarget::traced::other",
+            _ => "other",
+        }
+    }
+}
+
+/// Source directory of the fixtures.
+pub fn source_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The cache directory of this test executable: `target/tmp/patchbay-fixtures/<exe>`
+/// (`target/tmp` is cargo's `CARGO_TARGET_TMPDIR`, which only test code can read with
+/// `env!`; it is derived here from the running executable's location).
+pub fn cache_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "unknown".into());
+    bins::profile_dir()
+        .parent()
+        .expect("the profile directory has a parent (the target directory)")
+        .join("tmp")
+        .join("patchbay-fixtures")
+        .join(name)
+}
+
+/// Path of the fixture built in `mode`, compiling it on the first call in this
+/// process. Panics with the compiler's output when the build fails.
+pub fn fixture(mode: Build) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<Build, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
+    // Builds are serialized: parallel tests wanting the same mode wait for one build.
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(&mode) {
+        return p.clone();
+    }
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+    let out = dir.join(mode.file_name());
+    match mode {
+        Build::Rust => build_rust(mode, &out),
+        _ => build_c(mode, &dir, &out),
+    }
+    built.insert(mode, out.clone());
+    out
+}
+
+fn run(mut cmd: Command, what: &str) {
+    let shown = format!("{cmd:?}");
+    let output = cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run the compiler for fixture {what} ({e}): is it installed? command: {shown}"
+        )
+    });
+    if !output.status.success() {
+        panic!(
+            "building fixture {what} failed ({}):\n$ {shown}\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+fn build_c(mode: Build, dir: &Path, out: &Path) {
+    let src = source_dir().join("target.c");
+    let obj = dir.join(format!("{}.o", mode.file_name()));
+    let tmp = dir.join(format!("{}.tmp", mode.file_name()));
+    let mut cc = Command::new("gcc");
+    cc.args(mode.cflags())
+        .args(["-Wall", "-Wextra", "-Werror", "-c"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj);
+    run(cc, &format!("{mode:?} (compile {})", src.display()));
+    let mut ld = Command::new("gcc");
+    ld.args(mode.ldflags())
+        .arg(&obj)
+        .arg("-o")
+        .arg(&tmp)
+        .arg("-lpthread");
+    run(ld, &format!("{mode:?} (link)"));
+    std::fs::rename(&tmp, out)
+        .unwrap_or_else(|e| panic!("cannot move {} to {}: {e}", tmp.display(), out.display()));
+}
+
+fn build_rust(mode: Build, out: &Path) {
+    let src = source_dir().join("rtarget.rs");
+    let tmp = out.with_extension("tmp");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let mut cmd = Command::new(rustc);
+    cmd.env("RUSTC_BOOTSTRAP", "1")
+        .args(mode.cflags())
+        .arg("--crate-name")
+        .arg("rtarget")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&src);
+    run(cmd, &format!("{mode:?} ({})", src.display()));
+    std::fs::rename(&tmp, out)
+        .unwrap_or_else(|e| panic!("cannot move {} to {}: {e}", tmp.display(), out.display()));
+}

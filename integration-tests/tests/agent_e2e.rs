@@ -1,0 +1,477 @@
+//! The agent end to end: real programs (C and Rust fixtures built by this crate, see
+//! `integration_tests::fixtures`) started with `LD_PRELOAD=libpatchbay_agent.so`, a real
+//! `patchbayd` per test on its own socket, exact counts, trace events, attach/detach
+//! under load, grace periods with blocked threads, server absence and restarts, fork
+//! and exec, and what the agent refuses to patch.
+//!
+//! The tests of this file run one at a time (they share 2 cores and some run 8 busy
+//! threads); each stays well under 20 s in a debug build.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::fixtures::Build;
+use integration_tests::ops::*;
+use integration_tests::proto::*;
+use integration_tests::server::Control;
+use integration_tests::target::*;
+use integration_tests::{Target, TestServer, wait_for};
+use tonic::Code;
+
+/// Tests of this file run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Bound on one `Detach(wait)` and on a Synchronize.
+const GP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server, a Control client, and a fixture built in `mode` whose agent is connected.
+async fn setup(mode: Build) -> (TestServer, Control, Target) {
+    let server = TestServer::start();
+    let c = server.control().await;
+    let target = Target::start(mode, server.socket_path()).await;
+    wait_agent(&c, target.pid()).await;
+    (server, c, target)
+}
+
+/// Attaches a `count` tracer on `pattern` in `pid`; asserts exactly `sites` sites
+/// were patched in that one agent.
+async fn attach_count(c: &mut Control, pid: u32, pattern: &str, sites: u32) -> u64 {
+    let (id, resp) = attach(c, spec_pid(pid, pattern, CallbackKind::Count)).await;
+    assert_eq!(resp.results.len(), 1, "{resp:?}");
+    let r = &resp.results[0];
+    assert_eq!(r.pid, pid, "{resp:?}");
+    assert!(r.error.is_empty(), "attach failed in the agent: {resp:?}");
+    assert_eq!(r.sites_patched, sites, "{resp:?}");
+    id
+}
+
+/// Detaches with `wait` and asserts the grace period completed within [`GP_TIMEOUT`].
+async fn detach_wait(c: &mut Control, tracer: u64, what: &str) -> DetachResponse {
+    let d = try_detach(c, tracer, true, GP_TIMEOUT.as_millis() as u32)
+        .await
+        .unwrap_or_else(|s| panic!("{what}: detach(wait) of tracer {tracer} failed: {s:?}"));
+    assert!(
+        d.complete,
+        "{what}: detach of tracer {tracer} not complete: {d:?}"
+    );
+    d
+}
+
+/// The count of `function` in a Counts answer (0 when absent).
+fn count_of(r: &CountsResponse, function: &str) -> u64 {
+    r.counts
+        .iter()
+        .filter(|f| f.function == function)
+        .map(|f| f.count)
+        .sum()
+}
+
+/// `median …, p90 …, max …` of durations.
+fn summary(d: &mut [Duration]) -> String {
+    d.sort_unstable();
+    let at = |q: f64| d[((d.len() - 1) as f64 * q) as usize];
+    format!("median {:?}, p90 {:?}, max {:?}", at(0.5), at(0.9), at(1.0))
+}
+
+async fn quit_ok(t: &mut Target) {
+    assert!(t.alive(), "the target died");
+    let status = t.quit().await;
+    assert!(status.success(), "the target exited with {status}");
+}
+
+// ------------------------------------------------------------- exact counts
+
+/// `run 1 100000` then `run 8 50000`: the count tracer on `work` sees exactly every
+/// call, and `other` (not traced) none.
+async fn exact_counts(mode: Build, kind: SiteKind) {
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(mode).await;
+    let pid = t.pid();
+    let f = function(&mut c, pid, mode.work()).await;
+    assert!(
+        f.patchable,
+        "{mode:?}: {} is not patchable: {:?} (kind {:?})",
+        f.name,
+        f.reason,
+        f.site_kind()
+    );
+    assert_eq!(f.site_kind(), kind, "{f:?}");
+    let id = attach_count(&mut c, pid, mode.work(), 1).await;
+
+    t.run(1, 100_000).await;
+    let r = wait_total(&c, id, 100_000).await;
+    assert_eq!(count_of(&r, mode.work()), 100_000, "{r:?}");
+
+    t.run(8, 50_000).await;
+    let r = wait_total(&c, id, 500_000).await;
+    assert_eq!(count_of(&r, mode.work()), 500_000, "{r:?}");
+    assert_eq!(count_of(&r, mode.other()), 0, "{r:?}");
+    quit_ok(&mut t).await;
+}
+
+#[tokio::test]
+async fn exact_counts_nop5() {
+    exact_counts(Build::Nop5, SiteKind::Nop5).await;
+}
+
+#[tokio::test]
+async fn exact_counts_fentry_call() {
+    exact_counts(Build::FentryCall, SiteKind::Fentry).await;
+}
+
+#[tokio::test]
+async fn exact_counts_rust() {
+    exact_counts(Build::Rust, SiteKind::Nop5).await;
+}
+
+/// PIE `-pg -mfentry`: `call *__fentry__@GOTPCREL(%rip)` (6 bytes). The agent turns it
+/// into a 5-byte nop + a 1-byte nop and patches the first 5 bytes.
+#[tokio::test]
+async fn exact_counts_pie_got_fentry() {
+    exact_counts(Build::PieGot, SiteKind::Fentry).await;
+}
+
+// -------------------------------------------------- attach/detach under load
+
+#[tokio::test]
+async fn attach_detach_cycles_while_hammering() {
+    const CYCLES: usize = 200;
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    t.expect("hammer 8", "hammering").await;
+    let started = Instant::now();
+    let (mut attach_times, mut detach_times) = (Vec::new(), Vec::new());
+    for i in 0..CYCLES {
+        let t0 = Instant::now();
+        let id = attach_count(&mut c, pid, "work", 1).await;
+        let t1 = Instant::now();
+        let d = detach_wait(&mut c, id, &format!("cycle {i}")).await;
+        attach_times.push(t1 - t0);
+        detach_times.push(t1.elapsed());
+        assert_eq!(d.retired.len(), 1, "cycle {i}: {d:?}");
+    }
+    eprintln!(
+        "{CYCLES} attach/detach(wait) cycles with 8 hammering threads: {:?}; attach {}; detach {}",
+        started.elapsed(),
+        summary(&mut attach_times),
+        summary(&mut detach_times)
+    );
+    synchronize(&mut c, GP_TIMEOUT).await;
+    let left = trampolines_of(&mut c, pid, false).await;
+    assert!(
+        left.is_empty(),
+        "trampolines left after the last detach and a Synchronize: {left:?}"
+    );
+    let stopped = t.expect("stop", "stopped work=").await;
+    let made: u64 = field(&stopped, "work").unwrap().parse().unwrap();
+    assert!(made > 0, "the hammer threads made no call: {stopped}");
+
+    // A final exact round.
+    let id = attach_count(&mut c, pid, "work", 1).await;
+    t.run(8, 10_000).await;
+    wait_total(&c, id, 80_000).await;
+    quit_ok(&mut t).await;
+}
+
+// -------------------------------------------------------------------- trace
+
+#[tokio::test]
+async fn trace_events_with_arguments() {
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    let mut spec = spec_pid(pid, "work", CallbackKind::Trace);
+    spec.callback.as_mut().unwrap().arg_count = 2;
+    let (id, resp) = attach(&mut c, spec).await;
+    assert_eq!(resp.results[0].sites_patched, 1, "{resp:?}");
+    let mut stream = c
+        .watch_events(WatchEventsRequest { tracer_id: id })
+        .await
+        .expect("WatchEvents")
+        .into_inner();
+
+    let tids = t.run(1, 1000).await;
+    assert_eq!(tids.len(), 1);
+    let worker = tids[0];
+
+    let deadline = Instant::now() + COUNT_TIMEOUT;
+    let mut events: Vec<Event> = Vec::new();
+    while events.len() < 1000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(b))) => b,
+            Ok(Ok(None)) => panic!("the event stream ended after {} events", events.len()),
+            Ok(Err(s)) => panic!(
+                "the event stream failed after {} events: {s:?}",
+                events.len()
+            ),
+            Err(_) => panic!(
+                "only {} of 1000 events within {COUNT_TIMEOUT:?}",
+                events.len()
+            ),
+        };
+        assert_eq!(batch.tracer_id, id, "{batch:?}");
+        assert_eq!(batch.pid, pid, "{batch:?}");
+        assert_eq!(batch.dropped, 0, "events dropped: {batch:?}");
+        events.extend(batch.events);
+    }
+    assert_eq!(events.len(), 1000, "more events than calls");
+    let mut seen = vec![false; 1000];
+    let mut last_ts = 0;
+    for (n, e) in events.iter().enumerate() {
+        assert_eq!(e.function, "work", "event {n}: {e:?}");
+        assert_eq!(e.tid, worker, "event {n}: {e:?}");
+        assert_eq!(e.args.len(), 2, "event {n}: {e:?}");
+        let i = e.args[0];
+        assert!(i < 1000, "event {n}: args[0] out of range: {e:?}");
+        assert!(!seen[i as usize], "event {n}: work({i}, 0) reported twice");
+        seen[i as usize] = true;
+        assert_eq!(e.args[1], 0, "event {n}: the thread index argument: {e:?}");
+        assert!(
+            e.timestamp_ns >= last_ts,
+            "event {n}: timestamp went back from {last_ts}: {e:?}"
+        );
+        last_ts = e.timestamp_ns;
+    }
+    let tracer = tracers(&mut c)
+        .await
+        .into_iter()
+        .find(|x| x.tracer_id == id)
+        .expect("the tracer is listed");
+    assert_eq!(tracer.dropped, 0, "{tracer:?}");
+    quit_ok(&mut t).await;
+}
+
+// -------------------------------------------------------------- grace periods
+
+#[tokio::test]
+async fn thread_blocked_in_a_syscall_does_not_hold_up_a_grace_period() {
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    let blocked = t.expect("block", "blocked tid=").await;
+    let blocked: u32 = field(&blocked, "tid").unwrap().parse().unwrap();
+    assert_ne!(blocked, 0);
+    let id = attach_count(&mut c, pid, "work", 1).await;
+    let started = Instant::now();
+    let d = detach_wait(&mut c, id, "detach with a blocked thread").await;
+    let took = started.elapsed();
+    assert_eq!(d.retired.len(), 1, "{d:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the grace period took {took:?} with thread {blocked} blocked in poll()"
+    );
+    let pending: Vec<_> = grace_periods(&mut c)
+        .await
+        .into_iter()
+        .filter(|g| g.pid == pid)
+        .collect();
+    assert!(
+        pending.is_empty(),
+        "grace periods still pending: {pending:?}"
+    );
+    // The blocked thread was observed without being signalled (poll() would have
+    // failed with EINTR).
+    assert_eq!(t.cmd("eintr").await, "eintr=0");
+    quit_ok(&mut t).await;
+}
+
+// ------------------------------------------------------- server availability
+
+#[tokio::test]
+async fn target_started_before_the_server() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::Builder::new()
+        .prefix("patchbay-it-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("late.sock");
+    let mut t = Target::start(Build::Nop5, &socket).await;
+    let pid = t.pid();
+    // No server: the program is unaffected.
+    t.run(1, 1000).await;
+    t.run(4, 1000).await;
+
+    let server = TestServer::start_at(&socket, &[]);
+    let mut c = server.control().await;
+    let started = Instant::now();
+    wait_agent(&c, pid).await;
+    eprintln!(
+        "the agent connected {:?} after the server started",
+        started.elapsed()
+    );
+    let id = attach_count(&mut c, pid, "work", 1).await;
+    t.run(1, 1000).await;
+    wait_total(&c, id, 1000).await;
+    quit_ok(&mut t).await;
+}
+
+#[tokio::test]
+async fn server_killed_and_restarted_while_a_tracer_is_attached() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::Builder::new()
+        .prefix("patchbay-it-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut first = TestServer::start_at(&socket, &[]);
+    let mut c = first.control().await;
+    let mut t = Target::start(Build::Nop5, &socket).await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+    let id = attach_count(&mut c, pid, "work", 1).await;
+    t.run(1, 1000).await;
+    wait_total(&c, id, 1000).await;
+    let before = trampolines_of(&mut c, pid, false).await;
+    let [tramp] = before.as_slice() else {
+        panic!("expected one trampoline: {before:?}")
+    };
+    assert_eq!(state(tramp), TrampolineState::Live, "{tramp:?}");
+    let tramp_id = tramp.trampoline_id;
+
+    first.kill();
+    drop(c);
+    // No server: the program runs unchanged, through its patched site.
+    t.run(1, 1000).await;
+
+    let second = TestServer::start_at(&socket, &[]);
+    let mut c = second.control().await;
+    wait_agent(&c, pid).await;
+    wait_for(
+        COUNT_TIMEOUT,
+        &format!("trampoline {tramp_id} of pid {pid} re-reported to the new server"),
+        || {
+            let mut c = c.clone();
+            async move {
+                let all = trampolines_of(&mut c, pid, true).await;
+                if all.iter().any(|x| x.trampoline_id == tramp_id) {
+                    Ok(all)
+                } else {
+                    Err(all)
+                }
+            }
+        },
+    )
+    .await;
+    // Tracer specs do not survive a server restart yet (the persistence issue), so the
+    // new server does not know tracer `id`: it adopts the re-reported trampoline,
+    // retires it, and frees it only after a grace period of its own.
+    assert!(
+        tracers(&mut c).await.is_empty(),
+        "a restarted server knows no tracer yet"
+    );
+    wait_for(
+        COUNT_TIMEOUT,
+        &format!("trampoline {tramp_id} retired and freed under the new server's authority"),
+        || {
+            let mut c = c.clone();
+            async move {
+                let all = trampolines_of(&mut c, pid, true).await;
+                match all.iter().find(|x| x.trampoline_id == tramp_id) {
+                    Some(x) if state(x) == TrampolineState::Freed && x.retired_epoch > 0 => Ok(()),
+                    _ => Err(all),
+                }
+            }
+        },
+    )
+    .await;
+    // The program keeps answering through its (now unpatched) site.
+    t.run(1, 1000).await;
+    quit_ok(&mut t).await;
+}
+
+// -------------------------------------------------------------- fork and exec
+
+#[tokio::test]
+async fn fork_and_exec_keep_the_parent_exact() {
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    let id = attach_count(&mut c, pid, "work", 1).await;
+    t.run(1, 1000).await;
+    wait_total(&c, id, 1000).await;
+    // The child calls work() 1000 times (through the inherited patched site), lingers
+    // 300 ms (its agent connects and flushes meanwhile), then execs /bin/true with the
+    // agent still preloaded.
+    t.expect("fork", "forked status=0").await;
+    t.run(1, 500).await;
+    wait_total(&c, id, 1500).await;
+    // Everything every agent sent before is in: the child's calls are not the parent's.
+    synchronize(&mut c, GP_TIMEOUT).await;
+    eprintln!("agents after the fork: {:?}", agents(&mut c).await);
+    let r = counts(&mut c, id).await;
+    assert_eq!(
+        r.total, 1500,
+        "the child's calls leaked into the parent's tracer: {r:?}"
+    );
+    assert_eq!(count_of(&r, "work"), 1500, "{r:?}");
+    t.run(2, 1000).await;
+    wait_total(&c, id, 3500).await;
+    quit_ok(&mut t).await;
+}
+
+// ------------------------------------------------------------ list functions
+
+#[tokio::test]
+async fn list_functions_of_a_nop5_fixture() {
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    let exe = integration_tests::fixtures::fixture(Build::Nop5);
+    for name in ["work", "other"] {
+        let f = function(&mut c, pid, name).await;
+        assert!(f.patchable, "{f:?}");
+        assert_eq!(f.site_kind(), SiteKind::Nop5, "{f:?}");
+        assert!(f.reason.is_empty(), "{f:?}");
+        assert_ne!(f.address, 0, "{f:?}");
+        assert_eq!(
+            std::fs::canonicalize(&f.object).ok(),
+            std::fs::canonicalize(&exe).ok(),
+            "{f:?}"
+        );
+    }
+    let both = functions(&mut c, pid, "[wo][ot]*[kr]").await;
+    let mut names: Vec<&str> = both.iter().map(|f| f.name.as_str()).collect();
+    names.sort_unstable();
+    assert!(
+        names.contains(&"work") && names.contains(&"other"),
+        "{names:?}"
+    );
+    let r = c
+        .list_functions(ListFunctionsRequest {
+            pid,
+            pattern: "work[".into(),
+            limit: 0,
+        })
+        .await;
+    assert_status(r, Code::InvalidArgument, &["work["]);
+    // Nothing changed: the program still runs.
+    t.run(1, 10).await;
+    quit_ok(&mut t).await;
+}
+
+// ------------------------------------------------------- refused patch sites
+
+/// gcc `-fpatchable-function-entry=5` leaves five 1-byte nops: a thread may be stopped
+/// between two of them, so they must not be patched like one 5-byte nop.
+#[tokio::test]
+async fn five_one_byte_nops_are_refused_with_a_precise_reason() {
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::NopSled).await;
+    let pid = t.pid();
+    let f = function(&mut c, pid, "work").await;
+    assert!(!f.patchable, "a nop sled must not be patchable yet: {f:?}");
+    assert_eq!(f.site_kind(), SiteKind::NopSled, "{f:?}");
+    let reason = f.reason.to_lowercase();
+    assert!(
+        reason.contains("nops") && reason.contains("grace"),
+        "the reason should say why (1-byte nops, grace period): {f:?}"
+    );
+    let r = try_attach(&mut c, spec_pid(pid, "work", CallbackKind::Count)).await;
+    assert_status(r, Code::NotFound, &["nops", "grace"]);
+    let left = tracers(&mut c).await;
+    assert!(left.is_empty(), "a failed attach left tracers: {left:?}");
+    assert!(trampolines_of(&mut c, pid, true).await.is_empty());
+    t.run(2, 1000).await;
+    quit_ok(&mut t).await;
+}
