@@ -205,3 +205,32 @@ fn build_rust(mode: Build, out: &Path) {
     std::fs::rename(&tmp, out)
         .unwrap_or_else(|e| panic!("cannot move {} to {}: {e}", tmp.display(), out.display()));
 }
+
+/// The shared object `fixtures/dlib.c` (exports `dl_work`), built once per test process
+/// with `gcc -O2 -fPIC -pg -mfentry -mrecord-mcount -shared -Wl,-z,notext`: its entries
+/// are PIE-style `call *__fentry__@GOTPCREL(%rip)` sites ([`Build::PieGot`]'s kind).
+/// The C fixture loads it with its `dlopen PATH` command.
+pub fn shared_object() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = cache_dir();
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+            let src = source_dir().join("dlib.c");
+            let out = dir.join("libdlib.so");
+            let tmp = dir.join("libdlib.so.tmp");
+            let mut cc = Command::new("gcc");
+            cc.args(["-O2", "-fPIC", "-pg", "-mfentry", "-mrecord-mcount"])
+                .args(["-Wall", "-Wextra", "-Werror", "-shared", "-Wl,-z,notext"])
+                .arg(&src)
+                .arg("-o")
+                .arg(&tmp);
+            run(cc, &format!("shared object ({})", src.display()));
+            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
+                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
+            });
+            out
+        })
+        .clone()
+}
