@@ -198,7 +198,8 @@ fn fold_counts(agent: &Agent, counts: &[pb::SiteCount], into: &mut CountTable) {
             name
         };
         let e = into.entry(name).or_default();
-        e.0 += c.count;
+        // Counts come from agents: saturate rather than overflow on absurd values.
+        e.0 = e.0.saturating_add(c.count);
         e.1.insert(agent.id);
     }
 }
@@ -315,7 +316,9 @@ fn validate_rereport(trampolines: &[pb::TrampolineStatus]) -> Result<(), CoreErr
     let mut sites: BTreeMap<u64, u64> = BTreeMap::new();
     for t in trampolines {
         let id = t.trampoline_id;
-        if id == 0 || id == u64::MAX {
+        // Servers number trampolines from 1; 2^63 is never reached (and leaves room
+        // to count on without overflow).
+        if id == 0 || id >= 1 << 63 {
             return Err(CoreError::Invalid(format!(
                 "hello: trampoline id {id} was never assigned by a server"
             )));
@@ -735,7 +738,7 @@ impl Registry {
         }
         for (tracer, dropped) in &agent.dropped {
             if let Some(t) = self.tracers.get_mut(tracer) {
-                t.archived_dropped += dropped;
+                t.archived_dropped = t.archived_dropped.saturating_add(*dropped);
             }
         }
         self.sync_progress(id, None);
@@ -1937,7 +1940,7 @@ impl Registry {
                 agents += 1;
                 sites += n as u32;
             }
-            dropped += a.dropped.get(&id).copied().unwrap_or(0);
+            dropped = dropped.saturating_add(a.dropped.get(&id).copied().unwrap_or(0));
         }
         Some(pb::Tracer {
             tracer_id: id,
@@ -2068,7 +2071,7 @@ impl Registry {
             })
             .collect();
         counts.sort_by(|a, b| b.count.cmp(&a.count).then(a.function.cmp(&b.function)));
-        let total = counts.iter().map(|c| c.count).sum();
+        let total = counts.iter().fold(0u64, |t, c| t.saturating_add(c.count));
         Ok(pb::CountsResponse { counts, total })
     }
 
@@ -2299,3 +2302,6 @@ pub fn decode_events(data: &[u8], count: u32) -> Result<Vec<pb::Event>, CoreErro
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hostile_tests;
