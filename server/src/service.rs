@@ -83,6 +83,8 @@ impl pb::agent_server::Agent for AgentService {
         };
         let pid = hello.pid;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // To end the session with the reason when the agent's stream breaks.
+        let end_tx = tx.clone();
         let (agent, conn, resumed) = self.engine.admit_agent(peer, hello, tx)?;
         tracing::info!(agent, pid, resumed, "agent connected");
         let engine = self.engine.clone();
@@ -91,7 +93,13 @@ impl pb::agent_server::Agent for AgentService {
                 match inbound.next().await {
                     Some(Ok(msg)) => handle_agent_message(&engine, agent, msg),
                     Some(Err(e)) => {
+                        // E.g. an undecodable message: the session ends with the
+                        // reason; the agent's state stays for a reconnect.
                         tracing::info!(agent, pid, "agent stream failed: {e}");
+                        let _ = end_tx.send(Err(Status::new(
+                            e.code(),
+                            format!("agent stream failed: {}", e.message()),
+                        )));
                         break;
                     }
                     None => break,
