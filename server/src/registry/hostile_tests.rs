@@ -256,6 +256,8 @@ enum Raw {
     Hello,
     Empty,
     Error,
+    /// A huge list: births, stamps, a function list or a retirement's threads.
+    Huge(u8),
 }
 
 #[derive(Clone, Debug)]
@@ -309,6 +311,7 @@ fn raw() -> impl Strategy<Value = Raw> {
         1 => prop::collection::vec(tid(), 0..3).prop_map(Raw::Stalls),
         1 => prop::collection::vec("[a-z]{0,3}", 0..3).prop_map(Raw::Callbacks),
         1 => Just(Raw::Hello),
+        1 => (0u8..4).prop_map(Raw::Huge),
         1 => Just(Raw::Empty),
         1 => Just(Raw::Error),
     ]
@@ -775,6 +778,42 @@ impl World {
             }),
             Raw::Callbacks(names) => FromAgent::Callbacks(pb::Callbacks { names }),
             Raw::Hello => FromAgent::Hello(self.slots[a].hello()),
+            Raw::Huge(kind) => {
+                const N: u32 = 3000;
+                match kind {
+                    0 => FromAgent::ThreadsBorn(pb::ThreadsBorn {
+                        tids: (1000..1000 + N).collect(),
+                    }),
+                    1 => FromAgent::Quiescent(pb::QuiescentBatch {
+                        reports: (0..N)
+                            .map(|t| pb::Quiescent {
+                                tid: t % 9,
+                                epoch: u64::from(t),
+                            })
+                            .collect(),
+                    }),
+                    2 => FromAgent::FunctionList(pb::FunctionList {
+                        request_id: 1,
+                        functions: (0..N)
+                            .map(|i| pb::Function {
+                                name: format!("f{i}"),
+                                address: addr(i as usize % 50),
+                                patchable: i % 3 != 0,
+                                ..Default::default()
+                            })
+                            .collect(),
+                        error: String::new(),
+                        unpatchable_matches: u32::MAX,
+                    }),
+                    _ => FromAgent::Trampoline(pb::TrampolineReport {
+                        trampoline_id: 1,
+                        report: Some(pb::trampoline_report::Report::Retired(pb::Retired {
+                            epoch: 1,
+                            tids: (0..N).collect(),
+                        })),
+                    }),
+                }
+            }
             Raw::Error => FromAgent::Error(pb::AgentError {
                 message: "hostile".into(),
             }),
@@ -1081,5 +1120,221 @@ proptest! {
         if let Err(e) = run(&steps) {
             prop_assert!(false, "{e}");
         }
+    }
+}
+
+/// Each kind of bad agent message gets its own precise error (and changes nothing,
+/// which the property test checks on random ones).
+#[test]
+fn agent_messages_are_rejected_precisely() {
+    use pb::trampoline_report::Report;
+    let mut w = World::new();
+    w.hello(0, false).unwrap();
+    w.step(&Step::Attach(0, 0, 3, 0, 0)).unwrap(); // root, pid 100, "gamma", count
+    w.drain().unwrap();
+    let id = w.slots[0].id.unwrap();
+    let live: Vec<u64> = w.reg.agents[&id]
+        .trampolines
+        .values()
+        .filter(|t| t.state == TState::Live)
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(live.len(), 1, "one live trampoline");
+    let tramp = live[0];
+    let report = |t: u64, r: Report| {
+        Some(FromAgent::Trampoline(pb::TrampolineReport {
+            trampoline_id: t,
+            report: Some(r),
+        }))
+    };
+    let cases: Vec<(Option<FromAgent>, &str)> = vec![
+        (
+            report(tramp, Report::Freed(pb::Freed {})),
+            "free report without authorization for trampoline",
+        ),
+        (
+            report(
+                tramp,
+                Report::Retired(pb::Retired {
+                    epoch: 9,
+                    tids: vec![],
+                }),
+            ),
+            "retired report for trampoline",
+        ),
+        (
+            report(
+                tramp,
+                Report::Live(pb::Live {
+                    sites: vec![],
+                    skipped: vec![],
+                }),
+            ),
+            "live report for trampoline",
+        ),
+        (
+            report(
+                tramp,
+                Report::Failed(pb::InstallFailed { reason: "x".into() }),
+            ),
+            "install failure for trampoline",
+        ),
+        (
+            report(99, Report::Freed(pb::Freed {})),
+            "unknown trampoline 99",
+        ),
+        (
+            Some(FromAgent::Trampoline(pb::TrampolineReport {
+                trampoline_id: tramp,
+                report: None,
+            })),
+            "empty report",
+        ),
+        (
+            Some(FromAgent::FunctionList(pb::FunctionList {
+                request_id: 777,
+                ..Default::default()
+            })),
+            "unknown request 777",
+        ),
+        (
+            Some(FromAgent::Barrier(pb::BarrierReport {
+                barrier_id: 5,
+                epoch: 1,
+                tids: vec![],
+            })),
+            "barrier 5",
+        ),
+        (Some(FromAgent::Hello(w.slots[0].hello())), "second hello"),
+        (
+            Some(FromAgent::ThreadsBorn(pb::ThreadsBorn { tids: vec![3, 0] })),
+            "tid 0",
+        ),
+        (None, "empty agent message"),
+    ];
+    for (msg, needle) in cases {
+        let what = format!("{msg:?}");
+        let before = digest(&w.reg);
+        match w.reg.agent_message(id, msg, Instant::now()) {
+            Err(CoreError::Protocol(m)) => assert!(
+                m.to_lowercase().contains(&needle.to_lowercase()),
+                "{what}: {m:?} does not say {needle:?}"
+            ),
+            other => panic!("{what}: expected a protocol violation, got {other:?}"),
+        }
+        assert_eq!(before, digest(&w.reg), "{what} changed the registry");
+    }
+    // A malformed event batch of a tracer that targets the agent.
+    let tracer = *w.reg.tracers.keys().next().unwrap();
+    let bad = FromAgent::Events(pb::EventBatch {
+        tracer_id: tracer,
+        data: vec![1, 2, 3],
+        record_count: 1,
+        dropped: 0,
+    });
+    assert!(matches!(
+        w.reg.agent_message(id, Some(bad), Instant::now()),
+        Err(CoreError::Invalid(m)) if m.contains("truncated")
+    ));
+    // Messages on a session the server does not know.
+    assert_eq!(
+        w.reg.agent_message(4242, None, Instant::now()),
+        Err(CoreError::UnknownAgent(4242))
+    );
+    // A retirement at an epoch older than one already seen is refused: the
+    // trampoline stays allocated and no grace period starts on it.
+    w.step(&Step::Detach(0, tracer, false)).unwrap();
+    let remove = w.slots[0].inbox.pop_front();
+    assert!(matches!(remove, Some(ToAgent::Remove(_))), "{remove:?}");
+    // The agent already reported epoch 7 (set directly: the scenario only needs it).
+    w.reg.agents.get_mut(&id).unwrap().epoch = 7;
+    let stale = report(
+        tramp,
+        Report::Retired(pb::Retired {
+            epoch: 3,
+            tids: vec![1, 2],
+        }),
+    );
+    let before = digest(&w.reg);
+    match w.reg.agent_message(id, stale, Instant::now()) {
+        Err(CoreError::Protocol(m)) => assert!(m.contains("older than epoch 7"), "{m}"),
+        other => panic!("stale retirement: {other:?}"),
+    }
+    assert_eq!(before, digest(&w.reg));
+    assert_eq!(
+        w.reg.agents[&id].trampolines[&tramp].state,
+        TState::Retiring
+    );
+
+    // Hellos that re-report impossible states are refused with the reason.
+    for (bad, needle) in [
+        (BadHello::DupSite, "a site calls one trampoline"),
+        (BadHello::DupTramp, "re-reported twice"),
+        (BadHello::MaxTramp, "never assigned"),
+        (BadHello::LiveNoTracer, "has no tracer"),
+        (BadHello::DupTracer, "twice"),
+        (BadHello::State(0), "only live, retired and free-authorized"),
+        (BadHello::PeerPid, "may only register its own process"),
+        (BadHello::PeerUid, "runs as uid"),
+        (BadHello::Version, "protocol version mismatch"),
+        (BadHello::PidZero, "pid 0"),
+    ] {
+        let s = &w.slots[1];
+        let mut h = s.hello();
+        let mut peer = (s.pid, s.uid);
+        let t = |id: u64, state: pb::TrampolineState, tracers: &[u64], site: Option<u64>| {
+            pb::TrampolineStatus {
+                trampoline_id: id,
+                state: state as i32,
+                tracers: tracers
+                    .iter()
+                    .map(|t| pb::TracerRef {
+                        tracer_id: *t,
+                        callback: None,
+                    })
+                    .collect(),
+                sites: site
+                    .map(|a| pb::Site {
+                        address: a,
+                        name: String::new(),
+                    })
+                    .into_iter()
+                    .collect(),
+                retired_epoch: 0,
+                retired_tids: vec![],
+            }
+        };
+        use pb::TrampolineState as S;
+        match bad {
+            BadHello::DupSite => {
+                h.trampolines = vec![t(5, S::Live, &[1], Some(9)), t(6, S::Live, &[2], Some(9))]
+            }
+            BadHello::DupTramp => {
+                h.trampolines = vec![t(5, S::Retired, &[1], None), t(5, S::Retired, &[1], None)]
+            }
+            BadHello::MaxTramp => h.trampolines = vec![t(u64::MAX, S::Retired, &[1], None)],
+            BadHello::LiveNoTracer => h.trampolines = vec![t(5, S::Live, &[], Some(9))],
+            BadHello::DupTracer => h.trampolines = vec![t(5, S::Live, &[1, 1], Some(9))],
+            BadHello::State(_) => h.trampolines = vec![t(5, S::Requested, &[1], None)],
+            BadHello::PeerPid => peer.0 = 1,
+            BadHello::PeerUid => peer.1 = 0,
+            BadHello::Version => h.protocol_version = 99,
+            BadHello::PidZero => {
+                h.pid = 0;
+                peer.0 = 0;
+            }
+        }
+        let before = digest(&w.reg);
+        let e = w
+            .reg
+            .agent_hello(Some(peer), h, Instant::now())
+            .expect_err("a bad hello");
+        assert!(
+            e.to_string()
+                .to_lowercase()
+                .contains(&needle.to_lowercase()),
+            "{bad:?}: {e}"
+        );
+        assert_eq!(before, digest(&w.reg), "{bad:?} changed the registry");
     }
 }
