@@ -27,6 +27,13 @@ async fn h2_connect(server: &TestServer) -> h2::client::SendRequest<Bytes> {
     let io = tokio::net::UnixStream::connect(server.socket_path())
         .await
         .expect("connect to the socket");
+    h2_over(io).await
+}
+
+async fn h2_over<IO>(io: IO) -> h2::client::SendRequest<Bytes>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (client, conn) = h2::client::handshake(io).await.expect("h2 handshake");
     tokio::spawn(async move {
         let _ = conn.await;
@@ -89,14 +96,26 @@ fn status_of(h: &http::HeaderMap) -> Option<(Code, String)> {
 
 /// Sends `frames` on a new stream to `path` and ends the stream; returns the status.
 async fn call(client: &h2::client::SendRequest<Bytes>, path: &str, frames: &[Bytes]) -> Reply {
-    let req = http::Request::builder()
+    call_with(client, path, frames, &[]).await
+}
+
+/// [`call`] with extra request headers.
+async fn call_with(
+    client: &h2::client::SendRequest<Bytes>,
+    path: &str,
+    frames: &[Bytes],
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = http::Request::builder()
         .method("POST")
         .uri(format!("http://localhost{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .header(PROTOCOL_METADATA_KEY, PROTOCOL_VERSION.to_string())
-        .body(())
-        .expect("request");
+        .header(PROTOCOL_METADATA_KEY, PROTOCOL_VERSION.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(()).expect("request");
     let mut client = client.clone().ready().await.expect("h2 connection usable");
     let (resp, mut send) = client.send_request(req, false).expect("send request");
     for f in frames {
@@ -698,4 +717,76 @@ async fn random_payloads_on_every_control_method() {
     let _ = tracers(&mut c).await;
     let r = call(&h2, &format!("{CONTROL}/ListAgents"), &[msg(&[])]).await;
     assert_eq!(r.code, Code::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_needs_the_token_and_refuses_agents() {
+    // A free port: bound, read, released, then given to the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("token file");
+    let listen = format!("tcp://127.0.0.1:{port}");
+    let server = TestServer::start_with(&[
+        "--listen",
+        &listen,
+        "--token-file",
+        token_file.to_str().expect("utf-8 path"),
+    ]);
+    let mut c = server.control().await;
+    let (mut agent, _) = ScriptAgent::connect(server.socket_path(), &["--functions", "foo"]).await;
+    let before = snapshot(&mut c).await;
+    let tcp = wait_for(STATE_TIMEOUT, "the TCP listener", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+    })
+    .await;
+    let h2 = h2_over(tcp).await;
+    let list = format!("{CONTROL}/ListAgents");
+    for (what, headers) in [
+        ("no token", vec![]),
+        ("a wrong token", vec![("authorization", "Bearer nope")]),
+        (
+            "a token without Bearer",
+            vec![("authorization", "s3cret-token")],
+        ),
+        (
+            "a longer token",
+            vec![("authorization", "Bearer s3cret-token2")],
+        ),
+    ] {
+        let r = call_with(&h2, &list, &[msg(&[])], &headers).await;
+        assert_eq!(r.code, Code::Unauthenticated, "{what}: {r:?}");
+        assert!(!r.message.is_empty(), "{what}: {r:?}");
+    }
+    // With the token, a TCP client acts as root and sees our agent.
+    let auth = [("authorization", "Bearer s3cret-token")];
+    let r = call_with(&h2, &list, &[msg(&[])], &auth).await;
+    assert_eq!(r.code, Code::Ok, "{r:?}");
+    let listed = ListAgentsResponse::decode(&r.data[5..]).expect("a ListAgentsResponse");
+    assert_eq!(listed.agents.len(), 1, "{listed:?}");
+    // Malformed input over TCP is refused like over the Unix socket.
+    let r = call_with(
+        &h2,
+        &format!("{CONTROL}/Attach"),
+        &[msg(&[0x08, 0x01])],
+        &auth,
+    )
+    .await;
+    expect(&r, Code::Internal, "decode", "garbage attach over TCP");
+    // Agents must use the Unix socket (SO_PEERCRED), token or not.
+    for headers in [&[][..], &auth[..]] {
+        let r = call_with(&h2, SESSION, &[msg(&hello().encode_to_vec())], headers).await;
+        expect(
+            &r,
+            Code::PermissionDenied,
+            "unix socket",
+            "an agent over TCP",
+        );
+    }
+    sync_point(&mut c, &mut agent).await;
+    assert_eq!(snapshot(&mut c).await, before, "TCP clients changed state");
+    assert_no_panic(&server);
 }
