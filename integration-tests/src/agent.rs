@@ -33,9 +33,24 @@ pub struct ScriptAgent {
 impl ScriptAgent {
     /// Spawns `script-agent --socket SOCKET ARGS...` without waiting for anything.
     pub fn spawn(socket: &Path, args: &[&str]) -> ScriptAgent {
+        ScriptAgent::spawn_with(socket, args, None)
+    }
+
+    /// Like [`ScriptAgent::spawn`], running as user (uid, gid) (the test runs as root).
+    pub fn spawn_as(socket: &Path, uid: u32, gid: u32, args: &[&str]) -> ScriptAgent {
+        ScriptAgent::spawn_with(socket, args, Some((uid, gid)))
+    }
+
+    fn spawn_with(socket: &Path, args: &[&str], ids: Option<(u32, u32)>) -> ScriptAgent {
+        use std::os::unix::process::CommandExt;
         let stderr = tempfile::NamedTempFile::new().expect("agent stderr file");
         let exe = bins::script_agent();
-        let mut child = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        if let Some((uid, gid)) = ids {
+            // std drops the supplementary groups when root sets a uid.
+            cmd.gid(gid).uid(uid);
+        }
+        let mut child = cmd
             .arg("--socket")
             .arg(socket)
             .args(args)

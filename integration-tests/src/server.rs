@@ -276,6 +276,15 @@ impl Drop for TestServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A debug patchbayd checks its registry after every change and logs this.
+        let log = self.log();
+        if !std::thread::panicking()
+            && let Some(line) = log
+                .lines()
+                .find(|l| l.contains("registry invariant broken"))
+        {
+            panic!("patchbayd broke a registry invariant: {line}\n--- patchbayd log ---\n{log}");
+        }
         if std::thread::panicking() {
             eprintln!(
                 "--- patchbayd log ({}) ---\n{}--- end of patchbayd log ---",

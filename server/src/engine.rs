@@ -15,6 +15,13 @@ use crate::registry::{AgentId, Effect, OpId, Registry, Reply, TracerId};
 
 pub type AgentTx = mpsc::UnboundedSender<Result<pb::ServerMessage, Status>>;
 
+/// Logged (debug builds) when [`Registry::check_invariants`] fails; tests look for it.
+pub const INVARIANT_BROKEN: &str = "registry invariant broken";
+
+/// How often (at most) a debug build checks the registry's invariants.
+#[cfg(debug_assertions)]
+const INVARIANT_PERIOD: Duration = Duration::from_millis(20);
+
 /// Capacity of each tracer's event fan-out; slower watchers lose batches (counted).
 const WATCH_CAPACITY: usize = 4096;
 
@@ -24,6 +31,8 @@ pub struct State {
     waiters: HashMap<OpId, oneshot::Sender<Reply>>,
     watchers: HashMap<TracerId, broadcast::Sender<pb::EventBatchView>>,
     next_conn: u64,
+    #[cfg(debug_assertions)]
+    last_check: Instant,
 }
 
 #[derive(Clone)]
@@ -77,6 +86,15 @@ impl State {
         }
         let reg = &self.reg;
         self.watchers.retain(|t, _| reg.tracer(*t).is_some());
+        // Debug builds (the test suites) check the registry's invariants, at most
+        // every INVARIANT_PERIOD so that busy agents do not slow the server down.
+        #[cfg(debug_assertions)]
+        if self.last_check.elapsed() >= INVARIANT_PERIOD {
+            self.last_check = Instant::now();
+            if let Err(e) = self.reg.check_invariants() {
+                tracing::error!("{INVARIANT_BROKEN}: {e}");
+            }
+        }
     }
 }
 
@@ -89,6 +107,8 @@ impl Engine {
                 waiters: HashMap::new(),
                 watchers: HashMap::new(),
                 next_conn: 1,
+                #[cfg(debug_assertions)]
+                last_check: Instant::now(),
             })),
         }
     }

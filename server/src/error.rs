@@ -34,6 +34,10 @@ pub enum CoreError {
     VersionMismatch(String),
     #[error("an agent for pid {0} is already connected")]
     AlreadyConnected(u32),
+    /// An agent sent a message that breaks the protocol (unknown ids, impossible
+    /// transitions, stale epochs); the message was ignored and changed nothing.
+    #[error("agent protocol violation: {0}")]
+    Protocol(String),
 }
 
 impl From<CoreError> for tonic::Status {
@@ -44,7 +48,9 @@ impl From<CoreError> for tonic::Status {
             | CoreError::UnknownAgent(_)
             | CoreError::UnknownTracer(_)
             | CoreError::NoMatch { .. } => Code::NotFound,
-            CoreError::BadPattern { .. } | CoreError::Invalid(_) => Code::InvalidArgument,
+            CoreError::BadPattern { .. } | CoreError::Invalid(_) | CoreError::Protocol(_) => {
+                Code::InvalidArgument
+            }
             CoreError::PermissionDenied(_) => Code::PermissionDenied,
             CoreError::AgentLost { .. } => Code::Unavailable,
             CoreError::AgentFailed { .. } | CoreError::VersionMismatch(_) => {

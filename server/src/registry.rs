@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use patchbay_proto as pb;
+use pb::agent_message::Body as FromAgent;
 use pb::server_message::Body as ToAgent;
 
 use crate::error::CoreError;
@@ -197,7 +198,8 @@ fn fold_counts(agent: &Agent, counts: &[pb::SiteCount], into: &mut CountTable) {
             name
         };
         let e = into.entry(name).or_default();
-        e.0 += c.count;
+        // Counts come from agents: saturate rather than overflow on absurd values.
+        e.0 = e.0.saturating_add(c.count);
         e.1.insert(agent.id);
     }
 }
@@ -305,6 +307,53 @@ fn validate_callback(cb: Option<&pb::CallbackSpec>) -> Result<(), CoreError> {
         ))),
         Ok(_) => Ok(()),
     }
+}
+
+/// Checks the trampolines an agent re-reports in its hello: the server rebuilds its
+/// plan from them, so they must describe a possible state.
+fn validate_rereport(trampolines: &[pb::TrampolineStatus]) -> Result<(), CoreError> {
+    let mut ids = BTreeSet::new();
+    let mut sites: BTreeMap<u64, u64> = BTreeMap::new();
+    for t in trampolines {
+        let id = t.trampoline_id;
+        // Servers number trampolines from 1; 2^63 is never reached (and leaves room
+        // to count on without overflow).
+        if id == 0 || id >= 1 << 63 {
+            return Err(CoreError::Invalid(format!(
+                "hello: trampoline id {id} was never assigned by a server"
+            )));
+        }
+        if !ids.insert(id) {
+            return Err(CoreError::Invalid(format!(
+                "hello: trampoline {id} re-reported twice"
+            )));
+        }
+        let mut tracers = BTreeSet::new();
+        for r in &t.tracers {
+            if !tracers.insert(r.tracer_id) {
+                return Err(CoreError::Invalid(format!(
+                    "hello: trampoline {id} lists tracer {} twice",
+                    r.tracer_id
+                )));
+            }
+        }
+        if t.state == pb::TrampolineState::Live as i32 {
+            if tracers.is_empty() {
+                return Err(CoreError::Invalid(format!(
+                    "hello: live trampoline {id} has no tracer"
+                )));
+            }
+            for s in &t.sites {
+                if let Some(other) = sites.insert(s.address, id) {
+                    return Err(CoreError::Invalid(format!(
+                        "hello: site {:#x} is re-reported by trampolines {other} and {id}: a site calls one trampoline",
+                        s.address
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Registry {
@@ -429,6 +478,7 @@ impl Registry {
                 )));
             }
         }
+        validate_rereport(&hello.trampolines)?;
         let key = (hello.pid, hello.start_time);
         let (id, resumed) = match self.by_identity.get(&key) {
             Some(&id) if self.agents[&id].connected => {
@@ -688,7 +738,7 @@ impl Registry {
         }
         for (tracer, dropped) in &agent.dropped {
             if let Some(t) = self.tracers.get_mut(tracer) {
-                t.archived_dropped += dropped;
+                t.archived_dropped = t.archived_dropped.saturating_add(*dropped);
             }
         }
         self.sync_progress(id, None);
@@ -696,64 +746,134 @@ impl Registry {
         self.gc_tracers();
     }
 
-    pub fn threads_born(&mut self, id: AgentId, tids: &[Tid]) {
-        if let Some(a) = self.agents.get_mut(&id) {
-            for t in tids {
-                a.grace.thread_born(*t);
+    /// One message of an agent's stream (after its hello). `Err` says precisely why
+    /// the message was rejected; a rejected message changes nothing. Messages that are
+    /// stale but possible in a correct agent (a stamp of a thread that exited, counts
+    /// of a tracer an inherited trampoline still calls) are accepted and ignored.
+    pub fn agent_message(
+        &mut self,
+        id: AgentId,
+        body: Option<FromAgent>,
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        if !self.agents.get(&id).is_some_and(|a| a.connected) {
+            return Err(CoreError::UnknownAgent(id));
+        }
+        let Some(body) = body else {
+            return Err(CoreError::Protocol("empty agent message".into()));
+        };
+        match body {
+            FromAgent::Hello(_) => Err(CoreError::Protocol(
+                "second Hello on one session: an agent says hello once per connection".into(),
+            )),
+            FromAgent::ThreadsBorn(t) => self.threads_born(id, &t.tids),
+            FromAgent::ThreadsExited(t) => self.threads_exited(id, &t.tids, now),
+            FromAgent::Quiescent(q) => self.quiescent(id, &q.reports, now),
+            FromAgent::FunctionList(l) => self.function_list(id, l, now),
+            FromAgent::Trampoline(t) => self.trampoline_report(id, t, now),
+            FromAgent::Stalls(s) => self.stalls(id, s.stalls, now),
+            FromAgent::Events(e) => self.events(id, e),
+            FromAgent::Counts(c) => self.count_report(id, c),
+            FromAgent::Error(e) => {
+                self.agent_error(id, &e.message);
+                Ok(())
             }
+            FromAgent::Barrier(b) => self.barrier_report(id, b, now),
+            FromAgent::Callbacks(c) => self.callbacks_changed(id, c.names),
         }
     }
 
-    pub fn threads_exited(&mut self, id: AgentId, tids: &[Tid], now: Instant) {
+    fn agent_mut(&mut self, id: AgentId) -> Result<&mut Agent, CoreError> {
+        self.agents.get_mut(&id).ok_or(CoreError::UnknownAgent(id))
+    }
+
+    /// Threads were created. A tid already known alive is left as it is (the kernel
+    /// never reuses the tid of a live thread, so it is the same thread).
+    pub fn threads_born(&mut self, id: AgentId, tids: &[Tid]) -> Result<(), CoreError> {
+        if tids.contains(&0) {
+            return Err(CoreError::Protocol("thread birth of tid 0".into()));
+        }
+        let a = self.agent_mut(id)?;
+        for t in tids {
+            a.grace.thread_born(*t);
+        }
+        Ok(())
+    }
+
+    /// Threads exited. Exits of threads not known alive are ignored.
+    pub fn threads_exited(
+        &mut self,
+        id: AgentId,
+        tids: &[Tid],
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        let a = self.agent_mut(id)?;
         let mut done = Vec::new();
-        if let Some(a) = self.agents.get_mut(&id) {
-            for t in tids {
-                a.stalls.remove(t);
-                done.extend(a.grace.thread_exited(*t));
-            }
+        for t in tids {
+            a.stalls.remove(t);
+            done.extend(a.grace.thread_exited(*t));
         }
         for gp in done {
             self.grace_done(id, gp, now);
         }
+        Ok(())
     }
 
-    pub fn quiescent(&mut self, id: AgentId, reports: &[pb::Quiescent], now: Instant) {
+    /// Quiescent stamps. Stamps of threads not known alive are ignored (see `grace.rs`).
+    pub fn quiescent(
+        &mut self,
+        id: AgentId,
+        reports: &[pb::Quiescent],
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        let a = self.agent_mut(id)?;
         let mut done = Vec::new();
-        if let Some(a) = self.agents.get_mut(&id) {
-            for q in reports {
-                a.stalls.remove(&q.tid);
-                done.extend(a.grace.quiescent(q.tid, q.epoch));
-            }
+        for q in reports {
+            a.stalls.remove(&q.tid);
+            done.extend(a.grace.quiescent(q.tid, q.epoch));
         }
         for gp in done {
             self.grace_done(id, gp, now);
         }
+        Ok(())
     }
 
-    pub fn stalls(&mut self, id: AgentId, stalls: Vec<pb::Stall>, now: Instant) {
-        if let Some(a) = self.agents.get_mut(&id) {
-            for s in stalls {
+    /// Stall reports. Reports about threads not known alive are ignored.
+    pub fn stalls(
+        &mut self,
+        id: AgentId,
+        stalls: Vec<pb::Stall>,
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        let a = self.agent_mut(id)?;
+        let alive: BTreeSet<Tid> = a.grace.threads().collect();
+        for s in stalls {
+            if alive.contains(&s.tid) {
                 a.stalls.insert(s.tid, (s, now));
             }
         }
+        Ok(())
     }
 
-    pub fn count_report(&mut self, id: AgentId, report: pb::CountReport) {
+    pub fn count_report(&mut self, id: AgentId, report: pb::CountReport) -> Result<(), CoreError> {
+        if !self.agents.contains_key(&id) {
+            return Err(CoreError::UnknownAgent(id));
+        }
         if !self.tracer_applies(report.tracer_id, id) {
             // E.g. a forked child still running its parent's inherited trampoline
             // until reconcile removes it: its calls are not the tracer's.
-            return;
+            return Ok(());
         }
-        if let Some(a) = self.agents.get_mut(&id) {
-            for c in &report.counts {
-                if let Some(site) = &c.site
-                    && !site.name.is_empty()
-                {
-                    a.site_names.insert(site.address, site.name.clone());
-                }
+        let a = self.agent_mut(id)?;
+        for c in &report.counts {
+            if let Some(site) = &c.site
+                && !site.name.is_empty()
+            {
+                a.site_names.insert(site.address, site.name.clone());
             }
-            a.counts.insert(report.tracer_id, report.counts);
         }
+        a.counts.insert(report.tracer_id, report.counts);
+        Ok(())
     }
 
     /// Decodes an event batch. A malformed batch is rejected whole.
@@ -766,12 +886,13 @@ impl Registry {
     }
 
     pub fn events(&mut self, id: AgentId, batch: pb::EventBatch) -> Result<(), CoreError> {
+        if !self.agents.contains_key(&id) {
+            return Err(CoreError::UnknownAgent(id));
+        }
         if !self.tracer_applies(batch.tracer_id, id) {
             return Ok(());
         }
-        let Some(a) = self.agents.get_mut(&id) else {
-            return Ok(());
-        };
+        let a = self.agent_mut(id)?;
         let events = decode_events(&batch.data, batch.record_count)?;
         let prev = a.dropped.entry(batch.tracer_id).or_insert(0);
         *prev = (*prev).max(batch.dropped);
@@ -793,10 +914,9 @@ impl Registry {
     }
 
     /// The program registered callbacks after its hello.
-    pub fn callbacks_changed(&mut self, id: AgentId, names: Vec<String>) {
-        if let Some(a) = self.agents.get_mut(&id) {
-            a.hello.callbacks = names;
-        }
+    pub fn callbacks_changed(&mut self, id: AgentId, names: Vec<String>) -> Result<(), CoreError> {
+        self.agent_mut(id)?.hello.callbacks = names;
+        Ok(())
     }
 
     pub fn agent_error(&mut self, id: AgentId, message: &str) {
@@ -860,20 +980,31 @@ impl Registry {
         Ok(op)
     }
 
-    pub fn function_list(&mut self, id: AgentId, list: pb::FunctionList, now: Instant) {
-        let Some((agent, req)) = self.requests.remove(&list.request_id) else {
-            tracing::warn!(
-                agent = id,
-                request = list.request_id,
-                "answer to an unknown request"
-            );
-            return;
-        };
-        if agent != id {
-            tracing::warn!(agent = id, "agent answered another agent's request");
-            self.requests.insert(list.request_id, (agent, req));
-            return;
+    pub fn function_list(
+        &mut self,
+        id: AgentId,
+        list: pb::FunctionList,
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        match self.requests.get(&list.request_id) {
+            None => {
+                return Err(CoreError::Protocol(format!(
+                    "function list answers unknown request {}",
+                    list.request_id
+                )));
+            }
+            Some((agent, _)) if *agent != id => {
+                return Err(CoreError::Protocol(format!(
+                    "function list answers request {} of another agent",
+                    list.request_id
+                )));
+            }
+            Some(_) => {}
         }
+        let (_, req) = self
+            .requests
+            .remove(&list.request_id)
+            .expect("checked above");
         let pid = self.agents.get(&id).map(|a| a.hello.pid).unwrap_or(0);
         if let Some(a) = self.agents.get_mut(&id) {
             for f in &list.functions {
@@ -912,19 +1043,23 @@ impl Registry {
                             }),
                         );
                     }
-                    return;
+                    return Ok(());
                 }
                 if !active {
-                    return;
+                    return Ok(());
                 }
-                let sites: Vec<u64> = list
+                // A site listed twice is patched once.
+                let patchable: BTreeSet<u64> = list
                     .functions
                     .iter()
                     .filter(|f| f.patchable)
                     .map(|f| f.address)
                     .collect();
+                let sites: Vec<u64> = patchable.into_iter().collect();
                 let unpatchable =
-                    (list.functions.len() - sites.len()) as u32 + list.unpatchable_matches;
+                    u32::try_from(list.functions.iter().filter(|f| !f.patchable).count())
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(list.unpatchable_matches);
                 let skipped = unpatchable;
                 if sites.is_empty() {
                     if let Some(op) = op {
@@ -952,7 +1087,7 @@ impl Registry {
                             Err(CoreError::NoMatch { pattern, pid, hint }),
                         );
                     }
-                    return;
+                    return Ok(());
                 }
                 let installed = self.add_tracer_to_sites(id, tracer, &sites, now);
                 if let Some(op) = op {
@@ -961,12 +1096,13 @@ impl Registry {
                         let r = results.entry(id).or_default();
                         r.agent_id = id;
                         r.pid = pid;
-                        r.sites_skipped += skipped;
+                        r.sites_skipped = r.sites_skipped.saturating_add(skipped);
                     }
                     self.check_attach(op);
                 }
             }
         }
+        Ok(())
     }
 
     /// Control.Attach. The reply comes once connected target agents are live.
@@ -1275,20 +1411,29 @@ impl Registry {
         self.gc_tracers();
     }
 
-    /// Live reports, retirements and frees.
-    pub fn trampoline_report(&mut self, id: AgentId, r: pb::TrampolineReport, now: Instant) {
+    /// Live reports, retirements and frees. A report that does not fit the
+    /// trampoline's state is rejected and changes nothing.
+    pub fn trampoline_report(
+        &mut self,
+        id: AgentId,
+        r: pb::TrampolineReport,
+        now: Instant,
+    ) -> Result<(), CoreError> {
         use pb::trampoline_report::Report;
         let tramp = r.trampoline_id;
-        let Some(agent) = self.agents.get_mut(&id) else {
-            return;
-        };
+        let agent = self
+            .agents
+            .get_mut(&id)
+            .ok_or(CoreError::UnknownAgent(id))?;
         let Some(t) = agent.trampolines.get_mut(&tramp) else {
-            tracing::warn!(
-                agent = id,
-                trampoline = tramp,
-                "report about an unknown trampoline ignored"
-            );
-            return;
+            return Err(CoreError::Protocol(format!(
+                "report about unknown trampoline {tramp}"
+            )));
+        };
+        let unexpected = |what: &str, st: TState| {
+            Err(CoreError::Protocol(format!(
+                "{what} for trampoline {tramp} which is {st:?}"
+            )))
         };
         match r.report {
             Some(Report::Live(live)) => {
@@ -1296,11 +1441,10 @@ impl Registry {
                     t.state = TState::Live;
                     t.since = now;
                 } else if t.state != TState::Retiring {
-                    tracing::warn!(agent = id, trampoline = tramp, state = ?t.state, "unexpected live report ignored");
-                    return;
+                    return unexpected("live report", t.state);
                 }
-                let patched = live.sites.len() as u32;
-                let skipped_n = live.skipped.len() as u32;
+                let patched = u32::try_from(live.sites.len()).unwrap_or(u32::MAX);
+                let skipped_n = u32::try_from(live.skipped.len()).unwrap_or(u32::MAX);
                 for e in &live.skipped {
                     if let Some(s) = &e.site {
                         t.sites.remove(&s.address);
@@ -1322,12 +1466,7 @@ impl Registry {
             }
             Some(Report::Failed(f)) => {
                 if t.state != TState::Requested && t.state != TState::Retiring {
-                    tracing::warn!(
-                        agent = id,
-                        trampoline = tramp,
-                        "unexpected install failure ignored"
-                    );
-                    return;
+                    return unexpected("install failure", t.state);
                 }
                 // Nothing was allocated: the trampoline never existed in the agent.
                 t.state = TState::Freed;
@@ -1349,22 +1488,20 @@ impl Registry {
                         }),
                     );
                 }
+                self.prune_freed(id);
+                self.check_detach_ops();
                 self.gc_tracers();
             }
             Some(Report::Retired(ret)) => {
                 if t.state != TState::Retiring {
-                    tracing::warn!(agent = id, trampoline = tramp, state = ?t.state, "retired report for a trampoline not being retired: ignored");
-                    return;
+                    return unexpected("retired report", t.state);
                 }
                 if ret.epoch < agent.epoch {
-                    tracing::warn!(
-                        agent = id,
-                        trampoline = tramp,
-                        epoch = ret.epoch,
-                        known = agent.epoch,
-                        "retired report with an epoch older than one already seen: ignored, the trampoline stays allocated"
-                    );
-                    return;
+                    // Ignored: the trampoline stays allocated.
+                    return Err(CoreError::Protocol(format!(
+                        "retired report of trampoline {tramp} at epoch {} older than epoch {} already seen",
+                        ret.epoch, agent.epoch
+                    )));
                 }
                 agent.epoch = ret.epoch;
                 t.state = TState::Retired;
@@ -1385,9 +1522,12 @@ impl Registry {
                 }
             }
             Some(Report::Freed(_)) => {
+                // Only an authorized free is recorded: the agent frees a trampoline
+                // when (and only when) it receives AuthorizeFree.
                 if t.state != TState::FreeAuthorized {
                     tracing::error!(agent = id, trampoline = tramp, state = ?t.state,
-                        "agent freed a trampoline without authorization");
+                        "agent claims it freed a trampoline without authorization");
+                    return unexpected("free report without authorization", t.state);
                 }
                 t.state = TState::Freed;
                 t.since = now;
@@ -1395,8 +1535,13 @@ impl Registry {
                 self.check_detach_ops();
                 self.gc_tracers();
             }
-            None => tracing::warn!(agent = id, "empty trampoline report ignored"),
+            None => {
+                return Err(CoreError::Protocol(format!(
+                    "empty report for trampoline {tramp}"
+                )));
+            }
         }
+        Ok(())
     }
 
     fn prune_freed(&mut self, id: AgentId) {
@@ -1446,8 +1591,8 @@ impl Registry {
                 if group.contains(tracer) {
                     let r = results.entry(id).or_default();
                     r.agent_id = id;
-                    r.sites_patched += patched;
-                    r.sites_skipped += skipped;
+                    r.sites_patched = r.sites_patched.saturating_add(patched);
+                    r.sites_skipped = r.sites_skipped.saturating_add(skipped);
                 }
             }
             self.check_attach(op);
@@ -1623,22 +1768,35 @@ impl Registry {
         op
     }
 
-    pub fn barrier_report(&mut self, id: AgentId, b: pb::BarrierReport, now: Instant) {
+    pub fn barrier_report(
+        &mut self,
+        id: AgentId,
+        b: pb::BarrierReport,
+        now: Instant,
+    ) -> Result<(), CoreError> {
         let waiting = self.ops.values().any(|o| matches!(o, Op::Sync { sync_id, waiting, .. } if *sync_id == b.barrier_id && waiting.contains(&id)));
+        let a = self
+            .agents
+            .get_mut(&id)
+            .ok_or(CoreError::UnknownAgent(id))?;
         if !waiting {
-            tracing::warn!(
-                agent = id,
-                barrier = b.barrier_id,
-                "answer to an unknown barrier ignored"
-            );
-            return;
+            // Also the answer to a barrier whose Synchronize timed out: harmless.
+            return Err(CoreError::Protocol(format!(
+                "answer to barrier {} which this agent is not asked for",
+                b.barrier_id
+            )));
         }
-        let Some(a) = self.agents.get_mut(&id) else {
-            return;
-        };
+        if a.grace.get(Purpose::Sync(b.barrier_id)).is_some() {
+            return Err(CoreError::Protocol(format!(
+                "barrier {} answered twice",
+                b.barrier_id
+            )));
+        }
         if b.epoch < a.epoch {
-            tracing::warn!(agent = id, "barrier report with an older epoch ignored");
-            return;
+            return Err(CoreError::Protocol(format!(
+                "barrier {} answered at epoch {} older than epoch {} already seen",
+                b.barrier_id, b.epoch, a.epoch
+            )));
         }
         a.epoch = b.epoch;
         let done = a
@@ -1649,6 +1807,7 @@ impl Registry {
         } else if self.settings.expedite {
             self.send(id, ToAgent::Expedite(pb::Expedite {}));
         }
+        Ok(())
     }
 
     /// Marks `agent` done for sync `sync` (or for every sync when `None`) and replies
@@ -1781,7 +1940,7 @@ impl Registry {
                 agents += 1;
                 sites += n as u32;
             }
-            dropped += a.dropped.get(&id).copied().unwrap_or(0);
+            dropped = dropped.saturating_add(a.dropped.get(&id).copied().unwrap_or(0));
         }
         Some(pb::Tracer {
             tracer_id: id,
@@ -1912,8 +2071,179 @@ impl Registry {
             })
             .collect();
         counts.sort_by(|a, b| b.count.cmp(&a.count).then(a.function.cmp(&b.function)));
-        let total = counts.iter().map(|c| c.count).sum();
+        let total = counts.iter().fold(0u64, |t, c| t.saturating_add(c.count));
         Ok(pb::CountsResponse { counts, total })
+    }
+
+    /// Checks the registry's structural invariants; `Err` names the first one broken.
+    /// Used by the tests after every step; cheap enough for debugging a live server.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (key, id) in &self.by_identity {
+            let a = self
+                .agents
+                .get(id)
+                .ok_or_else(|| format!("identity {key:?} names missing agent {id}"))?;
+            if (a.hello.pid, a.hello.start_time) != *key {
+                return Err(format!(
+                    "identity {key:?} names agent {id} of another identity"
+                ));
+            }
+        }
+        let mut pids = BTreeSet::new();
+        for (id, a) in &self.agents {
+            if a.id != *id {
+                return Err(format!("agent {id} stored as {}", a.id));
+            }
+            if self.by_identity.get(&(a.hello.pid, a.hello.start_time)) != Some(id) {
+                return Err(format!("agent {id} missing from the identity index"));
+            }
+            if !pids.insert(a.hello.pid) {
+                return Err(format!("two agents for pid {}", a.hello.pid));
+            }
+            if *id >= self.next_agent {
+                return Err(format!(
+                    "agent id {id} not below next id {}",
+                    self.next_agent
+                ));
+            }
+            for (site, owner) in &a.site_owner {
+                let t = a.trampolines.get(owner).ok_or_else(|| {
+                    format!("agent {id}: site {site:#x} planned on missing trampoline {owner}")
+                })?;
+                if !t.state.active() || !t.sites.contains(site) {
+                    return Err(format!(
+                        "agent {id}: site {site:#x} planned on trampoline {owner} ({:?}) that does not hold it",
+                        t.state
+                    ));
+                }
+            }
+            let alive: BTreeSet<Tid> = a.grace.threads().collect();
+            for (tid, t) in &a.trampolines {
+                if t.id != *tid || *tid == 0 || *tid >= a.next_trampoline {
+                    return Err(format!("agent {id}: trampoline {tid} has a bad id"));
+                }
+                let ids = t.group_ids();
+                if ids.iter().collect::<BTreeSet<_>>().len() != ids.len() {
+                    return Err(format!(
+                        "agent {id}: trampoline {tid} group {ids:?} has duplicates"
+                    ));
+                }
+                if t.state.active() {
+                    if ids.is_empty() {
+                        return Err(format!("agent {id}: active trampoline {tid} has no tracer"));
+                    }
+                    for s in &t.sites {
+                        if a.site_owner.get(s) != Some(tid) {
+                            return Err(format!(
+                                "agent {id}: trampoline {tid} holds site {s:#x} planned on {:?}",
+                                a.site_owner.get(s)
+                            ));
+                        }
+                    }
+                    for tr in &ids {
+                        match self.tracers.get(tr) {
+                            Some(x) if x.state == TracerState::Active && x.targets(a) => {}
+                            other => {
+                                return Err(format!(
+                                    "agent {id}: active trampoline {tid} calls tracer {tr} which is {:?}",
+                                    other.map(|x| x.state)
+                                ));
+                            }
+                        }
+                    }
+                } else if !t.sites.is_empty() {
+                    return Err(format!(
+                        "agent {id}: trampoline {tid} is {:?} but holds sites",
+                        t.state
+                    ));
+                }
+                let pending = a.grace.get(Purpose::Trampoline(*tid)).is_some();
+                if pending != (t.state == TState::Retired) {
+                    return Err(format!(
+                        "agent {id}: trampoline {tid} is {:?} with{} a pending grace period",
+                        t.state,
+                        if pending { "" } else { "out" }
+                    ));
+                }
+            }
+            for gp in a.grace.pending() {
+                match gp.purpose {
+                    Purpose::Trampoline(t) if !a.trampolines.contains_key(&t) => {
+                        return Err(format!(
+                            "agent {id}: grace period of missing trampoline {t}"
+                        ));
+                    }
+                    Purpose::Sync(s) => {
+                        let waited = self.ops.values().any(|o| {
+                            matches!(o, Op::Sync { sync_id, waiting, .. } if *sync_id == s && waiting.contains(id))
+                        });
+                        if !waited {
+                            return Err(format!(
+                                "agent {id}: grace period of sync {s} no op waits for"
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+                if gp.holdouts.is_empty() {
+                    return Err(format!(
+                        "agent {id}: pending {:?} has no holdout",
+                        gp.purpose
+                    ));
+                }
+                if let Some(t) = gp.holdouts.iter().find(|t| !alive.contains(t)) {
+                    return Err(format!(
+                        "agent {id}: {:?} waits for thread {t} not known alive",
+                        gp.purpose
+                    ));
+                }
+            }
+            if let Some(t) = a.stalls.keys().find(|t| !alive.contains(t)) {
+                return Err(format!("agent {id}: stall of thread {t} not known alive"));
+            }
+        }
+        let referenced: BTreeSet<TracerId> = self
+            .agents
+            .values()
+            .flat_map(|a| a.trampolines.values())
+            .filter(|t| t.state != TState::Freed)
+            .flat_map(|t| t.group_ids())
+            .collect();
+        for (id, t) in &self.tracers {
+            if t.id != *id || *id >= self.next_tracer {
+                return Err(format!("tracer {id} has a bad id"));
+            }
+            if t.state == TracerState::Detaching && !referenced.contains(id) {
+                return Err(format!(
+                    "detaching tracer {id} is referenced by no trampoline"
+                ));
+            }
+        }
+        for (rid, (agent, _)) in &self.requests {
+            if *rid >= self.next_request {
+                return Err(format!("request {rid} has a bad id"));
+            }
+            if !self.agents.get(agent).is_some_and(|a| a.connected) {
+                return Err(format!(
+                    "request {rid} waits for agent {agent} which is not connected"
+                ));
+            }
+        }
+        for (op, o) in &self.ops {
+            if *op >= self.next_op {
+                return Err(format!("op {op} has a bad id"));
+            }
+            if let Op::Sync { waiting, .. } = o
+                && let Some(a) = waiting
+                    .iter()
+                    .find(|a| !self.agents.get(a).is_some_and(|x| x.connected))
+            {
+                return Err(format!(
+                    "sync op {op} waits for agent {a} which is not connected"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Disconnected agents to check for liveness (pid, start time).
@@ -1972,3 +2302,6 @@ pub fn decode_events(data: &[u8], count: u32) -> Result<Vec<pb::Event>, CoreErro
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hostile_tests;

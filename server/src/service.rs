@@ -83,6 +83,8 @@ impl pb::agent_server::Agent for AgentService {
         };
         let pid = hello.pid;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // To end the session with the reason when the agent's stream breaks.
+        let end_tx = tx.clone();
         let (agent, conn, resumed) = self.engine.admit_agent(peer, hello, tx)?;
         tracing::info!(agent, pid, resumed, "agent connected");
         let engine = self.engine.clone();
@@ -91,7 +93,13 @@ impl pb::agent_server::Agent for AgentService {
                 match inbound.next().await {
                     Some(Ok(msg)) => handle_agent_message(&engine, agent, msg),
                     Some(Err(e)) => {
+                        // E.g. an undecodable message: the session ends with the
+                        // reason; the agent's state stays for a reconnect.
                         tracing::info!(agent, pid, "agent stream failed: {e}");
+                        let _ = end_tx.send(Err(Status::new(
+                            e.code(),
+                            format!("agent stream failed: {}", e.message()),
+                        )));
                         break;
                     }
                     None => break,
@@ -108,26 +116,8 @@ impl pb::agent_server::Agent for AgentService {
 fn handle_agent_message(engine: &Engine, agent: u64, msg: pb::AgentMessage) {
     let now = Engine::now();
     let mut reg = engine.lock();
-    match msg.body {
-        Some(FromAgent::Hello(_)) => {
-            tracing::warn!(agent, "second Hello on one session ignored")
-        }
-        Some(FromAgent::ThreadsBorn(t)) => reg.threads_born(agent, &t.tids),
-        Some(FromAgent::ThreadsExited(t)) => reg.threads_exited(agent, &t.tids, now),
-        Some(FromAgent::Quiescent(q)) => reg.quiescent(agent, &q.reports, now),
-        Some(FromAgent::FunctionList(l)) => reg.function_list(agent, l, now),
-        Some(FromAgent::Trampoline(t)) => reg.trampoline_report(agent, t, now),
-        Some(FromAgent::Stalls(s)) => reg.stalls(agent, s.stalls, now),
-        Some(FromAgent::Events(e)) => {
-            if let Err(err) = reg.events(agent, e) {
-                tracing::warn!(agent, "malformed event batch dropped: {err}");
-            }
-        }
-        Some(FromAgent::Counts(c)) => reg.count_report(agent, c),
-        Some(FromAgent::Error(e)) => reg.agent_error(agent, &e.message),
-        Some(FromAgent::Barrier(b)) => reg.barrier_report(agent, b, now),
-        Some(FromAgent::Callbacks(c)) => reg.callbacks_changed(agent, c.names),
-        None => tracing::warn!(agent, "empty agent message ignored"),
+    if let Err(e) = reg.agent_message(agent, msg.body, now) {
+        tracing::warn!(agent, "agent message rejected: {e}");
     }
 }
 

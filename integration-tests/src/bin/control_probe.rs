@@ -4,11 +4,12 @@
 //! `control-probe --socket S CALL ARGS...` prints `ok <debug of the answer>` or
 //! `error <Code> <message>` and exits 0 either way (1 when it cannot connect).
 //! Calls: `agents`, `tracers`, `trampolines`, `gp`, `detach ID`, `counts ID`,
-//! `watch ID`, `functions PID PATTERN`, `attach-pid PID PATTERN`, `sync TIMEOUT_MS`.
+//! `watch ID`, `functions PID PATTERN`, `attach-pid PID PATTERN`, `attach-all PATTERN`,
+//! `attach-exe EXE PATTERN`, `trampolines-pid PID`, `sync TIMEOUT_MS`.
 
 use std::path::PathBuf;
 
-use integration_tests::ops::spec_pid;
+use integration_tests::ops::{spec, spec_all, spec_pid};
 use integration_tests::uds::control_client;
 use patchbay_proto::*;
 
@@ -86,6 +87,31 @@ async fn main() {
             })
             .await
             .map(|r| format!("{:?}", r.into_inner())),
+        ["attach-all", pattern] => c
+            .attach(AttachRequest {
+                spec: Some(spec_all(pattern, CallbackKind::Count)),
+                timeout_ms: 0,
+            })
+            .await
+            .map(|r| format!("{:?}", r.into_inner())),
+        ["attach-exe", exe, pattern] => c
+            .attach(AttachRequest {
+                spec: Some(spec(
+                    target::Target::Exe(exe.to_string()),
+                    pattern,
+                    CallbackKind::Count,
+                )),
+                timeout_ms: 0,
+            })
+            .await
+            .map(|r| format!("{:?}", r.into_inner())),
+        ["trampolines-pid", pid] => c
+            .list_trampolines(ListTrampolinesRequest {
+                pid: num(pid) as u32,
+                include_freed: true,
+            })
+            .await
+            .map(|r| format!("{:?}", r.into_inner().trampolines)),
         ["sync", ms] => c
             .synchronize(SynchronizeRequest {
                 timeout_ms: num(ms) as u32,

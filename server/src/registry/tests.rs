@@ -205,17 +205,11 @@ impl Sim {
     }
 }
 
-fn deliver(reg: &mut Registry, id: AgentId, msg: FromAgent) {
-    let now = Instant::now();
-    match msg {
-        FromAgent::ThreadsBorn(t) => reg.threads_born(id, &t.tids),
-        FromAgent::ThreadsExited(t) => reg.threads_exited(id, &t.tids, now),
-        FromAgent::Quiescent(q) => reg.quiescent(id, &q.reports, now),
-        FromAgent::FunctionList(l) => reg.function_list(id, l, now),
-        FromAgent::Trampoline(t) => reg.trampoline_report(id, t, now),
-        FromAgent::Barrier(b) => reg.barrier_report(id, b, now),
-        other => panic!("unexpected {other:?}"),
-    }
+/// Delivers a message of the protocol-abiding simulated agent: it is never rejected.
+fn deliver(reg: &mut Registry, id: AgentId, msg: FromAgent) -> Result<(), String> {
+    let what = format!("{msg:?}");
+    reg.agent_message(id, Some(msg), Instant::now())
+        .map_err(|e| format!("a message of a correct agent was rejected: {e}: {what}"))
 }
 
 /// Moves effects for the agent into its inbox; returns the replies.
@@ -278,7 +272,7 @@ fn settle(reg: &mut Registry, sim: &mut Sim) -> Result<Vec<(OpId, Reply)>, Strin
         if let Some(m) = sim.inq.pop_front() {
             sim.process(m)?;
         } else if let Some(m) = sim.outq.pop_front() {
-            deliver(reg, sim.id, m);
+            deliver(reg, sim.id, m)?;
         } else {
             return Ok(replies);
         }
@@ -419,8 +413,8 @@ fn counts_survive_the_exit_of_their_process() {
             count: n,
         }],
     };
-    reg.count_report(sim.id, report(5));
-    reg.count_report(sim.id, report(7)); // cumulative: replaces
+    reg.count_report(sim.id, report(5)).unwrap();
+    reg.count_report(sim.id, report(7)).unwrap(); // cumulative: replaces
     assert_eq!(reg.counts(Caller::ROOT, tracer).unwrap().total, 7);
     assert!(matches!(
         reg.counts(Caller { uid: 7 }, tracer),
@@ -538,7 +532,7 @@ fn run(ops: &[Op]) -> Result<(), String> {
             }
             Op::Deliver => {
                 if let Some(m) = sim.outq.pop_front() {
-                    deliver(&mut reg, sim.id, m);
+                    deliver(&mut reg, sim.id, m)?;
                 }
             }
             Op::Reconnect => {
@@ -555,6 +549,8 @@ fn run(ops: &[Op]) -> Result<(), String> {
             }
         }
         route(&mut reg, &mut sim, true);
+        reg.check_invariants()
+            .map_err(|e| format!("invariant broken after {op:?}: {e}"))?;
     }
     // Drain: settle, detach everything, every thread reports; nothing may remain.
     settle(&mut reg, &mut sim)?;
