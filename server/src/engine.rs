@@ -12,6 +12,7 @@ use tonic::Status;
 
 use crate::error::CoreError;
 use crate::registry::{AgentId, Effect, OpId, Registry, Reply, TracerId};
+use crate::store::Store;
 
 pub type AgentTx = mpsc::UnboundedSender<Result<pb::ServerMessage, Status>>;
 
@@ -24,6 +25,9 @@ pub struct State {
     waiters: HashMap<OpId, oneshot::Sender<Reply>>,
     watchers: HashMap<TracerId, broadcast::Sender<pb::EventBatchView>>,
     next_conn: u64,
+    /// The tracer store, when the server persists tracers, and the registry's tracer
+    /// generation it last saved.
+    store: Option<(Store, u64)>,
 }
 
 #[derive(Clone)]
@@ -55,7 +59,28 @@ impl Drop for Guard<'_> {
 }
 
 impl State {
+    /// Saves the active tracers when they changed since the last save. Called before
+    /// any effect goes out, so that a reply to an attach or a detach leaves only once
+    /// the change is durable.
+    fn persist(&mut self) -> Result<(), String> {
+        let Some((store, saved)) = &mut self.store else {
+            return Ok(());
+        };
+        let generation = self.reg.tracer_generation();
+        if generation == *saved {
+            return Ok(());
+        }
+        let (tracers, next) = self.reg.saved_tracers();
+        store.save(&tracers, next).map_err(|e| e.to_string())?;
+        *saved = generation;
+        Ok(())
+    }
+
     fn apply(&mut self) {
+        if let Err(e) = self.persist() {
+            // Retried at the next change; a restarted server would see the old set.
+            tracing::error!("{e}");
+        }
         for effect in self.reg.take_effects() {
             match effect {
                 Effect::Send(agent, body) => {
@@ -82,6 +107,13 @@ impl State {
 
 impl Engine {
     pub fn new(reg: Registry) -> Self {
+        Engine::with_store(reg, None)
+    }
+
+    /// An engine whose registry's active tracers are kept in `store` (the registry
+    /// already holds what the store loaded).
+    pub fn with_store(reg: Registry, store: Option<Store>) -> Self {
+        let generation = reg.tracer_generation();
         Engine {
             inner: Arc::new(Mutex::new(State {
                 reg,
@@ -89,6 +121,7 @@ impl Engine {
                 waiters: HashMap::new(),
                 watchers: HashMap::new(),
                 next_conn: 1,
+                store: store.map(|s| (s, generation)),
             })),
         }
     }
@@ -149,6 +182,24 @@ impl Engine {
         let rx = {
             let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let op = start(&mut s.reg)?;
+            if let Err(e) = s.persist() {
+                // No tracer may run that the store does not hold: withdraw new ones.
+                let keep = s
+                    .store
+                    .as_ref()
+                    .map(|(st, _)| st.saved_ids())
+                    .unwrap_or_default();
+                let abandoned = s.reg.abandon_tracers(&keep);
+                s.reg.cancel(op);
+                s.apply();
+                return Err(Status::unavailable(if abandoned.is_empty() {
+                    format!(
+                        "done, but not saved ({e}): a restarted server would not know of this change"
+                    )
+                } else {
+                    format!("tracer {abandoned:?} not attached: {e}")
+                }));
+            }
             let (tx, rx) = oneshot::channel();
             s.waiters.insert(op, tx);
             s.apply();
