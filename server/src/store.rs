@@ -189,16 +189,16 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Loaded, StoreError> {
         path: path.to_path_buf(),
         reason,
     };
+    if !MAGIC.starts_with(&bytes[..bytes.len().min(MAGIC.len())]) {
+        return Err(corrupt(
+            "it does not start with PBTRACE1 (not a patchbay tracer store)".into(),
+        ));
+    }
     if bytes.len() < HEADER {
         return Err(corrupt(format!(
             "{} bytes, shorter than the {HEADER}-byte header",
             bytes.len()
         )));
-    }
-    if &bytes[..8] != MAGIC {
-        return Err(corrupt(
-            "it does not start with PBTRACE1 (not a patchbay tracer store)".into(),
-        ));
     }
     let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     let crc = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
