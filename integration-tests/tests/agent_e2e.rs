@@ -421,7 +421,7 @@ async fn exe_tracer_attached_before_the_program_starts_survives_a_restart() {
     drop(c);
 
     let second = TestServer::start_at(&socket, &state_arg);
-    let mut c = second.control().await;
+    let c = second.control().await;
     let out = second.cli(&["tracers"]).await;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
