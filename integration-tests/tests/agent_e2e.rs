@@ -390,6 +390,120 @@ async fn server_killed_and_restarted_while_a_tracer_is_attached() {
     quit_ok(&mut t).await;
 }
 
+/// The server is killed while a grace period waits for a thread (it spins with every
+/// signal blocked, so the agent cannot see it quiescent) and restarted on the same
+/// socket and state directory: the agent re-registers, the still-attached tracer comes
+/// back with exact counts, and the retired trampoline is freed only after a grace
+/// period of the new server completes (when the spinning thread exits).
+#[tokio::test]
+async fn server_killed_during_a_grace_period_and_restarted() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::Builder::new()
+        .prefix("patchbay-it-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("s.sock");
+    let state_dir = dir.path().join("state");
+    let state_arg = ["--state-dir", state_dir.to_str().unwrap()];
+    let mut first = TestServer::start_at(&socket, &state_arg);
+    let mut c = first.control().await;
+    let mut t = Target::start(Build::Nop5, &socket).await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+    let kept = attach_count(&mut c, pid, "work", 1).await;
+    let gone = attach_count(&mut c, pid, "other", 1).await;
+    t.run(1, 1000).await;
+    wait_total(&c, kept, 1000).await;
+    let spinning = t.expect("spin", "spinning tid=").await;
+    let spinner: u32 = field(&spinning, "tid").unwrap().parse().unwrap();
+    let live = trampolines_of(&mut c, pid, false).await;
+    let kept_tramp = live
+        .iter()
+        .find(|x| x.tracer_ids == vec![kept])
+        .unwrap_or_else(|| panic!("no trampoline of tracer {kept}: {live:?}"))
+        .trampoline_id;
+    let d = try_detach(&mut c, gone, false, 0).await.expect("detach");
+    let [retired] = d.retired.as_slice() else {
+        panic!("expected one retired trampoline: {d:?}")
+    };
+    let retired = retired.trampoline_id;
+    // The grace period waits for the spinning thread only.
+    let waits_for_spinner = |c: &Control, when: &'static str| {
+        let c = c.clone();
+        async move {
+            wait_for(
+                GP_TIMEOUT,
+                &format!("{when}: trampoline {retired} retired, waiting for thread {spinner} only"),
+                || {
+                    let mut c = c.clone();
+                    async move {
+                        let all = trampolines_of(&mut c, pid, true).await;
+                        match all.iter().find(|x| x.trampoline_id == retired) {
+                            Some(x)
+                                if state(x) == TrampolineState::Retired
+                                    && x.holdouts == vec![spinner] =>
+                            {
+                                Ok(())
+                            }
+                            _ => Err(all),
+                        }
+                    }
+                },
+            )
+            .await
+        }
+    };
+    waits_for_spinner(&c, "before the restart").await;
+
+    first.kill();
+    drop(c);
+    t.run(1, 1000).await;
+
+    let second = TestServer::start_at(&socket, &state_arg);
+    let mut c = second.control().await;
+    wait_agent(&c, pid).await;
+    let back = tracers(&mut c).await;
+    assert!(
+        back.len() == 1 && back[0].tracer_id == kept,
+        "only tracer {kept} comes back: {back:?}"
+    );
+    waits_for_spinner(&c, "after the restart").await;
+    // Counts continue exactly, through the same live trampoline.
+    wait_total(&c, kept, 2000).await;
+    t.run(2, 1000).await;
+    let r = wait_total(&c, kept, 4000).await;
+    assert_eq!(count_of(&r, "work"), 4000, "{r:?}");
+    let all = trampolines_of(&mut c, pid, true).await;
+    assert!(
+        all.iter().any(|x| x.trampoline_id == kept_tramp
+            && state(x) == TrampolineState::Live
+            && x.tracer_ids == vec![kept]),
+        "{all:?}"
+    );
+    assert_eq!(all.len(), 2, "nothing reinstalled: {all:?}");
+    // Still held: the thread was never seen quiescent.
+    waits_for_spinner(&c, "after more calls").await;
+    t.expect("unspin", "unspun").await;
+    wait_for(
+        GP_TIMEOUT,
+        &format!("trampoline {retired} freed once thread {spinner} exited"),
+        || {
+            let mut c = c.clone();
+            async move {
+                let all = trampolines_of(&mut c, pid, true).await;
+                match all.iter().find(|x| x.trampoline_id == retired) {
+                    Some(x) if state(x) == TrampolineState::Freed => Ok(()),
+                    _ => Err(all),
+                }
+            }
+        },
+    )
+    .await;
+    t.run(1, 1000).await;
+    wait_total(&c, kept, 5000).await;
+    quit_ok(&mut t).await;
+}
+
 /// A tracer for an executable path, attached before any such program runs, survives
 /// a server restart and applies to the program when it starts.
 #[tokio::test]
