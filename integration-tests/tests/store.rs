@@ -4,6 +4,7 @@
 //! them, authorizes nothing on evidence from before the restart, and a damaged store
 //! stops the server with a precise error. (Real programs: see `agent_e2e.rs`.)
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use integration_tests::proto::*;
 use integration_tests::server::Control;
 use integration_tests::{ScriptAgent, TestServer, bins, wait_for};
 use serde_json::json;
+use tonic::Code;
 
 /// Waits until trampoline `id` is in `want` state with exactly `holdouts` (sorted).
 async fn wait_trampoline(
@@ -230,4 +232,38 @@ async fn a_damaged_store_is_a_precise_startup_error() {
     // A second server on the same state directory is refused.
     let err = startup_failure(dir.path(), &state).await;
     assert!(err.contains("in use by another patchbayd"), "{err}");
+}
+
+/// A change the store cannot hold is refused (attach) or reported (detach), and the
+/// next successful save writes the whole current set.
+#[tokio::test]
+async fn an_unwritable_store_refuses_attaches_and_reports_detaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let state = dir.path().join("state");
+    let state_arg = ["--state-dir", state.to_str().unwrap()];
+    let mut first = TestServer::start_at(&socket, &state_arg);
+    let mut c = first.control().await;
+    let (a, _) = attach(&mut c, spec_all("foo", CallbackKind::Count)).await;
+
+    // The state directory disappears under the running server.
+    std::fs::remove_dir_all(&state).unwrap();
+    let r = try_attach(&mut c, spec_all("bar", CallbackKind::Count)).await;
+    assert_status(r, Code::Unavailable, &["not attached", "tracers.pb"]);
+    let listed: Vec<u64> = tracers(&mut c).await.iter().map(|t| t.tracer_id).collect();
+    assert_eq!(listed, vec![a], "the refused tracer must not run");
+    let r = try_detach(&mut c, a, false, 0).await;
+    assert_status(r, Code::Unavailable, &["not saved", "restarted server"]);
+
+    // Back: the next change saves everything (a's detach included).
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&state)
+        .unwrap();
+    let (b, _) = attach(&mut c, spec_all("baz", CallbackKind::Count)).await;
+    first.kill();
+    let second = TestServer::start_at(&socket, &state_arg);
+    let mut c = second.control().await;
+    let listed: Vec<u64> = tracers(&mut c).await.iter().map(|t| t.tracer_id).collect();
+    assert_eq!(listed, vec![b]);
 }

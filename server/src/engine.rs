@@ -25,9 +25,18 @@ pub struct State {
     waiters: HashMap<OpId, oneshot::Sender<Reply>>,
     watchers: HashMap<TracerId, broadcast::Sender<pb::EventBatchView>>,
     next_conn: u64,
-    /// The tracer store, when the server persists tracers, and the registry's tracer
-    /// generation it last saved.
-    store: Option<(Store, u64)>,
+    /// The tracer store, when the server persists tracers.
+    store: Option<Saver>,
+}
+
+/// The store and what was saved (or failed to be) last.
+struct Saver {
+    store: Store,
+    /// The registry's tracer generation saved last.
+    saved: u64,
+    /// A generation whose save failed: not retried at every lock, only on the next
+    /// change (an attach or detach tries again and reports the failure to its client).
+    failed: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -63,22 +72,30 @@ impl State {
     /// any effect goes out, so that a reply to an attach or a detach leaves only once
     /// the change is durable.
     fn persist(&mut self) -> Result<(), String> {
-        let Some((store, saved)) = &mut self.store else {
+        let Some(saver) = &mut self.store else {
             return Ok(());
         };
         let generation = self.reg.tracer_generation();
-        if generation == *saved {
+        if generation == saver.saved {
             return Ok(());
         }
         let (tracers, next) = self.reg.saved_tracers();
-        store.save(&tracers, next).map_err(|e| e.to_string())?;
-        *saved = generation;
+        if let Err(e) = saver.store.save(&tracers, next) {
+            saver.failed = Some(generation);
+            return Err(e.to_string());
+        }
+        saver.saved = generation;
+        saver.failed = None;
         Ok(())
     }
 
     fn apply(&mut self) {
-        if let Err(e) = self.persist() {
-            // Retried at the next change; a restarted server would see the old set.
+        let retry = self
+            .store
+            .as_ref()
+            .is_some_and(|s| s.failed != Some(self.reg.tracer_generation()));
+        if retry && let Err(e) = self.persist() {
+            // A restarted server would see the previous set until a save succeeds.
             tracing::error!("{e}");
         }
         for effect in self.reg.take_effects() {
@@ -121,7 +138,11 @@ impl Engine {
                 waiters: HashMap::new(),
                 watchers: HashMap::new(),
                 next_conn: 1,
-                store: store.map(|s| (s, generation)),
+                store: store.map(|store| Saver {
+                    store,
+                    saved: generation,
+                    failed: None,
+                }),
             })),
         }
     }
@@ -187,7 +208,7 @@ impl Engine {
                 let keep = s
                     .store
                     .as_ref()
-                    .map(|(st, _)| st.saved_ids())
+                    .map(|st| st.store.saved_ids())
                     .unwrap_or_default();
                 let abandoned = s.reg.abandon_tracers(&keep);
                 s.reg.cancel(op);
