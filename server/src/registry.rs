@@ -9,7 +9,11 @@
 //! - the planned site assignment (`Agent::site_owner`) is updated when the server
 //!   sends `Install`/`Remove`; the agent applies them in stream order, so the agent's
 //!   view converges to the plan;
-//! - a failed request (bad input, unknown pid/tracer, no permission) changes nothing.
+//! - a failed request (bad input, unknown pid/tracer, no permission) changes nothing;
+//! - tracers restored after a server restart ([`Registry::restore_tracers`]) keep their
+//!   ids, and ids are never reused; a re-reported trampoline whose group names active
+//!   tracers with their callbacks stays live untouched (`reconcile`), and a retired one
+//!   is freed only after a grace period started by this registry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};

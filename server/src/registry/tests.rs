@@ -550,6 +550,25 @@ fn restored_tracers_keep_their_trampolines_and_nothing_is_authorized_on_old_evid
 }
 
 #[test]
+fn a_restored_tracer_gets_the_sites_its_cut_short_attach_missed() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    let id = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    let tramp = sim.owner[&addr(0)];
+    // As if the server died before the agent patched alpine.
+    sim.owner.remove(&addr(4));
+    restart(&mut reg, &mut sim).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    assert_eq!(sim.owner[&addr(0)], tramp, "alpha keeps its trampoline");
+    let new = sim.owner[&addr(4)];
+    assert_ne!(new, tramp);
+    assert_eq!(sim.tramps[&new].group[0].tracer_id, id);
+    assert!(sim.tramps[&tramp].retired.is_none());
+}
+
+#[test]
 fn a_re_reported_group_with_another_callback_than_the_restored_tracer_is_replaced() {
     let mut reg = Registry::new(Settings::default());
     let mut sim = new_sim(1);
