@@ -15,12 +15,15 @@ use crate::{bins, wait};
 /// How long a server has to start accepting on its socket.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running `patchbayd --socket <tempdir>/s.sock`, killed on drop. Its stderr goes to
-/// `<tempdir>/patchbayd.log` and is printed when the test panics.
+/// A running `patchbayd --socket <tempdir>/s.sock --state-dir <tempdir>/state`, killed
+/// on drop. Its stderr goes to `<tempdir>/patchbayd.log` and is printed when the test
+/// panics. Pass `--state-dir DIR` among the arguments to use another state directory
+/// (e.g. the one of a server that was killed, see [`TestServer::state_dir`]).
 pub struct TestServer {
     child: Option<Child>,
     dir: TempDir,
     socket: PathBuf,
+    state: PathBuf,
     log: PathBuf,
 }
 
@@ -57,11 +60,21 @@ impl TestServer {
 
     fn spawn(dir: TempDir, socket: PathBuf, args: &[&str]) -> TestServer {
         let log = dir.path().join("patchbayd.log");
+        let (state, default_state) = match args.iter().position(|a| *a == "--state-dir") {
+            Some(i) => (PathBuf::from(args[i + 1]), None),
+            None => {
+                let s = dir.path().join("state");
+                (s.clone(), Some(s))
+            }
+        };
         let stderr = File::create(&log).expect("create server log");
         let exe = bins::patchbayd();
-        let child = Command::new(&exe)
-            .arg("--socket")
-            .arg(&socket)
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--socket").arg(&socket);
+        if let Some(s) = &default_state {
+            cmd.arg("--state-dir").arg(s);
+        }
+        let child = cmd
             .args(args)
             .env(
                 "RUST_LOG",
@@ -80,6 +93,7 @@ impl TestServer {
             child: Some(child),
             dir,
             socket,
+            state,
             log,
         };
         server.wait_ready();
@@ -111,6 +125,11 @@ impl TestServer {
     /// The server's Unix socket.
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// The server's state directory (its tracer store).
+    pub fn state_dir(&self) -> &Path {
+        &self.state
     }
 
     /// The temporary directory holding the socket and the log.

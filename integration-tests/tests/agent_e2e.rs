@@ -314,7 +314,9 @@ async fn server_killed_and_restarted_while_a_tracer_is_attached() {
         .tempdir()
         .unwrap();
     let socket = dir.path().join("s.sock");
-    let mut first = TestServer::start_at(&socket, &[]);
+    let state_dir = dir.path().join("state");
+    let state_arg = ["--state-dir", state_dir.to_str().unwrap()];
+    let mut first = TestServer::start_at(&socket, &state_arg);
     let mut c = first.control().await;
     let mut t = Target::start(Build::Nop5, &socket).await;
     let pid = t.pid();
@@ -331,21 +333,230 @@ async fn server_killed_and_restarted_while_a_tracer_is_attached() {
 
     first.kill();
     drop(c);
-    // No server: the program runs unchanged, through its patched site.
+    // No server: the program runs unchanged, through its patched site (the agent
+    // keeps counting).
     t.run(1, 1000).await;
 
-    let second = TestServer::start_at(&socket, &[]);
+    let second = TestServer::start_at(&socket, &state_arg);
     let mut c = second.control().await;
     wait_agent(&c, pid).await;
+    // The tracer is restored from the store and keeps the trampoline the agent
+    // re-reports: same id, still live, no reinstall.
+    let back = tracers(&mut c).await;
+    assert!(
+        back.len() == 1 && back[0].tracer_id == id,
+        "the restarted server should know tracer {id}: {back:?}"
+    );
     wait_for(
         COUNT_TIMEOUT,
-        &format!("trampoline {tramp_id} of pid {pid} re-reported to the new server"),
+        &format!("trampoline {tramp_id} of pid {pid} re-reported live for tracer {id}"),
         || {
             let mut c = c.clone();
             async move {
                 let all = trampolines_of(&mut c, pid, true).await;
-                if all.iter().any(|x| x.trampoline_id == tramp_id) {
-                    Ok(all)
+                match all.as_slice() {
+                    [x] if x.trampoline_id == tramp_id
+                        && state(x) == TrampolineState::Live
+                        && x.tracer_ids == vec![id]
+                        && x.sites == 1 =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(all),
+                }
+            }
+        },
+    )
+    .await;
+    // Counts continue exactly: the calls made while no server ran included.
+    wait_total(&c, id, 2000).await;
+    t.run(1, 1000).await;
+    let r = wait_total(&c, id, 3000).await;
+    assert_eq!(count_of(&r, "work"), 3000, "{r:?}");
+    let all = trampolines_of(&mut c, pid, true).await;
+    assert_eq!(all.len(), 1, "no trampoline was reinstalled: {all:?}");
+    // And it detaches normally under the new server.
+    let d = detach_wait(&mut c, id, "detach after the restart").await;
+    assert_eq!(d.retired.len(), 1, "{d:?}");
+    wait_for(COUNT_TIMEOUT, "the detached tracer gone once freed", || {
+        let mut c = c.clone();
+        async move {
+            let left = tracers(&mut c).await;
+            if left.is_empty() { Ok(()) } else { Err(left) }
+        }
+    })
+    .await;
+    t.run(1, 1000).await;
+    quit_ok(&mut t).await;
+}
+
+/// The server is killed while a grace period waits for a thread (it spins with every
+/// signal blocked, so the agent cannot see it quiescent) and restarted on the same
+/// socket and state directory: the agent re-registers, the still-attached tracer comes
+/// back with exact counts, and the retired trampoline is freed only after a grace
+/// period of the new server completes (when the spinning thread exits).
+#[tokio::test]
+async fn server_killed_during_a_grace_period_and_restarted() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::Builder::new()
+        .prefix("patchbay-it-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("s.sock");
+    let state_dir = dir.path().join("state");
+    let state_arg = ["--state-dir", state_dir.to_str().unwrap()];
+    let mut first = TestServer::start_at(&socket, &state_arg);
+    let mut c = first.control().await;
+    let mut t = Target::start(Build::Nop5, &socket).await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+    let kept = attach_count(&mut c, pid, "work", 1).await;
+    let gone = attach_count(&mut c, pid, "other", 1).await;
+    t.run(1, 1000).await;
+    wait_total(&c, kept, 1000).await;
+    let spinning = t.expect("spin", "spinning tid=").await;
+    let spinner: u32 = field(&spinning, "tid").unwrap().parse().unwrap();
+    let live = trampolines_of(&mut c, pid, false).await;
+    let kept_tramp = live
+        .iter()
+        .find(|x| x.tracer_ids == vec![kept])
+        .unwrap_or_else(|| panic!("no trampoline of tracer {kept}: {live:?}"))
+        .trampoline_id;
+    let d = try_detach(&mut c, gone, false, 0).await.expect("detach");
+    let [retired] = d.retired.as_slice() else {
+        panic!("expected one retired trampoline: {d:?}")
+    };
+    let retired = retired.trampoline_id;
+    // The grace period waits for the spinning thread only.
+    let waits_for_spinner = |c: &Control, when: &'static str| {
+        let c = c.clone();
+        async move {
+            wait_for(
+                GP_TIMEOUT,
+                &format!("{when}: trampoline {retired} retired, waiting for thread {spinner} only"),
+                || {
+                    let mut c = c.clone();
+                    async move {
+                        let all = trampolines_of(&mut c, pid, true).await;
+                        match all.iter().find(|x| x.trampoline_id == retired) {
+                            Some(x)
+                                if state(x) == TrampolineState::Retired
+                                    && x.holdouts == vec![spinner] =>
+                            {
+                                Ok(())
+                            }
+                            _ => Err(all),
+                        }
+                    }
+                },
+            )
+            .await
+        }
+    };
+    waits_for_spinner(&c, "before the restart").await;
+
+    first.kill();
+    drop(c);
+    t.run(1, 1000).await;
+
+    let second = TestServer::start_at(&socket, &state_arg);
+    let mut c = second.control().await;
+    wait_agent(&c, pid).await;
+    let back = tracers(&mut c).await;
+    assert!(
+        back.len() == 1 && back[0].tracer_id == kept,
+        "only tracer {kept} comes back: {back:?}"
+    );
+    waits_for_spinner(&c, "after the restart").await;
+    // Counts continue exactly, through the same live trampoline.
+    wait_total(&c, kept, 2000).await;
+    t.run(2, 1000).await;
+    let r = wait_total(&c, kept, 4000).await;
+    assert_eq!(count_of(&r, "work"), 4000, "{r:?}");
+    let all = trampolines_of(&mut c, pid, true).await;
+    assert!(
+        all.iter().any(|x| x.trampoline_id == kept_tramp
+            && state(x) == TrampolineState::Live
+            && x.tracer_ids == vec![kept]),
+        "{all:?}"
+    );
+    assert_eq!(all.len(), 2, "nothing reinstalled: {all:?}");
+    // Still held: the thread was never seen quiescent.
+    waits_for_spinner(&c, "after more calls").await;
+    t.expect("unspin", "unspun").await;
+    wait_for(
+        GP_TIMEOUT,
+        &format!("trampoline {retired} freed once thread {spinner} exited"),
+        || {
+            let mut c = c.clone();
+            async move {
+                let all = trampolines_of(&mut c, pid, true).await;
+                match all.iter().find(|x| x.trampoline_id == retired) {
+                    Some(x) if state(x) == TrampolineState::Freed => Ok(()),
+                    _ => Err(all),
+                }
+            }
+        },
+    )
+    .await;
+    t.run(1, 1000).await;
+    wait_total(&c, kept, 5000).await;
+    quit_ok(&mut t).await;
+}
+
+/// A tracer for an executable path, attached before any such program runs, survives
+/// a server restart and applies to the program when it starts.
+#[tokio::test]
+async fn exe_tracer_attached_before_the_program_starts_survives_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::Builder::new()
+        .prefix("patchbay-it-")
+        .tempdir()
+        .unwrap();
+    let socket = dir.path().join("s.sock");
+    let state_dir = dir.path().join("state");
+    let state_arg = ["--state-dir", state_dir.to_str().unwrap()];
+    let exe = std::fs::canonicalize(integration_tests::fixtures::fixture(Build::Nop5))
+        .expect("fixture path");
+    let exe = exe.to_str().unwrap().to_string();
+    let mut first = TestServer::start_at(&socket, &state_arg);
+    let mut c = first.control().await;
+    let (id, resp) = attach(
+        &mut c,
+        spec(
+            target::Target::Exe(exe.clone()),
+            "work",
+            CallbackKind::Count,
+        ),
+    )
+    .await;
+    assert!(resp.results.is_empty(), "no program runs yet: {resp:?}");
+    first.kill();
+    drop(c);
+
+    let second = TestServer::start_at(&socket, &state_arg);
+    let c = second.control().await;
+    let out = second.cli(&["tracers"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains(&exe) && table.contains("work"),
+        "`patchbay tracers` should show the restored tracer: {table}"
+    );
+    let mut t = Target::start(Build::Nop5, &socket).await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+    wait_for(
+        COUNT_TIMEOUT,
+        &format!("restored tracer {id} live in pid {pid}"),
+        || {
+            let mut c = c.clone();
+            async move {
+                let all = trampolines_of(&mut c, pid, false).await;
+                if all
+                    .iter()
+                    .any(|x| state(x) == TrampolineState::Live && x.tracer_ids == vec![id])
+                {
+                    Ok(())
                 } else {
                     Err(all)
                 }
@@ -353,30 +564,9 @@ async fn server_killed_and_restarted_while_a_tracer_is_attached() {
         },
     )
     .await;
-    // Tracer specs do not survive a server restart yet (the persistence issue), so the
-    // new server does not know tracer `id`: it adopts the re-reported trampoline,
-    // retires it, and frees it only after a grace period of its own.
-    assert!(
-        tracers(&mut c).await.is_empty(),
-        "a restarted server knows no tracer yet"
-    );
-    wait_for(
-        COUNT_TIMEOUT,
-        &format!("trampoline {tramp_id} retired and freed under the new server's authority"),
-        || {
-            let mut c = c.clone();
-            async move {
-                let all = trampolines_of(&mut c, pid, true).await;
-                match all.iter().find(|x| x.trampoline_id == tramp_id) {
-                    Some(x) if state(x) == TrampolineState::Freed && x.retired_epoch > 0 => Ok(()),
-                    _ => Err(all),
-                }
-            }
-        },
-    )
-    .await;
-    // The program keeps answering through its (now unpatched) site.
-    t.run(1, 1000).await;
+    t.run(2, 1000).await;
+    let r = wait_total(&c, id, 2000).await;
+    assert_eq!(count_of(&r, "work"), 2000, "{r:?}");
     quit_ok(&mut t).await;
 }
 

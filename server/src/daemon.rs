@@ -12,6 +12,7 @@ use crate::engine::Engine;
 use crate::listen;
 use crate::registry::{Registry, Settings};
 use crate::service::{AgentService, ControlService};
+use crate::store::{Store, StoreError};
 
 /// Largest message accepted from an agent or sent to a client (function lists of
 /// big processes).
@@ -26,6 +27,9 @@ pub struct Config {
     /// Optional TCP address (HOST:PORT) for the Control service, with its token.
     pub tcp: Option<(String, String)>,
     pub settings: Settings,
+    /// Where the tracer store lives (see `store.rs`); `None` keeps tracers in memory
+    /// only (the embedded server of `patchbay run`).
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -37,6 +41,8 @@ pub enum DaemonError {
     },
     #[error("server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A bound server, ready to serve.
@@ -50,6 +56,22 @@ pub struct Server {
 impl Server {
     /// Binds the sockets (so that clients can connect as soon as this returns).
     pub async fn bind(config: Config) -> Result<Server, DaemonError> {
+        // The store first: a corrupt or busy store stops the server before it listens.
+        let mut reg = Registry::new(config.settings);
+        let store = match &config.state_dir {
+            Some(dir) => {
+                let (store, loaded) = Store::open(dir)?;
+                let n = loaded.tracers.len();
+                reg.restore_tracers(loaded.tracers, loaded.next_tracer_id)
+                    .map_err(|e| StoreError::Corrupt {
+                        path: store.path(),
+                        reason: e.to_string(),
+                    })?;
+                tracing::info!(store = %store.path().display(), tracers = n, "tracers restored");
+                Some(store)
+            }
+            None => None,
+        };
         let unix = listen::bind_unix(&config.socket, config.socket_mode).map_err(|source| {
             DaemonError::Bind {
                 path: config.socket.display().to_string(),
@@ -69,7 +91,7 @@ impl Server {
             None => None,
         };
         Ok(Server {
-            engine: Engine::new(Registry::new(config.settings)),
+            engine: Engine::with_store(reg, store),
             unix,
             tcp,
             socket: config.socket,

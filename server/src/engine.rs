@@ -12,6 +12,7 @@ use tonic::Status;
 
 use crate::error::CoreError;
 use crate::registry::{AgentId, Effect, OpId, Registry, Reply, TracerId};
+use crate::store::Store;
 
 pub type AgentTx = mpsc::UnboundedSender<Result<pb::ServerMessage, Status>>;
 
@@ -33,6 +34,18 @@ pub struct State {
     next_conn: u64,
     #[cfg(debug_assertions)]
     last_check: Instant,
+    /// The tracer store, when the server persists tracers.
+    store: Option<Saver>,
+}
+
+/// The store and what was saved (or failed to be) last.
+struct Saver {
+    store: Store,
+    /// The registry's tracer generation saved last.
+    saved: u64,
+    /// A generation whose save failed: not retried at every lock, only on the next
+    /// change (an attach or detach tries again and reports the failure to its client).
+    failed: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -64,7 +77,36 @@ impl Drop for Guard<'_> {
 }
 
 impl State {
+    /// Saves the active tracers when they changed since the last save. Called before
+    /// any effect goes out, so that a reply to an attach or a detach leaves only once
+    /// the change is durable.
+    fn persist(&mut self) -> Result<(), String> {
+        let Some(saver) = &mut self.store else {
+            return Ok(());
+        };
+        let generation = self.reg.tracer_generation();
+        if generation == saver.saved {
+            return Ok(());
+        }
+        let (tracers, next) = self.reg.saved_tracers();
+        if let Err(e) = saver.store.save(&tracers, next) {
+            saver.failed = Some(generation);
+            return Err(e.to_string());
+        }
+        saver.saved = generation;
+        saver.failed = None;
+        Ok(())
+    }
+
     fn apply(&mut self) {
+        let retry = self
+            .store
+            .as_ref()
+            .is_some_and(|s| s.failed != Some(self.reg.tracer_generation()));
+        if retry && let Err(e) = self.persist() {
+            // A restarted server would see the previous set until a save succeeds.
+            tracing::error!("{e}");
+        }
         for effect in self.reg.take_effects() {
             match effect {
                 Effect::Send(agent, body) => {
@@ -100,6 +142,13 @@ impl State {
 
 impl Engine {
     pub fn new(reg: Registry) -> Self {
+        Engine::with_store(reg, None)
+    }
+
+    /// An engine whose registry's active tracers are kept in `store` (the registry
+    /// already holds what the store loaded).
+    pub fn with_store(reg: Registry, store: Option<Store>) -> Self {
+        let generation = reg.tracer_generation();
         Engine {
             inner: Arc::new(Mutex::new(State {
                 reg,
@@ -109,6 +158,11 @@ impl Engine {
                 next_conn: 1,
                 #[cfg(debug_assertions)]
                 last_check: Instant::now(),
+                store: store.map(|store| Saver {
+                    store,
+                    saved: generation,
+                    failed: None,
+                }),
             })),
         }
     }
@@ -169,6 +223,24 @@ impl Engine {
         let rx = {
             let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let op = start(&mut s.reg)?;
+            if let Err(e) = s.persist() {
+                // No tracer may run that the store does not hold: withdraw new ones.
+                let keep = s
+                    .store
+                    .as_ref()
+                    .map(|st| st.store.saved_ids())
+                    .unwrap_or_default();
+                let abandoned = s.reg.abandon_tracers(&keep);
+                s.reg.cancel(op);
+                s.apply();
+                return Err(Status::unavailable(if abandoned.is_empty() {
+                    format!(
+                        "done, but not saved ({e}): a restarted server would not know of this change"
+                    )
+                } else {
+                    format!("tracer {abandoned:?} not attached: {e}")
+                }));
+            }
             let (tx, rx) = oneshot::channel();
             s.waiters.insert(op, tx);
             s.apply();

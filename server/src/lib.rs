@@ -4,7 +4,8 @@
 //! - [`grace`] and [`registry`] are the pure core (no I/O, unit- and property-tested);
 //! - [`engine`] wraps the registry for concurrent use and carries out its effects;
 //! - [`service`] holds the tonic services (thin shells);
-//! - [`listen`] owns sockets, peer credentials and the default socket path.
+//! - [`listen`] owns sockets, peer credentials and the default socket path;
+//! - [`store`] keeps the active tracers under the state directory across restarts.
 
 pub mod daemon;
 pub mod engine;
@@ -13,3 +14,4 @@ pub mod grace;
 pub mod listen;
 pub mod registry;
 pub mod service;
+pub mod store;

@@ -41,6 +41,11 @@ struct Args {
     /// periodic quiescent states).
     #[arg(long)]
     no_expedite: bool,
+    /// Directory of the tracer store (tracer specs survive restarts there), created
+    /// 0700 [default: /var/lib/patchbay for root, else $XDG_STATE_HOME/patchbay, else
+    /// ~/.local/state/patchbay].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), also from RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -110,11 +115,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             flush_interval_ms: 100,
         },
     };
+    let state_dir = match args.state_dir.clone() {
+        Some(d) => d,
+        None => patchbay_server::store::default_state_dir()?,
+    };
     let server = Server::bind(Config {
         socket: socket.clone(),
         socket_mode: args.socket_mode,
         tcp: tcp.clone(),
         settings,
+        state_dir: Some(state_dir),
     })
     .await?;
     tracing::info!(socket = %socket.display(), "patchbayd listening");

@@ -9,7 +9,11 @@
 //! - the planned site assignment (`Agent::site_owner`) is updated when the server
 //!   sends `Install`/`Remove`; the agent applies them in stream order, so the agent's
 //!   view converges to the plan;
-//! - a failed request (bad input, unknown pid/tracer, no permission) changes nothing.
+//! - a failed request (bad input, unknown pid/tracer, no permission) changes nothing;
+//! - tracers restored after a server restart ([`Registry::restore_tracers`]) keep their
+//!   ids, and ids are never reused; a re-reported trampoline whose group names active
+//!   tracers with their callbacks stays live untouched (`reconcile`), and a retired one
+//!   is freed only after a grace period started by this registry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -172,6 +176,9 @@ pub struct Tracer {
     pub spec: pb::TracerSpec,
     pub owner_uid: u32,
     pub state: TracerState,
+    /// For a pid target: the start time of the process it was attached to, so that the
+    /// tracer never applies to a later process that reuses the pid (0: any).
+    pub pid_start_time: u64,
     /// Counts and drops of agents whose process exited, kept for the tracer's life.
     archived: CountTable,
     archived_dropped: u64,
@@ -215,7 +222,11 @@ impl Tracer {
         let uid_ok = self.owner_uid == 0 || self.owner_uid == agent.hello.uid;
         uid_ok
             && match self.spec.target.as_ref().and_then(|t| t.target.as_ref()) {
-                Some(pb::target::Target::Pid(p)) => *p == agent.hello.pid,
+                Some(pb::target::Target::Pid(p)) => {
+                    *p == agent.hello.pid
+                        && (self.pid_start_time == 0
+                            || self.pid_start_time == agent.hello.start_time)
+                }
                 Some(pb::target::Target::Exe(e)) => *e == agent.hello.exe,
                 Some(pb::target::Target::All(all)) => *all,
                 None => false,
@@ -275,6 +286,19 @@ pub struct Registry {
     next_op: OpId,
     next_sync: u64,
     effects: Vec<Effect>,
+    /// Bumped whenever the set of active tracers (or the next tracer id) changes:
+    /// the shell persists [`Registry::saved_tracers`] when it moves.
+    tracer_generation: u64,
+}
+
+/// What survives a server restart of one active tracer (see `store.rs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedTracer {
+    pub id: TracerId,
+    pub spec: pb::TracerSpec,
+    pub owner_uid: u32,
+    /// See [`Tracer::pid_start_time`].
+    pub pid_start_time: u64,
 }
 
 fn validate_pattern(pattern: &str) -> Result<(), CoreError> {
@@ -617,20 +641,24 @@ impl Registry {
 
     /// Brings an agent's trampolines in line with the active tracers: tracers gone
     /// are removed from its groups; active tracers that target it are attached.
+    /// A re-reported trampoline whose group matches active tracers (same ids and
+    /// callbacks) stays live as it is: after a server restart the restored tracers
+    /// keep the trampolines the agent already runs, with no reinstall.
     fn reconcile(&mut self, id: AgentId, now: Instant) {
         let agent = &self.agents[&id];
-        let mut present: BTreeSet<TracerId> = BTreeSet::new();
         let mut stale: BTreeSet<TracerId> = BTreeSet::new();
         for t in agent.trampolines.values().filter(|t| t.state.active()) {
-            for tr in t.group_ids() {
-                // A tracer that is gone, detaching, or not meant for this process (a
-                // forked child inherits its parent's patched code) is removed here.
-                match self.tracers.get(&tr) {
-                    Some(x) if x.state == TracerState::Active && x.targets(agent) => {
-                        present.insert(tr);
-                    }
+            for r in &t.group {
+                // A tracer that is gone, detaching, not meant for this process (a
+                // forked child inherits its parent's patched code), or that runs
+                // another callback than the tracer of that id does, is removed here.
+                match self.tracers.get(&r.tracer_id) {
+                    Some(x)
+                        if x.state == TracerState::Active
+                            && x.targets(agent)
+                            && x.reference() == *r => {}
                     _ => {
-                        stale.insert(tr);
+                        stale.insert(r.tracer_id);
                     }
                 }
             }
@@ -649,10 +677,14 @@ impl Registry {
         for t in unused {
             self.retire(id, t, now);
         }
+        // Every active tracer meant for the agent is (re)attached: sites whose group
+        // already has it are left alone, so a tracer that is fully present costs one
+        // function listing and no install, and one whose attach was cut short (the
+        // stream broke between installs) gets its missing sites.
         let wanted: Vec<TracerId> = self
             .tracers
             .values()
-            .filter(|t| t.state == TracerState::Active && !present.contains(&t.id))
+            .filter(|t| t.state == TracerState::Active)
             .filter(|t| t.targets(&self.agents[&id]))
             .map(|t| t.id)
             .collect();
@@ -1119,9 +1151,11 @@ impl Registry {
             .ok_or_else(|| {
                 CoreError::Invalid("missing target: give a pid, an exe path or all".into())
             })?;
+        let mut pid_start_time = 0;
         let pid_target = match &target {
             pb::target::Target::Pid(p) => {
-                self.agent_by_pid(caller, *p)?;
+                let a = self.agent_by_pid(caller, *p)?;
+                pid_start_time = self.agents[&a].hello.start_time;
                 true
             }
             pb::target::Target::Exe(e) if e.is_empty() => {
@@ -1158,9 +1192,11 @@ impl Registry {
             spec,
             owner_uid: caller.uid,
             state: TracerState::Active,
+            pid_start_time,
             archived: CountTable::new(),
             archived_dropped: 0,
         };
+        self.tracer_generation += 1;
         let targets: Vec<AgentId> = self
             .agents
             .values()
@@ -1402,6 +1438,7 @@ impl Registry {
     fn drop_tracer_everywhere(&mut self, tracer: TracerId) {
         if let Some(t) = self.tracers.get_mut(&tracer) {
             t.state = TracerState::Detaching;
+            self.tracer_generation += 1;
         }
         let now = Instant::now();
         let agents: Vec<AgentId> = self.agents.keys().copied().collect();
@@ -1642,6 +1679,7 @@ impl Registry {
         }
         let tracer = req.tracer_id;
         self.tracers.get_mut(&tracer).expect("checked").state = TracerState::Detaching;
+        self.tracer_generation += 1;
         let agents: Vec<AgentId> = self.agents.keys().copied().collect();
         let mut waiting = BTreeSet::new();
         for a in agents {
@@ -1899,6 +1937,103 @@ impl Registry {
             }
             Op::Functions => Some("the agent did not answer in time".into()),
         }
+    }
+
+    // -------------------------------------------------------- persistence
+
+    /// Changes whenever [`Registry::saved_tracers`] would return something else.
+    pub fn tracer_generation(&self) -> u64 {
+        self.tracer_generation
+    }
+
+    /// The active tracers (what a restarted server must know again) and the next
+    /// tracer id (ids are never reused, even across restarts: a re-reported
+    /// trampoline's group names tracers by id).
+    pub fn saved_tracers(&self) -> (Vec<SavedTracer>, TracerId) {
+        let saved = self
+            .tracers
+            .values()
+            .filter(|t| t.state == TracerState::Active)
+            .map(|t| SavedTracer {
+                id: t.id,
+                spec: t.spec.clone(),
+                owner_uid: t.owner_uid,
+                pid_start_time: t.pid_start_time,
+            })
+            .collect();
+        (saved, self.next_tracer)
+    }
+
+    /// Seeds a fresh registry with the tracers of a previous run, keeping their ids;
+    /// new ids continue after `next_id` and after the largest restored id. Agents that
+    /// connect later re-report their trampolines: those of restored tracers stay live
+    /// (see `reconcile`). Every saved tracer is validated like an attach; on error
+    /// nothing changes.
+    pub fn restore_tracers(
+        &mut self,
+        saved: Vec<SavedTracer>,
+        next_id: TracerId,
+    ) -> Result<(), CoreError> {
+        if !self.agents.is_empty() || !self.tracers.is_empty() {
+            return Err(CoreError::Invalid(
+                "tracers can only be restored into an empty registry".into(),
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        for t in &saved {
+            let bad = |why: String| CoreError::Invalid(format!("saved tracer {}: {why}", t.id));
+            if t.id == 0 {
+                return Err(bad("tracer id 0".into()));
+            }
+            if !ids.insert(t.id) {
+                return Err(bad("duplicate tracer id".into()));
+            }
+            validate_pattern(&t.spec.pattern).map_err(|e| bad(e.to_string()))?;
+            validate_callback(t.spec.callback.as_ref()).map_err(|e| bad(e.to_string()))?;
+            match t.spec.target.as_ref().and_then(|x| x.target.as_ref()) {
+                None => return Err(bad("no target".into())),
+                Some(pb::target::Target::Exe(e)) if e.is_empty() => {
+                    return Err(bad("empty exe path".into()));
+                }
+                Some(pb::target::Target::All(false)) => {
+                    return Err(bad("target all=false".into()));
+                }
+                Some(_) => {}
+            }
+        }
+        let max = ids.last().copied().unwrap_or(0);
+        self.next_tracer = self.next_tracer.max(next_id).max(max + 1);
+        for t in saved {
+            self.tracers.insert(
+                t.id,
+                Tracer {
+                    id: t.id,
+                    spec: t.spec,
+                    owner_uid: t.owner_uid,
+                    state: TracerState::Active,
+                    pid_start_time: t.pid_start_time,
+                    archived: CountTable::new(),
+                    archived_dropped: 0,
+                },
+            );
+        }
+        self.tracer_generation += 1;
+        Ok(())
+    }
+
+    /// Withdraws active tracers the shell could not persist (as if detached at once),
+    /// so that no tracer runs that a restarted server would not know. Returns them.
+    pub fn abandon_tracers(&mut self, keep: &BTreeSet<TracerId>) -> Vec<TracerId> {
+        let gone: Vec<TracerId> = self
+            .tracers
+            .values()
+            .filter(|t| t.state == TracerState::Active && !keep.contains(&t.id))
+            .map(|t| t.id)
+            .collect();
+        for &t in &gone {
+            self.drop_tracer_everywhere(t);
+        }
+        gone
     }
 
     // ------------------------------------------------------------ queries

@@ -426,6 +426,236 @@ fn counts_survive_the_exit_of_their_process() {
     assert_eq!((c.total, c.counts[0].function.as_str()), (7, "alpha"));
 }
 
+/// A server restart: whatever is in flight is lost, a fresh registry is seeded with
+/// what the old one would have saved, and the agent connects to it.
+fn restart(reg: &mut Registry, sim: &mut Sim) -> Result<(), String> {
+    sim.inq.clear();
+    sim.outq.clear();
+    sim.stamped.clear();
+    let (saved, next) = reg.saved_tracers();
+    let mut fresh = Registry::new(Settings::default());
+    fresh
+        .restore_tracers(saved, next)
+        .map_err(|e| format!("restore: {e}"))?;
+    *reg = fresh;
+    connect(reg, sim);
+    Ok(())
+}
+
+fn attached_id(replies: &[(OpId, Reply)]) -> TracerId {
+    match replies {
+        [(_, Reply::Attach(Ok(r)))] => r.tracer.as_ref().unwrap().tracer_id,
+        _ => panic!("{replies:?}"),
+    }
+}
+
+fn holdouts_of(reg: &Registry, tramp: TrampolineId) -> Vec<Tid> {
+    reg.list_trampolines(Caller::ROOT, &Default::default(), Instant::now())
+        .into_iter()
+        .find(|t| t.trampoline_id == tramp)
+        .map(|t| t.holdouts)
+        .unwrap_or_else(|| panic!("trampoline {tramp} not listed"))
+}
+
+#[test]
+fn restored_tracers_keep_their_trampolines_and_nothing_is_authorized_on_old_evidence() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(2);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    let kept = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    reg.attach(Caller::ROOT, spec("b*")).unwrap();
+    let gone = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    let live_tramp = sim.owner[&addr(0)];
+    let retired_tramp = sim.owner[&addr(1)];
+    let req = pb::DetachRequest {
+        tracer_id: gone,
+        wait: false,
+        timeout_ms: 0,
+    };
+    reg.detach(Caller::ROOT, req, Instant::now()).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    // Thread 1 is seen outside before the restart; thread 2 is not.
+    sim.observe(1);
+    settle(&mut reg, &mut sim).unwrap();
+    assert_eq!(holdouts_of(&reg, retired_tramp), vec![2]);
+    let counts = |n| pb::CountReport {
+        tracer_id: kept,
+        counts: vec![pb::SiteCount {
+            site: Some(pb::Site {
+                address: addr(0),
+                name: "alpha".into(),
+            }),
+            count: n,
+        }],
+    };
+    reg.count_report(sim.id, counts(40)).unwrap();
+    let owner_before = sim.owner.clone();
+    let group_before = sim.tramps[&live_tramp].group.clone();
+
+    restart(&mut reg, &mut sim).unwrap();
+    let listed: Vec<TracerId> = reg
+        .list_tracers(Caller::ROOT)
+        .iter()
+        .map(|t| t.tracer_id)
+        .collect();
+    assert_eq!(listed, vec![kept], "only the active tracer is restored");
+    // The agent asks nothing to be reinstalled or removed: its live trampoline is the
+    // restored tracer's, as it is.
+    let sent = route(&mut reg, &mut sim, true);
+    assert!(sent.is_empty());
+    assert!(
+        sim.inq
+            .iter()
+            .all(|m| matches!(m, ToAgent::ListFunctions(_) | ToAgent::Expedite(_))),
+        "{:?}",
+        sim.inq
+    );
+    settle(&mut reg, &mut sim).unwrap();
+    assert_eq!(sim.owner, owner_before, "no site moved");
+    assert_eq!(sim.tramps[&live_tramp].group, group_before);
+    let t = reg.list_trampolines(Caller::ROOT, &Default::default(), Instant::now());
+    assert!(
+        t.iter().any(|x| x.trampoline_id == live_tramp
+            && x.state == pb::TrampolineState::Live as i32
+            && x.sites == 2),
+        "{t:?}"
+    );
+    let view = &reg.list_tracers(Caller::ROOT)[0];
+    assert_eq!((view.agents, view.sites), (1, 2), "{view:?}");
+    // The evidence about thread 1 from before the restart is not trusted.
+    assert_eq!(holdouts_of(&reg, retired_tramp), vec![1, 2]);
+    sim.observe(2);
+    settle(&mut reg, &mut sim).unwrap();
+    assert!(sim.tramps.contains_key(&retired_tramp), "freed too early");
+    sim.observe(1);
+    settle(&mut reg, &mut sim).unwrap();
+    assert!(
+        !sim.tramps.contains_key(&retired_tramp),
+        "freed after the new grace period"
+    );
+    // Counts continue (agents report cumulative counts).
+    reg.count_report(sim.id, counts(55)).unwrap();
+    assert_eq!(reg.counts(Caller::ROOT, kept).unwrap().total, 55);
+    // New ids continue after the restored ones (the detached id is not reused).
+    reg.attach(Caller::ROOT, spec("gamma")).unwrap();
+    let next = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    assert!(next > gone, "{next} <= {gone}");
+}
+
+#[test]
+fn a_restored_tracer_gets_the_sites_its_cut_short_attach_missed() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    let id = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    let tramp = sim.owner[&addr(0)];
+    // As if the server died before the agent patched alpine.
+    sim.owner.remove(&addr(4));
+    restart(&mut reg, &mut sim).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    assert_eq!(sim.owner[&addr(0)], tramp, "alpha keeps its trampoline");
+    let new = sim.owner[&addr(4)];
+    assert_ne!(new, tramp);
+    assert_eq!(sim.tramps[&new].group[0].tracer_id, id);
+    assert!(sim.tramps[&tramp].retired.is_none());
+}
+
+#[test]
+fn a_re_reported_group_with_another_callback_than_the_restored_tracer_is_replaced() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("alpha")).unwrap();
+    let id = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    let old = sim.owner[&addr(0)];
+    let (mut saved, next) = reg.saved_tracers();
+    saved[0].spec.callback.as_mut().unwrap().kind = pb::CallbackKind::Trace as i32;
+    sim.inq.clear();
+    let mut fresh = Registry::new(Settings::default());
+    fresh.restore_tracers(saved, next).unwrap();
+    reg = fresh;
+    connect(&mut reg, &mut sim);
+    settle(&mut reg, &mut sim).unwrap();
+    let new = sim.owner[&addr(0)];
+    assert_ne!(
+        new, old,
+        "the site moved to a trampoline of the restored callback"
+    );
+    assert_eq!(
+        sim.tramps[&new].group[0].callback.as_ref().unwrap().kind,
+        pb::CallbackKind::Trace as i32
+    );
+    assert_eq!(sim.tramps[&new].group[0].tracer_id, id);
+    // The old one is retired and freed only after its grace period.
+    assert!(sim.tramps[&old].retired.is_some() && !sim.tramps[&old].authorized);
+    sim.observe(1);
+    settle(&mut reg, &mut sim).unwrap();
+    assert!(!sim.tramps.contains_key(&old));
+}
+
+#[test]
+fn restore_validates_saved_tracers_and_changes_nothing_on_error() {
+    let good = SavedTracer {
+        id: 4,
+        spec: spec("al*").spec.unwrap(),
+        owner_uid: 0,
+        pid_start_time: 42,
+    };
+    let mut bad_pattern = good.clone();
+    bad_pattern.id = 5;
+    bad_pattern.spec.pattern = "al[".into();
+    let mut no_target = good.clone();
+    no_target.id = 6;
+    no_target.spec.target = None;
+    let mut zero = good.clone();
+    zero.id = 0;
+    for (set, want) in [
+        (vec![good.clone(), bad_pattern], "saved tracer 5"),
+        (vec![good.clone(), no_target], "no target"),
+        (vec![good.clone(), good.clone()], "duplicate"),
+        (vec![zero], "id 0"),
+    ] {
+        let mut reg = Registry::new(Settings::default());
+        let e = reg.restore_tracers(set, 1).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+        assert!(reg.list_tracers(Caller::ROOT).is_empty());
+        assert_eq!(reg.tracer_generation(), 0);
+    }
+    let mut reg = Registry::new(Settings::default());
+    reg.restore_tracers(vec![good.clone()], 2).unwrap();
+    // next id: after the largest restored id even if the saved next id is smaller.
+    assert_eq!(reg.saved_tracers(), (vec![good], 5));
+}
+
+#[test]
+fn a_pid_tracer_does_not_follow_its_pid_to_another_process() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("alpha")).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    let (saved, next) = reg.saved_tracers();
+    assert_eq!(saved[0].pid_start_time, 42);
+    // After a restart (e.g. a reboot) another process has the pid.
+    let mut reg = Registry::new(Settings::default());
+    reg.restore_tracers(saved, next).unwrap();
+    let mut other = new_sim(1);
+    let mut hello = other.hello();
+    hello.start_time = 43;
+    let (id, _) = reg
+        .agent_hello(Some((other.pid, 0)), hello, Instant::now())
+        .unwrap();
+    other.id = id;
+    assert!(
+        !reg.take_effects()
+            .iter()
+            .any(|e| matches!(e, Effect::Send(_, ToAgent::ListFunctions(_)))),
+        "the tracer must not apply to a new process with the same pid"
+    );
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Attach(usize),
@@ -438,6 +668,7 @@ enum Op {
     Process,
     Deliver,
     Reconnect,
+    Restart,
     Sync,
 }
 
@@ -453,6 +684,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => Just(Op::Process),
         8 => Just(Op::Deliver),
         1 => Just(Op::Reconnect),
+        1 => Just(Op::Restart),
         1 => Just(Op::Sync),
     ]
 }
@@ -544,6 +776,7 @@ fn run(ops: &[Op]) -> Result<(), String> {
                 route(&mut reg, &mut sim, false);
                 connect(&mut reg, &mut sim);
             }
+            Op::Restart => restart(&mut reg, &mut sim)?,
             Op::Sync => {
                 reg.synchronize(Caller::ROOT, Instant::now());
             }

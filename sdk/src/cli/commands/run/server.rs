@@ -104,6 +104,8 @@ impl Connection {
             socket_mode: 0o600,
             tcp: None,
             settings: Settings::default(),
+            // The embedded server lives for one `patchbay run`: its tracers die with it.
+            state_dir: None,
         })
         .await
         .context("cannot start the embedded server")?;
