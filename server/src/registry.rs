@@ -145,6 +145,8 @@ pub struct Agent {
     stalls: BTreeMap<Tid, (pb::Stall, Instant)>,
     counts: BTreeMap<TracerId, Vec<pb::SiteCount>>,
     dropped: BTreeMap<TracerId, u64>,
+    /// The last failure the agent reported (`AgentError`), for messages to people.
+    last_error: Option<String>,
 }
 
 impl Agent {
@@ -467,6 +469,7 @@ impl Registry {
                     stalls: BTreeMap::new(),
                     counts: BTreeMap::new(),
                     dropped: BTreeMap::new(),
+                    last_error: None,
                 },
             );
             self.by_identity.insert(key, id);
@@ -801,6 +804,9 @@ impl Registry {
 
     pub fn agent_error(&mut self, id: AgentId, message: &str) {
         tracing::warn!(agent = id, "agent reported: {message}");
+        if let Some(a) = self.agents.get_mut(&id) {
+            a.last_error = Some(message.to_string());
+        }
     }
 
     // ------------------------------------------------------ functions & attach
@@ -1712,15 +1718,37 @@ impl Registry {
                 ))
             }
             Op::Detach { waiting, .. } => {
-                let pending: Vec<String> = waiting
+                let mut unpatched = Vec::new();
+                let mut pending = Vec::new();
+                for (a, t) in waiting
                     .iter()
                     .filter(|(a, t)| !self.trampoline_settled(*a, *t))
-                    .map(|(a, t)| format!("agent {a} trampoline {t}"))
-                    .collect();
-                Some(format!(
-                    "detached, but grace periods are still running for {}: see `patchbay gp` for the threads holding them up",
-                    pending.join(", ")
-                ))
+                {
+                    let agent = &self.agents[a];
+                    if agent.trampolines[t].state == TState::Retiring {
+                        // The agent has not unpatched it yet: say why when it said.
+                        let why = agent
+                            .last_error
+                            .as_deref()
+                            .filter(|e| e.contains(&format!("trampoline {t} ")))
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default();
+                        unpatched.push(format!(
+                            "agent {a} (pid {}) trampoline {t} is not unpatched yet{why}",
+                            agent.hello.pid
+                        ));
+                    } else {
+                        pending.push(format!("agent {a} trampoline {t}"));
+                    }
+                }
+                let mut parts = unpatched;
+                if !pending.is_empty() {
+                    parts.push(format!(
+                        "grace periods are still running for {}: see `patchbay gp` for the threads holding them up",
+                        pending.join(", ")
+                    ));
+                }
+                Some(format!("detached, but {}", parts.join("; ")))
             }
             Op::Attach { steps, .. } => {
                 let slow: Vec<String> = steps
