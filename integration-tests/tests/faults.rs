@@ -14,7 +14,7 @@ use integration_tests::ops::*;
 use integration_tests::proto::*;
 use integration_tests::server::Control;
 use integration_tests::target::*;
-use integration_tests::{Target, wait_for};
+use integration_tests::{Target, TestServer, wait_for};
 use tonic::Code;
 
 /// Tests of this file run one at a time.
@@ -484,5 +484,144 @@ async fn thread_churn_during_grace_periods() {
         }
     })
     .await;
+    quit_ok(&mut t).await;
+}
+
+// ---------------------------------------------------------------- fork and exec
+
+/// Lines of the server log saying that `pid`'s agent connected.
+fn connections(server: &TestServer, pid: u32) -> Vec<String> {
+    server
+        .log()
+        .lines()
+        .filter(|l| l.contains("agent connected") && l.contains(&format!("pid={pid} ")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A forked child is a new agent: its inherited trampoline is listed under its own pid,
+/// retired by reconcile (the tracer targets the parent) and freed after the child's own
+/// grace period; its calls never count for the parent. After an exec with the agent
+/// still preloaded, the new image is an agent again (same pid and start time: the
+/// server resumes it), traceable exactly. When the child exits, nothing of it is left.
+#[tokio::test]
+async fn forked_and_execd_children_are_agents_and_leave_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    let parent_agent = wait_agent(&c, pid).await.agent_id;
+    let id = attach_count(&mut c, pid, "work", 1).await;
+    t.run(1, 1000).await;
+    wait_total(&c, id, 1000).await;
+    let inherited = only_trampoline(&mut c, pid).await.trampoline_id;
+
+    // fork: the child calls work() 1000 times through the inherited patched site.
+    let a = t.expect("child", "child pid=").await;
+    let child: u32 = field(&a, "pid").unwrap().parse().unwrap();
+    let info = wait_agent(&c, child).await;
+    eprintln!("child agent: {info:?}");
+    assert_ne!(info.agent_id, parent_agent, "{info:?}");
+    assert_eq!(
+        std::fs::canonicalize(&info.exe).ok(),
+        std::fs::canonicalize(integration_tests::fixtures::fixture(Build::Nop5)).ok(),
+        "{info:?}"
+    );
+    wait_for(
+        STATE_TIMEOUT,
+        &format!("the child's inherited trampoline {inherited} to be retired and freed"),
+        || {
+            let mut c = c.clone();
+            async move {
+                let all = trampolines_of(&mut c, child, true).await;
+                let freed = all.iter().any(|x| {
+                    x.trampoline_id == inherited
+                        && state(x) == TrampolineState::Freed
+                        && x.retired_epoch > 0
+                });
+                let unfreed = all.iter().any(|x| state(x) != TrampolineState::Freed);
+                if freed && !unfreed { Ok(()) } else { Err(all) }
+            }
+        },
+    )
+    .await;
+    let info = wait_agent(&c, child).await;
+    assert_eq!(info.trampolines, 0, "{info:?}");
+    // The parent's trampoline is untouched and its count exact.
+    let x = only_trampoline(&mut c, pid).await;
+    assert_eq!(
+        (x.trampoline_id, state(&x)),
+        (inherited, TrampolineState::Live),
+        "{x:?}"
+    );
+    t.expect("childrun", "child ran work=1000").await;
+    synchronize(&mut c, GP_TIMEOUT).await;
+    assert_eq!(
+        counts(&mut c, id).await.total,
+        1000,
+        "the child's calls leaked"
+    );
+
+    // exec: the new image (LD_PRELOAD kept) connects as the same process, resumed.
+    let before = connections(&server, child).len();
+    t.expect("childexec", "child execd").await;
+    wait_for(AGENT_TIMEOUT, "the exec'd child's agent to connect", || {
+        let server = &server;
+        async move {
+            let lines = connections(server, child);
+            if lines.len() > before {
+                Ok(lines)
+            } else {
+                Err(lines)
+            }
+        }
+    })
+    .await;
+    let info = wait_agent(&c, child).await;
+    eprintln!("exec'd child agent: {info:?}");
+    let cid = attach_count(&mut c, child, "work", 1).await;
+    t.expect("childrun", "child ran work=1000").await;
+    wait_total(&c, cid, 1000).await;
+    synchronize(&mut c, GP_TIMEOUT).await;
+    assert_eq!(
+        counts(&mut c, id).await.total,
+        1000,
+        "the child's calls leaked"
+    );
+
+    // exit: nothing of the child is left.
+    t.expect("childquit", "child status=0").await;
+    wait_for(
+        STATE_TIMEOUT,
+        &format!("pid {child} to leave ListAgents"),
+        || {
+            let mut c = c.clone();
+            async move {
+                let all = agents(&mut c).await;
+                if all.iter().any(|x| x.pid == child) {
+                    Err(all)
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    )
+    .await;
+    let left = trampolines_of(&mut c, child, true).await;
+    assert!(left.is_empty(), "{left:?}");
+    let gps = grace_periods(&mut c).await;
+    assert!(gps.iter().all(|g| g.pid != child), "{gps:?}");
+    // What the child counted stays with its tracer.
+    assert_eq!(counts(&mut c, cid).await.total, 1000);
+    detach_wait(&mut c, cid, "the tracer of the gone child").await;
+
+    // The parent stays exact.
+    t.run(2, 1000).await;
+    wait_total(&c, id, 3000).await;
+    let all = agents(&mut c).await;
+    assert_eq!(
+        all.iter().map(|a| a.pid).collect::<Vec<_>>(),
+        vec![pid],
+        "{all:?}"
+    );
     quit_ok(&mut t).await;
 }

@@ -476,7 +476,12 @@ impl Registry {
         }
         let agent = self.agents.get_mut(&id).expect("inserted above");
         agent.connected = true;
-        agent.epoch = agent.epoch.max(hello.epoch);
+        // The hello's epoch, even when lower: within one program image the epoch never
+        // goes back, but after an exec (same pid and start time, so the same agent) the
+        // new image counts from 1 again. Nothing from before is trusted anyway
+        // (`readopt` forgets every stamp), and keeping the old, higher epoch would make
+        // every barrier answer of the new image look stale.
+        agent.epoch = hello.epoch;
         agent.hello = hello;
         self.readopt(id, now);
         self.reconcile(id, now);
