@@ -162,6 +162,60 @@ pub fn claim(tid: u32) -> Option<&'static Header> {
     None
 }
 
+/// `tid` of the shared overflow block: never a thread id (tids are < 2^22).
+pub const OVERFLOW_TID: u32 = u32::MAX;
+/// The shared overflow block (null until [`init_overflow`]).
+static OVERFLOW: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Reserves the shared overflow block (agent start, once): threads that find the pool
+/// empty (short-lived threads created faster than the agent thread recycles blocks)
+/// count there with atomic adds instead of losing their calls. It is never claimed by
+/// a thread, never released, and never looked up by tid.
+pub fn init_overflow() -> std::io::Result<()> {
+    if !OVERFLOW.load(Ordering::Acquire).is_null() {
+        return Ok(());
+    }
+    refill(1)?;
+    for h in all() {
+        if h.tid
+            .compare_exchange(0, OVERFLOW_TID, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            OVERFLOW.store(h as *const Header as *mut Header, Ordering::Release);
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::other(
+        "no free thread block for the overflow block",
+    ))
+}
+
+/// The shared overflow block, once reserved. Async-signal-safe.
+#[inline]
+pub fn overflow() -> Option<&'static Header> {
+    let p = OVERFLOW.load(Ordering::Acquire);
+    // SAFETY: a non-null value is a mapped block header; blocks are never unmapped.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+impl Header {
+    /// Whether this is the shared overflow block (see [`init_overflow`]).
+    pub fn is_overflow(&self) -> bool {
+        self.tid.load(Ordering::Acquire) == OVERFLOW_TID
+    }
+
+    /// Adds 1 to counter `idx` atomically (the overflow block has many writers).
+    /// Async-signal-safe.
+    #[inline]
+    pub fn counter_add_atomic(&self, idx: u32) {
+        // SAFETY: idx < COUNTERS (handed out by `counters.rs`); the counter is an
+        // 8-byte aligned u64 inside this block's mapping, and every writer of the
+        // overflow block's counters goes through this atomic add.
+        unsafe { AtomicU64::from_ptr(self.counters().add(idx as usize)) }
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Number of free blocks in the pool.
 pub fn free_blocks() -> usize {
     all().filter(|h| h.tid.load(Ordering::Acquire) == 0).count()

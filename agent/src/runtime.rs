@@ -32,8 +32,12 @@ use crate::{callbacks, link, log, procfs};
 
 /// Sites per trampoline slot (a slot must fit in an arena chunk).
 const SITES_PER_SLOT: usize = 1000;
-/// Events buffered per tracer while the server is away; more are dropped and counted.
+/// Events buffered per tracer while the server is away or does not read; more are
+/// dropped and counted (`PATCHBAY_EVENT_BUFFER` overrides it).
 const EVENT_BUFFER: usize = 1 << 16;
+/// Bytes queued for the server and not yet taken by the transport above which counts
+/// and events are held back (in the bounded buffer above) until it reads again.
+const LINK_BACKLOG: u64 = 1 << 20;
 /// Records per event batch.
 const EVENTS_PER_BATCH: usize = 4096;
 /// Free thread blocks kept ready, at least.
@@ -79,6 +83,8 @@ pub struct Runtime {
     /// Per tracer: packed records waiting to be sent, their count, and drops.
     events: BTreeMap<u64, (Vec<u8>, u32)>,
     lost_events: BTreeMap<u64, u64>,
+    /// Events buffered per tracer at most.
+    event_buffer: usize,
     /// Barriers whose epoch threads must still reach.
     barriers: Vec<u64>,
     /// Live trampolines whose `Remove` was refused for a passing reason (a thread
@@ -125,6 +131,11 @@ impl Runtime {
             clock: Clock::new(),
             events: BTreeMap::new(),
             lost_events: BTreeMap::new(),
+            event_buffer: std::env::var("PATCHBAY_EVENT_BUFFER")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(EVENT_BUFFER),
             barriers: Vec::new(),
             pending_removes: BTreeSet::new(),
             sigtrap_blocker: None,
@@ -680,13 +691,14 @@ impl Runtime {
         let clock = self.clock;
         let events = &mut self.events;
         let lost = &mut self.lost_events;
+        let event_buffer = self.event_buffer;
         for h in block::all() {
             if h.tid.load(Ordering::Acquire) == 0 {
                 continue;
             }
             ring::drain(h, |r| {
                 let (buf, n) = events.entry(r.tracer).or_default();
-                if *n as usize >= EVENT_BUFFER {
+                if *n as usize >= event_buffer {
                     *lost.entry(r.tracer).or_insert(0) += 1;
                     return;
                 }
@@ -801,19 +813,23 @@ impl Runtime {
         let mut recycled = 0;
         for h in block::all() {
             let tid = h.tid.load(Ordering::Acquire);
-            if tid != 0 && !known.contains(&tid) && !Threads::alive(tid) {
+            if tid != 0
+                && tid != block::OVERFLOW_TID
+                && !known.contains(&tid)
+                && !Threads::alive(tid)
+            {
                 self.counters.fold_exited_block(h);
                 recycled += 1;
             }
         }
         // Threads claim blocks between two ticks faster than they come back when
         // short-lived threads churn: keep twice the last tick's turnover spare, and
-        // double the reserve whenever a call found the pool empty (its callbacks were
-        // skipped: a count would be short).
+        // double the reserve whenever a call found the pool empty (it then counted in
+        // the shared overflow block, slower, and its trace events were dropped).
         let missed = dispatch::MISSED.load(Ordering::Relaxed);
         if missed != self.missed_seen {
             log::warn(&format!(
-                "{} traced calls found no free thread block (threads are created faster than the agent recycles their blocks): their callbacks were skipped",
+                "{} traced calls found no free thread block (threads are created faster than the agent recycles their blocks): counted in the shared overflow block, trace events dropped",
                 missed - self.missed_seen
             ));
             self.missed_seen = missed;
@@ -997,7 +1013,10 @@ impl link::Handler for Runtime {
         let every = Duration::from_millis(self.settings.flush_interval_ms.max(1) as u64);
         if self.last_flush.elapsed() >= every {
             self.last_flush = Instant::now();
-            if connected {
+            // A server that does not read (stopped, hung, or slower than the program)
+            // must not make the agent queue without bound: hold counts (cumulative,
+            // nothing is lost) and events (bounded, losses counted) until it reads.
+            if connected && link::backlog_bytes() <= LINK_BACKLOG {
                 self.flush(out);
             } else {
                 self.drain_rings();
@@ -1047,7 +1066,7 @@ impl Runtime {
             if Some(h as *const block::Header) == mine {
                 h.tid.store(me, Ordering::Release);
                 h.qs_epoch.store(0, Ordering::Release);
-            } else if h.tid.load(Ordering::Acquire) != 0 {
+            } else if h.tid.load(Ordering::Acquire) != 0 && !h.is_overflow() {
                 h.release(std::iter::empty());
             }
         }

@@ -7,7 +7,7 @@
 //! Every wait is a condition with a deadline. The tests of this file run one at a time
 //! (2 cores); each stays well under 30 s in a debug build.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use integration_tests::fixtures::Build;
 use integration_tests::ops::*;
@@ -623,5 +623,156 @@ async fn forked_and_execd_children_are_agents_and_leave_nothing() {
         vec![pid],
         "{all:?}"
     );
+    quit_ok(&mut t).await;
+}
+
+// ------------------------------------------------------ a server that stops reading
+
+/// Receives batches of `tracer` until `done(events, last dropped)` holds; returns the
+/// events and the last `dropped` seen (cumulative).
+async fn collect_events(
+    stream: &mut tonic::Streaming<EventBatchView>,
+    tracer: u64,
+    what: &str,
+    done: impl Fn(&[Event], u64) -> bool,
+) -> (Vec<Event>, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut events = Vec::new();
+    let mut dropped = 0;
+    while !done(&events, dropped) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(b))) => b,
+            Ok(Ok(None)) => panic!(
+                "{what}: the event stream ended after {} events",
+                events.len()
+            ),
+            Ok(Err(s)) => panic!("{what}: the event stream failed: {s:?}"),
+            Err(_) => panic!(
+                "{what}: timed out with {} events, {dropped} dropped",
+                events.len()
+            ),
+        };
+        assert_eq!(batch.tracer_id, tracer, "{batch:?}");
+        assert!(
+            batch.dropped >= dropped,
+            "the dropped count went back: {batch:?}"
+        );
+        dropped = batch.dropped;
+        events.extend(batch.events);
+    }
+    (events, dropped)
+}
+
+/// Checks events of round `round` (`work(i, round)` for i in 0..n): each at most once.
+fn check_round(events: &[Event], round: u64, n: u64) {
+    let mut seen = vec![false; n as usize];
+    for e in events {
+        assert_eq!(e.function, "work", "{e:?}");
+        assert_eq!(e.args.len(), 2, "{e:?}");
+        assert_eq!(e.args[1], round, "an event of another round: {e:?}");
+        let i = e.args[0];
+        assert!(i < n, "{e:?}");
+        assert!(!seen[i as usize], "work({i}, {round}) reported twice");
+        seen[i as usize] = true;
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+        .unwrap_or_else(|e| panic!("kill({pid}, {sig}): {e}"));
+}
+
+/// The server stops reading (SIGSTOP) while a `trace` tracer is attached: the program
+/// runs on unaffected (exact answers), the agent holds back events in a bounded
+/// buffer (`PATCHBAY_EVENT_BUFFER`=20000 here) instead of queueing them without bound,
+/// and counts what it dropped; once the server reads again (SIGCONT) the buffered
+/// events arrive, the loss is visible in the batches and in ListTracers, and
+/// delivered + dropped equals exactly the calls made. Afterwards nothing is lost.
+#[tokio::test]
+async fn server_that_stops_reading_gets_bounded_events_and_the_exact_loss() {
+    const STOPPED_CALLS: u64 = 200_000;
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start();
+    let mut c = server.control().await;
+    let mut t = Target::start_env(
+        Build::Nop5,
+        server.socket_path(),
+        &[("PATCHBAY_EVENT_BUFFER", "20000")],
+    )
+    .await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+    let mut spec = spec_pid(pid, "work", CallbackKind::Trace);
+    spec.callback.as_mut().unwrap().arg_count = 2;
+    let (id, resp) = attach(&mut c, spec).await;
+    assert_eq!(resp.results[0].sites_patched, 1, "{resp:?}");
+    let mut stream = c
+        .watch_events(WatchEventsRequest { tracer_id: id })
+        .await
+        .expect("WatchEvents")
+        .into_inner();
+
+    // Connected, the paced calls lose nothing (the per-thread rings keep up).
+    t.expect("trickle 20000 100 1", "trickled work=20000").await;
+    let (ev, dropped) = collect_events(&mut stream, id, "round 1", |e, _| e.len() >= 20_000).await;
+    assert_eq!((ev.len(), dropped), (20_000, 0));
+    check_round(&ev, 1, 20_000);
+
+    // The server stops reading; the program runs on exactly.
+    signal(server.pid(), nix::sys::signal::Signal::SIGSTOP);
+    let stopped = Instant::now();
+    t.expect(
+        &format!("trickle {STOPPED_CALLS} 100 2"),
+        &format!("trickled work={STOPPED_CALLS}"),
+    )
+    .await;
+    t.run(2, 1000).await;
+    eprintln!(
+        "the program ran {STOPPED_CALLS} traced calls in {:?} with the server stopped",
+        stopped.elapsed()
+    );
+    signal(server.pid(), nix::sys::signal::Signal::SIGCONT);
+
+    // Every call is either delivered or counted as dropped. `run 2 1000` made 2000
+    // more calls (round 0 and 1): keep them apart.
+    let (ev, dropped) = collect_events(&mut stream, id, "round 2", |e, d| {
+        e.iter().filter(|x| x.args.get(1) == Some(&2)).count() as u64 + d >= STOPPED_CALLS + 2000
+            && e.len() as u64 + d >= STOPPED_CALLS + 2000
+    })
+    .await;
+    let round2: Vec<Event> = ev.iter().filter(|x| x.args[1] == 2).cloned().collect();
+    eprintln!(
+        "after the stop: {} events delivered ({} of round 2), {dropped} dropped",
+        ev.len(),
+        round2.len()
+    );
+    assert_eq!(
+        ev.len() as u64 + dropped,
+        STOPPED_CALLS + 2000,
+        "delivered + dropped"
+    );
+    assert!(
+        dropped > 0,
+        "nothing was dropped: the agent buffered without bound"
+    );
+    assert!(
+        round2.len() >= 20_000,
+        "the bounded buffer (20000 events) was not delivered: {}",
+        round2.len()
+    );
+    check_round(&round2, 2, STOPPED_CALLS);
+    let tracer = tracers(&mut c)
+        .await
+        .into_iter()
+        .find(|x| x.tracer_id == id)
+        .expect("the tracer is listed");
+    assert_eq!(tracer.dropped, dropped, "{tracer:?}");
+
+    // Reading again: nothing more is lost.
+    t.expect("trickle 10000 100 3", "trickled work=10000").await;
+    let (ev, d) = collect_events(&mut stream, id, "round 3", |e, _| e.len() >= 10_000).await;
+    assert_eq!((ev.len(), d), (10_000, dropped));
+    check_round(&ev, 3, 10_000);
     quit_ok(&mut t).await;
 }
