@@ -314,6 +314,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn overflow_block_is_reserved_once_counts_atomically_and_is_never_claimed() {
+        init_overflow().unwrap();
+        let o = overflow().expect("reserved");
+        assert!(o.is_overflow());
+        init_overflow().unwrap();
+        assert!(std::ptr::eq(o, overflow().unwrap()), "reserved once");
+        // A high index no other test of this process uses.
+        let idx = (COUNTERS - 7) as u32;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        overflow().unwrap().counter_add_atomic(idx);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(o.counter(idx), 40_000, "no increment lost");
+        o.reset_counter(idx);
+        // Threads claiming blocks never get it.
+        let claimed = std::thread::spawn(|| claim(4242).map(|h| h as *const Header as usize))
+            .join()
+            .unwrap();
+        if let Some(h) = claimed {
+            assert_ne!(h, o as *const Header as usize);
+            // SAFETY: the block the thread claimed; it has exited.
+            unsafe { &*(h as *const Header) }.release(std::iter::empty());
+        }
+    }
+
+    #[test]
     fn tls_offsets_are_static() {
         let (tls, nest) = tls_offsets().expect("static TLS");
         assert_ne!(tls, nest);

@@ -776,3 +776,33 @@ async fn server_that_stops_reading_gets_bounded_events_and_the_exact_loss() {
     check_round(&ev, 3, 10_000);
     quit_ok(&mut t).await;
 }
+
+/// Threads created as fast as four threads can (no pause) outrun the agent's
+/// recycling of thread blocks: calls that find the pool empty count in the shared
+/// overflow block, so the count stays exact (the agent logs that it happened).
+#[tokio::test]
+async fn thread_churn_faster_than_block_recycling_still_counts_exactly() {
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    let total = attach_count(&mut c, pid, "work", 1).await;
+    t.expect("churn 4 1000 0", "churning").await;
+    let started = Instant::now();
+    integration_tests::wait_until(
+        Duration::from_secs(15),
+        "the agent to report calls that found no free thread block",
+        || {
+            let log = t.stderr();
+            async move { log.contains("found no free thread block") }
+        },
+    )
+    .await;
+    let stopped = t.expect("churnstop", "churned ").await;
+    let threads: u64 = field(&stopped, "threads").unwrap().parse().unwrap();
+    let calls: u64 = field(&stopped, "work").unwrap().parse().unwrap();
+    eprintln!("{stopped} in {:?}", started.elapsed());
+    assert_eq!(calls, threads * 1000, "{stopped}");
+    wait_total(&c, total, calls).await;
+    detach_wait(&mut c, total, "after the churn").await;
+    quit_ok(&mut t).await;
+}
