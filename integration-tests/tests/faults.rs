@@ -332,8 +332,7 @@ fn queued_signals(pid: u32) -> u64 {
 #[tokio::test]
 async fn thread_blocking_every_signal_is_reported_until_it_unblocks() {
     let _serial = SERIAL.lock().await;
-    let (_server, mut c, mut t) =
-        setup_with(Build::Nop5, &["--stall-threshold-ms", STALL_MS]).await;
+    let (server, mut c, mut t) = setup_with(Build::Nop5, &["--stall-threshold-ms", STALL_MS]).await;
     let pid = t.pid();
     let id = attach_count(&mut c, pid, "work", 1).await;
     t.run(1, 1000).await;
@@ -372,6 +371,13 @@ async fn thread_blocking_every_signal_is_reported_until_it_unblocks() {
     let x = only_trampoline(&mut c, pid).await;
     assert_eq!(state(&x), TrampolineState::Retired, "{x:?}");
     assert_eq!(holdouts(&x), vec![blocker], "{x:?}");
+    let out = server.cli(&["gp"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains(&blocker.to_string()) && text.contains("blocks the quiescent-state signal"),
+        "`patchbay gp` should show the stall and its reason:\n{text}"
+    );
     // Unpatched: calls are no longer counted.
     t.run(2, 1000).await;
     // Real-time signals queue against the uid's RLIMIT_SIGPENDING: the agent keeps at
@@ -576,8 +582,14 @@ async fn forked_and_execd_children_are_agents_and_leave_nothing() {
         }
     })
     .await;
-    let info = wait_agent(&c, child).await;
-    eprintln!("exec'd child agent: {info:?}");
+    let execd = wait_agent(&c, child).await;
+    eprintln!("exec'd child agent: {execd:?}");
+    // Same pid and start time: the same agent, resumed, with the new image's epoch
+    // (it counts from 1 again) and none of the old image's callbacks or trampolines.
+    assert_eq!(execd.agent_id, info.agent_id, "{execd:?}");
+    assert!(execd.epoch < 5, "the new image's epoch: {execd:?}");
+    assert!(execd.callbacks.is_empty(), "{execd:?}");
+    assert_eq!(execd.trampolines, 0, "{execd:?}");
     let cid = attach_count(&mut c, child, "work", 1).await;
     t.expect("childrun", "child ran work=1000").await;
     wait_total(&c, cid, 1000).await;
