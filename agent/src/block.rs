@@ -162,6 +162,60 @@ pub fn claim(tid: u32) -> Option<&'static Header> {
     None
 }
 
+/// `tid` of the shared overflow block: never a thread id (tids are < 2^22).
+pub const OVERFLOW_TID: u32 = u32::MAX;
+/// The shared overflow block (null until [`init_overflow`]).
+static OVERFLOW: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Reserves the shared overflow block (agent start, once): threads that find the pool
+/// empty (short-lived threads created faster than the agent thread recycles blocks)
+/// count there with atomic adds instead of losing their calls. It is never claimed by
+/// a thread, never released, and never looked up by tid.
+pub fn init_overflow() -> std::io::Result<()> {
+    if !OVERFLOW.load(Ordering::Acquire).is_null() {
+        return Ok(());
+    }
+    refill(1)?;
+    for h in all() {
+        if h.tid
+            .compare_exchange(0, OVERFLOW_TID, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            OVERFLOW.store(h as *const Header as *mut Header, Ordering::Release);
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::other(
+        "no free thread block for the overflow block",
+    ))
+}
+
+/// The shared overflow block, once reserved. Async-signal-safe.
+#[inline]
+pub fn overflow() -> Option<&'static Header> {
+    let p = OVERFLOW.load(Ordering::Acquire);
+    // SAFETY: a non-null value is a mapped block header; blocks are never unmapped.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+impl Header {
+    /// Whether this is the shared overflow block (see [`init_overflow`]).
+    pub fn is_overflow(&self) -> bool {
+        self.tid.load(Ordering::Acquire) == OVERFLOW_TID
+    }
+
+    /// Adds 1 to counter `idx` atomically (the overflow block has many writers).
+    /// Async-signal-safe.
+    #[inline]
+    pub fn counter_add_atomic(&self, idx: u32) {
+        // SAFETY: idx < COUNTERS (handed out by `counters.rs`); the counter is an
+        // 8-byte aligned u64 inside this block's mapping, and every writer of the
+        // overflow block's counters goes through this atomic add.
+        unsafe { AtomicU64::from_ptr(self.counters().add(idx as usize)) }
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Number of free blocks in the pool.
 pub fn free_blocks() -> usize {
     all().filter(|h| h.tid.load(Ordering::Acquire) == 0).count()
@@ -258,6 +312,40 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overflow_block_is_reserved_once_counts_atomically_and_is_never_claimed() {
+        init_overflow().unwrap();
+        let o = overflow().expect("reserved");
+        assert!(o.is_overflow());
+        init_overflow().unwrap();
+        assert!(std::ptr::eq(o, overflow().unwrap()), "reserved once");
+        // A high index no other test of this process uses.
+        let idx = (COUNTERS - 7) as u32;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        overflow().unwrap().counter_add_atomic(idx);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(o.counter(idx), 40_000, "no increment lost");
+        o.reset_counter(idx);
+        // Threads claiming blocks never get it.
+        let claimed = std::thread::spawn(|| claim(4242).map(|h| h as *const Header as usize))
+            .join()
+            .unwrap();
+        if let Some(h) = claimed {
+            assert_ne!(h, o as *const Header as usize);
+            // SAFETY: the block the thread claimed; it has exited.
+            unsafe { &*(h as *const Header) }.release(std::iter::empty());
+        }
+    }
 
     #[test]
     fn tls_offsets_are_static() {

@@ -19,7 +19,8 @@ use crate::ring;
 /// trampoline exists. Read by the stub.
 pub static PATCHBAY_NEST_OFFSET: AtomicI64 = AtomicI64::new(0);
 
-/// Calls that found no thread block (pool exhausted): their callbacks were skipped.
+/// Calls that found no thread block (pool exhausted): they counted in the overflow
+/// block, their trace events were dropped (and counted), custom callbacks skipped.
 pub static MISSED: AtomicU64 = AtomicU64::new(0);
 
 /// Registers saved by the stub, in memory order (lowest address first).
@@ -211,7 +212,14 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     // SAFETY: the stub passes a pointer to the registers it saved on this stack.
     let regs = unsafe { &*regs };
     let Some(h) = block::current().or_else(|| block::claim(tid())) else {
+        // The pool is empty: count in the shared overflow block (atomically), so the
+        // call is not lost; trace events have no ring here and count as dropped;
+        // custom callbacks are skipped (see `run_overflow_actions`).
         MISSED.fetch_add(1, Ordering::Relaxed);
+        let site = ret.wrapping_sub(5);
+        if let (Some(o), Some(pos)) = (block::overflow(), desc.position(site)) {
+            run_overflow_actions(o, desc, pos);
+        }
         return;
     };
     h.seq.fetch_add(1, Ordering::Relaxed);
@@ -226,6 +234,43 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     // thread touches neither the descriptor nor trampoline memory.
     if block::NEST.with(|n| n.get()) == 1 && block::DEFERRED.with(|d| d.replace(0)) != 0 {
         qs::stamp(h);
+    }
+}
+
+/// [`run_actions`] for a thread without a block of its own: atomic adds only, no
+/// system call. Custom callbacks are skipped: without a block, the thread's dispatch
+/// depth is invisible to the blocked-in-a-syscall check, so a callback that blocked
+/// here could be taken for quiescent. Async-signal-safe.
+fn run_overflow_actions(o: &Header, desc: &Descriptor, pos: usize) {
+    for action in desc.actions.iter() {
+        match action {
+            Action::Count { idx } => o.counter_add_atomic(idx[pos]),
+            Action::Trace { dropped_idx, .. } => o.counter_add_atomic(*dropped_idx),
+            Action::Custom { .. } => {}
+        }
+    }
+}
+
+fn call_custom(f: &crate::callbacks::Registered, site: u64, regs: &Regs) {
+    let args = regs.args();
+    let ctx = CallCtx {
+        site,
+        tid: tid(),
+        args: &args,
+    };
+    match f {
+        crate::callbacks::Registered::Rust(f) => {
+            // A panicking callback must not unwind into the traced program.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx))).is_err() {
+                MISSED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        crate::callbacks::Registered::C(f) => {
+            // SAFETY: the context outlives the call; C callbacks get a pointer valid
+            // for the duration of the call only.
+            let p = (&ctx as *const CallCtx<'_>).cast::<CallCtx<'static>>();
+            f(p)
+        }
     }
 }
 
@@ -255,30 +300,7 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                     }
                 }
             }
-            Action::Custom { f } => {
-                let args = regs.args();
-                let ctx = CallCtx {
-                    site,
-                    tid: tid(),
-                    args: &args,
-                };
-                match f {
-                    crate::callbacks::Registered::Rust(f) => {
-                        // A panicking callback must not unwind into the traced program.
-                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx)))
-                            .is_err()
-                        {
-                            MISSED.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    crate::callbacks::Registered::C(f) => {
-                        // SAFETY: the context outlives the call; C callbacks get a
-                        // pointer valid for the duration of the call only.
-                        let p = (&ctx as *const CallCtx<'_>).cast::<CallCtx<'static>>();
-                        f(p)
-                    }
-                }
-            }
+            Action::Custom { f } => call_custom(f, site, regs),
         }
     }
 }

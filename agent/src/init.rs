@@ -63,6 +63,7 @@ fn start_inner() -> Result<(), StartError> {
     let (tls, nest) = offsets.ok_or(StartError::DynamicTls)?;
     dispatch::PATCHBAY_NEST_OFFSET.store(nest as i64, Ordering::Release);
     block::refill(64).map_err(StartError::Blocks)?;
+    block::init_overflow().map_err(StartError::Blocks)?;
     let signal = std::env::var("PATCHBAY_QS_SIGNAL")
         .ok()
         .and_then(|s| s.parse::<i32>().ok())

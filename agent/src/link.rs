@@ -21,18 +21,46 @@ static OUTBOX: std::sync::Mutex<Option<mpsc::UnboundedSender<pb::AgentMessage>>>
 static QUEUED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Encoded bytes of the messages queued on, and taken from, the current session's
+/// channel: their difference is what waits for a server that does not read (hung,
+/// stopped, or slower than the program).
+static QUEUED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static TAKEN_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes queued for the server that the transport has not taken yet.
+pub fn backlog_bytes() -> u64 {
+    use std::sync::atomic::Ordering;
+    QUEUED_BYTES
+        .load(Ordering::Acquire)
+        .saturating_sub(TAKEN_BYTES.load(Ordering::Acquire))
+}
+
+fn queued(m: &pb::AgentMessage) {
+    use prost::Message;
+    use std::sync::atomic::Ordering;
+    QUEUED.fetch_add(1, Ordering::AcqRel);
+    QUEUED_BYTES.fetch_add(m.encoded_len() as u64, Ordering::AcqRel);
+}
+
+fn taken(m: &pb::AgentMessage) {
+    use prost::Message;
+    use std::sync::atomic::Ordering;
+    TAKEN.fetch_add(1, Ordering::AcqRel);
+    TAKEN_BYTES.fetch_add(m.encoded_len() as u64, Ordering::AcqRel);
+}
+
 /// Queues messages on the current session from any thread; false when there is none.
 pub fn send_from_any_thread(msgs: Vec<FromAgent>) -> bool {
-    use std::sync::atomic::Ordering;
     let outbox = OUTBOX.lock().unwrap_or_else(|e| e.into_inner());
     let Some(tx) = outbox.as_ref() else {
         return false;
     };
     for body in msgs {
-        if tx.send(pb::AgentMessage { body: Some(body) }).is_err() {
+        let m = pb::AgentMessage { body: Some(body) };
+        queued(&m);
+        if tx.send(m).is_err() {
             return false;
         }
-        QUEUED.fetch_add(1, Ordering::AcqRel);
     }
     true
 }
@@ -128,18 +156,22 @@ async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String
     let mut client = connect(socket).await?;
     let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
     let send = |body: FromAgent| {
-        if tx.send(pb::AgentMessage { body: Some(body) }).is_ok() {
-            QUEUED.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
+        let m = pb::AgentMessage { body: Some(body) };
+        queued(&m);
+        let _ = tx.send(m);
     };
     send(FromAgent::Hello(handler.hello()));
     *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
     let outbound = UnboundedReceiverStream::new(rx).map(|m| {
-        TAKEN.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        taken(&m);
         m
     });
     let result = run_session(&mut client, outbound, handler, &send).await;
     *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    // What the ended session did not take is gone with its channel: no backlog.
+    use std::sync::atomic::Ordering;
+    TAKEN.store(QUEUED.load(Ordering::Acquire), Ordering::Release);
+    TAKEN_BYTES.store(QUEUED_BYTES.load(Ordering::Acquire), Ordering::Release);
     result
 }
 

@@ -152,11 +152,21 @@ pub fn default_signal() -> i32 {
 
 /// Whether thread `tid` blocks signal `sig` (from its `status` file).
 pub fn blocks_signal(tid: u32, sig: i32) -> bool {
+    status_mask_has(tid, "SigBlk:", sig)
+}
+
+/// Whether signal `sig` is pending for thread `tid` itself (sent with `tgkill` and not
+/// yet handled, e.g. because the thread blocks it).
+pub fn signal_pending(tid: u32, sig: i32) -> bool {
+    status_mask_has(tid, "SigPnd:", sig)
+}
+
+fn status_mask_has(tid: u32, field: &str, sig: i32) -> bool {
     let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
         return false;
     };
     s.lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
         .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
 }
@@ -267,11 +277,14 @@ impl Observer {
                     }
                     SyscallState::Running => {
                         self.note_holdout(tid, now, 0);
-                        let due = self
-                            .signalled
-                            .get(&tid)
-                            .is_none_or(|t| now.duration_since(*t) >= Duration::from_micros(200));
-                        if signal != 0 && due {
+                        let last = self.signalled.get(&tid).copied();
+                        let due = last
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_micros(200));
+                        // Real-time signals queue: a thread that blocks ours (or has not
+                        // run since) would pile them up against the user's
+                        // RLIMIT_SIGPENDING. Keep at most one pending per thread.
+                        let pending = due && last.is_some() && signal_pending(tid, signal);
+                        if signal != 0 && due && !pending {
                             // SAFETY: tgkill to a thread of our own process with a
                             // signal whose handler we installed.
                             unsafe {

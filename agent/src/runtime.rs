@@ -32,12 +32,18 @@ use crate::{callbacks, link, log, procfs};
 
 /// Sites per trampoline slot (a slot must fit in an arena chunk).
 const SITES_PER_SLOT: usize = 1000;
-/// Events buffered per tracer while the server is away; more are dropped and counted.
+/// Events buffered per tracer while the server is away or does not read; more are
+/// dropped and counted (`PATCHBAY_EVENT_BUFFER` overrides it).
 const EVENT_BUFFER: usize = 1 << 16;
+/// Bytes queued for the server and not yet taken by the transport above which counts
+/// and events are held back (in the bounded buffer above) until it reads again.
+const LINK_BACKLOG: u64 = 1 << 20;
 /// Records per event batch.
 const EVENTS_PER_BATCH: usize = 4096;
-/// Free thread blocks kept ready.
+/// Free thread blocks kept ready, at least.
 const SPARE_BLOCKS: usize = 64;
+/// At most (blocks are ~850 KiB of mostly untouched address space each).
+const MAX_SPARE_BLOCKS: usize = 4096;
 
 enum TState {
     Live,
@@ -77,8 +83,19 @@ pub struct Runtime {
     /// Per tracer: packed records waiting to be sent, their count, and drops.
     events: BTreeMap<u64, (Vec<u8>, u32)>,
     lost_events: BTreeMap<u64, u64>,
+    /// Events buffered per tracer at most.
+    event_buffer: usize,
     /// Barriers whose epoch threads must still reach.
     barriers: Vec<u64>,
+    /// Live trampolines whose `Remove` was refused for a passing reason (a thread
+    /// blocking SIGTRAP): retried on every tick.
+    pending_removes: BTreeSet<u64>,
+    /// The thread whose blocking of SIGTRAP deferred them.
+    sigtrap_blocker: Option<u32>,
+    /// Free thread blocks to keep ready (grows with thread turnover).
+    spare_blocks: usize,
+    /// `dispatch::MISSED` as last seen.
+    missed_seen: u64,
     settings: pb::AgentSettings,
     tls_offset: Option<i32>,
     last_flush: Instant,
@@ -114,7 +131,16 @@ impl Runtime {
             clock: Clock::new(),
             events: BTreeMap::new(),
             lost_events: BTreeMap::new(),
+            event_buffer: std::env::var("PATCHBAY_EVENT_BUFFER")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(EVENT_BUFFER),
             barriers: Vec::new(),
+            pending_removes: BTreeSet::new(),
+            sigtrap_blocker: None,
+            spare_blocks: SPARE_BLOCKS,
+            missed_seen: 0,
             settings: pb::AgentSettings {
                 qs_signal: 0,
                 stall_threshold_ms: 1000,
@@ -508,18 +534,35 @@ impl Runtime {
 
     // ---------------------------------------------------------------- remove
 
-    fn remove(&mut self, r: pb::Remove) -> FromAgent {
+    fn remove(&mut self, r: pb::Remove, out: &mut Vec<FromAgent>) {
         let id = r.trampoline_id;
         let Some(t) = self.tramps.get(&id) else {
-            return FromAgent::Error(pb::AgentError {
+            out.push(FromAgent::Error(pb::AgentError {
                 message: format!("remove: unknown trampoline {id}"),
-            });
+            }));
+            return;
         };
         if !matches!(t.state, TState::Live) {
-            return FromAgent::Error(pb::AgentError {
+            out.push(FromAgent::Error(pb::AgentError {
                 message: format!("remove: trampoline {id} is already retired"),
-            });
+            }));
+            return;
         }
+        if self.pending_removes.contains(&id) {
+            // Already deferred (a repeated request after a reconnect): its `Retired`
+            // goes out when the retry succeeds.
+            return;
+        }
+        self.try_remove(id, out);
+    }
+
+    /// Unpatches the sites of live trampoline `id` and reports it retired; on failure
+    /// it stays live (and is retried when the failure is a SIGTRAP blocker).
+    fn try_remove(&mut self, id: u64, out: &mut Vec<FromAgent>) {
+        let Some(t) = self.tramps.get(&id) else {
+            self.pending_removes.remove(&id);
+            return;
+        };
         let ops: Vec<Op> = t
             .sites
             .iter()
@@ -530,13 +573,32 @@ impl Runtime {
         {
             // The trampoline stays live and allocated: never retire what may still be
             // entered.
-            return FromAgent::Error(pb::AgentError {
-                message: format!("remove of trampoline {id} failed, it stays live: {e}"),
-            });
+            // A thread blocking SIGTRAP would be killed by an int3 of the unpatch:
+            // the remove is deferred and retried on every tick until no thread
+            // blocks it (never dropped: the server waits for its `Retired`).
+            if let crate::patch::PatchError::SigtrapBlocked { tid } = e {
+                self.sigtrap_blocker = Some(tid);
+                if self.pending_removes.insert(id) {
+                    out.push(FromAgent::Error(pb::AgentError {
+                        message: format!(
+                            "remove of trampoline {id} deferred, it stays live until retried: {e}"
+                        ),
+                    }));
+                }
+            } else {
+                self.pending_removes.remove(&id);
+                out.push(FromAgent::Error(pb::AgentError {
+                    message: format!("remove of trampoline {id} failed, it stays live: {e}"),
+                }));
+            }
+            return;
         }
+        self.pending_removes.remove(&id);
         // The unpatch is complete and every core serialized: a new epoch begins.
         let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
-        self.threads.scan();
+        // Births and deaths since the last scan go out before the report, so that the
+        // server never waits for a thread whose exit it was not told about.
+        self.scan_and_report(out);
         let tids: Vec<u32> = self.threads.known().iter().copied().collect();
         let t = self.tramps.get_mut(&id).expect("checked");
         for s in std::mem::take(&mut t.sites) {
@@ -546,10 +608,30 @@ impl Runtime {
             epoch,
             tids: tids.clone(),
         };
-        report(
+        out.push(report(
             id,
             pb::trampoline_report::Report::Retired(pb::Retired { epoch, tids }),
-        )
+        ));
+    }
+
+    /// Retries deferred removes once the thread that blocked SIGTRAP no longer does
+    /// (threads blocking it for a moment, e.g. in `pthread_create`, are waited out by
+    /// the patcher itself).
+    fn retry_removes(&mut self, out: &mut Vec<FromAgent>) {
+        if self.pending_removes.is_empty() {
+            return;
+        }
+        if let Some(tid) = self.sigtrap_blocker
+            && std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+                .is_ok_and(|st| crate::patch::status_blocks_sigtrap(&st))
+        {
+            return;
+        }
+        self.sigtrap_blocker = None;
+        let ids: Vec<u64> = self.pending_removes.iter().copied().collect();
+        for id in ids {
+            self.try_remove(id, out);
+        }
     }
 
     fn authorize_free(&mut self, ids: Vec<u64>, out: &mut Vec<FromAgent>) {
@@ -609,13 +691,14 @@ impl Runtime {
         let clock = self.clock;
         let events = &mut self.events;
         let lost = &mut self.lost_events;
+        let event_buffer = self.event_buffer;
         for h in block::all() {
             if h.tid.load(Ordering::Acquire) == 0 {
                 continue;
             }
             ring::drain(h, |r| {
                 let (buf, n) = events.entry(r.tracer).or_default();
-                if *n as usize >= EVENT_BUFFER {
+                if *n as usize >= event_buffer {
                     *lost.entry(r.tracer).or_insert(0) += 1;
                     return;
                 }
@@ -702,7 +785,10 @@ impl Runtime {
         }
     }
 
-    fn scan_threads(&mut self, out: &mut Vec<FromAgent>) {
+    /// Rescans the program's threads and reports births and deaths. Every scan goes
+    /// through here: a scan whose changes were not reported would hide an exit from
+    /// the server, which would then wait for that thread for ever.
+    fn scan_and_report(&mut self, out: &mut Vec<FromAgent>) {
         let changes = self.threads.scan();
         if !changes.born.is_empty() {
             out.push(FromAgent::ThreadsBorn(pb::ThreadsBorn {
@@ -717,16 +803,40 @@ impl Runtime {
                 tids: changes.exited,
             }));
         }
+    }
+
+    fn scan_threads(&mut self, out: &mut Vec<FromAgent>) {
+        self.scan_and_report(out);
         // Blocks of threads that are gone: keep their counts, recycle them.
         self.drain_rings();
         let known = self.threads.known().clone();
+        let mut recycled = 0;
         for h in block::all() {
             let tid = h.tid.load(Ordering::Acquire);
-            if tid != 0 && !known.contains(&tid) && !Threads::alive(tid) {
+            if tid != 0
+                && tid != block::OVERFLOW_TID
+                && !known.contains(&tid)
+                && !Threads::alive(tid)
+            {
                 self.counters.fold_exited_block(h);
+                recycled += 1;
             }
         }
-        if let Err(e) = block::refill(SPARE_BLOCKS) {
+        // Threads claim blocks between two ticks faster than they come back when
+        // short-lived threads churn: keep twice the last tick's turnover spare, and
+        // double the reserve whenever a call found the pool empty (it then counted in
+        // the shared overflow block, slower, and its trace events were dropped).
+        let missed = dispatch::MISSED.load(Ordering::Relaxed);
+        if missed != self.missed_seen {
+            log::warn(&format!(
+                "{} traced calls found no free thread block (threads are created faster than the agent recycles their blocks): counted in the shared overflow block, trace events dropped",
+                missed - self.missed_seen
+            ));
+            self.missed_seen = missed;
+            self.spare_blocks = (self.spare_blocks * 2).min(MAX_SPARE_BLOCKS);
+        }
+        self.spare_blocks = self.spare_blocks.max((2 * recycled).min(MAX_SPARE_BLOCKS));
+        if let Err(e) = block::refill(self.spare_blocks) {
             log::warn(&format!("cannot map thread blocks: {e}"));
         }
     }
@@ -864,7 +974,7 @@ impl link::Handler for Runtime {
                 out.push(self.install(i));
             }
             ToAgent::Remove(r) => {
-                out.push(self.remove(r));
+                self.remove(r, out);
                 // Look at every thread at once: the expedited path.
                 self.observe(out);
             }
@@ -875,7 +985,7 @@ impl link::Handler for Runtime {
             }
             ToAgent::Barrier(b) => {
                 let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
-                self.threads.scan();
+                self.scan_and_report(out);
                 self.barriers.push(epoch);
                 out.push(FromAgent::Barrier(pb::BarrierReport {
                     barrier_id: b.barrier_id,
@@ -898,11 +1008,15 @@ impl link::Handler for Runtime {
             }));
         }
         self.scan_threads(out);
+        self.retry_removes(out);
         self.observe(out);
         let every = Duration::from_millis(self.settings.flush_interval_ms.max(1) as u64);
         if self.last_flush.elapsed() >= every {
             self.last_flush = Instant::now();
-            if connected {
+            // A server that does not read (stopped, hung, or slower than the program)
+            // must not make the agent queue without bound: hold counts (cumulative,
+            // nothing is lost) and events (bounded, losses counted) until it reads.
+            if connected && link::backlog_bytes() <= LINK_BACKLOG {
                 self.flush(out);
             } else {
                 self.drain_rings();
@@ -952,7 +1066,7 @@ impl Runtime {
             if Some(h as *const block::Header) == mine {
                 h.tid.store(me, Ordering::Release);
                 h.qs_epoch.store(0, Ordering::Release);
-            } else if h.tid.load(Ordering::Acquire) != 0 {
+            } else if h.tid.load(Ordering::Acquire) != 0 && !h.is_overflow() {
                 h.release(std::iter::empty());
             }
         }
@@ -972,5 +1086,6 @@ impl Runtime {
         self.threads = Threads::new();
         self.observer = Observer::new();
         self.barriers.clear();
+        self.pending_removes.clear();
     }
 }

@@ -188,6 +188,14 @@ impl Target {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// Kills the process with SIGKILL and reaps it; returns its exit status.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the target was already reaped");
+        self.stdin = None;
+        let _ = child.kill();
+        child.wait().expect("reap the killed target")
+    }
+
     /// Sends `quit` and waits (bounded) for the exit status.
     pub async fn quit(&mut self) -> std::process::ExitStatus {
         use std::io::Write;
@@ -326,4 +334,64 @@ pub async fn synchronize(c: &mut Control, timeout: Duration) -> SynchronizeRespo
     .await
     .unwrap_or_else(|s| panic!("Synchronize failed: {s:?}"))
     .into_inner()
+}
+
+// ------------------------------------------------------ shared test steps
+
+/// Bound on one `Detach(wait)` and on a Synchronize.
+pub const GP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server, a Control client, and a fixture built in `mode` whose agent is connected.
+pub async fn setup(mode: Build) -> (crate::TestServer, Control, Target) {
+    setup_with(mode, &[]).await
+}
+
+/// [`setup`] with extra server arguments (e.g. `["--stall-threshold-ms", "200"]`).
+pub async fn setup_with(mode: Build, server_args: &[&str]) -> (crate::TestServer, Control, Target) {
+    let server = crate::TestServer::start_with(server_args);
+    let c = server.control().await;
+    let target = Target::start(mode, server.socket_path()).await;
+    wait_agent(&c, target.pid()).await;
+    (server, c, target)
+}
+
+/// Attaches a `count` tracer on `pattern` in `pid`; asserts exactly `sites` sites
+/// were patched in that one agent.
+pub async fn attach_count(c: &mut Control, pid: u32, pattern: &str, sites: u32) -> u64 {
+    let (id, resp) =
+        crate::ops::attach(c, crate::ops::spec_pid(pid, pattern, CallbackKind::Count)).await;
+    assert_eq!(resp.results.len(), 1, "{resp:?}");
+    let r = &resp.results[0];
+    assert_eq!(r.pid, pid, "{resp:?}");
+    assert!(r.error.is_empty(), "attach failed in the agent: {resp:?}");
+    assert_eq!(r.sites_patched, sites, "{resp:?}");
+    id
+}
+
+/// Detaches with `wait` and asserts the grace period completed within [`GP_TIMEOUT`].
+pub async fn detach_wait(c: &mut Control, tracer: u64, what: &str) -> DetachResponse {
+    let d = crate::ops::try_detach(c, tracer, true, GP_TIMEOUT.as_millis() as u32)
+        .await
+        .unwrap_or_else(|s| panic!("{what}: detach(wait) of tracer {tracer} failed: {s:?}"));
+    assert!(
+        d.complete,
+        "{what}: detach of tracer {tracer} not complete: {d:?}"
+    );
+    d
+}
+
+/// The count of `function` in a Counts answer (0 when absent).
+pub fn count_of(r: &CountsResponse, function: &str) -> u64 {
+    r.counts
+        .iter()
+        .filter(|f| f.function == function)
+        .map(|f| f.count)
+        .sum()
+}
+
+/// Sends `quit` and asserts the target was alive and exits with status 0.
+pub async fn quit_ok(t: &mut Target) {
+    assert!(t.alive(), "the target died");
+    let status = t.quit().await;
+    assert!(status.success(), "the target exited with {status}");
 }

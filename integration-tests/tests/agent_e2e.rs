@@ -20,62 +20,11 @@ use tonic::Code;
 /// Tests of this file run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Bound on one `Detach(wait)` and on a Synchronize.
-const GP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A server, a Control client, and a fixture built in `mode` whose agent is connected.
-async fn setup(mode: Build) -> (TestServer, Control, Target) {
-    let server = TestServer::start();
-    let c = server.control().await;
-    let target = Target::start(mode, server.socket_path()).await;
-    wait_agent(&c, target.pid()).await;
-    (server, c, target)
-}
-
-/// Attaches a `count` tracer on `pattern` in `pid`; asserts exactly `sites` sites
-/// were patched in that one agent.
-async fn attach_count(c: &mut Control, pid: u32, pattern: &str, sites: u32) -> u64 {
-    let (id, resp) = attach(c, spec_pid(pid, pattern, CallbackKind::Count)).await;
-    assert_eq!(resp.results.len(), 1, "{resp:?}");
-    let r = &resp.results[0];
-    assert_eq!(r.pid, pid, "{resp:?}");
-    assert!(r.error.is_empty(), "attach failed in the agent: {resp:?}");
-    assert_eq!(r.sites_patched, sites, "{resp:?}");
-    id
-}
-
-/// Detaches with `wait` and asserts the grace period completed within [`GP_TIMEOUT`].
-async fn detach_wait(c: &mut Control, tracer: u64, what: &str) -> DetachResponse {
-    let d = try_detach(c, tracer, true, GP_TIMEOUT.as_millis() as u32)
-        .await
-        .unwrap_or_else(|s| panic!("{what}: detach(wait) of tracer {tracer} failed: {s:?}"));
-    assert!(
-        d.complete,
-        "{what}: detach of tracer {tracer} not complete: {d:?}"
-    );
-    d
-}
-
-/// The count of `function` in a Counts answer (0 when absent).
-fn count_of(r: &CountsResponse, function: &str) -> u64 {
-    r.counts
-        .iter()
-        .filter(|f| f.function == function)
-        .map(|f| f.count)
-        .sum()
-}
-
 /// `median …, p90 …, max …` of durations.
 fn summary(d: &mut [Duration]) -> String {
     d.sort_unstable();
     let at = |q: f64| d[((d.len() - 1) as f64 * q) as usize];
     format!("median {:?}, p90 {:?}, max {:?}", at(0.5), at(0.9), at(1.0))
-}
-
-async fn quit_ok(t: &mut Target) {
-    assert!(t.alive(), "the target died");
-    let status = t.quit().await;
-    assert!(status.success(), "the target exited with {status}");
 }
 
 // ------------------------------------------------------------- exact counts

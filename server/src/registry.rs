@@ -150,6 +150,8 @@ pub struct Agent {
     stalls: BTreeMap<Tid, (pb::Stall, Instant)>,
     counts: BTreeMap<TracerId, Vec<pb::SiteCount>>,
     dropped: BTreeMap<TracerId, u64>,
+    /// The last failure the agent reported (`AgentError`), for messages to people.
+    last_error: Option<String>,
 }
 
 impl Agent {
@@ -541,13 +543,19 @@ impl Registry {
                     stalls: BTreeMap::new(),
                     counts: BTreeMap::new(),
                     dropped: BTreeMap::new(),
+                    last_error: None,
                 },
             );
             self.by_identity.insert(key, id);
         }
         let agent = self.agents.get_mut(&id).expect("inserted above");
         agent.connected = true;
-        agent.epoch = agent.epoch.max(hello.epoch);
+        // The hello's epoch, even when lower: within one program image the epoch never
+        // goes back, but after an exec (same pid and start time, so the same agent) the
+        // new image counts from 1 again. Nothing from before is trusted anyway
+        // (`readopt` forgets every stamp), and keeping the old, higher epoch would make
+        // every barrier answer of the new image look stale.
+        agent.epoch = hello.epoch;
         agent.hello = hello;
         self.readopt(id, now);
         self.reconcile(id, now);
@@ -953,6 +961,9 @@ impl Registry {
 
     pub fn agent_error(&mut self, id: AgentId, message: &str) {
         tracing::warn!(agent = id, "agent reported: {message}");
+        if let Some(a) = self.agents.get_mut(&id) {
+            a.last_error = Some(message.to_string());
+        }
     }
 
     // ------------------------------------------------------ functions & attach
@@ -1909,15 +1920,37 @@ impl Registry {
                 ))
             }
             Op::Detach { waiting, .. } => {
-                let pending: Vec<String> = waiting
+                let mut unpatched = Vec::new();
+                let mut pending = Vec::new();
+                for (a, t) in waiting
                     .iter()
                     .filter(|(a, t)| !self.trampoline_settled(*a, *t))
-                    .map(|(a, t)| format!("agent {a} trampoline {t}"))
-                    .collect();
-                Some(format!(
-                    "detached, but grace periods are still running for {}: see `patchbay gp` for the threads holding them up",
-                    pending.join(", ")
-                ))
+                {
+                    let agent = &self.agents[a];
+                    if agent.trampolines[t].state == TState::Retiring {
+                        // The agent has not unpatched it yet: say why when it said.
+                        let why = agent
+                            .last_error
+                            .as_deref()
+                            .filter(|e| e.contains(&format!("trampoline {t} ")))
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default();
+                        unpatched.push(format!(
+                            "agent {a} (pid {}) trampoline {t} is not unpatched yet{why}",
+                            agent.hello.pid
+                        ));
+                    } else {
+                        pending.push(format!("agent {a} trampoline {t}"));
+                    }
+                }
+                let mut parts = unpatched;
+                if !pending.is_empty() {
+                    parts.push(format!(
+                        "grace periods are still running for {}: see `patchbay gp` for the threads holding them up",
+                        pending.join(", ")
+                    ));
+                }
+                Some(format!("detached, but {}", parts.join("; ")))
             }
             Op::Attach { steps, .. } => {
                 let slow: Vec<String> = steps
