@@ -474,6 +474,7 @@ impl Runtime {
                 t.sites.remove(&s);
             }
         }
+        crate::stats::bump(&crate::stats::TRAMPOLINES_INSTALLED);
         self.tramps.insert(
             id,
             Tramp {
@@ -581,6 +582,7 @@ impl Runtime {
                 }
             }
             drop(t.desc);
+            crate::stats::bump(&crate::stats::TRAMPOLINES_FREED);
             out.push(report(
                 id,
                 pb::trampoline_report::Report::Freed(pb::Freed {}),

@@ -282,6 +282,12 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
     } else {
         None
     };
+    if code == SI_KERNEL && state.is_none() && crate::qs::in_trampoline(pc.wrapping_sub(1) as u64) {
+        // An int3 in trampoline memory: the poison of a freed slot (nothing else there
+        // is ever executed). Never resumable: report and die.
+        poisoned_trampoline(sig, pc - 1);
+        return;
+    }
     let byte = match state {
         // SAFETY: the address is a known site: mapped, readable text.
         Some(_) => unsafe { std::ptr::read_volatile((pc - 1) as *const u8) },
@@ -313,6 +319,82 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
     }
 }
 
+/// Start of the line written to stderr when a thread executes poisoned trampoline
+/// memory (a trampoline freed while a thread could still run in it).
+pub const POISON_MARKER: &str = "patchbay-agent: FATAL: premature free:";
+
+/// A thread executed the `int3` poison of freed trampoline memory at `addr`: counts it,
+/// writes [`POISON_MARKER`] with the address and thread id to stderr, and kills the
+/// process with the default action of `sig` (SIGTRAP: core dump), whatever handler the
+/// program had installed before ours.
+///
+/// Async-signal-safe: formats into a stack buffer, then `write`, `sigaction`, `tgkill`.
+fn poisoned_trampoline(sig: libc::c_int, addr: usize) {
+    crate::stats::bump(&crate::stats::POISON_TRAPS);
+    let mut buf = [0u8; 192];
+    let mut n = 0;
+    let mut put = |b: &[u8]| {
+        let k = b.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&b[..k]);
+        n += k;
+    };
+    put(POISON_MARKER.as_bytes());
+    put(b" thread ");
+    // SAFETY: gettid has no preconditions.
+    let (digits, first) = decimal(unsafe { libc::gettid() } as u64);
+    put(&digits[first..]);
+    put(b" executed freed (int3-poisoned) trampoline memory at 0x");
+    put(&hex(addr as u64));
+    put(b"\n");
+    // SAFETY: write(2) of a valid stack buffer; the result is irrelevant (we die next).
+    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    die_by_default(sig);
+}
+
+/// Digits of `v` at the end of a buffer; returns the buffer and the first digit's index.
+/// Async-signal-safe.
+fn decimal(mut v: u64) -> ([u8; 20], usize) {
+    let mut out = [0u8; 20];
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return (out, i);
+        }
+    }
+}
+
+/// Async-signal-safe.
+fn hex(v: u64) -> [u8; 16] {
+    let mut out = [b'0'; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let d = ((v >> (60 - 4 * i)) & 0xF) as u8;
+        *o = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+    }
+    out
+}
+
+/// Restores the default action of `sig` and sends it to this thread; it is delivered
+/// (blocked while the handler runs) as soon as the handler returns.
+///
+/// Async-signal-safe.
+fn die_by_default(sig: libc::c_int) {
+    // SAFETY: sigaction and tgkill are async-signal-safe system calls.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::syscall(libc::SYS_gettid),
+            sig,
+        );
+    }
+}
+
 /// Passes a trap that is not ours to the previous handler.
 ///
 /// Async-signal-safe.
@@ -329,20 +411,9 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) 
         return;
     }
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        // SAFETY: sigaction and tgkill are async-signal-safe system calls; the signal
-        // is blocked while we run, so the re-raised one is delivered with the default
-        // action as soon as the handler returns.
-        unsafe {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            libc::syscall(
-                libc::SYS_tgkill,
-                libc::getpid(),
-                libc::syscall(libc::SYS_gettid),
-                sig,
-            );
-        }
+        // The signal is blocked while we run, so the re-raised one is delivered with
+        // the default action as soon as the handler returns.
+        die_by_default(sig);
         return;
     }
     if flags & libc::SA_SIGINFO != 0 {
@@ -435,6 +506,15 @@ mod tests {
         assert_eq!(decide(SI_KERNEL, pc, None, 0), Action::Chain);
         // SIGTRAP sent with kill/tgkill: never ours.
         assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
+    }
+
+    #[test]
+    fn signal_safe_number_formatting() {
+        for v in [0u64, 7, 10, 4_294_967_295, u64::MAX] {
+            let (d, first) = decimal(v);
+            assert_eq!(std::str::from_utf8(&d[first..]).unwrap(), v.to_string());
+        }
+        assert_eq!(&hex(0x7f12_3456_abcd), b"00007f123456abcd");
     }
 
     #[test]
