@@ -370,6 +370,7 @@ impl Runtime {
         }
         let count_only = actions.len() == 1 && matches!(actions[0], Action::Count { .. });
         let desc = Box::new(Descriptor {
+            live: std::sync::atomic::AtomicU64::new(dispatch::DESC_LIVE),
             trampoline_id: id,
             sites: sites.clone().into(),
             actions: actions.into(),
@@ -581,6 +582,7 @@ impl Runtime {
                     log::warn(&format!("freeing trampoline {id}: {e}"));
                 }
             }
+            t.desc.live.store(dispatch::DESC_DEAD, Ordering::Relaxed);
             drop(t.desc);
             crate::stats::bump(&crate::stats::TRAMPOLINES_FREED);
             out.push(report(

@@ -285,7 +285,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
     if code == SI_KERNEL && state.is_none() && crate::qs::in_trampoline(pc.wrapping_sub(1) as u64) {
         // An int3 in trampoline memory: the poison of a freed slot (nothing else there
         // is ever executed). Never resumable: report and die.
-        poisoned_trampoline(sig, pc - 1);
+        premature_free(b"executed freed (int3-poisoned) trampoline memory", pc - 1);
         return;
     }
     let byte = match state {
@@ -323,13 +323,15 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
 /// memory (a trampoline freed while a thread could still run in it).
 pub const POISON_MARKER: &str = "patchbay-agent: FATAL: premature free:";
 
-/// A thread executed the `int3` poison of freed trampoline memory at `addr`: counts it,
-/// writes [`POISON_MARKER`] with the address and thread id to stderr, and kills the
-/// process with the default action of `sig` (SIGTRAP: core dump), whatever handler the
-/// program had installed before ours.
+/// A thread executed the `int3` poison of freed trampoline memory, or used a freed
+/// trampoline descriptor, at `addr`: counts it, writes [`POISON_MARKER`] with `what`,
+/// the address and the thread id to stderr, and kills the process with the default
+/// action of SIGTRAP (core dump), whatever handler the program had installed before
+/// ours. (In the SIGTRAP handler the re-raised signal is delivered when it returns;
+/// elsewhere at once.)
 ///
 /// Async-signal-safe: formats into a stack buffer, then `write`, `sigaction`, `tgkill`.
-fn poisoned_trampoline(sig: libc::c_int, addr: usize) {
+pub fn premature_free(what: &[u8], addr: usize) {
     crate::stats::bump(&crate::stats::POISON_TRAPS);
     let mut buf = [0u8; 192];
     let mut n = 0;
@@ -343,12 +345,14 @@ fn poisoned_trampoline(sig: libc::c_int, addr: usize) {
     // SAFETY: gettid has no preconditions.
     let (digits, first) = decimal(unsafe { libc::gettid() } as u64);
     put(&digits[first..]);
-    put(b" executed freed (int3-poisoned) trampoline memory at 0x");
+    put(b" ");
+    put(what);
+    put(b" at 0x");
     put(&hex(addr as u64));
     put(b"\n");
     // SAFETY: write(2) of a valid stack buffer; the result is irrelevant (we die next).
     unsafe { libc::write(2, buf.as_ptr().cast(), n) };
-    die_by_default(sig);
+    die_by_default(libc::SIGTRAP);
 }
 
 /// Digits of `v` at the end of a buffer; returns the buffer and the first digit's index.
