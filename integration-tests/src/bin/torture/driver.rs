@@ -273,6 +273,18 @@ impl Report {
     }
 }
 
+/// How many of the last functions are cold (called 64 times less often): the only
+/// ones `trace` tracers cover. Events share the agent's stream with its trampoline
+/// reports, so an event flood (millions per second from hot functions) would delay
+/// every report and measure the server's event throughput instead of grace periods.
+fn cold_count(functions: usize) -> usize {
+    if functions < 2 {
+        0
+    } else {
+        (functions / 10).clamp(1, functions - 1)
+    }
+}
+
 /// xorshift64: the driver's own random numbers (seeded: a run's choices are repeatable
 /// up to timing).
 struct Rng(u64);
@@ -331,9 +343,31 @@ impl Shared {
         self.stop.load(Ordering::Acquire) || self.target_closed.load(Ordering::Acquire)
     }
 
-    fn pattern(&self, rng: &mut Rng, small: bool) -> Pattern {
+    /// A random pattern over the cold functions only (for `trace` tracers).
+    fn cold_pattern(&self, rng: &mut Rng) -> Pattern {
         let n = self.names.len();
-        let i = rng.below(n as u64) as usize;
+        let first_cold = n - cold_count(n).max(1);
+        for _ in 0..100 {
+            let at = first_cold + rng.below((n - first_cold) as u64) as usize;
+            let p = self.pattern_at(rng, at, true);
+            if p.set.iter().all(|&f| f >= first_cold) {
+                return p;
+            }
+        }
+        Pattern {
+            glob: self.names[n - 1].clone(),
+            set: vec![n - 1],
+        }
+    }
+
+    fn pattern(&self, rng: &mut Rng) -> Pattern {
+        let i = rng.below(self.names.len() as u64) as usize;
+        self.pattern_at(rng, i, false)
+    }
+
+    /// A random pattern matching function `i` (`small`: at most 10 functions).
+    fn pattern_at(&self, rng: &mut Rng, i: usize, small: bool) -> Pattern {
+        let n = self.names.len();
         let name = &self.names[i];
         let (stem, digits) = name.split_at(name.len() - 4);
         let kinds = if small { 2 } else { 6 };
@@ -608,9 +642,9 @@ async fn window(sh: &Arc<Shared>, c: &mut Control, rng: &mut Rng) -> anyhow::Res
     let threads = sh.cfg.threads;
     sh.cmd("pause").await?;
     let (calls0, tally0) = sh.snapshot().await?;
-    let pc = sh.pattern(rng, false);
-    let pt = sh.pattern(rng, true);
-    let px = sh.pattern(rng, false);
+    let pc = sh.pattern(rng);
+    let pt = sh.cold_pattern(rng);
+    let px = sh.pattern(rng);
     let nargs = rng.below(7) as u32;
     let count_id = sh.attach(c, &pc, cb(CallbackKind::Count, "", 0)).await?;
     let trace_id = sh
@@ -791,10 +825,12 @@ async fn noise_task(sh: Arc<Shared>, mut c: Control, seed: u64) -> anyhow::Resul
             match rng.below(10) {
                 0..=4 if live.len() < MAX => {
                     let kind = rng.below(4);
-                    // Trace tracers on small patterns only: an event flood delays the
-                    // agent's reports (same stream) and measures the server's event
-                    // throughput instead of grace periods.
-                    let pattern = sh.pattern(&mut rng, kind == 1);
+                    // Trace tracers on cold functions only (see `cold_count`).
+                    let pattern = if kind == 1 {
+                        sh.cold_pattern(&mut rng)
+                    } else {
+                        sh.pattern(&mut rng)
+                    };
                     let (spec, before) = match kind {
                         0 => {
                             let (calls, _) = sh.snapshot().await?;
@@ -882,7 +918,8 @@ pub async fn run(
     let started = Instant::now();
     let mut c = integration_tests::control_client(socket).await?;
     let stderr_path = workdir.join("target.stderr");
-    let target = TargetProc::start(exe, socket, cfg.threads, cfg.seed, &stderr_path).await?;
+    let cold = cold_count(cfg.functions);
+    let target = TargetProc::start(exe, socket, cfg.threads, cfg.seed, cold, &stderr_path).await?;
     let pid = target.pid;
     println!(
         "torture: target pid {pid}, {} workers, {} functions, {:?}, seed {}{}",

@@ -32,6 +32,7 @@ impl TargetProc {
         socket: &Path,
         threads: usize,
         seed: u64,
+        cold: usize,
         stderr_path: &Path,
     ) -> anyhow::Result<TargetProc> {
         let stderr = File::create(stderr_path)
@@ -39,6 +40,7 @@ impl TargetProc {
         let mut child = Command::new(exe)
             .arg(threads.to_string())
             .arg(seed.to_string())
+            .arg(cold.to_string())
             .env("PATCHBAY_SOCKET", socket)
             .env(
                 "PATCHBAY_AGENT_LOG",
