@@ -731,13 +731,11 @@ async fn window(sh: &Arc<Shared>, c: &mut Control, rng: &mut Rng) -> anyhow::Res
                 let made = calls1[w * n + f] - calls0[w * n + f];
                 let made = if pt.set.contains(&f) { made } else { 0 };
                 let seen = a.per.get(&(w, f)).copied().unwrap_or(0);
-                if seen > made || (a.dropped == 0 && seen != made) {
-                    if problems.len() < 8 {
-                        problems.push(format!(
-                            "worker {w} {}: {seen} events for {made} calls",
-                            sh.names[f]
-                        ));
-                    }
+                if (seen > made || (a.dropped == 0 && seen != made)) && problems.len() < 8 {
+                    problems.push(format!(
+                        "worker {w} {}: {seen} events for {made} calls",
+                        sh.names[f]
+                    ));
                 }
             }
         }
@@ -1025,10 +1023,8 @@ pub async fn run(
     {
         sh.error(format!("{e:#}"));
     }
-    if !closed {
-        if let Err(e) = finish(&sh, &mut c).await {
-            sh.error(format!("final checks: {e:#}"));
-        }
+    if !closed && let Err(e) = finish(&sh, &mut c).await {
+        sh.error(format!("final checks: {e:#}"));
     }
     // The target's fate.
     let mut target = sh.target.lock().await;

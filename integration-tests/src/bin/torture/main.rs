@@ -113,6 +113,8 @@ fn main() -> anyhow::Result<()> {
             println!("  - {f}");
         }
         if args.assert {
+            // process::exit runs no destructor: stop the server first.
+            drop(server);
             std::process::exit(1);
         }
     }
