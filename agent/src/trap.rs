@@ -512,6 +512,69 @@ mod tests {
         assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
     }
 
+    /// A thread that executes freed (poisoned) trampoline memory is reported on stderr
+    /// and the process dies by SIGTRAP (run in a forked child).
+    #[test]
+    fn executing_a_freed_slot_is_reported_and_fatal() {
+        use crate::arena::{Arena, Window};
+        let arena = Arena::new();
+        let near = executing_a_freed_slot_is_reported_and_fatal as *const () as usize;
+        let slot = arena.alloc(Window::for_call_from(near), 64).unwrap();
+        // `ret`: a valid function until freed.
+        arena.write_and_seal(&slot, &[0xC3]).unwrap();
+        let addr = slot.addr();
+        arena.free(slot).unwrap();
+        assert!(crate::arena::is_poisoned(addr, 64));
+        for (s, e) in arena.chunk_ranges() {
+            assert!(crate::qs::add_range(s as u64, e as u64));
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe with a valid out array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls async-signal-safe functions and our handler
+        // installation (sigaction, one allocation) before it dies.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child: redirect stderr, install the handler, call the
+            // poisoned slot (it traps at once).
+            unsafe {
+                libc::dup2(fds[1], 2);
+                if ensure_installed().is_err() {
+                    libc::_exit(3);
+                }
+                let f: extern "C" fn() = std::mem::transmute(addr);
+                f();
+                libc::_exit(4);
+            }
+        }
+        // SAFETY: closing our copy of the write end; waiting for our child.
+        unsafe { libc::close(fds[1]) };
+        let mut status = 0;
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            // SAFETY: reading into a valid buffer from our pipe.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGTRAP,
+            "child status {status:#x}, stderr {text:?}"
+        );
+        assert!(text.starts_with(POISON_MARKER), "{text:?}");
+        assert!(
+            text.contains(&format!("trampoline memory at 0x{addr:016x}")),
+            "{text:?}"
+        );
+    }
+
     #[test]
     fn signal_safe_number_formatting() {
         for v in [0u64, 7, 10, 4_294_967_295, u64::MAX] {
