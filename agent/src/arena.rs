@@ -180,6 +180,7 @@ impl Arena {
         for c in chunks.iter_mut() {
             if let Some(g) = c.find(n, w) {
                 c.set(g, n, true);
+                crate::stats::bump(&crate::stats::SLOTS_ALLOCATED);
                 return Ok(Slot {
                     addr: c.base + g * GRANULE,
                     len: n * GRANULE,
@@ -197,6 +198,7 @@ impl Arena {
             .ok_or(ArenaError::NoSpaceNear { near: w.center() })?;
         c.set(g, n, true);
         chunks.push(c);
+        crate::stats::bump(&crate::stats::SLOTS_ALLOCATED);
         Ok(Slot {
             addr: base + g * GRANULE,
             len: n * GRANULE,
@@ -272,6 +274,7 @@ impl Arena {
         }
         let g = (slot.addr - c.base) / GRANULE;
         c.set(g, slot.len / GRANULE, false);
+        crate::stats::bump(&crate::stats::SLOTS_FREED);
         Ok(())
     }
 

@@ -74,9 +74,19 @@ pub enum Action {
     Custom { f: crate::callbacks::Registered },
 }
 
+/// [`Descriptor::live`] of a descriptor in use.
+pub const DESC_LIVE: u64 = 0x5041_5443_4842_4159;
+/// [`Descriptor::live`] of a descriptor about to be freed.
+pub const DESC_DEAD: u64 = 0xDEAD_F4EE_DEAD_F4EE;
+
 /// Everything a trampoline's calls need; owned by the trampoline and freed with it
 /// (after its grace period).
 pub struct Descriptor {
+    /// [`DESC_LIVE`] until the descriptor is freed ([`DESC_DEAD`] just before): a thread
+    /// that finds anything else here is using a freed descriptor, i.e. its trampoline
+    /// was freed while the thread could still run in it (a premature free, reported
+    /// loudly like an int3 in freed trampoline memory).
+    pub live: AtomicU64,
     pub trampoline_id: u64,
     /// Site addresses, sorted.
     pub sites: Box<[u64]>,
@@ -86,6 +96,18 @@ pub struct Descriptor {
 impl Descriptor {
     fn position(&self, site: u64) -> Option<usize> {
         self.sites.binary_search(&site).ok()
+    }
+
+    /// Dies with a premature-free report unless the descriptor is live.
+    /// Async-signal-safe.
+    #[inline]
+    fn check_live(&self) {
+        if self.live.load(Ordering::Relaxed) != DESC_LIVE {
+            crate::trap::premature_free(
+                b"used a freed trampoline descriptor",
+                self as *const Descriptor as usize,
+            );
+        }
     }
 }
 
@@ -209,6 +231,7 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     // freed only after a grace period, and this thread's NEST > 0 (raised by the stub)
     // keeps that grace period from completing while we run.
     let desc = unsafe { &*desc };
+    desc.check_live();
     // SAFETY: the stub passes a pointer to the registers it saved on this stack.
     let regs = unsafe { &*regs };
     let Some(h) = block::current().or_else(|| block::claim(tid())) else {
@@ -300,7 +323,11 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                     }
                 }
             }
-            Action::Custom { f } => call_custom(f, site, regs),
+            Action::Custom { f } => {
+                call_custom(f, site, regs);
+                // A callback may run long (or sleep): the descriptor must still be live.
+                desc.check_live();
+            }
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod qs;
 pub mod ring;
 pub mod runtime;
 pub mod sites;
+pub mod stats;
 pub mod threads;
 /// Per-thread blocks of the `codegen` test flavour (the runtime uses `block`).
 #[cfg(test)]

@@ -77,6 +77,10 @@ pub struct Runtime {
     folded: BTreeMap<(u64, u64), u64>,
     /// Drops of freed trampolines per tracer.
     folded_drops: BTreeMap<u64, u64>,
+    /// Tracers whose folded counts changed since the last flush (or since the last
+    /// hello): a flush reports these and the tracers of live trampolines, not every
+    /// tracer ever seen (the server keeps the last report of each).
+    folded_dirty: BTreeSet<u64>,
     threads: Threads,
     observer: Observer,
     clock: Clock,
@@ -126,6 +130,7 @@ impl Runtime {
             counters: Counters::new(),
             folded: BTreeMap::new(),
             folded_drops: BTreeMap::new(),
+            folded_dirty: BTreeSet::new(),
             threads: Threads::new(),
             observer: Observer::new(),
             clock: Clock::new(),
@@ -396,6 +401,7 @@ impl Runtime {
         }
         let count_only = actions.len() == 1 && matches!(actions[0], Action::Count { .. });
         let desc = Box::new(Descriptor {
+            live: std::sync::atomic::AtomicU64::new(dispatch::DESC_LIVE),
             trampoline_id: id,
             sites: sites.clone().into(),
             actions: actions.into(),
@@ -500,6 +506,7 @@ impl Runtime {
                 t.sites.remove(&s);
             }
         }
+        crate::stats::bump(&crate::stats::TRAMPOLINES_INSTALLED);
         self.tramps.insert(
             id,
             Tramp {
@@ -653,6 +660,7 @@ impl Runtime {
             let t = self.tramps.remove(&id).expect("checked");
             for (tracer, site, idx) in &t.counts {
                 *self.folded.entry((*tracer, *site)).or_insert(0) += self.counters.free(*idx);
+                self.folded_dirty.insert(*tracer);
             }
             for (tracer, idx) in &t.drops {
                 *self.folded_drops.entry(*tracer).or_insert(0) += self.counters.free(*idx);
@@ -662,7 +670,9 @@ impl Runtime {
                     log::warn(&format!("freeing trampoline {id}: {e}"));
                 }
             }
+            t.desc.live.store(dispatch::DESC_DEAD, Ordering::Relaxed);
             drop(t.desc);
+            crate::stats::bump(&crate::stats::TRAMPOLINES_FREED);
             out.push(report(
                 id,
                 pb::trampoline_report::Report::Freed(pb::Freed {}),
@@ -730,8 +740,14 @@ impl Runtime {
     fn flush(&mut self, out: &mut Vec<FromAgent>) {
         // Counts: cumulative per (tracer, site) over live and freed trampolines.
         let mut totals: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
-        for ((tracer, site), n) in &self.folded {
-            *totals.entry(*tracer).or_default().entry(*site).or_insert(0) += n;
+        let mut report: BTreeSet<u64> = std::mem::take(&mut self.folded_dirty);
+        for t in self.tramps.values() {
+            report.extend(t.counts.iter().map(|(tracer, _, _)| *tracer));
+        }
+        for &tracer in &report {
+            for ((_, site), n) in self.folded.range((tracer, 0)..=(tracer, u64::MAX)) {
+                *totals.entry(tracer).or_default().entry(*site).or_insert(0) += n;
+            }
         }
         for t in self.tramps.values() {
             for (tracer, site, idx) in &t.counts {
@@ -905,6 +921,8 @@ impl Runtime {
     fn hello(&mut self) -> pb::Hello {
         self.threads.scan();
         self.observer.forget_reports();
+        // A new session: report every tracer's counts again.
+        self.folded_dirty = self.folded.keys().map(|(tracer, _)| *tracer).collect();
         let trampolines = self
             .tramps
             .iter()
@@ -1081,6 +1099,7 @@ impl Runtime {
         self.counters.forget_exited();
         self.folded.clear();
         self.folded_drops.clear();
+        self.folded_dirty.clear();
         self.events.clear();
         self.lost_events.clear();
         self.threads = Threads::new();

@@ -282,6 +282,12 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
     } else {
         None
     };
+    if code == SI_KERNEL && state.is_none() && crate::qs::in_trampoline(pc.wrapping_sub(1) as u64) {
+        // An int3 in trampoline memory: the poison of a freed slot (nothing else there
+        // is ever executed). Never resumable: report and die.
+        premature_free(b"executed freed (int3-poisoned) trampoline memory", pc - 1);
+        return;
+    }
     let byte = match state {
         // SAFETY: the address is a known site: mapped, readable text.
         Some(_) => unsafe { std::ptr::read_volatile((pc - 1) as *const u8) },
@@ -313,6 +319,86 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
     }
 }
 
+/// Start of the line written to stderr when a thread executes poisoned trampoline
+/// memory (a trampoline freed while a thread could still run in it).
+pub const POISON_MARKER: &str = "patchbay-agent: FATAL: premature free:";
+
+/// A thread executed the `int3` poison of freed trampoline memory, or used a freed
+/// trampoline descriptor, at `addr`: counts it, writes [`POISON_MARKER`] with `what`,
+/// the address and the thread id to stderr, and kills the process with the default
+/// action of SIGTRAP (core dump), whatever handler the program had installed before
+/// ours. (In the SIGTRAP handler the re-raised signal is delivered when it returns;
+/// elsewhere at once.)
+///
+/// Async-signal-safe: formats into a stack buffer, then `write`, `sigaction`, `tgkill`.
+pub fn premature_free(what: &[u8], addr: usize) {
+    crate::stats::bump(&crate::stats::POISON_TRAPS);
+    let mut buf = [0u8; 192];
+    let mut n = 0;
+    let mut put = |b: &[u8]| {
+        let k = b.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&b[..k]);
+        n += k;
+    };
+    put(POISON_MARKER.as_bytes());
+    put(b" thread ");
+    // SAFETY: gettid has no preconditions.
+    let (digits, first) = decimal(unsafe { libc::gettid() } as u64);
+    put(&digits[first..]);
+    put(b" ");
+    put(what);
+    put(b" at 0x");
+    put(&hex(addr as u64));
+    put(b"\n");
+    // SAFETY: write(2) of a valid stack buffer; the result is irrelevant (we die next).
+    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    die_by_default(libc::SIGTRAP);
+}
+
+/// Digits of `v` at the end of a buffer; returns the buffer and the first digit's index.
+/// Async-signal-safe.
+fn decimal(mut v: u64) -> ([u8; 20], usize) {
+    let mut out = [0u8; 20];
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return (out, i);
+        }
+    }
+}
+
+/// Async-signal-safe.
+fn hex(v: u64) -> [u8; 16] {
+    let mut out = [b'0'; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let d = ((v >> (60 - 4 * i)) & 0xF) as u8;
+        *o = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+    }
+    out
+}
+
+/// Restores the default action of `sig` and sends it to this thread; it is delivered
+/// (blocked while the handler runs) as soon as the handler returns.
+///
+/// Async-signal-safe.
+fn die_by_default(sig: libc::c_int) {
+    // SAFETY: sigaction and tgkill are async-signal-safe system calls.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::syscall(libc::SYS_gettid),
+            sig,
+        );
+    }
+}
+
 /// Passes a trap that is not ours to the previous handler.
 ///
 /// Async-signal-safe.
@@ -329,20 +415,9 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) 
         return;
     }
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        // SAFETY: sigaction and tgkill are async-signal-safe system calls; the signal
-        // is blocked while we run, so the re-raised one is delivered with the default
-        // action as soon as the handler returns.
-        unsafe {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            libc::syscall(
-                libc::SYS_tgkill,
-                libc::getpid(),
-                libc::syscall(libc::SYS_gettid),
-                sig,
-            );
-        }
+        // The signal is blocked while we run, so the re-raised one is delivered with
+        // the default action as soon as the handler returns.
+        die_by_default(sig);
         return;
     }
     if flags & libc::SA_SIGINFO != 0 {
@@ -435,6 +510,78 @@ mod tests {
         assert_eq!(decide(SI_KERNEL, pc, None, 0), Action::Chain);
         // SIGTRAP sent with kill/tgkill: never ours.
         assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
+    }
+
+    /// A thread that executes freed (poisoned) trampoline memory is reported on stderr
+    /// and the process dies by SIGTRAP (run in a forked child).
+    #[test]
+    fn executing_a_freed_slot_is_reported_and_fatal() {
+        use crate::arena::{Arena, Window};
+        let arena = Arena::new();
+        let near = executing_a_freed_slot_is_reported_and_fatal as *const () as usize;
+        let slot = arena.alloc(Window::for_call_from(near), 64).unwrap();
+        // `ret`: a valid function until freed.
+        arena.write_and_seal(&slot, &[0xC3]).unwrap();
+        let addr = slot.addr();
+        arena.free(slot).unwrap();
+        assert!(crate::arena::is_poisoned(addr, 64));
+        for (s, e) in arena.chunk_ranges() {
+            assert!(crate::qs::add_range(s as u64, e as u64));
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe with a valid out array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls async-signal-safe functions and our handler
+        // installation (sigaction, one allocation) before it dies.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child: redirect stderr, install the handler, call the
+            // poisoned slot (it traps at once).
+            unsafe {
+                libc::dup2(fds[1], 2);
+                if ensure_installed().is_err() {
+                    libc::_exit(3);
+                }
+                let f: extern "C" fn() = std::mem::transmute(addr);
+                f();
+                libc::_exit(4);
+            }
+        }
+        // SAFETY: closing our copy of the write end; waiting for our child.
+        unsafe { libc::close(fds[1]) };
+        let mut status = 0;
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            // SAFETY: reading into a valid buffer from our pipe.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGTRAP,
+            "child status {status:#x}, stderr {text:?}"
+        );
+        assert!(text.starts_with(POISON_MARKER), "{text:?}");
+        assert!(
+            text.contains(&format!("trampoline memory at 0x{addr:016x}")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn signal_safe_number_formatting() {
+        for v in [0u64, 7, 10, 4_294_967_295, u64::MAX] {
+            let (d, first) = decimal(v);
+            assert_eq!(std::str::from_utf8(&d[first..]).unwrap(), v.to_string());
+        }
+        assert_eq!(&hex(0x7f12_3456_abcd), b"00007f123456abcd");
     }
 
     #[test]

@@ -46,6 +46,11 @@ struct Args {
     /// ~/.local/state/patchbay].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// TEST-ONLY FAULT INJECTION: authorize freeing retired trampolines without waiting
+    /// for their grace period (frees memory threads may still execute). Exists so the
+    /// torture test can prove it catches that bug; never use it otherwise.
+    #[arg(long, hide = true)]
+    fault_skip_grace_period: bool,
     /// Log filter (tracing EnvFilter syntax), also from RUST_LOG.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -114,11 +119,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stall_threshold_ms: args.stall_threshold_ms,
             flush_interval_ms: 100,
         },
+        fault_skip_grace_period: args.fault_skip_grace_period,
     };
     let state_dir = match args.state_dir.clone() {
         Some(d) => d,
         None => patchbay_server::store::default_state_dir()?,
     };
+    if args.fault_skip_grace_period {
+        tracing::warn!(
+            "TEST-ONLY FAULT INJECTION --fault-skip-grace-period: retired trampolines are freed without a grace period; threads WILL crash"
+        );
+    }
     let server = Server::bind(Config {
         socket: socket.clone(),
         socket_mode: args.socket_mode,

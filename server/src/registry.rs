@@ -54,6 +54,11 @@ pub struct Settings {
     /// Ask agents to expedite (signal running threads) as soon as a grace period starts.
     pub expedite: bool,
     pub agent: pb::AgentSettings,
+    /// TEST-ONLY FAULT INJECTION (`patchbayd --fault-skip-grace-period`, hidden): a
+    /// retired trampoline is authorized for freeing at once, without its grace period.
+    /// This is the bug the torture test must catch (`integration-tests/tests/torture.rs`);
+    /// never enable it anywhere else.
+    pub fault_skip_grace_period: bool,
 }
 
 impl Default for Settings {
@@ -66,6 +71,7 @@ impl Default for Settings {
                 stall_threshold_ms: 1000,
                 flush_interval_ms: 100,
             },
+            fault_skip_grace_period: false,
         }
     }
 }
@@ -1555,9 +1561,24 @@ impl Registry {
                 t.state = TState::Retired;
                 t.retired_epoch = ret.epoch;
                 t.since = now;
-                let done = agent
-                    .grace
-                    .start(Purpose::Trampoline(tramp), ret.epoch, ret.tids, now);
+                let done = if self.settings.fault_skip_grace_period {
+                    // TEST-ONLY fault injection: an empty grace period (see `Settings`).
+                    tracing::warn!(
+                        agent = id,
+                        trampoline = tramp,
+                        "fault injection: grace period skipped"
+                    );
+                    Some(GracePeriod {
+                        purpose: Purpose::Trampoline(tramp),
+                        epoch: ret.epoch,
+                        holdouts: BTreeSet::new(),
+                        started: now,
+                    })
+                } else {
+                    agent
+                        .grace
+                        .start(Purpose::Trampoline(tramp), ret.epoch, ret.tids, now)
+                };
                 // A Live report might still be pending for an attach op waiting on it.
                 let group = t.group_ids();
                 self.attach_progress(id, tramp, &group, 0, 0);
