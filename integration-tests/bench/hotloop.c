@@ -7,6 +7,10 @@
  *
  *   loop T N     T threads each call add1() N times; print `ns_per_call=<x>` (wall
  *                time of the slowest thread / N) and ` calls=<T*N>`
+ *   burst T N B G  T threads each call add1() N times in bursts of B calls, sleeping G
+ *                microseconds between bursts (time for the agent to drain its event
+ *                rings); print `ns_per_call=<x> calls=<T*N>` (time inside the bursts
+ *                of the slowest thread / N)
  *   pace N R     one thread calls add1() N times, R calls per second (busy-waits
  *                between calls); print `paced ns=<elapsed> calls=<N>`
  *   mix B K I    start B threads calling add1() in a loop ("busy"), K threads blocked
@@ -66,6 +70,43 @@ static void cmd_loop(long t, long n)
     iters = n;
     for (long i = 0; i < t; i++)
         pthread_create(&th[i], 0, loop_thread, (void *)i);
+    for (long i = 0; i < t; i++)
+        pthread_join(th[i], 0);
+    double worst = 0;
+    for (long i = 0; i < t; i++)
+        worst = elapsed[i] > worst ? elapsed[i] : worst;
+    printf("ns_per_call=%.4f calls=%ld\n", worst / n, t * n);
+}
+
+/* ----------------------------------------------------------------- burst */
+
+static long burst_len, burst_gap_us;
+
+static void *burst_thread(void *arg)
+{
+    long id = (long)arg, acc = 0;
+    double inside = 0;
+    for (long done = 0; done < iters; done += burst_len) {
+        long n = iters - done < burst_len ? iters - done : burst_len;
+        double t0 = now();
+        for (long i = 0; i < n; i++)
+            acc = add1(acc, i);
+        inside += now() - t0;
+        usleep(burst_gap_us);
+    }
+    elapsed[id] = inside;
+    __asm__ volatile("" : : "r"(acc));
+    return 0;
+}
+
+static void cmd_burst(long t, long n, long b, long g)
+{
+    pthread_t th[MAX_THREADS];
+    iters = n;
+    burst_len = b;
+    burst_gap_us = g;
+    for (long i = 0; i < t; i++)
+        pthread_create(&th[i], 0, burst_thread, (void *)i);
     for (long i = 0; i < t; i++)
         pthread_join(th[i], 0);
     double worst = 0;
@@ -211,9 +252,12 @@ int main(void)
     printf("ready pid=%d\n", (int)getpid());
     fflush(stdout);
     while (fgets(line, sizeof line, stdin)) {
-        long a, b, c;
+        long a, b, c, d;
         if (sscanf(line, "loop %ld %ld", &a, &b) == 2 && a > 0 && a <= MAX_THREADS && b > 0) {
             cmd_loop(a, b);
+        } else if (sscanf(line, "burst %ld %ld %ld %ld", &a, &b, &c, &d) == 4 && a > 0 &&
+                   a <= MAX_THREADS && b > 0 && c > 0 && d >= 0) {
+            cmd_burst(a, b, c, d);
         } else if (sscanf(line, "pace %ld %ld", &a, &b) == 2 && a > 0 && b > 0) {
             cmd_pace(a, b);
         } else if (sscanf(line, "mix %ld %ld %ld", &a, &b, &c) == 3 && a >= 0 && b >= 0 &&

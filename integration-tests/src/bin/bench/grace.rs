@@ -38,8 +38,19 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         let client = server.client().await;
         let mut t = traced(&progs.nop5, &server, &client).await?;
         let pid = t.pid();
+        // Each size with a third of the threads busy, and (when there are more threads
+        // than cores) with only as many busy threads as cores: a busy thread answers
+        // the quiescent-state signal only once the scheduler runs it again.
+        let mut mixes = Vec::new();
         for &n in &plan.gp_threads {
-            let (b, k, i) = mix(n);
+            mixes.push((n, mix(n), String::new()));
+            if n > 2 * plan.cores {
+                let b = plan.cores;
+                let k = (n - b) / 2;
+                mixes.push((n, (b, k, n - b - k), format!(".busy{b}")));
+            }
+        }
+        for (n, (b, k, i), suffix) in mixes {
             let a = t
                 .cmd_within(&format!("mix {b} {k} {i}"), Duration::from_secs(60))
                 .await;
@@ -80,7 +91,7 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
             let m = median(&detach).unwrap_or(f64::NAN);
             let kind = if expedite { "expedited" } else { "no-expedite" };
             let mut f = Figure::new(
-                format!("grace.{kind}.t{n}"),
+                format!("grace.{kind}.t{n}{suffix}"),
                 "grace",
                 format!("GP {kind}, busy/blocked/idle {b}/{k}/{i}"),
                 "ms",

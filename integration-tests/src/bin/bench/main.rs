@@ -59,6 +59,9 @@ pub struct Args {
     /// Never install missing peers with apt-get (by default: only when running as root).
     #[arg(long)]
     pub no_install: bool,
+    /// Run only these sections (percall, peers, sites, grace, events), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Where to write the JSON [default: target/<profile>/bench.json].
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -72,6 +75,9 @@ pub struct Plan {
     /// Calls per thread per per-call run, and runs per figure.
     pub calls: u64,
     pub reps: usize,
+    /// Calls per thread per burst run (bursts of [`BURST`] calls), and runs per figure.
+    pub burst_calls: u64,
+    pub burst_reps: usize,
     /// Peers: wall time each run aims at, and runs per figure.
     pub peer_run: Duration,
     pub peer_reps: usize,
@@ -96,8 +102,10 @@ impl Plan {
             Plan {
                 quick,
                 cores,
-                calls: 2_000_000,
+                calls: 1_000_000,
                 reps: 3,
+                burst_calls: 10 * BURST,
+                burst_reps: 2,
                 peer_run: Duration::from_millis(300),
                 peer_reps: 1,
                 functions: 1000,
@@ -105,7 +113,7 @@ impl Plan {
                 site_reps: 2,
                 gp_threads: vec![1, 16],
                 gp_reps: 3,
-                event_calls: 200_000,
+                event_calls: 100_000,
                 event_rates: vec![100_000],
                 event_run: Duration::from_millis(200),
                 event_reps: 1,
@@ -116,6 +124,8 @@ impl Plan {
                 cores,
                 calls: 50_000_000,
                 reps: 7,
+                burst_calls: 100 * BURST,
+                burst_reps: 5,
                 peer_run: Duration::from_secs(2),
                 peer_reps: 5,
                 functions: 10_000,
@@ -258,6 +268,24 @@ pub async fn wait_agent(client: &patchbay_sdk::Client, pid: u32) -> anyhow::Resu
     }
 }
 
+/// Calls per burst: half an agent event ring (4096 slots per thread), so a burst
+/// never fills it.
+pub const BURST: u64 = 2048;
+/// Sleep between bursts: longer than the agent's idle tick (20 ms), which drains rings.
+pub const BURST_GAP_US: u64 = 21_000;
+
+/// Runs `burst T N BURST BURST_GAP_US` on a target and returns (ns per call inside the
+/// bursts, calls made).
+pub async fn run_burst(t: &mut Target, threads: u32, n: u64) -> anyhow::Result<(f64, u64)> {
+    let answer = t
+        .cmd_within(
+            &format!("burst {threads} {n} {BURST} {BURST_GAP_US}"),
+            Duration::from_secs(300),
+        )
+        .await;
+    Ok((field(&answer, "ns_per_call")?, field(&answer, "calls")?))
+}
+
 /// The value of `key=` in a space-separated answer line, parsed.
 pub fn field<T: std::str::FromStr>(line: &str, key: &str) -> anyhow::Result<T> {
     integration_tests::target::field(line, key)
@@ -288,29 +316,52 @@ async fn main() -> anyhow::Result<()> {
     bins::patchbayd();
 
     let mut report = Report::new(&plan);
-    eprintln!("bench: per-call cost…");
-    percall::run(&plan, &progs, &mut report).await?;
-    let peers_on = !args.no_peers && (!plan.quick || args.peers);
-    if peers_on {
-        eprintln!("bench: peers…");
-        peers::run(&plan, &progs, &args, &mut report).await?;
-    } else {
-        peers::skip(
-            &plan,
-            &mut report,
-            if args.no_peers {
-                "--no-peers"
-            } else {
-                "--quick (add --peers to run them)"
-            },
+    let on = |section: &str| args.only.is_empty() || args.only.iter().any(|s| s == section);
+    if on("percall") {
+        eprintln!(
+            "bench: per-call cost… ({:.1} s)",
+            started.elapsed().as_secs_f64()
         );
+        percall::run(&plan, &progs, &mut report).await?;
     }
-    eprintln!("bench: attach/detach of many sites…");
-    sites::run(&plan, &progs, &mut report).await?;
-    eprintln!("bench: grace periods…");
-    grace::run(&plan, &progs, &mut report).await?;
-    eprintln!("bench: event throughput…");
-    events::run(&plan, &progs, &mut report).await?;
+    if on("peers") {
+        let peers_on = !args.no_peers && (!plan.quick || args.peers);
+        if peers_on {
+            eprintln!("bench: peers… ({:.1} s)", started.elapsed().as_secs_f64());
+            peers::run(&plan, &progs, &args, &mut report).await?;
+        } else {
+            peers::skip(
+                &plan,
+                &mut report,
+                if args.no_peers {
+                    "--no-peers"
+                } else {
+                    "--quick (add --peers to run them)"
+                },
+            );
+        }
+    }
+    if on("sites") {
+        eprintln!(
+            "bench: attach/detach of many sites… ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        sites::run(&plan, &progs, &mut report).await?;
+    }
+    if on("grace") {
+        eprintln!(
+            "bench: grace periods… ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        grace::run(&plan, &progs, &mut report).await?;
+    }
+    if on("events") {
+        eprintln!(
+            "bench: event throughput… ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        events::run(&plan, &progs, &mut report).await?;
+    }
 
     report.print();
     report.write_json(&json_path, started.elapsed())?;

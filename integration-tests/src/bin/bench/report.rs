@@ -125,6 +125,8 @@ pub fn ms(d: Duration) -> f64 {
 /// All figures of a run plus the headline lines.
 pub struct Report {
     plan: Plan,
+    /// /proc/loadavg when the run started (other work on the machine skews figures).
+    load_start: String,
     pub figures: Vec<Figure>,
     pub headlines: Vec<String>,
 }
@@ -133,6 +135,7 @@ impl Report {
     pub fn new(plan: &Plan) -> Report {
         Report {
             plan: plan.clone(),
+            load_start: loadavg(),
             figures: Vec::new(),
             headlines: Vec::new(),
         }
@@ -158,10 +161,16 @@ impl Report {
     pub fn print(&self) {
         let p = &self.plan;
         println!(
-            "\npatchbay bench{} — {} cores, {}; medians over repeated runs\n",
+            "\npatchbay bench{} — {} cores, {}, kernel {}; medians over repeated runs",
             if p.quick { " (--quick)" } else { "" },
             p.cores,
             machine().1,
+            machine().0,
+        );
+        println!(
+            "load average at start: {}, at end: {}\n",
+            self.load_start,
+            loadavg()
         );
         println!(
             "{:<8} {:<46} {:>6} {:>12} {:<9} {:<30} TARGET",
@@ -228,6 +237,7 @@ impl Report {
         let doc = json!({
             "quick": self.plan.quick,
             "machine": {"cores": self.plan.cores, "kernel": kernel, "cpu": cpu},
+            "loadavg": {"start": self.load_start, "end": loadavg()},
             "elapsed_s": elapsed.as_secs_f64(),
             "figures": figures,
             "headlines": self.headlines,
@@ -248,6 +258,13 @@ fn fmt_value(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// (kernel release, CPU model) of this machine.
