@@ -82,6 +82,13 @@ pub struct Runtime {
     settings: pb::AgentSettings,
     tls_offset: Option<i32>,
     last_flush: Instant,
+    /// Most events the last drain took from one thread's ring: when rings fill fast,
+    /// the agent ticks faster so that fewer events are dropped.
+    ring_peak: usize,
+    /// Count totals last sent per tracer (reports are full snapshots; an unchanged
+    /// snapshot is not sent again). Cleared at every hello: a new connection gets
+    /// everything.
+    sent_counts: BTreeMap<u64, BTreeMap<u64, u64>>,
     last_stall_report: Instant,
     /// Callback registry generation last announced to the server.
     callbacks_announced: u64,
@@ -122,6 +129,8 @@ impl Runtime {
             },
             tls_offset,
             last_flush: Instant::now(),
+            ring_peak: 0,
+            sent_counts: BTreeMap::new(),
             last_stall_report: Instant::now(),
             callbacks_announced: 0,
             started: Instant::now(),
@@ -609,11 +618,12 @@ impl Runtime {
         let clock = self.clock;
         let events = &mut self.events;
         let lost = &mut self.lost_events;
+        let mut peak = 0;
         for h in block::all() {
             if h.tid.load(Ordering::Acquire) == 0 {
                 continue;
             }
-            ring::drain(h, |r| {
+            let n = ring::drain(h, |r| {
                 let (buf, n) = events.entry(r.tracer).or_default();
                 if *n as usize >= EVENT_BUFFER {
                     *lost.entry(r.tracer).or_insert(0) += 1;
@@ -628,7 +638,9 @@ impl Runtime {
                 }
                 *n += 1;
             });
+            peak = peak.max(n);
         }
+        self.ring_peak = peak;
     }
 
     fn dropped(&self, tracer: u64) -> u64 {
@@ -656,7 +668,12 @@ impl Runtime {
                     self.counters.total(*idx);
             }
         }
+        self.sent_counts.retain(|t, _| totals.contains_key(t));
         for (tracer, sites) in totals {
+            if self.sent_counts.get(&tracer) == Some(&sites) {
+                continue;
+            }
+            self.sent_counts.insert(tracer, sites.clone());
             out.push(FromAgent::Counts(pb::CountReport {
                 tracer_id: tracer,
                 counts: sites
@@ -795,6 +812,7 @@ impl Runtime {
     fn hello(&mut self) -> pb::Hello {
         self.threads.scan();
         self.observer.forget_reports();
+        self.sent_counts.clear();
         let trampolines = self
             .tramps
             .iter()
@@ -900,7 +918,12 @@ impl link::Handler for Runtime {
         self.scan_threads(out);
         self.observe(out);
         let every = Duration::from_millis(self.settings.flush_interval_ms.max(1) as u64);
-        if self.last_flush.elapsed() >= every {
+        // A full batch of events goes out at once rather than at the next interval.
+        let full_batch = self
+            .events
+            .values()
+            .any(|(_, n)| *n as usize >= EVENTS_PER_BATCH);
+        if self.last_flush.elapsed() >= every || (connected && full_batch) {
             self.last_flush = Instant::now();
             if connected {
                 self.flush(out);
@@ -916,6 +939,9 @@ impl link::Handler for Runtime {
     fn tick_interval(&self) -> Duration {
         if self.need() > 0 {
             Duration::from_micros(500)
+        } else if self.ring_peak >= block::RING_SLOTS / 8 {
+            // Events are coming in fast: drain the rings before they fill.
+            Duration::from_millis(1)
         } else {
             Duration::from_millis(20)
         }

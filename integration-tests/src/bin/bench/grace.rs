@@ -44,7 +44,7 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         let mut mixes = Vec::new();
         for &n in &plan.gp_threads {
             mixes.push((n, mix(n), String::new()));
-            if n > 2 * plan.cores {
+            if !plan.quick && n > 2 * plan.cores {
                 let b = plan.cores;
                 let k = (n - b) / 2;
                 mixes.push((n, (b, k, n - b - k), format!(".busy{b}")));
