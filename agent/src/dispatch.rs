@@ -210,7 +210,7 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     let desc = unsafe { &*desc };
     // SAFETY: the stub passes a pointer to the registers it saved on this stack.
     let regs = unsafe { &*regs };
-    let Some(h) = block::current().or_else(|| block::claim(tid())) else {
+    let Some(h) = block::current_fast().or_else(|| block::claim(tid())) else {
         MISSED.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -224,7 +224,7 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     single_writer::inc_u64(&h.seq);
     // The outermost dispatch stamps a deferred quiescent state: from here on this
     // thread touches neither the descriptor nor trampoline memory.
-    if block::NEST.with(|n| n.get()) == 1 && block::DEFERRED.with(|d| d.replace(0)) != 0 {
+    if block::nest_fast() == 1 && block::take_deferred_fast() != 0 {
         qs::stamp(h);
     }
 }
