@@ -82,8 +82,8 @@ pub struct Runtime {
     settings: pb::AgentSettings,
     tls_offset: Option<i32>,
     last_flush: Instant,
-    /// Most events the last drain took from one thread's ring: when rings fill fast,
-    /// the agent ticks faster so that fewer events are dropped.
+    /// Most events a drain of the last tick took from one thread's ring: when rings
+    /// fill fast, the agent ticks faster so that fewer events are dropped.
     ring_peak: usize,
     /// Count totals last sent per tracer (reports are full snapshots; an unchanged
     /// snapshot is not sent again). Cleared at every hello: a new connection gets
@@ -640,7 +640,9 @@ impl Runtime {
             });
             peak = peak.max(n);
         }
-        self.ring_peak = peak;
+        // The most of any drain of this tick (a later drain in the same tick finds
+        // the rings nearly empty).
+        self.ring_peak = self.ring_peak.max(peak);
     }
 
     fn dropped(&self, tracer: u64) -> u64 {
@@ -908,6 +910,7 @@ impl link::Handler for Runtime {
     }
 
     fn tick(&mut self, connected: bool, out: &mut Vec<FromAgent>) {
+        self.ring_peak = 0;
         let generation = callbacks::generation();
         if generation != self.callbacks_announced {
             self.callbacks_announced = generation;
