@@ -5,9 +5,12 @@
 //! ```
 //!
 //! Sections (each figure is the median of repeated runs):
-//! - `percall` — ns per call of a small function in a hot loop (`bench/hotloop.c`):
-//!   untraced plain build, instrumented build with the agent but nothing attached,
-//!   `count`, `trace` with two argument registers; 1 thread and one per core.
+//! - `percall` — ns per call of a small function in a hot loop (`bench/hotloop.c`,
+//!   CPU time of the calling thread, so that preemption on a busy machine does not
+//!   count): untraced plain build, instrumented build with the agent but nothing
+//!   attached, `count`, and `trace` with two argument registers — in bursts that fit
+//!   the agent's event ring (every event kept) and in the hot loop (ring full, events
+//!   dropped); 1 thread and one per core.
 //! - `peers` — the same loop under a bpftrace uprobe counting the function and under
 //!   `uftrace record -P add1` (installed with apt-get when missing and allowed).
 //! - `sites` — attach (call → every trampoline Live) and detach (call → free
