@@ -18,7 +18,7 @@
 //!   returned to the pool.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Counter slots per thread block (indexes handed out per (tracer, site)).
 pub const COUNTERS: usize = 1 << 16;
@@ -103,6 +103,104 @@ pub fn tls_offsets() -> Option<(i32, i32)> {
         return None;
     }
     Some((i32::try_from(here.0).ok()?, i32::try_from(here.1).ok()?))
+}
+
+/// `fs`-relative offsets of [`TLS`], [`NEST`] and [`DEFERRED`], set by
+/// [`init_fast_tls`] once they are known to be static (0: not set; thread-locals sit
+/// below the thread pointer, never at offset 0). With them the dispatcher reads its
+/// thread-locals with one `fs`-relative load each instead of a `__tls_get_addr` call
+/// (the agent is a shared object: its thread-locals use the general-dynamic model).
+static FAST_TLS: AtomicI64 = AtomicI64::new(0);
+static FAST_NEST: AtomicI64 = AtomicI64::new(0);
+static FAST_DEFERRED: AtomicI64 = AtomicI64::new(0);
+
+fn offsets3() -> (i64, i64, i64) {
+    (
+        TLS.with(|t| fs_offset_of(t as *const _)),
+        NEST.with(|t| fs_offset_of(t as *const _)),
+        DEFERRED.with(|t| fs_offset_of(t as *const _)),
+    )
+}
+
+/// Records the `fs`-relative offsets of the dispatcher's thread-locals when they are
+/// the same in this thread and in a fresh one (static TLS). Returns whether it did.
+pub fn init_fast_tls() -> bool {
+    let here = offsets3();
+    let Ok(there) = std::thread::spawn(offsets3).join() else {
+        return false;
+    };
+    if here != there || here.0 == 0 || here.1 == 0 || here.2 == 0 {
+        return false;
+    }
+    FAST_TLS.store(here.0, Ordering::Release);
+    FAST_NEST.store(here.1, Ordering::Release);
+    FAST_DEFERRED.store(here.2, Ordering::Release);
+    true
+}
+
+/// Reads the u64 thread-local at `fs:[off]`.
+///
+/// # Safety
+/// `off` must be the `fs`-relative offset of a u64-sized thread-local of this module,
+/// recorded by [`init_fast_tls`] (static TLS: the same in every thread).
+#[inline(always)]
+unsafe fn fs_read(off: i64) -> u64 {
+    let v: u64;
+    // SAFETY: caller's precondition: fs:[off] is this thread's copy of the variable.
+    unsafe {
+        std::arch::asm!("mov {v}, qword ptr fs:[{o}]", v = out(reg) v, o = in(reg) off,
+            options(nostack, readonly, preserves_flags))
+    };
+    v
+}
+
+/// [`current`] without a `__tls_get_addr` call once [`init_fast_tls`] succeeded.
+/// Async-signal-safe.
+#[inline(always)]
+pub fn current_fast() -> Option<&'static Header> {
+    let off = FAST_TLS.load(Ordering::Relaxed);
+    if off == 0 {
+        return current();
+    }
+    // SAFETY: `off` was recorded by init_fast_tls for TLS (a `Cell<*mut u64>`).
+    let p = unsafe { fs_read(off) } as *mut u64;
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: a non-null TLS value was stored by `claim`.
+        Some(unsafe { header_of(p) })
+    }
+}
+
+/// This thread's [`NEST`] (fast path as in [`current_fast`]). Async-signal-safe.
+#[inline(always)]
+pub fn nest_fast() -> u64 {
+    let off = FAST_NEST.load(Ordering::Relaxed);
+    if off == 0 {
+        return NEST.with(|n| n.get());
+    }
+    // SAFETY: `off` was recorded by init_fast_tls for NEST (a `Cell<u64>`).
+    unsafe { fs_read(off) }
+}
+
+/// Takes this thread's [`DEFERRED`] flag (returns it and clears it). Async-signal-safe.
+#[inline(always)]
+pub fn take_deferred_fast() -> u64 {
+    let off = FAST_DEFERRED.load(Ordering::Relaxed);
+    if off == 0 {
+        return DEFERRED.with(|d| d.replace(0));
+    }
+    // SAFETY: `off` was recorded by init_fast_tls for DEFERRED (a `Cell<u64>`).
+    let v = unsafe { fs_read(off) };
+    if v != 0 {
+        // SAFETY: as above; only this thread (and its signal handler, which only sets
+        // it to 1, like the `Cell::replace` this replaces) writes it.
+        unsafe {
+            std::arch::asm!("mov qword ptr fs:[{o}], 0", o = in(reg) off,
+                options(nostack, preserves_flags))
+        };
+    }
+    v
 }
 
 /// Every block ever mapped (index = block number). Never shrinks.

@@ -7,7 +7,7 @@
 //! can still increment its indexes) its totals are folded into per-(tracer, site)
 //! totals and the indexes are zeroed and reused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 
 use crate::block::{self, COUNTERS};
@@ -22,8 +22,9 @@ pub struct Counters {
     next: u32,
     /// Left behind by exited threads, per live index.
     exited: HashMap<u32, u64>,
-    /// Live indexes.
-    live: Vec<u32>,
+    /// Live indexes (a set: freeing the 10,000 indexes of a big trampoline must not
+    /// be quadratic).
+    live: BTreeSet<u32>,
 }
 
 impl Counters {
@@ -40,7 +41,7 @@ impl Counters {
             }
             None => return Err(Exhausted),
         };
-        self.live.push(i);
+        self.live.insert(i);
         Ok(i)
     }
 
@@ -78,8 +79,9 @@ impl Counters {
         for h in block::all() {
             h.reset_counter(i);
         }
-        self.live.retain(|x| *x != i);
-        self.free.push(i);
+        if self.live.remove(&i) {
+            self.free.push(i);
+        }
         total
     }
 }

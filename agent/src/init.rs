@@ -62,6 +62,9 @@ fn start_inner() -> Result<(), StartError> {
     let offsets = block::tls_offsets();
     let (tls, nest) = offsets.ok_or(StartError::DynamicTls)?;
     dispatch::PATCHBAY_NEST_OFFSET.store(nest as i64, Ordering::Release);
+    if !block::init_fast_tls() {
+        log::warn("dispatcher thread-locals are not static: using the slow accessors");
+    }
     block::refill(64).map_err(StartError::Blocks)?;
     block::init_overflow().map_err(StartError::Blocks)?;
     let signal = std::env::var("PATCHBAY_QS_SIGNAL")

@@ -103,6 +103,13 @@ pub struct Runtime {
     settings: pb::AgentSettings,
     tls_offset: Option<i32>,
     last_flush: Instant,
+    /// Most events a drain of the last tick took from one thread's ring: when rings
+    /// fill fast, the agent ticks faster so that fewer events are dropped.
+    ring_peak: usize,
+    /// Count totals last sent per tracer (reports are full snapshots; an unchanged
+    /// snapshot is not sent again). Cleared at every hello: a new connection gets
+    /// everything.
+    sent_counts: BTreeMap<u64, BTreeMap<u64, u64>>,
     last_stall_report: Instant,
     /// Callback registry generation last announced to the server.
     callbacks_announced: u64,
@@ -153,6 +160,8 @@ impl Runtime {
             },
             tls_offset,
             last_flush: Instant::now(),
+            ring_peak: 0,
+            sent_counts: BTreeMap::new(),
             last_stall_report: Instant::now(),
             callbacks_announced: 0,
             started: Instant::now(),
@@ -702,11 +711,12 @@ impl Runtime {
         let events = &mut self.events;
         let lost = &mut self.lost_events;
         let event_buffer = self.event_buffer;
+        let mut peak = 0;
         for h in block::all() {
             if h.tid.load(Ordering::Acquire) == 0 {
                 continue;
             }
-            ring::drain(h, |r| {
+            let n = ring::drain(h, |r| {
                 let (buf, n) = events.entry(r.tracer).or_default();
                 if *n as usize >= event_buffer {
                     *lost.entry(r.tracer).or_insert(0) += 1;
@@ -721,7 +731,11 @@ impl Runtime {
                 }
                 *n += 1;
             });
+            peak = peak.max(n);
         }
+        // The most of any drain of this tick (a later drain in the same tick finds
+        // the rings nearly empty).
+        self.ring_peak = self.ring_peak.max(peak);
     }
 
     fn dropped(&self, tracer: u64) -> u64 {
@@ -755,7 +769,12 @@ impl Runtime {
                     self.counters.total(*idx);
             }
         }
+        self.sent_counts.retain(|t, _| totals.contains_key(t));
         for (tracer, sites) in totals {
+            if self.sent_counts.get(&tracer) == Some(&sites) {
+                continue;
+            }
+            self.sent_counts.insert(tracer, sites.clone());
             out.push(FromAgent::Counts(pb::CountReport {
                 tracer_id: tracer,
                 counts: sites
@@ -923,6 +942,7 @@ impl Runtime {
         self.observer.forget_reports();
         // A new session: report every tracer's counts again.
         self.folded_dirty = self.folded.keys().map(|(tracer, _)| *tracer).collect();
+        self.sent_counts.clear();
         let trampolines = self
             .tramps
             .iter()
@@ -1018,6 +1038,7 @@ impl link::Handler for Runtime {
     }
 
     fn tick(&mut self, connected: bool, out: &mut Vec<FromAgent>) {
+        self.ring_peak = 0;
         let generation = callbacks::generation();
         if generation != self.callbacks_announced {
             self.callbacks_announced = generation;
@@ -1029,7 +1050,12 @@ impl link::Handler for Runtime {
         self.retry_removes(out);
         self.observe(out);
         let every = Duration::from_millis(self.settings.flush_interval_ms.max(1) as u64);
-        if self.last_flush.elapsed() >= every {
+        // A full batch of events goes out at once rather than at the next interval.
+        let full_batch = self
+            .events
+            .values()
+            .any(|(_, n)| *n as usize >= EVENTS_PER_BATCH);
+        if self.last_flush.elapsed() >= every || (connected && full_batch) {
             self.last_flush = Instant::now();
             // A server that does not read (stopped, hung, or slower than the program)
             // must not make the agent queue without bound: hold counts (cumulative,
@@ -1048,6 +1074,9 @@ impl link::Handler for Runtime {
     fn tick_interval(&self) -> Duration {
         if self.need() > 0 {
             Duration::from_micros(500)
+        } else if self.ring_peak >= block::RING_SLOTS / 8 {
+            // Events are coming in fast: drain the rings before they fill.
+            Duration::from_millis(1)
         } else {
             Duration::from_millis(20)
         }

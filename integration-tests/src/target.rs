@@ -33,7 +33,11 @@ pub struct Target {
     stderr: tempfile::NamedTempFile,
     pid: u32,
     exe: String,
+    preamble: Vec<String>,
 }
+
+/// Lines a launcher may print before the program's ready line.
+const PREAMBLE_LINES: usize = 20;
 
 impl Target {
     /// Starts the fixture built in `mode` against the server socket `socket` (nothing
@@ -45,17 +49,43 @@ impl Target {
     /// [`Target::start`] with extra environment variables.
     pub async fn start_env(mode: Build, socket: &Path, env: &[(&str, &str)]) -> Target {
         let exe = fixtures::fixture(mode);
-        let agent = bins::agent_lib();
+        let t = Target::start_program(&exe, Some(socket), env).await;
+        assert_eq!(
+            t.pid,
+            t.child.as_ref().expect("child").id(),
+            "{} reported another pid than its own\n{}",
+            t.exe,
+            t.stderr()
+        );
+        t
+    }
+
+    /// Starts program `exe` (any program speaking the fixtures' line protocol) with
+    /// extra environment variables; with `socket`, preloads the agent pointed at that
+    /// server socket (agent log level `PATCHBAY_AGENT_LOG`, default `debug`; `env` may
+    /// override it). Waits for its `ready pid=` line.
+    pub async fn start_program(exe: &Path, socket: Option<&Path>, env: &[(&str, &str)]) -> Target {
+        let mut cmd = Command::new(exe);
+        if let Some(socket) = socket {
+            cmd.env("LD_PRELOAD", bins::agent_lib())
+                .env("PATCHBAY_SOCKET", socket)
+                .env(
+                    "PATCHBAY_AGENT_LOG",
+                    std::env::var("PATCHBAY_AGENT_LOG").unwrap_or_else(|_| "debug".into()),
+                );
+        }
+        cmd.envs(env.iter().copied());
+        Target::spawn(cmd).await
+    }
+
+    /// Spawns `cmd` (stdin, stdout and stderr are set here) and waits for its
+    /// `ready pid=<pid>` line. The pid of the target is the one the program reports,
+    /// which differs from the spawned process's when `cmd` is a launcher (such as
+    /// `uftrace record PROGRAM`).
+    pub async fn spawn(mut cmd: Command) -> Target {
+        let exe = cmd.get_program().to_string_lossy().into_owned();
         let stderr = tempfile::NamedTempFile::new().expect("target stderr file");
-        let mut cmd = Command::new(&exe);
-        cmd.env("LD_PRELOAD", &agent)
-            .env("PATCHBAY_SOCKET", socket)
-            .env(
-                "PATCHBAY_AGENT_LOG",
-                std::env::var("PATCHBAY_AGENT_LOG").unwrap_or_else(|_| "debug".into()),
-            )
-            .env("RUST_BACKTRACE", "1")
-            .envs(env.iter().copied())
+        cmd.env("RUST_BACKTRACE", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(
@@ -66,7 +96,7 @@ impl Target {
             );
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", exe.display()));
+            .unwrap_or_else(|e| panic!("cannot spawn {exe}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let stdin = child.stdin.take();
         let pid = child.id();
@@ -89,17 +119,43 @@ impl Target {
             rx,
             stderr,
             pid,
-            exe: exe.display().to_string(),
+            exe,
+            preamble: Vec::new(),
         };
-        let ready = t.line("the ready line", CMD_TIMEOUT).await;
-        assert_eq!(
-            ready,
-            format!("ready pid={pid}"),
-            "unexpected first line of {}\n{}",
+        // A launcher may print lines of its own first (bpftrace: "Attaching 1 probe...").
+        for _ in 0..PREAMBLE_LINES {
+            let line = t.line("the ready line", CMD_TIMEOUT).await;
+            match line.strip_prefix("ready pid=").map(str::parse::<u32>) {
+                Some(Ok(p)) => {
+                    t.pid = p;
+                    return t;
+                }
+                Some(Err(_)) => break,
+                None => t.preamble.push(line),
+            }
+        }
+        panic!(
+            "no `ready pid=` line from {} (got {:?})\n{}",
             t.exe,
+            t.preamble,
             t.stderr()
-        );
-        t
+        )
+    }
+
+    /// Lines the program (or its launcher) printed before its ready line.
+    pub fn preamble(&self) -> &[String] {
+        &self.preamble
+    }
+
+    /// After the program ended: every stdout line not read yet (what a launcher such as
+    /// bpftrace prints at exit), waiting at most `timeout` for the end of the output.
+    pub async fn remaining_lines(&mut self, timeout: Duration) -> Vec<String> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while let Ok(Some(l)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            out.push(l);
+        }
+        out
     }
 
     /// The process id.

@@ -1,0 +1,213 @@
+//! Per-call cost: the hot loop of `bench/hotloop.c` untraced (plain build), with the
+//! agent loaded but nothing attached (nop5 build), with `count`, and with `trace`
+//! recording two argument registers; 1 thread and one per core. Loops are timed in
+//! the thread's CPU time. `trace` is measured twice: in bursts of [`BURST`] calls with
+//! pauses the agent uses to drain the rings (every event kept: the real cost of an
+//! entry event; compared with untraced calls in the same bursts), and in the hot loop
+//! where the ring is full nearly all the time (mostly the cost of a counted drop).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use integration_tests::target::Target;
+use patchbay_sdk::{TracerSpecBuilder, spec};
+use serde_json::json;
+
+use crate::report::{Figure, Report};
+use crate::{BURST, BURST_GAP_US, Plan, Programs, run_burst, run_loop, server, traced};
+
+/// Added ns per call allowed for `count` and for an entry event (DESIGN.md).
+pub const COUNT_GOAL_NS: f64 = 2.0;
+pub const TRACE_GOAL_NS: f64 = 15.0;
+
+async fn samples(t: &mut Target, threads: u32, n: u64, reps: usize) -> anyhow::Result<Vec<f64>> {
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        v.push(run_loop(t, threads, n).await?.0);
+    }
+    Ok(v)
+}
+
+async fn burst_samples(t: &mut Target, threads: u32, plan: &Plan) -> anyhow::Result<Vec<f64>> {
+    let mut v = Vec::with_capacity(plan.burst_reps);
+    for _ in 0..plan.burst_reps {
+        v.push(run_burst(t, threads, plan.burst_calls).await?.0);
+    }
+    Ok(v)
+}
+
+/// Events dropped so far for tracer `id`, once the agent flushed (every 100 ms).
+async fn dropped(client: &patchbay_sdk::Client, id: u64) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(client
+        .list_tracers()
+        .await?
+        .iter()
+        .find(|x| x.tracer_id == id)
+        .map_or(0, |x| x.dropped))
+}
+
+fn ratio_note(ns: f64, base: f64) -> String {
+    format!("{:.2}x, {:+.2} ns", ns / base, ns - base)
+}
+
+/// Waits until the `count` tracer `id` reached `expected` (10 s at most); returns the
+/// last total seen.
+pub async fn wait_count(client: &patchbay_sdk::Client, id: u64, expected: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let total = client.counts(id).await.map_or(0, |c| c.total);
+        if total >= expected || Instant::now() > deadline {
+            return total;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Result<()> {
+    let server = server(&[]);
+    let client = server.client().await;
+    let (n, reps) = (plan.calls, plan.reps);
+    for threads in plan.thread_counts() {
+        let mut t = Target::start_program(&progs.plain, None, &[]).await;
+        let plain = samples(&mut t, threads, n, reps).await?;
+        let plain_burst = burst_samples(&mut t, threads, plan).await?;
+        t.quit().await;
+        let burst_base = crate::report::median(&plain_burst).context("no sample")?;
+        let base = crate::report::median(&plain).context("no sample")?;
+        report.push(
+            Figure::new(
+                format!("percall.untraced.t{threads}"),
+                "percall",
+                "untraced call (plain -O2 build)",
+                "ns/call",
+                plain,
+            )
+            .threads(threads)
+            .note("1.00x"),
+        );
+        report.push(
+            Figure::new(
+                format!("percall.untraced_bursts.t{threads}"),
+                "percall",
+                format!("untraced call, bursts of {BURST}"),
+                "ns/call",
+                plain_burst,
+            )
+            .threads(threads)
+            .note("1.00x (baseline of bursts)"),
+        );
+
+        let mut t = traced(&progs.nop5, &server, &client).await?;
+        let pid = t.pid();
+        let v = samples(&mut t, threads, n, reps).await?;
+        let m = crate::report::median(&v).context("no sample")?;
+        report.push(
+            Figure::new(
+                format!("percall.not_attached.t{threads}"),
+                "percall",
+                "instrumented (nop5 + agent), not attached",
+                "ns/call",
+                v,
+            )
+            .threads(threads)
+            .note(ratio_note(m, base))
+            .goal("~0 ns added", m - base <= 0.5),
+        );
+
+        // count
+        let r = client
+            .attach(TracerSpecBuilder::new(spec::pid(pid), "add1").count(), None)
+            .await?;
+        let id = r.tracer.as_ref().context("no tracer")?.tracer_id;
+        let patched: u32 = r.results.iter().map(|x| x.sites_patched).sum();
+        if patched != 1 {
+            bail!("count on add1 patched {patched} sites: {r:?}");
+        }
+        let v = samples(&mut t, threads, n, reps).await?;
+        let expected = n * threads as u64 * reps as u64;
+        let counted = wait_count(&client, id, expected).await;
+        client.detach(id, true, None).await?;
+        let m = crate::report::median(&v).context("no sample")?;
+        report.push(
+            Figure::new(
+                format!("percall.count.t{threads}"),
+                "percall",
+                "count",
+                "ns/call",
+                v,
+            )
+            .threads(threads)
+            .note(ratio_note(m, base))
+            .goal(
+                format!("<= {COUNT_GOAL_NS} ns added"),
+                m - base <= COUNT_GOAL_NS,
+            )
+            .detail(json!({"calls": expected, "counted": counted, "sites_patched": patched})),
+        );
+
+        // trace, two argument registers: first in bursts that fit the event ring (every
+        // event kept: the real cost of an entry event), then the hot loop at full rate
+        // (the ring is full almost all the time: mostly the cost of a counted drop).
+        let r = client
+            .attach(
+                TracerSpecBuilder::new(spec::pid(pid), "add1").trace(2),
+                None,
+            )
+            .await?;
+        let id = r.tracer.as_ref().context("no tracer")?.tracer_id;
+        let patched: u32 = r.results.iter().map(|x| x.sites_patched).sum();
+        if patched != 1 {
+            bail!("trace on add1 patched {patched} sites: {r:?}");
+        }
+        let v = burst_samples(&mut t, threads, plan).await?;
+        let burst_calls = plan.burst_calls * threads as u64 * plan.burst_reps as u64;
+        let burst_dropped = dropped(&client, id).await?;
+        let m = crate::report::median(&v).context("no sample")?;
+        report.push(
+            Figure::new(
+                format!("percall.trace2.t{threads}"),
+                "percall",
+                format!("trace (entry event, 2 args), bursts of {BURST}"),
+                "ns/call",
+                v,
+            )
+            .threads(threads)
+            .note(format!(
+                "{}, {burst_dropped} dropped",
+                ratio_note(m, burst_base)
+            ))
+            .goal(
+                format!("<= {TRACE_GOAL_NS} ns added"),
+                m - burst_base <= TRACE_GOAL_NS,
+            )
+            .detail(json!({
+                "calls": burst_calls, "dropped": burst_dropped, "sites_patched": patched,
+                "burst": BURST, "gap_us": BURST_GAP_US,
+            })),
+        );
+        let v = samples(&mut t, threads, n, reps).await?;
+        let expected = n * threads as u64 * reps as u64;
+        let full_dropped = dropped(&client, id).await?.saturating_sub(burst_dropped);
+        client.detach(id, true, None).await?;
+        let m = crate::report::median(&v).context("no sample")?;
+        report.push(
+            Figure::new(
+                format!("percall.trace2_full.t{threads}"),
+                "percall",
+                "trace (2 args), hot loop: ring full",
+                "ns/call",
+                v,
+            )
+            .threads(threads)
+            .note(format!(
+                "{}, {:.1}% dropped",
+                ratio_note(m, base),
+                100.0 * full_dropped as f64 / expected as f64
+            ))
+            .detail(json!({"calls": expected, "dropped": full_dropped, "sites_patched": patched})),
+        );
+        t.quit().await;
+    }
+    Ok(())
+}
