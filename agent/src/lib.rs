@@ -7,6 +7,7 @@
 pub mod arena;
 pub mod block;
 pub mod callbacks;
+pub mod coalesce;
 /// An in-trampoline callback flavour (callbacks called from trampoline memory), kept
 /// as the test vehicle of the patcher's stress tests; the runtime uses `tramp` + `dispatch`.
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Cross-modifying the program's code: the int3 protocol, in batches.
 //!
 //! Code is written with `pwrite` on `/proc/self/mem`, which writes through page
-//! protections (text pages are never made writable, nor ever non-executable). For a
+//! protections (text pages are never made writable, nor ever non-executable); each
+//! step writes coalesced spans of nearby sites ([`crate::coalesce`]). For a
 //! batch of single-instruction 5-byte sites:
 //!
 //! 1. publish each site's transition in the trap table ([`crate::trap`]);
@@ -32,12 +33,14 @@
 //! SIGTRAP blocked. It also re-installs the trap handler if the program replaced it
 //! (chaining to the replacement).
 //!
-//! Cost: three `pwrite`s per site and three membarriers per batch.
+//! Cost: three membarriers per batch, and per step one `pwrite` per span (sites of one
+//! object within 4 KiB of each other share a span) plus a `pread` of its current bytes.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 
+use crate::coalesce;
 use crate::trap::{self, Transition};
 
 /// The canonical 5-byte nop.
@@ -183,6 +186,42 @@ static OPENED_IN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::n
 /// read-only and read-execute pages). Does not serialize other cores.
 pub fn poke(addr: usize, bytes: &[u8]) -> std::io::Result<()> {
     with_mem(|m| m.write_all_at(bytes, addr as u64))
+}
+
+const INT3: [u8; 1] = [0xCC];
+
+/// Batches with at least this many sites write coalesced spans (see [`coalesce`]).
+const COALESCE_FROM: usize = 4;
+
+/// Writes one step of the protocol: `writes` (address, bytes), coalesced into spans
+/// within the read-only mappings `ro` (empty: one write each). The bytes between the
+/// writes of a span are re-read through `/proc/self/mem` just before (a mapping that
+/// vanished meanwhile gives an error, never a fault in the agent).
+fn write_step<'a>(
+    writes: impl Iterator<Item = (usize, &'a [u8])>,
+    ro: &[(usize, usize)],
+) -> Result<(), PatchError> {
+    let io = |addr: usize| {
+        move |e: std::io::Error| PatchError::Io {
+            addr,
+            errno: e.raw_os_error().unwrap_or(0),
+        }
+    };
+    let mut writes: Vec<coalesce::Write<'a>> = writes
+        .map(|(addr, bytes)| coalesce::Write { addr, bytes })
+        .collect();
+    for span in coalesce::spans(&mut writes, ro) {
+        if span.last - span.first == 1 {
+            let w = writes[span.first];
+            poke(w.addr, w.bytes).map_err(io(w.addr))?;
+            continue;
+        }
+        let mut current = vec![0u8; span.end - span.start];
+        with_mem(|m| m.read_exact_at(&mut current, span.start as u64)).map_err(io(span.start))?;
+        let bytes = coalesce::span_bytes(&span, &writes, &current);
+        poke(span.start, &bytes).map_err(io(span.start))?;
+    }
+    Ok(())
 }
 
 fn membarrier(cmd: libc::c_int) -> Result<(), i32> {
@@ -380,25 +419,22 @@ impl Patcher {
             }
             trap::set_transition(p.site, p.transition);
         }
-        let io = |addr: usize| {
-            move |e: std::io::Error| PatchError::Io {
-                addr,
-                errno: e.raw_os_error().unwrap_or(0),
-            }
+        // The read-only mappings (see `coalesce`): taken once per batch, the patcher
+        // being the only writer of read-only code.
+        let ro = if plan.len() >= COALESCE_FROM {
+            std::fs::read_to_string("/proc/self/maps")
+                .map(|m| coalesce::readonly_mappings(&m))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
         };
-        for (p, _) in &plan {
-            poke(p.site, &[0xCC]).map_err(io(p.site))?;
-        }
+        write_step(plan.iter().map(|(p, _)| (p.site, &INT3[..])), &ro)?;
         sync_cores()?;
         observer(Stage::Int3Written);
-        for (p, _) in &plan {
-            poke(p.site + 1, &p.new[1..]).map_err(io(p.site))?;
-        }
+        write_step(plan.iter().map(|(p, _)| (p.site + 1, &p.new[1..])), &ro)?;
         sync_cores()?;
         observer(Stage::TailWritten);
-        for (p, _) in &plan {
-            poke(p.site, &p.new[..1]).map_err(io(p.site))?;
-        }
+        write_step(plan.iter().map(|(p, _)| (p.site, &p.new[..1])), &ro)?;
         sync_cores()?;
         observer(Stage::FirstByteWritten);
         for (p, _) in &plan {
