@@ -20,8 +20,9 @@
 //! trampoline). `Op::Call` installs or replaces a call; `Op::Nop` restores the nop the
 //! site had when first patched (or the canonical `0f 1f 44 00 00` for a site that was
 //! a call, e.g. `call __fentry__`). Five 1-byte nops (gcc's
-//! `-fpatchable-function-entry=5`) need the grace-period-guarded multi-instruction
-//! protocol and get [`PatchError::Unsupported`] here.
+//! `-fpatchable-function-entry=5`) get [`PatchError::Unsupported`] here: they are first
+//! turned into one 5-byte nop by [`Patcher::convert_sleds`], the grace-period-guarded
+//! multi-instruction protocol, after which they are ordinary sites.
 //!
 //! A batch is validated completely before anything is written: a bad site or target
 //! changes nothing. If a write or a membarrier fails in the middle of a batch (not
@@ -121,10 +122,15 @@ pub enum Stage {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PatchError {
     #[error(
-        "site {site:#x} is five 1-byte nops (gcc -fpatchable-function-entry): unsupported \
-         until multi-instruction patching exists; rebuild with clang or -mfentry -mnop-mcount"
+        "site {site:#x} is five 1-byte nops (gcc -fpatchable-function-entry): it must be \
+         converted to a 5-byte nop first (Patcher::convert_sleds)"
     )]
     Unsupported { site: usize },
+    #[error(
+        "converting {sites} nop sled(s) needs a grace period, which did not complete: \
+         {reason}; the sleds are unchanged"
+    )]
+    GracePeriod { sites: usize, reason: String },
     #[error("{site:#x} is not a patchable site: bytes {bytes:02x?}")]
     NotASite { site: usize, bytes: [u8; 5] },
     #[error("trampoline {target:#x} is out of rel32 reach of site {site:#x}")]
@@ -439,6 +445,85 @@ impl Patcher {
         observer(Stage::FirstByteWritten);
         for (p, _) in &plan {
             trap::set_transition(p.site, Transition::Idle);
+        }
+        report.changed = plan.len();
+        Ok(report)
+    }
+}
+
+impl Patcher {
+    /// Turns gcc nop sleds (five 1-byte nops) into the canonical 5-byte nop, after
+    /// which each is an ordinary single-instruction site (and the nop a later unpatch
+    /// restores). A thread may have executed some of a sled's nops and be stopped
+    /// before the others, so the bytes it has yet to execute may not be replaced under
+    /// it (the kernel's optprobes wait for RCU-Tasks for the same reason):
+    ///
+    /// 1. publish [`Transition::SledToNop`] for every sled (a trap at the first byte
+    ///    skips the sled; the quiescent-state signal handler moves a thread found
+    ///    inside a sled past it, see [`trap::sled_exit`]);
+    /// 2. write `0xCC` at every first byte, serialize: no thread enters a sled again;
+    /// 3. `grace()`: wait until every thread was seen outside since (the caller bumps
+    ///    the epoch and waits for a quiescent state of every thread);
+    /// 4. write the tails `1f 44 00 00`, serialize; write the first bytes `0f`,
+    ///    serialize.
+    ///
+    /// If the grace period fails (a thread blocking the signal stays inside, say), the
+    /// first bytes go back to `0x90` and the sleds are exactly as before:
+    /// [`PatchError::GracePeriod`]. Sites already converted count as unchanged.
+    pub fn convert_sleds(
+        &self,
+        sites: &[usize],
+        grace: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<BatchReport, PatchError> {
+        let mut originals = self.originals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = BatchReport::default();
+        let mut seen = HashSet::with_capacity(sites.len());
+        let mut plan = Vec::with_capacity(sites.len());
+        for &site in sites {
+            if !seen.insert(site) {
+                return Err(PatchError::Duplicate { site });
+            }
+            // SAFETY: sites come from site discovery (loaded text) or tests.
+            let cur = unsafe { read_site(site) };
+            match classify_bytes(site, cur) {
+                SiteKind::NopSled => plan.push(site),
+                SiteKind::Nop5(_) => report.unchanged += 1,
+                _ => return Err(PatchError::NotASite { site, bytes: cur }),
+            }
+        }
+        if plan.is_empty() {
+            return Ok(report);
+        }
+        check_no_thread_blocks_sigtrap()?;
+        trap::ensure_installed()?;
+        for &site in &plan {
+            trap::set_transition(site, Transition::SledToNop);
+        }
+        let ro = std::fs::read_to_string("/proc/self/maps")
+            .map(|m| coalesce::readonly_mappings(&m))
+            .unwrap_or_default();
+        write_step(plan.iter().map(|&site| (site, &INT3[..])), &ro)?;
+        sync_cores()?;
+        if let Err(reason) = grace() {
+            // No thread ran into a sled since the int3s: putting the first nops back
+            // is a single-byte write each, and the sleds are as they were.
+            write_step(plan.iter().map(|&site| (site, &[0x90u8][..])), &ro)?;
+            sync_cores()?;
+            for &site in &plan {
+                trap::set_transition(site, Transition::Idle);
+            }
+            return Err(PatchError::GracePeriod {
+                sites: plan.len(),
+                reason,
+            });
+        }
+        write_step(plan.iter().map(|&site| (site + 1, &NOP5[1..])), &ro)?;
+        sync_cores()?;
+        write_step(plan.iter().map(|&site| (site, &NOP5[..1])), &ro)?;
+        sync_cores()?;
+        for &site in &plan {
+            trap::set_transition(site, Transition::Idle);
+            originals.insert(site, NOP5);
         }
         report.changed = plan.len();
         Ok(report)

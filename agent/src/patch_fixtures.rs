@@ -118,6 +118,19 @@ std::arch::global_asm!(
     "patchbay_fx_sled:",
     ".byte 0x90, 0x90, 0x90, 0x90, 0x90",
     "ret",
+    // Same, returning x + 1: sled conversion while threads run through it.
+    ".p2align 4",
+    ".globl patchbay_fx_sled_stress",
+    "patchbay_fx_sled_stress:",
+    ".byte 0x90, 0x90, 0x90, 0x90, 0x90",
+    "lea rax, [rdi + 1]",
+    "ret",
+    // A sled whose transition the handler test sets (never executed).
+    ".p2align 4",
+    ".globl patchbay_fx_sled_ctx",
+    "patchbay_fx_sled_ctx:",
+    ".byte 0x90, 0x90, 0x90, 0x90, 0x90",
+    "ret",
     // MANY_SITES functions of 16 bytes each: batch patching speed.
     ".p2align 4",
     ".globl patchbay_fx_many",
@@ -167,6 +180,8 @@ unsafe extern "C" {
     pub fn patchbay_fx_recurse(x: u64) -> u64;
     pub fn patchbay_fx_fentry(x: u64) -> u64;
     pub fn patchbay_fx_sled();
+    pub fn patchbay_fx_sled_stress(x: u64) -> u64;
+    pub fn patchbay_fx_sled_ctx();
     pub fn patchbay_fx_int3();
     pub fn patchbay_fx_many(x: u64) -> u64;
     pub fn patchbay_fx_align_cb(ctx: *const crate::codegen::CallCtx, data: usize);

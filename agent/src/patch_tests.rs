@@ -769,3 +769,137 @@ fn sigblk_parsing() {
     // The test threads block nothing.
     assert!(threads_blocking_sigtrap().is_empty());
 }
+
+/// Puts a converted sled back (test only): `0f 1f 44 00 00` → five `90`s with the int3
+/// protocol. No grace period is needed this way round: nobody can be inside a single
+/// 5-byte nop.
+fn restore_sled(p: &Patcher, site: usize) {
+    let _g = p.originals.lock().unwrap().remove(&site);
+    trap::set_transition(site, Transition::ToNop);
+    poke(site, &[0xCC]).unwrap();
+    sync_cores().unwrap();
+    poke(site + 1, &[0x90; 4]).unwrap();
+    sync_cores().unwrap();
+    poke(site, &[0x90]).unwrap();
+    sync_cores().unwrap();
+    trap::set_transition(site, Transition::Idle);
+}
+
+/// gcc's five 1-byte nops converted to one 5-byte nop, hundreds of times, while 4
+/// threads run through the sled and check every result: the grace period (the real
+/// `Observer`, signals and all) must see each thread outside the sled, the signal
+/// handler moving a thread found between two nops past them. Without that move, or
+/// without the grace period, a thread resumes in the middle of `1f 44 00 00` and dies
+/// (SIGILL) or computes garbage. A thread that never reports makes the conversion fail
+/// and leaves the sled as it was.
+#[test]
+fn sled_conversion_while_threads_run_through_it() {
+    const THREADS: usize = 4;
+    const CYCLES: usize = 300;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static BAD: AtomicU64 = AtomicU64::new(0);
+    let p = patcher();
+    crate::block::refill(THREADS + 4).unwrap();
+    crate::qs::install_signal(crate::qs::default_signal()).unwrap();
+    let site = site_of(patchbay_fx_sled_stress as *const ());
+    assert_eq!(bytes_at(site), [0x90; 5]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                tx.send(crate::dispatch::tid()).unwrap();
+                let mut calls = 0u64;
+                while !STOP.load(Ordering::Relaxed) {
+                    // SAFETY: the fixture is `fn(u64) -> u64 { x + 1 }`.
+                    if unsafe { patchbay_fx_sled_stress(black_box(calls)) } != calls + 1 {
+                        BAD.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let tids: std::collections::BTreeSet<u32> = (0..THREADS).map(|_| rx.recv().unwrap()).collect();
+    let exits_before = crate::stats::snapshot().sled_exits;
+    let mut obs = crate::qs::Observer::new();
+    let mut worst = Duration::ZERO;
+    for cycle in 0..CYCLES {
+        let t = Instant::now();
+        let mut grace = || -> Result<(), String> {
+            let e = crate::qs::EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+            let end = deadline(10);
+            loop {
+                obs.round(&tids, e, true);
+                if tids.iter().all(|t| obs.reported(*t) >= e) {
+                    return Ok(());
+                }
+                if Instant::now() > end {
+                    return Err(format!("cycle {cycle}: grace period not over in 10 s"));
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        };
+        let r = p.convert_sleds(&[site], &mut grace).unwrap();
+        worst = worst.max(t.elapsed());
+        assert_eq!(r.changed, 1);
+        assert_eq!(bytes_at(site), NOP5);
+        // Converted: an ordinary site now (a second conversion changes nothing).
+        assert_eq!(
+            p.convert_sleds(&[site], &mut || Ok(())).unwrap().unchanged,
+            1
+        );
+        restore_sled(p, site);
+        assert_eq!(bytes_at(site), [0x90; 5]);
+    }
+    // A grace period that fails leaves the sled as it was.
+    let err = p
+        .convert_sleds(&[site], &mut || Err("a holdout".into()))
+        .unwrap_err();
+    assert!(
+        matches!(err, PatchError::GracePeriod { sites: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(bytes_at(site), [0x90; 5]);
+    STOP.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
+    let moved = crate::stats::snapshot().sled_exits - exits_before;
+    eprintln!(
+        "{CYCLES} sled conversions while {THREADS} threads made {calls} calls: worst {worst:?}, \
+         {moved} threads moved out of the sled by the signal handler, {} signals",
+        obs.signals
+    );
+    assert!(calls > 0);
+}
+
+/// The quiescent-state handler, given an interrupted context inside a sled being
+/// converted, moves its PC past the sled (and only then); deterministic counterpart of
+/// the stress test above, where such a thread usually leaves the sled by itself before
+/// the tail is written.
+#[test]
+fn qs_handler_moves_a_thread_out_of_a_sled_in_conversion() {
+    crate::block::refill(4).unwrap();
+    let site = site_of(patchbay_fx_sled_ctx as *const ());
+    assert_eq!(bytes_at(site), [0x90; 5]);
+    let run = |pc: usize| -> usize {
+        // SAFETY: a zeroed ucontext_t is a valid value; the handler only reads and
+        // writes its RIP.
+        let mut uc: libc::ucontext_t = unsafe { std::mem::zeroed() };
+        uc.uc_mcontext.gregs[libc::REG_RIP as usize] = pc as i64;
+        crate::qs::on_signal(0, std::ptr::null_mut(), (&raw mut uc).cast());
+        uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize
+    };
+    // Not in conversion: nothing moves.
+    assert_eq!(run(site + 2), site + 2);
+    trap::set_transition(site, Transition::SledToNop);
+    for k in 1..5 {
+        assert_eq!(run(site + k), site + 5, "pc at sled byte {k}");
+    }
+    // At the first byte (it traps on the int3) or past the sled: unchanged.
+    assert_eq!(run(site), site);
+    assert_eq!(run(site + 5), site + 5);
+    trap::set_transition(site, Transition::Idle);
+    assert_eq!(run(site + 3), site + 3);
+}

@@ -8,7 +8,8 @@
 //!    `poll`, `epoll_wait` would fail with EINTR even under SA_RESTART);
 //! 3. interrupted: running threads get a real-time signal; the handler reads the
 //!    interrupted PC from the `ucontext` and the thread's dispatch depth; inside a
-//!    dispatch it defers, and the outermost dispatch stamps on its way out;
+//!    dispatch it defers, and the outermost dispatch stamps on its way out; a thread
+//!    between two nops of a sled being converted is first moved past the sled;
 //! 4. exit: an exited thread is quiescent for ever (reported by the thread scan).
 //!
 //! Every observation is stamped with the epoch read *before* the observation, so a
@@ -101,7 +102,11 @@ pub fn quiescent() {
 
 /// The quiescent-state signal handler. Async-signal-safe: reads the epoch, the
 /// interrupted PC and this thread's TLS; writes this thread's block.
-extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+pub(crate) extern "C" fn on_signal(
+    _sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    uctx: *mut libc::c_void,
+) {
     let e = EPOCH.load(Ordering::Acquire);
     // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
     let pc = unsafe { (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
@@ -110,6 +115,18 @@ extern "C" fn on_signal(_sig: libc::c_int, _info: *mut libc::siginfo_t, uctx: *m
         // Inside a dispatch: its outermost level stamps on the way out.
         block::DEFERRED.with(|d| d.set(1));
         return;
+    }
+    if let Some(next) = crate::trap::sled_exit(pc as usize) {
+        // Between two 1-byte nops of a sled being converted: skip the remaining nops
+        // (exactly what executing them does), so the thread is outside the bytes about
+        // to be replaced and may be stamped.
+        // SAFETY: the kernel passes a valid, writable ucontext_t; the new PC is the
+        // next instruction boundary of the code the thread was executing.
+        unsafe {
+            (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] =
+                next as i64;
+        }
+        crate::stats::bump(&crate::stats::SLED_EXITS);
     }
     if in_trampoline(pc) {
         // In a trampoline's own few instructions (e.g. a count fast path): it will be
@@ -263,6 +280,7 @@ impl Observer {
                     SyscallState::Blocked { nr, pc, .. }
                         if nr != libc::SYS_gettid
                             && !in_trampoline(pc)
+                            && crate::trap::sled_exit(pc as usize).is_none()
                             && before == after
                             && matches!(
                                 before,

@@ -38,6 +38,8 @@ const EVENT_BUFFER: usize = 1 << 16;
 /// Bytes queued for the server and not yet taken by the transport above which counts
 /// and events are held back (in the bounded buffer above) until it reads again.
 const LINK_BACKLOG: u64 = 1 << 20;
+/// Bound on the grace period of a nop-sled conversion.
+const LOCAL_GRACE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Records per event batch.
 const EVENTS_PER_BATCH: usize = 4096;
 /// Free thread blocks kept ready, at least.
@@ -190,12 +192,6 @@ impl Runtime {
                             site: f.address as usize,
                         });
                     }
-                    if f.kind == SiteKind::NopSled {
-                        f.patchable = false;
-                        f.reason = Some(
-                            "five 1-byte nops (gcc -fpatchable-function-entry=5) need the grace-period-guarded protocol, not supported yet: build with -mfentry -mnop-mcount or with clang".into(),
-                        );
-                    }
                     if f.patchable && f.kind == SiteKind::FentryGot {
                         neutralize.push(Op::NopFentryGot {
                             site: f.address as usize,
@@ -293,7 +289,7 @@ impl Runtime {
 
     // --------------------------------------------------------------- install
 
-    fn install(&mut self, i: pb::Install) -> FromAgent {
+    fn install(&mut self, i: pb::Install, out: &mut Vec<FromAgent>) -> FromAgent {
         let id = i.trampoline_id;
         if self.tramps.contains_key(&id) {
             return report(
@@ -303,7 +299,7 @@ impl Runtime {
                 }),
             );
         }
-        match self.try_install(&i) {
+        match self.try_install(&i, out) {
             Ok((sites, skipped)) => report(
                 id,
                 pb::trampoline_report::Report::Live(pb::Live { sites, skipped }),
@@ -318,6 +314,7 @@ impl Runtime {
     fn try_install(
         &mut self,
         i: &pb::Install,
+        out: &mut Vec<FromAgent>,
     ) -> Result<(Vec<pb::Site>, Vec<pb::SiteError>), String> {
         let id = i.trampoline_id;
         let mut skipped = Vec::new();
@@ -339,6 +336,19 @@ impl Runtime {
         sites.dedup();
         if sites.is_empty() {
             return Err("no site of this install is patchable here".into());
+        }
+        // gcc nop sleds become 5-byte nops first (once per site, under a grace period).
+        let sleds: Vec<usize> = sites
+            .iter()
+            .filter(|s| {
+                self.by_addr
+                    .get(s)
+                    .is_some_and(|&x| self.functions[x].kind == SiteKind::NopSled)
+            })
+            .map(|&s| s as usize)
+            .collect();
+        if !sleds.is_empty() {
+            self.convert_sleds(&sleds, out)?;
         }
         // Resolve the callback group.
         let mut actions = Vec::new();
@@ -436,14 +446,13 @@ impl Runtime {
             }
             let chunk = &sites[pos..end];
             let idx: Vec<u32> = if count_only {
-                chunk
+                // One count tracer: `counts` holds its counters in `sites` order.
+                counts[pos..end]
                     .iter()
-                    .map(|s| {
-                        counts
-                            .iter()
-                            .find(|c| c.1 == *s)
-                            .expect("allocated above")
-                            .2
+                    .zip(chunk)
+                    .map(|(c, s)| {
+                        debug_assert_eq!(c.1, *s);
+                        c.2
                     })
                     .collect()
             } else {
@@ -536,6 +545,57 @@ impl Runtime {
             })
             .collect();
         Ok((live, skipped))
+    }
+
+    /// Converts gcc nop sleds into 5-byte nops ([`Patcher::convert_sleds`]), with a
+    /// grace period local to this process in the middle.
+    fn convert_sleds(&mut self, sleds: &[usize], out: &mut Vec<FromAgent>) -> Result<(), String> {
+        let patcher = Patcher::global().map_err(|e| e.to_string())?;
+        let r = patcher
+            .convert_sleds(sleds, &mut || self.local_grace(out))
+            .map_err(|e| format!("patching failed: {e}"))?;
+        log::debug(&format!(
+            "{} nop sleds converted to 5-byte nops ({} already were)",
+            r.changed, r.unchanged
+        ));
+        Ok(())
+    }
+
+    /// A grace period of this process alone, for the sled protocol: bumps the epoch
+    /// and waits (bounded by [`LOCAL_GRACE_TIMEOUT`]) until every thread alive now has
+    /// a quiescent state stamped at the new epoch or exited, observing them the usual
+    /// ways (the stamps also go to the server, as valid as any). Blocks the agent
+    /// thread meanwhile: typically a few milliseconds.
+    fn local_grace(&mut self, out: &mut Vec<FromAgent>) -> Result<(), String> {
+        let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+        let start = Instant::now();
+        loop {
+            self.scan_and_report(out);
+            let known = self.threads.known().clone();
+            let stamps = self.observer.round(&known, epoch, true);
+            if !stamps.is_empty() {
+                out.push(FromAgent::Quiescent(pb::QuiescentBatch {
+                    reports: stamps
+                        .into_iter()
+                        .map(|(tid, epoch)| pb::Quiescent { tid, epoch })
+                        .collect(),
+                }));
+            }
+            let holdouts: Vec<u32> = known
+                .iter()
+                .copied()
+                .filter(|t| self.observer.reported(*t) < epoch)
+                .collect();
+            if holdouts.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() >= LOCAL_GRACE_TIMEOUT {
+                return Err(format!(
+                    "thread(s) {holdouts:?} not seen outside the sleds within {LOCAL_GRACE_TIMEOUT:?} (blocking the quiescent-state signal, or stopped?)"
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 
     fn register_ranges(&mut self) {
@@ -1009,7 +1069,8 @@ impl link::Handler for Runtime {
             ToAgent::ListFunctions(l) => out.push(self.list_functions(l)),
             ToAgent::Install(i) => {
                 self.discover_if_needed();
-                out.push(self.install(i));
+                let r = self.install(i, out);
+                out.push(r);
             }
             ToAgent::Remove(r) => {
                 self.remove(r, out);

@@ -10,6 +10,7 @@ pub(crate) static TRAMPOLINES_FREED: AtomicU64 = AtomicU64::new(0);
 pub(crate) static SLOTS_ALLOCATED: AtomicU64 = AtomicU64::new(0);
 pub(crate) static SLOTS_FREED: AtomicU64 = AtomicU64::new(0);
 pub(crate) static POISON_TRAPS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static SLED_EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// A snapshot of the counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,6 +27,9 @@ pub struct Stats {
     /// slot. Always 0 in a correct run; the trap handler kills the process after
     /// counting one (see `trap.rs`), so a survivor only ever reads 0.
     pub poison_traps: u64,
+    /// Threads the quiescent-state handler found between two nops of a sled being
+    /// converted and moved past it.
+    pub sled_exits: u64,
 }
 
 impl Stats {
@@ -47,6 +51,7 @@ pub fn snapshot() -> Stats {
         slots_allocated: SLOTS_ALLOCATED.load(Ordering::Relaxed),
         slots_freed: SLOTS_FREED.load(Ordering::Relaxed),
         poison_traps: POISON_TRAPS.load(Ordering::Relaxed),
+        sled_exits: SLED_EXITS.load(Ordering::Relaxed),
     }
 }
 

@@ -47,6 +47,7 @@ const ADDR_MASK: u64 = (1 << KIND_SHIFT) - 1;
 const KIND_CALL: u64 = 1;
 const KIND_NOP: u64 = 2;
 const KIND_NOP6: u64 = 3;
+const KIND_SLED: u64 = 4;
 
 /// What a site is turning into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +61,10 @@ pub enum Transition {
     /// A 6-byte `call *__fentry__@GOTPCREL(%rip)` becoming a 5-byte nop and a 1-byte
     /// nop: skip all 6 bytes.
     ToNop6,
+    /// Five 1-byte nops (gcc) becoming one 5-byte nop under a grace period (see
+    /// [`crate::patch::Patcher::convert_sleds`]): a trap at the first byte skips all 5,
+    /// and a thread found *inside* the sled is moved past it ([`sled_exit`]).
+    SledToNop,
 }
 
 impl Transition {
@@ -70,6 +75,7 @@ impl Transition {
             Transition::ToCall(t) => (KIND_CALL << KIND_SHIFT) | (t as u64 & ADDR_MASK),
             Transition::ToNop => KIND_NOP << KIND_SHIFT,
             Transition::ToNop6 => KIND_NOP6 << KIND_SHIFT,
+            Transition::SledToNop => KIND_SLED << KIND_SHIFT,
         }
     }
     /// Async-signal-safe.
@@ -78,6 +84,7 @@ impl Transition {
             KIND_CALL => Transition::ToCall((v & ADDR_MASK) as usize),
             KIND_NOP => Transition::ToNop,
             KIND_NOP6 => Transition::ToNop6,
+            KIND_SLED => Transition::SledToNop,
             _ => Transition::Idle,
         }
     }
@@ -142,6 +149,30 @@ fn find(site: usize) -> Option<&'static Entry> {
 /// Async-signal-safe.
 pub fn transition(site: usize) -> Option<Transition> {
     find(site).map(|e| Transition::decode(e.state.load(Ordering::Acquire)))
+}
+
+/// For a `pc` strictly inside a nop sled that is being converted
+/// ([`Transition::SledToNop`]), the address just past the sled, when every byte from
+/// `pc` to there is still a 1-byte nop: continuing there is exactly what executing
+/// the remaining nops would do. `None` anywhere else.
+///
+/// Async-signal-safe.
+pub fn sled_exit(pc: usize) -> Option<usize> {
+    for k in 1..5 {
+        let site = pc.checked_sub(k)?;
+        if site != 0
+            && find(site).map(|e| Transition::decode(e.state.load(Ordering::Acquire)))
+                == Some(Transition::SledToNop)
+        {
+            let end = site + 5;
+            // SAFETY: `site` is a patch site the patcher published (loaded, readable
+            // code); `pc..end` lies within its 5 bytes.
+            let all_nops =
+                (pc..end).all(|a| unsafe { std::ptr::read_volatile(a as *const u8) } == 0x90);
+            return all_nops.then_some(end);
+        }
+    }
+    None
 }
 
 fn new_table(cap: usize) -> *mut Table {
@@ -227,6 +258,7 @@ pub fn decide(si_code: i32, pc: usize, state: Option<Transition>, byte_now: u8) 
         },
         Some(Transition::ToNop) => Action::Resume { to: site + 5 },
         Some(Transition::ToNop6) => Action::Resume { to: site + 6 },
+        Some(Transition::SledToNop) => Action::Resume { to: site + 5 },
         Some(Transition::Idle) if byte_now != 0xCC => Action::Resume { to: site },
         Some(Transition::Idle) => Action::Chain,
     }

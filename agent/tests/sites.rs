@@ -292,7 +292,7 @@ fn gcc_patchable_function_entry_is_a_nop_sled() {
         assert_eq!(s.bytes, [0x90; 5]);
         assert!(s.kind.needs_grace_period());
         assert!(
-            s.reason.as_deref().unwrap().contains("grace-period"),
+            s.reason.as_deref().unwrap().contains("grace period"),
             "{s:?}"
         );
     }

@@ -589,28 +589,38 @@ async fn list_functions_of_a_nop5_fixture() {
     quit_ok(&mut t).await;
 }
 
-// ------------------------------------------------------- refused patch sites
+// ------------------------------------------------------------- gcc nop sleds
 
 /// gcc `-fpatchable-function-entry=5` leaves five 1-byte nops: a thread may be stopped
-/// between two of them, so they must not be patched like one 5-byte nop.
+/// between two of them. The first attach turns the sled into one 5-byte nop under a
+/// grace period (listed as patchable, with that caveat); counts are then exact.
 #[tokio::test]
-async fn five_one_byte_nops_are_refused_with_a_precise_reason() {
+async fn exact_counts_nop_sled() {
+    exact_counts(Build::NopSled, SiteKind::NopSled).await;
+}
+
+/// The sled conversion while 8 threads hammer the function (some are inside the sled
+/// when the int3 goes in), then attach/detach cycles on the converted site, then an
+/// exact round.
+#[tokio::test]
+async fn nop_sled_converted_while_hammering() {
     let _serial = SERIAL.lock().await;
     let (_server, mut c, mut t) = setup(Build::NopSled).await;
     let pid = t.pid();
     let f = function(&mut c, pid, "work").await;
-    assert!(!f.patchable, "a nop sled must not be patchable yet: {f:?}");
-    assert_eq!(f.site_kind(), SiteKind::NopSled, "{f:?}");
-    let reason = f.reason.to_lowercase();
-    assert!(
-        reason.contains("nops") && reason.contains("grace"),
-        "the reason should say why (1-byte nops, grace period): {f:?}"
-    );
-    let r = try_attach(&mut c, spec_pid(pid, "work", CallbackKind::Count)).await;
-    assert_status(r, Code::NotFound, &["nops", "grace"]);
-    let left = tracers(&mut c).await;
-    assert!(left.is_empty(), "a failed attach left tracers: {left:?}");
-    assert!(trampolines_of(&mut c, pid, true).await.is_empty());
-    t.run(2, 1000).await;
+    assert!(f.patchable, "{f:?}");
+    assert!(f.reason.contains("grace period"), "the caveat: {f:?}");
+    t.expect("hammer 8", "hammering").await;
+    for i in 0..20 {
+        let id = attach_count(&mut c, pid, "work", 1).await;
+        detach_wait(&mut c, id, &format!("cycle {i}")).await;
+    }
+    let stopped = t.expect("stop", "stopped work=").await;
+    let made: u64 = field(&stopped, "work").unwrap().parse().unwrap();
+    assert!(made > 0, "the hammer threads made no call: {stopped}");
+    let id = attach_count(&mut c, pid, "work", 1).await;
+    t.run(8, 10_000).await;
+    let r = wait_total(&c, id, 80_000).await;
+    assert_eq!(count_of(&r, "work"), 80_000, "{r:?}");
     quit_ok(&mut t).await;
 }

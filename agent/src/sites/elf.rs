@@ -338,7 +338,7 @@ impl<'d> Image<'d> {
                         SiteKind::NopSled,
                         code[..5].to_vec(),
                         true,
-                        Some("five 1-byte nops (gcc -fpatchable-function-entry=5): needs the grace-period-guarded protocol".into()),
+                        Some("five 1-byte nops (gcc -fpatchable-function-entry=5): turned into a 5-byte nop under a grace period at its first attach".into()),
                     )
                 } else {
                     unexpected("__patchable_function_entries")
