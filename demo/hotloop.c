@@ -14,8 +14,9 @@
  *
  * plus `worker` once per thread. The call counts depend only on ITERATIONS; the program
  * prints them at the end, on one line, so that what patchbay counted can be checked
- * against them. The threads start after START_DELAY_MS (default 1000), which leaves
- * `patchbay run` time to attach before the first counted call.
+ * against them. The threads start after START_DELAY_MS (default 0: `patchbay run` holds
+ * the program before `main` until its tracer is live, so no delay is needed; a delay
+ * leaves time to attach by hand with `patchbay attach`).
  *
  * Built by build.sh with `gcc -pg -mfentry -mrecord-mcount`: every function starts with
  * a call to __fentry__ that the agent turns into a patchable 5-byte nop.
@@ -171,7 +172,7 @@ static unsigned long parse_arg(const char *arg, const char *what)
 int main(int argc, char **argv)
 {
     unsigned long iterations = argc > 1 ? parse_arg(argv[1], "ITERATIONS") : 16000000;
-    unsigned long delay_ms = argc > 2 ? parse_arg(argv[2], "START_DELAY_MS") : 1000;
+    unsigned long delay_ms = argc > 2 ? parse_arg(argv[2], "START_DELAY_MS") : 0;
     struct job jobs[2];
     pthread_t threads[2];
 

@@ -16,6 +16,7 @@ pub(crate) mod codegen;
 pub mod counters;
 pub mod demangle;
 pub mod dispatch;
+pub mod hold;
 pub mod init;
 pub mod link;
 mod log;
@@ -53,11 +54,31 @@ pub fn register_callback(name: &str, f: Callback) {
 /// program calls [`start`].
 extern "C" fn preload_constructor() {
     let preloaded = std::env::var("LD_PRELOAD").is_ok_and(|p| p.contains("libpatchbay_agent"));
-    if preloaded
-        && std::env::var_os("PATCHBAY_DISABLE").is_none()
-        && let Err(e) = start()
-    {
-        log::warn(&format!("agent not started: {e}"));
+    if !preloaded {
+        return;
+    }
+    // SAFETY: the constructor runs before `main` and before the agent's threads start;
+    // nothing else touches the environment meanwhile.
+    let gate = unsafe { hold::Gate::take_from_env() };
+    if std::env::var_os("PATCHBAY_DISABLE").is_some() {
+        if let Some(g) = gate {
+            g.close();
+        }
+        return;
+    }
+    match start() {
+        // `patchbay run`: wait before `main` until its tracers are attached.
+        Ok(()) => {
+            if let Some(g) = gate {
+                g.wait();
+            }
+        }
+        Err(e) => {
+            if let Some(g) = gate {
+                g.close();
+            }
+            log::warn(&format!("agent not started: {e}"));
+        }
     }
 }
 

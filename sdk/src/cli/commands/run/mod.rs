@@ -3,8 +3,10 @@
 //!
 //! 1. use the server at `--socket` (or the default socket) if one answers, else start an
 //!    embedded one on a private socket ([`server`]);
-//! 2. find the agent library and launch the program with it preloaded ([`launch`]);
-//! 3. wait until the program's agent connects, attach a `count` tracer to it;
+//! 2. find the agent library and launch the program with it preloaded ([`launch`]),
+//!    held before `main` by a start gate (`patchbay_agent::hold`);
+//! 3. wait until the program's agent connects, attach a `count` tracer to it, release
+//!    the gate: the tracer is live before the program's first call;
 //! 4. while the program runs, redraw the hottest functions on stderr ([`view`]);
 //! 5. when it exits, wait for its agent's last counts, print the final table (or JSON),
 //!    detach, and exit with the program's status.
@@ -56,7 +58,7 @@ pub struct Args {
     #[arg(long, env = "PATCHBAY_AGENT", value_name = "PATH")]
     pub agent: Option<PathBuf>,
     /// How long to wait for the program's agent to connect, and then for the tracer to go
-    /// live, in milliseconds
+    /// live, in milliseconds (the program waits before `main` meanwhile)
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub timeout_ms: u64,
     /// The program to run, and its arguments (after `--`)
@@ -87,7 +89,13 @@ pub async fn main(args: Args, globals: Globals<'_>) -> anyhow::Result<u8> {
         return Ok(Exit::Signal(received.signal as i32).code());
     }
     let result = async {
-        let program = Program::launch(&args.command, &agent, &connection.socket, signals)?;
+        let program = Program::launch(
+            &args.command,
+            &agent,
+            &connection.socket,
+            signals,
+            Duration::from_millis(args.timeout_ms),
+        )?;
         let session = Session {
             client: &connection.client,
             socket: &connection.socket,
@@ -107,30 +115,48 @@ pub async fn main(args: Args, globals: Globals<'_>) -> anyhow::Result<u8> {
 struct Program {
     child: tokio::process::Child,
     pid: u32,
+    /// The write end of the program's start gate (see `patchbay_agent::hold`): the
+    /// program waits before `main` until it is closed ([`Program::release`]).
+    gate: Option<std::os::fd::OwnedFd>,
     started: Instant,
     exit: Option<Exit>,
     signals: Signals,
 }
 
 impl Program {
+    /// Starts the program with the agent preloaded and held before `main` (for at most
+    /// `hold`) until [`Program::release`].
     fn launch(
         command: &[OsString],
         agent: &Path,
         socket: &Path,
         signals: Signals,
+        hold: Duration,
     ) -> anyhow::Result<Program> {
+        use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+        use std::os::fd::AsRawFd;
         let (program, args) = command.split_first().context("no program to run")?;
         let preload = launch::ld_preload(agent, std::env::var_os("LD_PRELOAD").as_deref());
+        // The gate: the program inherits the read end (close-on-exec cleared); the write
+        // end stays here, close-on-exec.
+        let (gate_r, gate_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).context("cannot create the start gate")?;
+        fcntl(&gate_r, FcntlArg::F_SETFD(FdFlag::empty()))
+            .context("cannot pass the start gate on")?;
         let child = tokio::process::Command::new(program)
             .args(args)
             .env("LD_PRELOAD", preload)
             .env("PATCHBAY_SOCKET", socket)
+            .env("PATCHBAY_HOLD_FD", gate_r.as_raw_fd().to_string())
+            .env("PATCHBAY_HOLD_MS", hold.as_millis().to_string())
             .spawn()
             .with_context(|| format!("cannot start {}", Path::new(program).display()))?;
+        drop(gate_r);
         let pid = child.id().context("the program exited at once")?;
         Ok(Program {
             child,
             pid,
+            gate: Some(gate_w),
             started: Instant::now(),
             exit: None,
             signals,
@@ -139,6 +165,11 @@ impl Program {
 
     fn running(&self) -> bool {
         self.exit.is_none()
+    }
+
+    /// Lets the program run `main` (closes the gate; idempotent).
+    fn release(&mut self) {
+        self.gate = None;
     }
 
     /// Runs `fut`, passing signals on meanwhile. With `stop_on_exit`, gives up on `fut`
@@ -273,7 +304,10 @@ impl Session<'_> {
             name: RUN_TRACER_NAME.to_owned(),
         };
         let attach = self.client.attach(spec, Some(self.timeout()));
-        let answer = match self.program.complete(attach).await {
+        let answer = self.program.complete(attach).await;
+        // Attached (or not): the program may run `main` now.
+        self.program.release();
+        let answer = match answer {
             Ok(answer) => answer,
             Err(err) => {
                 eprintln!("{}", crate::cli::render_error(&err.into()));
@@ -302,7 +336,8 @@ impl Session<'_> {
         } else {
             String::new()
         };
-        eprintln!(
+        // One write: the program's own output runs concurrently.
+        let line = format!(
             "patchbay: counting {patched} {} matching '{}' in pid {pid} (tracer {tracer}){skipped}",
             if patched == 1 {
                 "function"
@@ -311,6 +346,7 @@ impl Session<'_> {
             },
             self.args.pattern,
         );
+        eprintln!("{line}");
         for r in answer.results.iter().filter(|r| !r.error.is_empty()) {
             eprintln!("patchbay: warning: pid {}: {}", r.pid, r.error);
         }
@@ -401,6 +437,7 @@ impl Session<'_> {
 
     /// Tracing failed: the program keeps running as it is; wait for it and fail.
     async fn untraced(&mut self) -> u8 {
+        self.program.release();
         if self.program.running() {
             eprintln!("patchbay: the program keeps running untraced; patchbay exits when it does");
         }
