@@ -70,6 +70,11 @@ pub struct Runtime {
     functions: Vec<FunctionSite>,
     by_addr: HashMap<u64, usize>,
     discovered: bool,
+    /// `sites::load_generation()` read before the last discovery.
+    load_seen: (u64, u64),
+    /// Functions discovered in objects loaded after the first discovery and not yet
+    /// announced to the server (`FunctionsAdded`).
+    unannounced: u32,
     arena: Arena,
     ranges_registered: usize,
     tramps: BTreeMap<u64, Tramp>,
@@ -132,6 +137,8 @@ impl Runtime {
             functions: Vec::new(),
             by_addr: HashMap::new(),
             discovered: false,
+            load_seen: (0, 0),
+            unannounced: 0,
             arena: Arena::new(),
             ranges_registered: 0,
             tramps: BTreeMap::new(),
@@ -173,6 +180,9 @@ impl Runtime {
     // ------------------------------------------------------------- functions
 
     fn discover(&mut self) {
+        // Read first: an object loaded during the scan is seen by the next one.
+        self.load_seen = sites::load_generation();
+        let later = self.discovered;
         let new = if self.discovered {
             self.discoverer.discover_new()
         } else {
@@ -181,6 +191,11 @@ impl Runtime {
         };
         match new {
             Ok(list) => {
+                if later {
+                    self.unannounced = self
+                        .unannounced
+                        .saturating_add(u32::try_from(list.len()).unwrap_or(u32::MAX));
+                }
                 let mut neutralize = Vec::new();
                 for mut f in list {
                     if f.name.starts_with("patchbay_agent::") {
@@ -1110,6 +1125,16 @@ impl link::Handler for Runtime {
         self.scan_threads(out);
         self.retry_removes(out);
         self.observe(out);
+        // Objects loaded (dlopen) since the last discovery: discover them, and have the
+        // server extend the tracers meant for this process to their functions.
+        if self.discovered && sites::load_generation() != self.load_seen {
+            self.discover();
+        }
+        if self.unannounced > 0 && connected {
+            out.push(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+                count: std::mem::take(&mut self.unannounced),
+            }));
+        }
         let every = Duration::from_millis(self.settings.flush_interval_ms.max(1) as u64);
         // A full batch of events goes out at once rather than at the next interval.
         let full_batch = self

@@ -20,6 +20,11 @@
 
 mod elf;
 mod ffi;
+
+/// Changes whenever an object is loaded or unloaded (see `ffi::load_counts`).
+pub fn load_generation() -> (u64, u64) {
+    ffi::load_counts()
+}
 mod process;
 
 use std::path::{Path, PathBuf};

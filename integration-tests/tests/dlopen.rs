@@ -1,6 +1,7 @@
-//! Objects `dlopen`ed after the agent started: their functions are discovered on the
-//! next listing or attach, patched like the executable's, counted exactly, and
-//! detached again (a `call *__fentry__@GOTPCREL` site in a shared object).
+//! Objects `dlopen`ed after the agent started: their functions are discovered (on the
+//! next listing or attach, or by the agent's own tick), patched like the executable's,
+//! counted exactly, and detached again (a `call *__fentry__@GOTPCREL` site in a shared
+//! object); a tracer attached before the `dlopen` covers the new object.
 
 use std::time::Duration;
 
@@ -71,5 +72,61 @@ async fn functions_of_a_dlopened_object_are_found_and_traced_exactly() {
     );
     t.expect("dlrun 1000", "dlran calls=1000").await;
     assert!(t.alive(), "the target died");
+    assert!(t.quit().await.success());
+}
+
+/// A tracer attached before the object is loaded covers it once it is: the agent sees
+/// the new object (its load counter changed), discovers it, says `FunctionsAdded`, and
+/// the server attaches the tracers meant for the process again, which patches the new
+/// sites the pattern matches. Counts of the new function are then exact.
+#[tokio::test]
+async fn a_tracer_attached_before_dlopen_covers_the_loaded_object() {
+    let server = TestServer::start();
+    let mut c = server.control().await;
+    let lib = shared_object();
+    let mut t = Target::start(Build::Nop5, server.socket_path()).await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+
+    // `*work` matches `work` now and `dl_work` once the object is loaded.
+    let (id, resp) = attach(&mut c, spec_pid(pid, "*work", CallbackKind::Count)).await;
+    assert_eq!(resp.results[0].sites_patched, 1, "{resp:?}");
+    t.expect(&format!("dlopen {}", lib.display()), "dlopened")
+        .await;
+    let sites = integration_tests::wait_for(
+        Duration::from_secs(10),
+        "the tracer to reach dl_work",
+        || {
+            let mut c = c.clone();
+            async move {
+                let live: u32 = trampolines_of(&mut c, pid, false)
+                    .await
+                    .iter()
+                    .filter(|x| x.tracer_ids.contains(&id))
+                    .filter(|x| state(x) == TrampolineState::Live)
+                    .map(|x| x.sites)
+                    .sum();
+                if live == 2 { Ok(live) } else { Err(live) }
+            }
+        },
+    )
+    .await;
+    assert_eq!(sites, 2);
+    t.expect("dlrun 5000", "dlran calls=5000").await;
+    t.run(1, 300).await;
+    let r = wait_total(&c, id, 5_300).await;
+    let of = |f: &str| -> u64 {
+        r.counts
+            .iter()
+            .filter(|x| x.function == f)
+            .map(|x| x.count)
+            .sum()
+    };
+    assert_eq!(of("dl_work"), 5_000, "{r:?}");
+    assert_eq!(of("work"), 300, "{r:?}");
+    let d = try_detach(&mut c, id, true, Duration::from_secs(10).as_millis() as u32)
+        .await
+        .expect("detach(wait)");
+    assert!(d.complete, "{d:?}");
     assert!(t.quit().await.success());
 }

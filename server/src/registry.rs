@@ -695,22 +695,7 @@ impl Registry {
         // already has it are left alone, so a tracer that is fully present costs one
         // function listing and no install, and one whose attach was cut short (the
         // stream broke between installs) gets its missing sites.
-        let wanted: Vec<TracerId> = self
-            .tracers
-            .values()
-            .filter(|t| t.state == TracerState::Active)
-            .filter(|t| t.targets(&self.agents[&id]))
-            .map(|t| t.id)
-            .collect();
-        for tr in wanted {
-            self.request_functions(
-                id,
-                Request::Attach {
-                    tracer: tr,
-                    op: None,
-                },
-            );
-        }
+        self.attach_targeting_tracers(id);
     }
 
     /// The agent's stream ended. Its process may still live; it keeps its state.
@@ -826,6 +811,33 @@ impl Registry {
             }
             FromAgent::Barrier(b) => self.barrier_report(id, b, now),
             FromAgent::Callbacks(c) => self.callbacks_changed(id, c.names),
+            // New objects were loaded: the tracers meant for the agent cover them too.
+            FromAgent::FunctionsAdded(_) => {
+                self.attach_targeting_tracers(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Attaches every active tracer meant for the agent again: the agent lists the
+    /// functions each pattern matches, and only sites whose group lacks the tracer are
+    /// patched (after a reconnect, or when the agent discovered new functions).
+    fn attach_targeting_tracers(&mut self, id: AgentId) {
+        let wanted: Vec<TracerId> = self
+            .tracers
+            .values()
+            .filter(|t| t.state == TracerState::Active)
+            .filter(|t| t.targets(&self.agents[&id]))
+            .map(|t| t.id)
+            .collect();
+        for tr in wanted {
+            self.request_functions(
+                id,
+                Request::Attach {
+                    tracer: tr,
+                    op: None,
+                },
+            );
         }
     }
 

@@ -44,6 +44,32 @@ pub(crate) fn loaded_objects() -> Vec<PhdrInfo> {
     out
 }
 
+/// `(dlpi_adds, dlpi_subs)`: how many objects the process ever loaded and unloaded.
+/// Changes with every `dlopen`/`dlclose` that maps or unmaps an object; cheap (the
+/// iteration stops at the first object).
+pub(crate) fn load_counts() -> (u64, u64) {
+    let mut out = (0u64, 0u64);
+    // SAFETY: as in `loaded_objects`, with `counts_callback` and a `(u64, u64)`.
+    unsafe {
+        libc::dl_iterate_phdr(Some(counts_callback), (&raw mut out).cast::<c_void>());
+    }
+    out
+}
+
+unsafe extern "C" fn counts_callback(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut c_void,
+) -> c_int {
+    // SAFETY: `data` is the `&mut (u64, u64)` of `load_counts`; the loader passes a
+    // valid `dl_phdr_info` (glibc always fills `dlpi_adds` and `dlpi_subs`).
+    unsafe {
+        let out = &mut *data.cast::<(u64, u64)>();
+        *out = ((*info).dlpi_adds, (*info).dlpi_subs);
+    }
+    1
+}
+
 unsafe extern "C" fn callback(
     info: *mut libc::dl_phdr_info,
     _size: libc::size_t,
