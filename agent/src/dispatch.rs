@@ -135,66 +135,138 @@ pub fn reset_tid() {
     TID.with(|t| t.set(0));
 }
 
+/// The generic entry stub, in one variant per vector register width: every argument
+/// register of the traced function is saved before the dispatcher runs and restored
+/// after, and the argument vector registers (xmm0-7, ymm0-7 or zmm0-7) in full, since the
+/// dispatcher and callbacks may call code (glibc's AVX2 `memcpy` ends with `vzeroupper`)
+/// that clears their upper halves. [`generic_entry`] picks the widest the CPU and OS
+/// enable.
+macro_rules! entry_stub {
+    ($name:literal, $size:literal, [$($save:literal),*], [$($restore:literal),*]) => {
+        concat!(
+            ".globl ", $name, "\n",
+            ".hidden ", $name, "\n",
+            ".balign 16\n",
+            $name, ":\n",
+            // [rsp] = descriptor, [rsp+8] = site+5 (return into the traced function)
+            "push rbp\n",
+            "mov rbp, rsp\n",
+            "push rax\n",
+            "push rdi\n",
+            "push rsi\n",
+            "push rdx\n",
+            "push rcx\n",
+            "push r8\n",
+            "push r9\n",
+            "push r10\n",
+            "push r11\n",
+            "mov r11, qword ptr [rip + {nest}]\n",
+            "inc qword ptr fs:[r11]\n",
+            "sub rsp, ", $size, "\n",
+            "and rsp, -64\n",
+            $($save, "\n",)*
+            "mov rdi, qword ptr [rbp + 8]\n",
+            "lea rsi, [rbp - 72]\n",
+            "mov rdx, qword ptr [rbp + 16]\n",
+            "call {dispatch}\n",
+            $($restore, "\n",)*
+            "mov r11, qword ptr [rip + {nest}]\n",
+            "dec qword ptr fs:[r11]\n",
+            "lea rsp, [rbp - 72]\n",
+            "pop r11\n",
+            "pop r10\n",
+            "pop r9\n",
+            "pop r8\n",
+            "pop rcx\n",
+            "pop rdx\n",
+            "pop rsi\n",
+            "pop rdi\n",
+            "pop rax\n",
+            "pop rbp\n",
+            "lea rsp, [rsp + 8]\n",
+            "ret\n",
+        )
+    };
+}
+
 std::arch::global_asm!(
     ".pushsection .text.patchbay_stubs,\"ax\",@progbits",
     ".balign 16",
     ".globl patchbay_stubs_start",
     ".hidden patchbay_stubs_start",
     "patchbay_stubs_start:",
-    ".globl patchbay_generic_entry",
-    ".hidden patchbay_generic_entry",
-    "patchbay_generic_entry:",
-    // [rsp] = descriptor, [rsp+8] = site+5 (return into the traced function)
-    "push rbp",
-    "mov rbp, rsp",
-    "push rax",
-    "push rdi",
-    "push rsi",
-    "push rdx",
-    "push rcx",
-    "push r8",
-    "push r9",
-    "push r10",
-    "push r11",
-    "mov r11, qword ptr [rip + {nest}]",
-    "inc qword ptr fs:[r11]",
-    "sub rsp, 128",
-    "and rsp, -16",
-    "movdqu xmmword ptr [rsp], xmm0",
-    "movdqu xmmword ptr [rsp + 16], xmm1",
-    "movdqu xmmword ptr [rsp + 32], xmm2",
-    "movdqu xmmword ptr [rsp + 48], xmm3",
-    "movdqu xmmword ptr [rsp + 64], xmm4",
-    "movdqu xmmword ptr [rsp + 80], xmm5",
-    "movdqu xmmword ptr [rsp + 96], xmm6",
-    "movdqu xmmword ptr [rsp + 112], xmm7",
-    "mov rdi, qword ptr [rbp + 8]",
-    "lea rsi, [rbp - 72]",
-    "mov rdx, qword ptr [rbp + 16]",
-    "call {dispatch}",
-    "movdqu xmm0, xmmword ptr [rsp]",
-    "movdqu xmm1, xmmword ptr [rsp + 16]",
-    "movdqu xmm2, xmmword ptr [rsp + 32]",
-    "movdqu xmm3, xmmword ptr [rsp + 48]",
-    "movdqu xmm4, xmmword ptr [rsp + 64]",
-    "movdqu xmm5, xmmword ptr [rsp + 80]",
-    "movdqu xmm6, xmmword ptr [rsp + 96]",
-    "movdqu xmm7, xmmword ptr [rsp + 112]",
-    "mov r11, qword ptr [rip + {nest}]",
-    "dec qword ptr fs:[r11]",
-    "lea rsp, [rbp - 72]",
-    "pop r11",
-    "pop r10",
-    "pop r9",
-    "pop r8",
-    "pop rcx",
-    "pop rdx",
-    "pop rsi",
-    "pop rdi",
-    "pop rax",
-    "pop rbp",
-    "lea rsp, [rsp + 8]",
-    "ret",
+    entry_stub!(
+        "patchbay_generic_entry",
+        "128",
+        [
+            "movdqu xmmword ptr [rsp], xmm0",
+            "movdqu xmmword ptr [rsp + 16], xmm1",
+            "movdqu xmmword ptr [rsp + 32], xmm2",
+            "movdqu xmmword ptr [rsp + 48], xmm3",
+            "movdqu xmmword ptr [rsp + 64], xmm4",
+            "movdqu xmmword ptr [rsp + 80], xmm5",
+            "movdqu xmmword ptr [rsp + 96], xmm6",
+            "movdqu xmmword ptr [rsp + 112], xmm7"
+        ],
+        [
+            "movdqu xmm0, xmmword ptr [rsp]",
+            "movdqu xmm1, xmmword ptr [rsp + 16]",
+            "movdqu xmm2, xmmword ptr [rsp + 32]",
+            "movdqu xmm3, xmmword ptr [rsp + 48]",
+            "movdqu xmm4, xmmword ptr [rsp + 64]",
+            "movdqu xmm5, xmmword ptr [rsp + 80]",
+            "movdqu xmm6, xmmword ptr [rsp + 96]",
+            "movdqu xmm7, xmmword ptr [rsp + 112]"
+        ]
+    ),
+    entry_stub!(
+        "patchbay_generic_entry_avx",
+        "256",
+        [
+            "vmovdqu ymmword ptr [rsp], ymm0",
+            "vmovdqu ymmword ptr [rsp + 32], ymm1",
+            "vmovdqu ymmword ptr [rsp + 64], ymm2",
+            "vmovdqu ymmword ptr [rsp + 96], ymm3",
+            "vmovdqu ymmword ptr [rsp + 128], ymm4",
+            "vmovdqu ymmword ptr [rsp + 160], ymm5",
+            "vmovdqu ymmword ptr [rsp + 192], ymm6",
+            "vmovdqu ymmword ptr [rsp + 224], ymm7"
+        ],
+        [
+            "vmovdqu ymm0, ymmword ptr [rsp]",
+            "vmovdqu ymm1, ymmword ptr [rsp + 32]",
+            "vmovdqu ymm2, ymmword ptr [rsp + 64]",
+            "vmovdqu ymm3, ymmword ptr [rsp + 96]",
+            "vmovdqu ymm4, ymmword ptr [rsp + 128]",
+            "vmovdqu ymm5, ymmword ptr [rsp + 160]",
+            "vmovdqu ymm6, ymmword ptr [rsp + 192]",
+            "vmovdqu ymm7, ymmword ptr [rsp + 224]"
+        ]
+    ),
+    entry_stub!(
+        "patchbay_generic_entry_avx512",
+        "512",
+        [
+            "vmovdqu64 zmmword ptr [rsp], zmm0",
+            "vmovdqu64 zmmword ptr [rsp + 64], zmm1",
+            "vmovdqu64 zmmword ptr [rsp + 128], zmm2",
+            "vmovdqu64 zmmword ptr [rsp + 192], zmm3",
+            "vmovdqu64 zmmword ptr [rsp + 256], zmm4",
+            "vmovdqu64 zmmword ptr [rsp + 320], zmm5",
+            "vmovdqu64 zmmword ptr [rsp + 384], zmm6",
+            "vmovdqu64 zmmword ptr [rsp + 448], zmm7"
+        ],
+        [
+            "vmovdqu64 zmm0, zmmword ptr [rsp]",
+            "vmovdqu64 zmm1, zmmword ptr [rsp + 64]",
+            "vmovdqu64 zmm2, zmmword ptr [rsp + 128]",
+            "vmovdqu64 zmm3, zmmword ptr [rsp + 192]",
+            "vmovdqu64 zmm4, zmmword ptr [rsp + 256]",
+            "vmovdqu64 zmm5, zmmword ptr [rsp + 320]",
+            "vmovdqu64 zmm6, zmmword ptr [rsp + 384]",
+            "vmovdqu64 zmm7, zmmword ptr [rsp + 448]"
+        ]
+    ),
     ".globl patchbay_stubs_end",
     ".hidden patchbay_stubs_end",
     "patchbay_stubs_end:",
@@ -205,13 +277,25 @@ std::arch::global_asm!(
 
 unsafe extern "C" {
     fn patchbay_generic_entry();
+    fn patchbay_generic_entry_avx();
+    fn patchbay_generic_entry_avx512();
     static patchbay_stubs_start: u8;
     static patchbay_stubs_end: u8;
 }
 
-/// Address of the static entry stub (jumped to by trampolines).
+/// Address of the static entry stub (jumped to by trampolines): the variant that saves
+/// the widest vector registers this CPU and OS enable.
 pub fn generic_entry() -> u64 {
-    patchbay_generic_entry as *const () as u64
+    static ENTRY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ENTRY.get_or_init(|| {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            patchbay_generic_entry_avx512 as *const () as u64
+        } else if std::arch::is_x86_feature_detected!("avx") {
+            patchbay_generic_entry_avx as *const () as u64
+        } else {
+            patchbay_generic_entry as *const () as u64
+        }
+    })
 }
 
 /// The static stub's address range. Async-signal-safe.
@@ -352,7 +436,7 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                 let args = regs.args();
                 // The block's owner is this thread: its tid without a TLS lookup.
                 let tid = h.tid.load(Ordering::Relaxed);
-                if !ring::push(h, *tracer, site, tid, &args[..*nargs as usize]) {
+                if !ring::push(h, *tracer, site, tid, &args, *nargs) {
                     // SAFETY: as above.
                     unsafe {
                         let c = h.counters().add(*dropped_idx as usize);

@@ -29,7 +29,8 @@ pub fn rdtsc() -> u64 {
 /// Appends an event. Returns false (and writes nothing) when the ring is full.
 /// Async-signal-safe; owner thread only.
 #[inline]
-pub fn push(h: &Header, tracer: u64, site: u64, tid: u32, args: &[u64]) -> bool {
+pub fn push(h: &Header, tracer: u64, site: u64, tid: u32, args: &[u64; 6], nargs: u32) -> bool {
+    let nargs = nargs.min(6);
     let head = h.ring_head.load(Ordering::Relaxed);
     let tail = h.ring_tail.load(Ordering::Acquire);
     if head.wrapping_sub(tail) >= RING_SLOTS as u64 {
@@ -42,10 +43,11 @@ pub fn push(h: &Header, tracer: u64, site: u64, tid: u32, args: &[u64]) -> bool 
         p.write(rdtsc());
         p.add(1).write(site);
         p.add(2).write(tracer);
-        p.add(3).write((tid as u64) | ((args.len() as u64) << 32));
-        for (i, a) in args.iter().take(6).enumerate() {
-            p.add(4 + i).write(*a);
-        }
+        p.add(3).write((tid as u64) | ((nargs as u64) << 32));
+        // All six, a fixed-size copy: never a call to `memcpy`, whose AVX variants end
+        // with `vzeroupper` and would clobber the traced function's vector arguments
+        // (ymm0-7 upper halves), which the entry stub does not save.
+        p.add(4).cast::<[u64; 6]>().write_unaligned(*args);
     }
     h.ring_head.store(head.wrapping_add(1), Ordering::Release);
     true
@@ -149,16 +151,16 @@ mod tests {
         block::refill(2).unwrap();
         std::thread::spawn(|| {
             let h = block::claim(77).unwrap();
-            assert!(push(h, 9, 0x1000, 77, &[1, 2]));
+            assert!(push(h, 9, 0x1000, 77, &[1, 2, 0, 0, 0, 0], 2));
             let mut got = Vec::new();
             assert_eq!(drain(h, |r| got.push(r)), 1);
             assert_eq!(got[0].site, 0x1000);
             assert_eq!(got[0].tracer, 9);
             assert_eq!(&got[0].args[..2], &[1, 2]);
             for _ in 0..RING_SLOTS {
-                assert!(push(h, 9, 0x1000, 77, &[]));
+                assert!(push(h, 9, 0x1000, 77, &[0; 6], 0));
             }
-            assert!(!push(h, 9, 0x1000, 77, &[]), "full ring drops");
+            assert!(!push(h, 9, 0x1000, 77, &[0; 6], 0), "full ring drops");
             assert_eq!(drain(h, |_| {}), RING_SLOTS);
             h.release(std::iter::empty());
         })

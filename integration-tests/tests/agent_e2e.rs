@@ -624,3 +624,48 @@ async fn nop_sled_converted_while_hammering() {
     assert_eq!(count_of(&r, "work"), 80_000, "{r:?}");
     quit_ok(&mut t).await;
 }
+
+// ------------------------------------------------------- vector arguments
+
+/// A traced function whose arguments are two `__m256d` (the full ymm0 and ymm1): the
+/// `trace` path with six argument registers (the agent's dispatcher and event ring)
+/// and the `count` path leave them intact, so every result is right. glibc is told to
+/// pick its AVX2 string functions (which end with `vzeroupper`, clearing the upper
+/// halves the entry stub does not save) even on an AVX-512 machine, so that a call to
+/// one of them on the hot path shows.
+#[tokio::test]
+async fn vector_arguments_survive_tracing() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start();
+    let mut c = server.control().await;
+    let mut t = Target::start_env(
+        Build::Nop5,
+        server.socket_path(),
+        &[(
+            "GLIBC_TUNABLES",
+            "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD",
+        )],
+    )
+    .await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+    let probe = t.expect("avx 1", "avx").await;
+    if probe.contains("unsupported") {
+        eprintln!("skipped: this CPU has no AVX");
+        quit_ok(&mut t).await;
+        return;
+    }
+    assert!(probe.contains("bad=0"), "untraced: {probe}");
+    let mut spec = spec_pid(pid, "vsum", CallbackKind::Trace);
+    spec.callback.as_mut().unwrap().arg_count = 6;
+    let (trace, resp) = attach(&mut c, spec).await;
+    assert_eq!(resp.results[0].sites_patched, 1, "{resp:?}");
+    let count = attach_count(&mut c, pid, "vsum", 1).await;
+    let r = t.expect("avx 20000", "avx calls=").await;
+    assert_eq!(r, "avx calls=20000 bad=0", "traced by trace + count");
+    let totals = wait_total(&c, count, 20_000).await;
+    assert_eq!(count_of(&totals, "vsum"), 20_000, "{totals:?}");
+    detach_wait(&mut c, trace, "trace").await;
+    detach_wait(&mut c, count, "count").await;
+    quit_ok(&mut t).await;
+}
