@@ -434,6 +434,17 @@ impl Runtime {
             }
         }
         let count_only = actions.len() == 1 && matches!(actions[0], Action::Count { .. });
+        // One trace tracer: a trace stub writes the event itself (no dispatch).
+        let trace_only = match actions.as_slice() {
+            [
+                Action::Trace {
+                    tracer,
+                    nargs,
+                    dropped_idx,
+                },
+            ] => Some((*tracer, *nargs, *dropped_idx)),
+            _ => None,
+        };
         let desc = Box::new(Descriptor {
             live: std::sync::atomic::AtomicU64::new(dispatch::DESC_LIVE),
             trampoline_id: id,
@@ -473,9 +484,15 @@ impl Runtime {
             } else {
                 Vec::new()
             };
-            let layout = match (count_only, self.tls_offset) {
-                (true, Some(off)) => Layout::Count {
+            let layout = match (count_only, trace_only, self.tls_offset) {
+                (true, _, Some(off)) => Layout::Count {
                     idx: &idx,
+                    tls_offset: off,
+                },
+                (_, Some((tracer, nargs, dropped_idx)), Some(off)) => Layout::Trace {
+                    tracer,
+                    nargs,
+                    dropped_idx,
                     tls_offset: off,
                 },
                 _ => Layout::Generic,

@@ -15,10 +15,21 @@
 //!          ret
 //!    slow: pop  r11
 //!          jmp  generic stub           ; dispatch claims a block and counts
+//!   +32  or, for a group of one `trace` tracer, one trace stub shared by all sites
+//!        ([`trace_stub`]): it writes the entry event straight into the thread's ring
+//!        (rdtsc, site = return address - 5, tracer, tid, the first `nargs` argument
+//!        registers) or bumps the tracer's dropped-events counter when the ring is full.
 //! ```
-//! Sites call the generic stub (any group) or their own count stub. The generic stub
-//! pushes the descriptor and jumps to the static entry stub, so a thread spends only
-//! two instructions in trampoline memory per call on that path.
+//! Sites call the generic stub (any group) or their own count / the trace stub. The
+//! generic stub pushes the descriptor and jumps to the static entry stub, so a thread
+//! spends only two instructions in trampoline memory per call on that path.
+//!
+//! The count and trace stubs call nothing and touch only the registers they push (and
+//! the flags, dead at a function entry), so the traced function's vector arguments need
+//! no saving; a thread executing them is inside trampoline memory for the quiescent-state
+//! check (its PC says so), like any trampoline code.
+
+use crate::block;
 
 /// Offset of the generic stub in a slot.
 pub const GENERIC: usize = 16;
@@ -33,6 +44,13 @@ pub enum Layout<'a> {
     Generic,
     /// Count stubs for these counter indexes (one per site, in site order).
     Count { idx: &'a [u32], tls_offset: i32 },
+    /// One trace stub for every site of the slot.
+    Trace {
+        tracer: u64,
+        nargs: u32,
+        dropped_idx: u32,
+        tls_offset: i32,
+    },
 }
 
 /// Bytes needed for a slot.
@@ -40,6 +58,7 @@ pub fn slot_len(layout: &Layout<'_>) -> usize {
     match layout {
         Layout::Generic => COUNT_BASE,
         Layout::Count { idx, .. } => COUNT_BASE + idx.len() * COUNT_STUB,
+        Layout::Trace { nargs, .. } => COUNT_BASE + trace_stub(0, *nargs, 0, 0).len(),
     }
 }
 
@@ -48,6 +67,7 @@ pub fn site_entry(layout: &Layout<'_>, i: usize) -> usize {
     match layout {
         Layout::Generic => GENERIC,
         Layout::Count { .. } => COUNT_BASE + i * COUNT_STUB,
+        Layout::Trace { .. } => COUNT_BASE,
     }
 }
 
@@ -82,6 +102,132 @@ pub fn generate(layout: &Layout<'_>, descriptor: u64, entry: u64) -> Vec<u8> {
             b.resize(start + COUNT_STUB, 0xCC);
         }
     }
+    if let Layout::Trace {
+        tracer,
+        nargs,
+        dropped_idx,
+        tls_offset,
+    } = layout
+    {
+        b.extend_from_slice(&trace_stub(*tracer, *nargs, *dropped_idx, *tls_offset));
+    }
+    b
+}
+
+/// Offsets from a block's `counters[0]` (where the thread's TLS word points) of the
+/// fields the trace stub uses. Checked against `block.rs` below.
+const HDR_TID: i8 = -(block::HEADER_BYTES as i8);
+const HDR_RING_HEAD: i8 = HDR_TID + 32;
+const HDR_RING_TAIL: i8 = HDR_TID + 40;
+const RING_FROM_COUNTERS: u32 = (block::COUNTERS * 8) as u32;
+const _: () = {
+    assert!(block::RING_SLOTS.is_power_of_two() && block::RING_SLOTS < 1 << 31);
+    assert!(block::EVENT_BYTES == 80);
+    assert!(block::HEADER_BYTES == 64);
+};
+
+/// The trace stub (position-independent; its slow path jumps to the slot's generic
+/// stub at [`GENERIC`], so it must sit at [`COUNT_BASE`]). The event layout is
+/// `ring.rs`'s: `[tsc, site, tracer, tid | nargs << 32, args[0..6]]`.
+///
+/// ```text
+///        push r11
+///        mov  r11, fs:[TLS]              ; counters[0] of this thread's block, or null
+///        test r11, r11
+///        jz   slow
+///        push rax ; push rcx ; push rdx
+///        mov  rax, [r11 + HEAD]
+///        mov  rcx, rax
+///        sub  rcx, [r11 + TAIL]
+///        cmp  rcx, RING_SLOTS
+///        jae  full
+///        and  eax, RING_SLOTS - 1
+///        imul eax, eax, 80
+///        lea  rcx, [r11 + rax + RING]      ; the event
+///        mov  [rcx + 32 + 8i], arg i       ; i < nargs (rdx, rcx from the stack)
+///        mov  rax, [rsp + 32] ; sub rax, 5 ; mov [rcx + 8], rax     ; site
+///        mov  rax, tracer ; mov [rcx + 16], rax
+///        mov  eax, [r11 + TID] ; mov [rcx + 24], eax ; mov dword [rcx + 28], nargs
+///        rdtsc ; shl rdx, 32 ; or rax, rdx ; mov [rcx], rax
+///        inc  qword [r11 + HEAD]         ; publish (x86 stores are not reordered)
+///   out: pop rdx ; pop rcx ; pop rax ; pop r11 ; ret
+///  full: inc  qword [r11 + 8*dropped_idx] ; jmp out
+///  slow: pop  r11 ; jmp GENERIC          ; the dispatcher claims a block and traces
+/// ```
+/// Only the owner thread writes `ring_head` and its counters (see `block.rs`), so plain
+/// `inc` suffices; the agent thread reads `ring_head` and then the events before it.
+pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) -> Vec<u8> {
+    let nargs = nargs.min(6);
+    let mut b = Vec::with_capacity(160);
+    b.extend_from_slice(&[0x41, 0x53]); // push r11
+    b.extend_from_slice(&[0x64, 0x4C, 0x8B, 0x1C, 0x25]); // mov r11, fs:[disp32]
+    b.extend_from_slice(&tls_offset.to_le_bytes());
+    b.extend_from_slice(&[0x4D, 0x85, 0xDB]); // test r11, r11
+    b.extend_from_slice(&[0x0F, 0x84]); // jz slow (rel32, patched below)
+    let jz_slow = b.len();
+    b.extend_from_slice(&[0; 4]);
+    b.extend_from_slice(&[0x50, 0x51, 0x52]); // push rax; push rcx; push rdx
+    b.extend_from_slice(&[0x49, 0x8B, 0x43, HDR_RING_HEAD as u8]); // mov rax, [r11+HEAD]
+    b.extend_from_slice(&[0x48, 0x89, 0xC1]); // mov rcx, rax
+    b.extend_from_slice(&[0x49, 0x2B, 0x4B, HDR_RING_TAIL as u8]); // sub rcx, [r11+TAIL]
+    b.extend_from_slice(&[0x48, 0x81, 0xF9]); // cmp rcx, imm32
+    b.extend_from_slice(&(block::RING_SLOTS as u32).to_le_bytes());
+    b.extend_from_slice(&[0x0F, 0x83]); // jae full (rel32, patched below)
+    let jae_full = b.len();
+    b.extend_from_slice(&[0; 4]);
+    b.push(0x25); // and eax, imm32
+    b.extend_from_slice(&(block::RING_SLOTS as u32 - 1).to_le_bytes());
+    b.extend_from_slice(&[0x6B, 0xC0, block::EVENT_BYTES as u8]); // imul eax, eax, 80
+    b.extend_from_slice(&[0x49, 0x8D, 0x8C, 0x03]); // lea rcx, [r11 + rax + disp32]
+    b.extend_from_slice(&RING_FROM_COUNTERS.to_le_bytes());
+    for i in 0..nargs {
+        let disp = 32 + 8 * i as u8;
+        match i {
+            0 => b.extend_from_slice(&[0x48, 0x89, 0x79, disp]), // mov [rcx+d], rdi
+            1 => b.extend_from_slice(&[0x48, 0x89, 0x71, disp]), // mov [rcx+d], rsi
+            2 | 3 => {
+                // rdx / rcx as pushed: [rsp] / [rsp + 8]
+                b.extend_from_slice(&[0x48, 0x8B, 0x44, 0x24, 8 * (i as u8 - 2)]); // mov rax, [rsp+d8]
+                b.extend_from_slice(&[0x48, 0x89, 0x41, disp]); // mov [rcx+d], rax
+            }
+            4 => b.extend_from_slice(&[0x4C, 0x89, 0x41, disp]), // mov [rcx+d], r8
+            _ => b.extend_from_slice(&[0x4C, 0x89, 0x49, disp]), // mov [rcx+d], r9
+        }
+    }
+    b.extend_from_slice(&[0x48, 0x8B, 0x44, 0x24, 32]); // mov rax, [rsp+32] (site + 5)
+    b.extend_from_slice(&[0x48, 0x83, 0xE8, 0x05]); // sub rax, 5
+    b.extend_from_slice(&[0x48, 0x89, 0x41, 0x08]); // mov [rcx+8], rax
+    b.extend_from_slice(&[0x48, 0xB8]); // mov rax, imm64
+    b.extend_from_slice(&tracer.to_le_bytes());
+    b.extend_from_slice(&[0x48, 0x89, 0x41, 0x10]); // mov [rcx+16], rax
+    b.extend_from_slice(&[0x41, 0x8B, 0x43, HDR_TID as u8]); // mov eax, [r11+TID]
+    b.extend_from_slice(&[0x89, 0x41, 0x18]); // mov [rcx+24], eax
+    b.extend_from_slice(&[0xC7, 0x41, 0x1C]); // mov dword [rcx+28], imm32
+    b.extend_from_slice(&nargs.to_le_bytes());
+    b.extend_from_slice(&[0x0F, 0x31]); // rdtsc
+    b.extend_from_slice(&[0x48, 0xC1, 0xE2, 0x20]); // shl rdx, 32
+    b.extend_from_slice(&[0x48, 0x09, 0xD0]); // or rax, rdx
+    b.extend_from_slice(&[0x48, 0x89, 0x01]); // mov [rcx], rax
+    b.extend_from_slice(&[0x49, 0xFF, 0x43, HDR_RING_HEAD as u8]); // inc qword [r11+HEAD]
+    let out = b.len();
+    b.extend_from_slice(&[0x5A, 0x59, 0x58, 0x41, 0x5B, 0xC3]); // pop rdx,rcx,rax,r11; ret
+    let full = b.len();
+    b.extend_from_slice(&[0x49, 0xFF, 0x83]); // inc qword [r11 + disp32]
+    b.extend_from_slice(&(dropped_idx as i32 * 8).to_le_bytes());
+    b.push(0xE9); // jmp out
+    let next = b.len() + 4;
+    b.extend_from_slice(&(out as i32 - next as i32).to_le_bytes());
+    let slow = b.len();
+    b.extend_from_slice(&[0x41, 0x5B]); // pop r11
+    b.push(0xE9); // jmp GENERIC (relative to the slot: this stub starts at COUNT_BASE)
+    let next = COUNT_BASE + b.len() + 4;
+    b.extend_from_slice(&(GENERIC as i32 - next as i32).to_le_bytes());
+    let rel = |b: &mut Vec<u8>, at: usize, to: usize| {
+        let d = to as i32 - (at as i32 + 4);
+        b[at..at + 4].copy_from_slice(&d.to_le_bytes());
+    };
+    rel(&mut b, jz_slow, slow);
+    rel(&mut b, jae_full, full);
     b
 }
 
@@ -127,5 +273,172 @@ mod tests {
         assert_eq!(&code[slow..slow + 2], &[0x41, 0x5B]);
         let d = i32::from_le_bytes(code[slow + 3..slow + 7].try_into().unwrap());
         assert_eq!((slow + 7) as i32 + d, GENERIC as i32);
+    }
+
+    #[test]
+    fn trace_stub_jumps_land_on_their_paths() {
+        let layout = Layout::Trace {
+            tracer: 9,
+            nargs: 2,
+            dropped_idx: 5,
+            tls_offset: -0x40,
+        };
+        let code = generate(&layout, 1, 2);
+        assert_eq!(code.len(), slot_len(&layout));
+        assert_eq!(site_entry(&layout, 0), COUNT_BASE);
+        assert_eq!(site_entry(&layout, 3), COUNT_BASE);
+        let s = &code[COUNT_BASE..];
+        // jz slow: pop r11; jmp GENERIC
+        let d = i32::from_le_bytes(s[16..20].try_into().unwrap());
+        let slow = (20 + d) as usize;
+        assert_eq!(&s[slow..slow + 3], &[0x41, 0x5B, 0xE9]);
+        let d = i32::from_le_bytes(s[slow + 3..slow + 7].try_into().unwrap());
+        assert_eq!(COUNT_BASE as i32 + slow as i32 + 7 + d, GENERIC as i32);
+        // fewer arguments, shorter stub
+        assert!(trace_stub(9, 0, 5, 0).len() < trace_stub(9, 6, 5, 0).len());
+    }
+
+    // Runs the stub for real: a fake thread block behind this test thread's TLS word.
+    mod exec {
+        use super::super::*;
+        use crate::block;
+
+        std::arch::global_asm!(
+            ".globl pb_tramp_test_entry",
+            ".hidden pb_tramp_test_entry",
+            "pb_tramp_test_entry:",
+            "mov rax, qword ptr [rsp]", // the descriptor word the generic stub pushed
+            "add rsp, 8",
+            "ret",
+        );
+        unsafe extern "C" {
+            fn pb_tramp_test_entry();
+        }
+
+        struct Mapped(*mut u8, usize);
+        impl Drop for Mapped {
+            fn drop(&mut self) {
+                // SAFETY: unmapping the mapping this test created.
+                unsafe { libc::munmap(self.0.cast(), self.1) };
+            }
+        }
+
+        fn map_code(code: &[u8]) -> Mapped {
+            let len = 4096;
+            // SAFETY: a fresh anonymous mapping; written, then made read+execute.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                std::ptr::copy_nonoverlapping(code.as_ptr(), p.cast::<u8>(), code.len());
+                assert_eq!(libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC), 0);
+                Mapped(p.cast(), len)
+            }
+        }
+
+        /// Calls `entry` with the six argument registers set, returns (the registers
+        /// after the call in the same order + rax + r11, the return address).
+        fn call(entry: usize, args: [u64; 6]) -> ([u64; 8], u64) {
+            let [mut a0, mut a1, mut a2, mut a3, mut a4, mut a5] = args;
+            let mut rax = 0xAAAA_0000_u64;
+            let mut r11 = 0xBBBB_0000_u64;
+            let ra: u64;
+            // SAFETY: `entry` is a stub that preserves every register but the flags
+            // (checked by the caller through the outputs) and returns to its caller.
+            unsafe {
+                std::arch::asm!(
+                    "lea {ra}, [rip + 2f]",
+                    "call {f}",
+                    "2:",
+                    f = in(reg) entry,
+                    ra = out(reg) ra,
+                    inout("rdi") a0, inout("rsi") a1, inout("rdx") a2, inout("rcx") a3,
+                    inout("r8") a4, inout("r9") a5, inout("rax") rax, inout("r11") r11,
+                );
+            }
+            ([a0, a1, a2, a3, a4, a5, rax, r11], ra)
+        }
+
+        #[test]
+        fn trace_stub_writes_events_counts_drops_and_falls_back() {
+            let (tls, _) = block::tls_offsets().expect("static TLS in the test binary");
+            let tracer = 0x1122_3344_5566_7788;
+            let code = generate(
+                &Layout::Trace {
+                    tracer,
+                    nargs: 4,
+                    dropped_idx: 7,
+                    tls_offset: tls,
+                },
+                0xD00D,
+                pb_tramp_test_entry as *const () as u64,
+            );
+            let m = map_code(&code);
+            let stub = m.0 as usize + COUNT_BASE;
+            let mut blk = vec![0u64; block::BLOCK_BYTES / 8];
+            let base = blk.as_mut_ptr();
+            // SAFETY: header words of the fake block (tid, ring_head, ring_tail).
+            unsafe {
+                base.cast::<u32>().write(4242);
+                base.add(4).write(4094); // head
+                base.add(5).write(0); // tail
+            }
+            // SAFETY: counters[0] of the fake block, which outlives the calls below.
+            let counters = unsafe { base.add(block::HEADER_BYTES / 8) };
+            block::TLS.with(|t| t.set(counters));
+            let args = [11, 22, 33, 44, 55, 66];
+            let before = crate::ring::rdtsc();
+            let (regs, ra) = call(stub, args);
+            assert_eq!(regs, [11, 22, 33, 44, 55, 66, 0xAAAA_0000, 0xBBBB_0000]);
+            let ev = |slot: usize| {
+                // SAFETY: slot < RING_SLOTS: inside the fake block's ring.
+                unsafe {
+                    let p = counters
+                        .cast::<u8>()
+                        .add(block::COUNTERS * 8 + slot * block::EVENT_BYTES)
+                        .cast::<u64>();
+                    std::array::from_fn::<u64, 10, _>(|i| p.add(i).read())
+                }
+            };
+            let e = ev(4094);
+            assert!(e[0] >= before, "tsc {} < {before}", e[0]);
+            assert_eq!(e[1], ra - 5, "site = return address - 5");
+            assert_eq!(e[2], tracer);
+            assert_eq!(e[3], 4242 | (4 << 32));
+            assert_eq!(&e[4..8], &[11, 22, 33, 44]);
+            assert_eq!(&e[8..10], &[0, 0], "only nargs arguments are written");
+            // SAFETY: header and counter words of the fake block.
+            let (head, dropped) = unsafe { (base.add(4).read(), counters.add(7).read()) };
+            assert_eq!((head, dropped), (4095, 0));
+            // The ring wraps: slot 4095, then slot 0 once the consumer moved on.
+            call(stub, [1, 2, 3, 4, 5, 6]);
+            // SAFETY: as above.
+            unsafe { base.add(5).write(1) };
+            call(stub, [7, 8, 9, 10, 11, 12]);
+            assert_eq!(&ev(4095)[4..8], &[1, 2, 3, 4]);
+            assert_eq!(&ev(0)[4..8], &[7, 8, 9, 10]);
+            // Full ring (head - tail == RING_SLOTS): the drop is counted, nothing written.
+            let (regs, _) = call(stub, [0; 6]);
+            assert_eq!(regs[6..], [0xAAAA_0000, 0xBBBB_0000]);
+            // SAFETY: as above.
+            let (head, dropped) = unsafe { (base.add(4).read(), counters.add(7).read()) };
+            assert_eq!((head, dropped), (4097, 1));
+            assert_eq!(&ev(1)[4..8], &[0, 0, 0, 0]);
+            // No block: the generic stub pushes the descriptor and jumps to the entry.
+            block::TLS.with(|t| t.set(std::ptr::null_mut()));
+            let (regs, _) = call(stub, [1, 2, 3, 4, 5, 6]);
+            assert_eq!(regs[..6], [1, 2, 3, 4, 5, 6]);
+            assert_eq!(regs[6], 0xD00D, "reached the entry with the descriptor");
+            assert_eq!(regs[7], 0xBBBB_0000);
+            // SAFETY: as above.
+            assert_eq!(unsafe { base.add(4).read() }, 4097);
+            drop(blk);
+        }
     }
 }
