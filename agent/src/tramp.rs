@@ -135,27 +135,29 @@ const _: () = {
 ///        mov  r11, fs:[TLS]              ; counters[0] of this thread's block, or null
 ///        test r11, r11
 ///        jz   slow
-///        push rax ; push rcx ; push rdx
-///        mov  rax, [r11 + HEAD]
-///        mov  rcx, rax
+///        push rax ; push rcx ; push rdx ; push rsi
+///        mov  rsi, [r11 + HEAD]
+///        mov  rcx, rsi
 ///        sub  rcx, [r11 + TAIL]
 ///        cmp  rcx, RING_SLOTS
 ///        jae  full
-///        and  eax, RING_SLOTS - 1
-///        imul eax, eax, 80
+///        mov  eax, esi ; and eax, RING_SLOTS - 1 ; imul eax, eax, 80
 ///        lea  rcx, [r11 + rax + RING]      ; the event
-///        mov  [rcx + 32 + 8i], arg i       ; i < nargs (rdx, rcx from the stack)
-///        mov  rax, [rsp + 32] ; sub rax, 5 ; mov [rcx + 8], rax     ; site
+///        mov  [rcx + 32 + 8i], arg i       ; i < nargs (rsi, rdx, rcx from the stack)
+///        mov  rax, [rsp + 40] ; sub rax, 5 ; mov [rcx + 8], rax     ; site
 ///        mov  rax, tracer ; mov [rcx + 16], rax
 ///        mov  eax, [r11 + TID] ; mov [rcx + 24], eax ; mov dword [rcx + 28], nargs
 ///        rdtsc ; shl rdx, 32 ; or rax, rdx ; mov [rcx], rax
-///        inc  qword [r11 + HEAD]         ; publish (x86 stores are not reordered)
-///   out: pop rdx ; pop rcx ; pop rax ; pop r11 ; ret
+///        inc  rsi ; mov [r11 + HEAD], rsi  ; publish (x86 stores are not reordered)
+///   out: pop rsi ; pop rdx ; pop rcx ; pop rax ; pop r11 ; ret
 ///  full: inc  qword [r11 + 8*dropped_idx] ; jmp out
 ///  slow: pop  r11 ; jmp GENERIC          ; the dispatcher claims a block and traces
 /// ```
-/// Only the owner thread writes `ring_head` and its counters (see `block.rs`), so plain
-/// `inc` suffices; the agent thread reads `ring_head` and then the events before it.
+/// Only the owner thread writes `ring_head` and its counters (see `block.rs`); the agent
+/// thread reads `ring_head` and then the events before it. The new head is stored as
+/// computed from the value read (not `inc [head]`): if a signal handler on this thread
+/// traces a call in between, its event is overwritten by this one (lost) but no slot is
+/// ever published unwritten (the same as `ring::push`).
 pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) -> Vec<u8> {
     let nargs = nargs.min(6);
     let mut b = Vec::with_capacity(160);
@@ -166,15 +168,16 @@ pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) ->
     b.extend_from_slice(&[0x0F, 0x84]); // jz slow (rel32, patched below)
     let jz_slow = b.len();
     b.extend_from_slice(&[0; 4]);
-    b.extend_from_slice(&[0x50, 0x51, 0x52]); // push rax; push rcx; push rdx
-    b.extend_from_slice(&[0x49, 0x8B, 0x43, HDR_RING_HEAD as u8]); // mov rax, [r11+HEAD]
-    b.extend_from_slice(&[0x48, 0x89, 0xC1]); // mov rcx, rax
+    b.extend_from_slice(&[0x50, 0x51, 0x52, 0x56]); // push rax; push rcx; push rdx; push rsi
+    b.extend_from_slice(&[0x49, 0x8B, 0x73, HDR_RING_HEAD as u8]); // mov rsi, [r11+HEAD]
+    b.extend_from_slice(&[0x48, 0x89, 0xF1]); // mov rcx, rsi
     b.extend_from_slice(&[0x49, 0x2B, 0x4B, HDR_RING_TAIL as u8]); // sub rcx, [r11+TAIL]
     b.extend_from_slice(&[0x48, 0x81, 0xF9]); // cmp rcx, imm32
     b.extend_from_slice(&(block::RING_SLOTS as u32).to_le_bytes());
     b.extend_from_slice(&[0x0F, 0x83]); // jae full (rel32, patched below)
     let jae_full = b.len();
     b.extend_from_slice(&[0; 4]);
+    b.extend_from_slice(&[0x89, 0xF0]); // mov eax, esi
     b.push(0x25); // and eax, imm32
     b.extend_from_slice(&(block::RING_SLOTS as u32 - 1).to_le_bytes());
     b.extend_from_slice(&[0x6B, 0xC0, block::EVENT_BYTES as u8]); // imul eax, eax, 80
@@ -184,17 +187,16 @@ pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) ->
         let disp = 32 + 8 * i as u8;
         match i {
             0 => b.extend_from_slice(&[0x48, 0x89, 0x79, disp]), // mov [rcx+d], rdi
-            1 => b.extend_from_slice(&[0x48, 0x89, 0x71, disp]), // mov [rcx+d], rsi
-            2 | 3 => {
-                // rdx / rcx as pushed: [rsp] / [rsp + 8]
-                b.extend_from_slice(&[0x48, 0x8B, 0x44, 0x24, 8 * (i as u8 - 2)]); // mov rax, [rsp+d8]
+            4 => b.extend_from_slice(&[0x4C, 0x89, 0x41, disp]), // mov [rcx+d], r8
+            5 => b.extend_from_slice(&[0x4C, 0x89, 0x49, disp]), // mov [rcx+d], r9
+            _ => {
+                // rsi / rdx / rcx as pushed: [rsp] / [rsp + 8] / [rsp + 16]
+                b.extend_from_slice(&[0x48, 0x8B, 0x44, 0x24, 8 * (i as u8 - 1)]); // mov rax, [rsp+d8]
                 b.extend_from_slice(&[0x48, 0x89, 0x41, disp]); // mov [rcx+d], rax
             }
-            4 => b.extend_from_slice(&[0x4C, 0x89, 0x41, disp]), // mov [rcx+d], r8
-            _ => b.extend_from_slice(&[0x4C, 0x89, 0x49, disp]), // mov [rcx+d], r9
         }
     }
-    b.extend_from_slice(&[0x48, 0x8B, 0x44, 0x24, 32]); // mov rax, [rsp+32] (site + 5)
+    b.extend_from_slice(&[0x48, 0x8B, 0x44, 0x24, 40]); // mov rax, [rsp+40] (site + 5)
     b.extend_from_slice(&[0x48, 0x83, 0xE8, 0x05]); // sub rax, 5
     b.extend_from_slice(&[0x48, 0x89, 0x41, 0x08]); // mov [rcx+8], rax
     b.extend_from_slice(&[0x48, 0xB8]); // mov rax, imm64
@@ -208,9 +210,10 @@ pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) ->
     b.extend_from_slice(&[0x48, 0xC1, 0xE2, 0x20]); // shl rdx, 32
     b.extend_from_slice(&[0x48, 0x09, 0xD0]); // or rax, rdx
     b.extend_from_slice(&[0x48, 0x89, 0x01]); // mov [rcx], rax
-    b.extend_from_slice(&[0x49, 0xFF, 0x43, HDR_RING_HEAD as u8]); // inc qword [r11+HEAD]
+    b.extend_from_slice(&[0x48, 0xFF, 0xC6]); // inc rsi
+    b.extend_from_slice(&[0x49, 0x89, 0x73, HDR_RING_HEAD as u8]); // mov [r11+HEAD], rsi
     let out = b.len();
-    b.extend_from_slice(&[0x5A, 0x59, 0x58, 0x41, 0x5B, 0xC3]); // pop rdx,rcx,rax,r11; ret
+    b.extend_from_slice(&[0x5E, 0x5A, 0x59, 0x58, 0x41, 0x5B, 0xC3]); // pop rsi,rdx,rcx,rax,r11; ret
     let full = b.len();
     b.extend_from_slice(&[0x49, 0xFF, 0x83]); // inc qword [r11 + disp32]
     b.extend_from_slice(&(dropped_idx as i32 * 8).to_le_bytes());
