@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::runtime::Runtime;
-use crate::{block, dispatch, link, log, qs, threads};
+use crate::{block, dispatch, link, log, qs, sigwrap, threads};
 
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
 static STARTED: AtomicBool = AtomicBool::new(false);
@@ -73,6 +73,8 @@ fn start_inner() -> Result<(), StartError> {
         .map(|o| libc::SIGRTMIN() + o)
         .unwrap_or_else(qs::default_signal);
     qs::install_signal(signal).map_err(StartError::Signal)?;
+    // Program handlers installed so far go behind the wrapper, with the signal masked.
+    sigwrap::wrap_existing();
     *runtime() = Some(Runtime::new(Some(tls)));
     spawn_link()?;
     // SAFETY: registering plain extern "C" functions with no preconditions.

@@ -25,6 +25,7 @@ pub mod procfs;
 pub mod qs;
 pub mod ring;
 pub mod runtime;
+pub mod sigwrap;
 pub mod sites;
 pub mod stats;
 pub mod threads;

@@ -146,13 +146,14 @@ pub fn install_signal(signal: i32) -> std::io::Result<()> {
         return Ok(());
     }
     // SAFETY: a zeroed sigaction is a valid starting point; we set the handler, flags
-    // and an empty mask (the handler is tiny and reentrant-safe).
+    // and a full mask: no program handler may run nested in ours (it would see our
+    // handler's PC, not the trampoline PC ours interrupted; see `sigwrap`).
     let rc = unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(signal, &sa, std::ptr::null_mut())
+        libc::sigfillset(&mut sa.sa_mask);
+        crate::sigwrap::real_sigaction(signal, &sa, std::ptr::null_mut())
     };
     if rc != 0 {
         INSTALLED.store(false, Ordering::Release);
@@ -160,6 +161,11 @@ pub fn install_signal(signal: i32) -> std::io::Result<()> {
     }
     SIGNAL.store(signal, Ordering::Release);
     Ok(())
+}
+
+/// The quiescent-state signal, once installed (0 before).
+pub fn signal() -> i32 {
+    SIGNAL.load(Ordering::Acquire)
 }
 
 /// The default quiescent-state signal: SIGRTMIN + 3.

@@ -421,7 +421,7 @@ fn die_by_default(sig: libc::c_int) {
     unsafe {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        crate::sigwrap::real_sigaction(sig, &dfl, std::ptr::null_mut());
         libc::syscall(
             libc::SYS_tgkill,
             libc::getpid(),
@@ -480,7 +480,7 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     // SAFETY: querying the current action into a valid out pointer.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
+    if unsafe { crate::sigwrap::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
         return Err(TrapError::Sigaction(errno()));
     }
     if cur.sa_sigaction == on_sigtrap as *const () as usize {
@@ -490,7 +490,7 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     PREV.store(Box::into_raw(Box::new(cur)), Ordering::Release);
     let sa = our_action();
     // SAFETY: installing a valid action for SIGTRAP.
-    if unsafe { libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0 {
+    if unsafe { crate::sigwrap::real_sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0 {
         return Err(TrapError::Sigaction(errno()));
     }
     Ok(())

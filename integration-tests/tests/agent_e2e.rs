@@ -122,6 +122,40 @@ async fn attach_detach_cycles_while_hammering() {
     quit_ok(&mut t).await;
 }
 
+/// A program signal handler that interrupts a thread inside a trampoline runs on the
+/// interrupted thread's stack with the trampoline frame below it: the thread is not
+/// quiescent until the handler returns and the trampoline is left. Here the program's
+/// SIGUSR1 handler spins, then sleeps in `nanosleep`, 3 ms at a time on the hammer
+/// threads (so the agent's quiescent-state signal often lands inside it, or its probe
+/// finds the thread blocked in the handler's system call) while count tracers are
+/// attached and detached: a trampoline freed on such a stamp is poisoned, and the
+/// thread dies on its return (both modes did, within a second, before `sigwrap`).
+#[tokio::test]
+async fn program_signal_handlers_interrupting_trampolines() {
+    const CYCLES: usize = 40;
+    let _serial = SERIAL.lock().await;
+    let (_server, mut c, mut t) = setup(Build::Nop5).await;
+    let pid = t.pid();
+    t.expect("hammer 2", "hammering").await;
+    for (mode, what) in [(0, "spinning"), (1, "sleeping")] {
+        t.expect(&format!("sighog 3000 {mode}"), "sighogging").await;
+        for i in 0..CYCLES {
+            let id = attach_count(&mut c, pid, "work", 1).await;
+            let d = detach_wait(&mut c, id, &format!("{what} cycle {i}")).await;
+            assert_eq!(d.retired.len(), 1, "{what} cycle {i}: {d:?}");
+        }
+        let hog = t.expect("sighogstop", "sighogged").await;
+        let handled: u64 = field(&hog, "handled").unwrap().parse().unwrap();
+        assert!(handled > 0, "the program's handler never ran: {hog}");
+        eprintln!("{CYCLES} cycles with threads {what} in a signal handler: {hog}");
+    }
+    synchronize(&mut c, GP_TIMEOUT).await;
+    let left = trampolines_of(&mut c, pid, false).await;
+    assert!(left.is_empty(), "trampolines left: {left:?}");
+    t.expect("stop", "stopped work=").await;
+    quit_ok(&mut t).await;
+}
+
 // -------------------------------------------------------------------- trace
 
 #[tokio::test]

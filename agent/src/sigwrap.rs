@@ -1,0 +1,404 @@
+//! The program's own signal handlers, wrapped.
+//!
+//! A program signal handler that interrupts a thread inside trampoline code (a count or
+//! trace stub, the generic stub, the static entry stub before it raised `NEST`, or a gcc
+//! nop sled being converted) runs with that trampoline frame below it: the thread is not
+//! quiescent until the handler returns *and* the thread leaves the trampoline. Without
+//! help, both quiescent-state sources would be fooled by the handler: the agent's signal
+//! would see the handler's PC (outside) and stamp, and the blocked-in-a-syscall probe
+//! would see a handler blocked in, say, `write` (outside) and stamp. A trampoline freed
+//! on such a stamp kills the program when the handler returns (integration test
+//! `program_signal_handlers_interrupting_trampolines` reproduces it within a second).
+//!
+//! So the agent interposes `sigaction` (and the `signal` family built on it): a program
+//! handler is installed behind [`wrapper`], with the agent's quiescent-state signal
+//! added to its mask (the kernel keeps that signal pending until the handler returns,
+//! and then delivers it with the interrupted context's own PC). The wrapper looks at
+//! the interrupted PC; when it is inside trampoline code it raises the thread's
+//! dispatch depth (`NEST`, and `nesting`/`seq` in the thread's block, which the probe
+//! reads) for the duration of the handler, so no source stamps the thread meanwhile
+//! (a program that unblocks our signal inside its handler gets a deferred stamp).
+//! Queries through `sigaction` report the program's own handler, flags and mask.
+//! Handlers installed before the agent started are wrapped by [`wrap_existing`].
+//!
+//! Not covered: handlers installed with a raw `rt_sigaction` system call, and SIGTRAP
+//! (the agent's trap handler chains to the program's) and the quiescent-state signal
+//! itself, which pass through unchanged. A handler that leaves by `siglongjmp` after
+//! interrupting trampoline code leaves the depth raised: the thread then holds up grace
+//! periods (reported as a stall) instead of risking a premature free.
+//!
+//! Everything here that runs in a signal handler ([`wrapper`]) is async-signal-safe; the
+//! interposed functions are too (a spin lock taken with every signal blocked).
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::{block, dispatch, qs, trap};
+
+const NSIG: usize = 65;
+
+/// The program's handler per signal (0: none recorded).
+static HANDLER: [AtomicUsize; NSIG] = [const { AtomicUsize::new(0) }; NSIG];
+/// The program's `sa_flags` per signal, and whether its mask had the agent's signal.
+static FLAGS: [AtomicI32; NSIG] = [const { AtomicI32::new(0) }; NSIG];
+static HAD_QS: [AtomicBool; NSIG] = [const { AtomicBool::new(false) }; NSIG];
+static LOCK: AtomicBool = AtomicBool::new(false);
+/// libc's `sigaction` (resolved with `dlsym(RTLD_NEXT)`), 0 until resolved.
+static REAL: AtomicUsize = AtomicUsize::new(0);
+/// Program handler runs that interrupted trampoline code (tests read it).
+pub static INSIDE_RUNS: AtomicU64 = AtomicU64::new(0);
+
+type SigactionFn =
+    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+type Handler3 = extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void);
+
+fn real() -> Option<SigactionFn> {
+    let mut f = REAL.load(Ordering::Acquire);
+    if f == 0 {
+        // SAFETY: dlsym with a valid NUL-terminated name; RTLD_NEXT finds the next
+        // definition after this object (libc's).
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"sigaction".as_ptr()) } as usize;
+        if f == 0 || f == sigaction as *const () as usize {
+            return None;
+        }
+        REAL.store(f, Ordering::Release);
+    }
+    // SAFETY: `f` is libc's sigaction, which has this signature.
+    Some(unsafe { std::mem::transmute::<usize, SigactionFn>(f) })
+}
+
+/// libc's `sigaction`, bypassing the interposition (for the agent's own handlers).
+///
+/// # Safety
+/// As `sigaction(2)`: `act` and `old` are null or valid.
+pub unsafe fn real_sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    match real() {
+        // SAFETY: forwarded as given.
+        Some(f) => unsafe { f(sig, act, old) },
+        None => {
+            // SAFETY: setting errno of this thread.
+            unsafe { *libc::__errno_location() = libc::ENOSYS };
+            -1
+        }
+    }
+}
+
+/// Signals whose handlers are wrapped.
+fn wrapped(sig: c_int) -> bool {
+    let qs_sig = qs::signal();
+    (1..NSIG as c_int).contains(&sig)
+        && sig != libc::SIGKILL
+        && sig != libc::SIGSTOP
+        && sig != libc::SIGTRAP
+        && sig != qs_sig
+}
+
+fn is_function(h: usize) -> bool {
+    h != libc::SIG_DFL && h != libc::SIG_IGN && h != libc::SIG_ERR
+}
+
+struct Locked(libc::sigset_t);
+
+fn lock() -> Locked {
+    // SAFETY: blocking every signal of this thread (restored by `Drop`) so that a
+    // handler calling sigaction cannot spin on a lock its own thread holds.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    };
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        std::hint::spin_loop();
+    }
+    Locked(old)
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        LOCK.store(false, Ordering::Release);
+        // SAFETY: restoring the mask saved by `lock`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
+/// The interposed `sigaction`. Async-signal-safe.
+///
+/// # Safety
+/// As `sigaction(2)`.
+pub unsafe fn interposed(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    if !wrapped(sig) {
+        // SAFETY: forwarded as given.
+        return unsafe { real_sigaction(sig, act, old) };
+    }
+    let _g = lock();
+    let i = sig as usize;
+    // The program's view of the current action, for `old`.
+    // SAFETY: querying into a valid out pointer.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { real_sigaction(sig, std::ptr::null(), &mut cur) } != 0 {
+        return -1;
+    }
+    let was = program_view(sig, cur);
+    if !act.is_null() {
+        // SAFETY: the caller passes a valid action.
+        let mut a = unsafe { *act };
+        if is_function(a.sa_sigaction) {
+            let qs_sig = qs::signal();
+            HANDLER[i].store(a.sa_sigaction, Ordering::Release);
+            FLAGS[i].store(a.sa_flags, Ordering::Release);
+            // SAFETY: reading/updating a valid sigset_t.
+            unsafe {
+                HAD_QS[i].store(
+                    qs_sig > 0 && libc::sigismember(&a.sa_mask, qs_sig) == 1,
+                    Ordering::Release,
+                );
+                if qs_sig > 0 {
+                    libc::sigaddset(&mut a.sa_mask, qs_sig);
+                }
+            }
+            a.sa_sigaction = wrapper as *const () as usize;
+            a.sa_flags |= libc::SA_SIGINFO;
+        }
+        // SAFETY: installing a valid action.
+        if unsafe { real_sigaction(sig, &a, std::ptr::null_mut()) } != 0 {
+            return -1;
+        }
+    }
+    if !old.is_null() {
+        // SAFETY: the caller passes a valid out pointer.
+        unsafe { *old = was };
+    }
+    0
+}
+
+/// What the program installed, given the kernel's current action.
+fn program_view(sig: c_int, mut cur: libc::sigaction) -> libc::sigaction {
+    let i = sig as usize;
+    if cur.sa_sigaction == wrapper as *const () as usize {
+        cur.sa_sigaction = HANDLER[i].load(Ordering::Acquire);
+        cur.sa_flags = FLAGS[i].load(Ordering::Acquire);
+        let qs_sig = qs::signal();
+        if qs_sig > 0 && !HAD_QS[i].load(Ordering::Acquire) {
+            // SAFETY: updating a valid sigset_t.
+            unsafe { libc::sigdelset(&mut cur.sa_mask, qs_sig) };
+        }
+    }
+    cur
+}
+
+/// Wraps the handlers installed before the agent started (and re-installs wrapped ones
+/// with the quiescent-state signal in their masks, once it is known).
+pub fn wrap_existing() {
+    for sig in 1..NSIG as c_int {
+        if !wrapped(sig) {
+            continue;
+        }
+        // SAFETY: querying into a valid out pointer, then re-installing the program's
+        // own action through the interposition.
+        unsafe {
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            if interposed(sig, std::ptr::null(), &mut cur) != 0 || !is_function(cur.sa_sigaction) {
+                continue;
+            }
+            interposed(sig, &cur, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Whether `pc` is trampoline code a thread must leave before it is quiescent.
+/// Async-signal-safe.
+fn inside(pc: u64) -> bool {
+    qs::in_trampoline(pc) || trap::sled_exit(pc as usize).is_some()
+}
+
+/// The handler the kernel runs for every wrapped signal. Async-signal-safe.
+extern "C" fn wrapper(sig: c_int, info: *mut libc::siginfo_t, uctx: *mut c_void) {
+    let i = sig as usize;
+    let h = if i < NSIG {
+        HANDLER[i].load(Ordering::Acquire)
+    } else {
+        0
+    };
+    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
+    let pc = unsafe { (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
+        as u64;
+    let raised = inside(pc).then(raise);
+    if is_function(h) {
+        // SAFETY: `h` is the program's handler. Called with three arguments whatever
+        // its kind: on x86-64 a one-argument handler ignores the other two.
+        let f = unsafe { std::mem::transmute::<usize, Handler3>(h) };
+        f(sig, info, uctx);
+    }
+    if let Some(b) = raised {
+        lower(b);
+    }
+}
+
+/// Raises this thread's dispatch depth: `NEST` (read by the agent's signal handler)
+/// and the block's `nesting` (read by the blocked-thread probe). Async-signal-safe.
+fn raise() -> Option<&'static block::Header> {
+    INSIDE_RUNS.fetch_add(1, Ordering::Relaxed);
+    block::NEST.with(|n| n.set(n.get() + 1));
+    let h = block::current_fast().or_else(|| block::claim(dispatch::tid()));
+    if let Some(h) = h {
+        h.seq.fetch_add(1, Ordering::AcqRel);
+        h.nesting.fetch_add(1, Ordering::AcqRel);
+        h.seq.fetch_add(1, Ordering::AcqRel);
+    }
+    h
+}
+
+/// Undoes [`raise`] without stamping (the interrupted context is still inside).
+fn lower(h: Option<&'static block::Header>) {
+    if let Some(h) = h {
+        h.seq.fetch_add(1, Ordering::AcqRel);
+        h.nesting.fetch_sub(1, Ordering::AcqRel);
+        h.seq.fetch_add(1, Ordering::AcqRel);
+    }
+    block::NEST.with(|n| n.set(n.get() - 1));
+}
+
+// ------------------------------------------------------------------ interposed symbols
+
+/// `sigaction(2)`, interposed (see the module documentation).
+///
+/// # Safety
+/// As `sigaction(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    // SAFETY: forwarded as given.
+    unsafe { interposed(sig, act, old) }
+}
+
+fn install_simple(sig: c_int, handler: usize, flags: c_int, mask_self: bool) -> usize {
+    // SAFETY: building a valid action and installing it through the interposition.
+    unsafe {
+        let mut a: libc::sigaction = std::mem::zeroed();
+        a.sa_sigaction = handler;
+        a.sa_flags = flags;
+        libc::sigemptyset(&mut a.sa_mask);
+        if mask_self && sig > 0 && (sig as usize) < NSIG {
+            libc::sigaddset(&mut a.sa_mask, sig);
+        }
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if interposed(sig, &a, &mut old) != 0 {
+            return libc::SIG_ERR;
+        }
+        old.sa_sigaction
+    }
+}
+
+/// `signal(3)` with glibc's (BSD) semantics, interposed.
+#[unsafe(no_mangle)]
+pub extern "C" fn signal(sig: c_int, handler: usize) -> usize {
+    install_simple(sig, handler, libc::SA_RESTART, true)
+}
+
+/// `bsd_signal(3)`, interposed.
+#[unsafe(no_mangle)]
+pub extern "C" fn bsd_signal(sig: c_int, handler: usize) -> usize {
+    install_simple(sig, handler, libc::SA_RESTART, true)
+}
+
+/// `sysv_signal(3)` (one-shot, not masked, not restarted), interposed.
+#[unsafe(no_mangle)]
+pub extern "C" fn sysv_signal(sig: c_int, handler: usize) -> usize {
+    install_simple(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER, false)
+}
+
+/// `__sysv_signal`, glibc's name for [`sysv_signal`], interposed.
+#[unsafe(no_mangle)]
+pub extern "C" fn __sysv_signal(sig: c_int, handler: usize) -> usize {
+    sysv_signal(sig, handler)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    static SEEN_SIG: AtomicI32 = AtomicI32::new(0);
+    static SEEN_NEST: AtomicU64 = AtomicU64::new(u64::MAX);
+    static SEEN_NESTING: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    extern "C" fn program_handler(sig: c_int) {
+        SEEN_SIG.store(sig, Ordering::SeqCst);
+        SEEN_NEST.store(block::NEST.with(|n| n.get()), Ordering::SeqCst);
+        let nesting = block::current().map_or(u32::MAX, |h| h.nesting.load(Ordering::SeqCst));
+        SEEN_NESTING.store(nesting, Ordering::SeqCst);
+    }
+
+    fn query_real(sig: c_int) -> libc::sigaction {
+        // SAFETY: querying into a valid out pointer.
+        unsafe {
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            assert_eq!(real_sigaction(sig, std::ptr::null(), &mut cur), 0);
+            cur
+        }
+    }
+
+    // One test: the signals and the static tables are process-wide.
+    #[test]
+    fn handlers_are_wrapped_reported_as_installed_and_raise_depth_inside_trampolines() {
+        let sig = libc::SIGUSR2;
+        // SAFETY: installing and querying actions with valid pointers; the handler is a
+        // plain function that only stores atomics.
+        unsafe {
+            let mut a: libc::sigaction = std::mem::zeroed();
+            a.sa_sigaction = program_handler as *const () as usize;
+            a.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut a.sa_mask);
+            assert_eq!(libc::sigaction(sig, &a, std::ptr::null_mut()), 0);
+            // The kernel runs the wrapper; the program sees its own action.
+            assert_eq!(query_real(sig).sa_sigaction, wrapper as *const () as usize);
+            assert_ne!(query_real(sig).sa_flags & libc::SA_SIGINFO, 0);
+            let mut seen: libc::sigaction = std::mem::zeroed();
+            assert_eq!(libc::sigaction(sig, std::ptr::null(), &mut seen), 0);
+            assert_eq!(seen.sa_sigaction, program_handler as *const () as usize);
+            assert_eq!(seen.sa_flags, libc::SA_RESTART);
+            // Delivered through the wrapper, outside any trampoline: no depth raised.
+            assert_eq!(libc::raise(sig), 0);
+            assert_eq!(SEEN_SIG.load(Ordering::SeqCst), sig);
+            assert_eq!(SEEN_NEST.load(Ordering::SeqCst), 0);
+
+            // An interrupted PC inside trampoline memory raises NEST and the block's
+            // nesting for the handler's duration, and restores both after.
+            block::refill(4).unwrap();
+            let h = block::claim(dispatch::tid()).expect("a block");
+            assert!(qs::add_range(0x1000, 0x2000));
+            let mut uc: libc::ucontext_t = std::mem::zeroed();
+            uc.uc_mcontext.gregs[libc::REG_RIP as usize] = 0x1800;
+            let n0 = h.nesting.load(Ordering::SeqCst);
+            wrapper(sig, std::ptr::null_mut(), (&raw mut uc).cast());
+            assert_eq!(SEEN_NEST.load(Ordering::SeqCst), 1);
+            assert_eq!(SEEN_NESTING.load(Ordering::SeqCst), n0 + 1);
+            assert_eq!(block::NEST.with(|n| n.get()), 0);
+            assert_eq!(h.nesting.load(Ordering::SeqCst), n0);
+
+            // signal() reports the previous handler and restores the default.
+            let prev = signal(sig, libc::SIG_DFL);
+            assert_eq!(prev, program_handler as *const () as usize);
+            assert_eq!(query_real(sig).sa_sigaction, libc::SIG_DFL);
+            // SIGTRAP and SIGKILL pass through untouched (SIGKILL: EINVAL).
+            assert_eq!(libc::sigaction(libc::SIGKILL, &a, std::ptr::null_mut()), -1);
+        }
+    }
+}
