@@ -11,13 +11,16 @@
 //! `program_signal_handlers_interrupting_trampolines` reproduces it within a second).
 //!
 //! So the agent interposes `sigaction` (and the `signal` family built on it): a program
-//! handler is installed behind [`wrapper`], with the agent's quiescent-state signal
-//! added to its mask (the kernel keeps that signal pending until the handler returns,
-//! and then delivers it with the interrupted context's own PC). The wrapper looks at
-//! the interrupted PC; when it is inside trampoline code it raises the thread's
-//! dispatch depth (`NEST`, and `nesting`/`seq` in the thread's block, which the probe
-//! reads) for the duration of the handler, so no source stamps the thread meanwhile
-//! (a program that unblocks our signal inside its handler gets a deferred stamp).
+//! handler is installed behind [`wrapper`] with *every* signal in the kernel's mask, so
+//! nothing can interrupt the wrapper before it has decided. The wrapper looks at the
+//! interrupted PC; when it is inside trampoline code it raises the thread's dispatch
+//! depth (`NEST`, and `nesting`/`seq` in the thread's block, which the probe reads) for
+//! the duration of the handler, so no source stamps the thread meanwhile. Then it sets
+//! the mask the program asked for (the interrupted mask + its `sa_mask` + the signal
+//! unless `SA_NODEFER`) plus the agent's quiescent-state signal (kept pending until the
+//! handler returns, then delivered with the interrupted context's own PC; a program
+//! that unblocks it inside its handler gets a deferred stamp), and calls the handler.
+//! `sigreturn` restores the interrupted mask as usual.
 //! Queries through `sigaction` report the program's own handler, flags and mask.
 //! Handlers installed before the agent started are wrapped by [`wrap_existing`].
 //!
@@ -39,9 +42,9 @@ const NSIG: usize = 65;
 
 /// The program's handler per signal (0: none recorded).
 static HANDLER: [AtomicUsize; NSIG] = [const { AtomicUsize::new(0) }; NSIG];
-/// The program's `sa_flags` per signal, and whether its mask had the agent's signal.
+/// The program's `sa_flags` and `sa_mask` (bit `s - 1` for signal `s`) per signal.
 static FLAGS: [AtomicI32; NSIG] = [const { AtomicI32::new(0) }; NSIG];
-static HAD_QS: [AtomicBool; NSIG] = [const { AtomicBool::new(false) }; NSIG];
+static MASK: [AtomicU64; NSIG] = [const { AtomicU64::new(0) }; NSIG];
 static LOCK: AtomicBool = AtomicBool::new(false);
 /// libc's `sigaction` (resolved with `dlsym(RTLD_NEXT)`), 0 until resolved.
 static REAL: AtomicUsize = AtomicUsize::new(0);
@@ -157,21 +160,13 @@ pub unsafe fn interposed(
         // SAFETY: the caller passes a valid action.
         let mut a = unsafe { *act };
         if is_function(a.sa_sigaction) {
-            let qs_sig = qs::signal();
             HANDLER[i].store(a.sa_sigaction, Ordering::Release);
             FLAGS[i].store(a.sa_flags, Ordering::Release);
-            // SAFETY: reading/updating a valid sigset_t.
-            unsafe {
-                HAD_QS[i].store(
-                    qs_sig > 0 && libc::sigismember(&a.sa_mask, qs_sig) == 1,
-                    Ordering::Release,
-                );
-                if qs_sig > 0 {
-                    libc::sigaddset(&mut a.sa_mask, qs_sig);
-                }
-            }
+            MASK[i].store(bits_of(&a.sa_mask), Ordering::Release);
             a.sa_sigaction = wrapper as *const () as usize;
             a.sa_flags |= libc::SA_SIGINFO;
+            // SAFETY: filling a valid sigset_t.
+            unsafe { libc::sigfillset(&mut a.sa_mask) };
         }
         // SAFETY: installing a valid action.
         if unsafe { real_sigaction(sig, &a, std::ptr::null_mut()) } != 0 {
@@ -191,17 +186,37 @@ fn program_view(sig: c_int, mut cur: libc::sigaction) -> libc::sigaction {
     if cur.sa_sigaction == wrapper as *const () as usize {
         cur.sa_sigaction = HANDLER[i].load(Ordering::Acquire);
         cur.sa_flags = FLAGS[i].load(Ordering::Acquire);
-        let qs_sig = qs::signal();
-        if qs_sig > 0 && !HAD_QS[i].load(Ordering::Acquire) {
-            // SAFETY: updating a valid sigset_t.
-            unsafe { libc::sigdelset(&mut cur.sa_mask, qs_sig) };
-        }
+        set_bits(&mut cur.sa_mask, MASK[i].load(Ordering::Acquire));
     }
     cur
 }
 
-/// Wraps the handlers installed before the agent started (and re-installs wrapped ones
-/// with the quiescent-state signal in their masks, once it is known).
+/// Signals 1..=64 of a set as bits (`s - 1`). Async-signal-safe.
+fn bits_of(set: &libc::sigset_t) -> u64 {
+    let mut b = 0u64;
+    for s in 1..NSIG as c_int {
+        // SAFETY: querying a valid sigset_t.
+        if unsafe { libc::sigismember(set, s) } == 1 {
+            b |= 1 << (s - 1);
+        }
+    }
+    b
+}
+
+/// Makes `set` hold exactly the signals of `bits`. Async-signal-safe.
+fn set_bits(set: &mut libc::sigset_t, bits: u64) {
+    // SAFETY: updating a valid sigset_t.
+    unsafe {
+        libc::sigemptyset(set);
+        for s in 1..NSIG as c_int {
+            if bits & (1 << (s - 1)) != 0 {
+                libc::sigaddset(set, s);
+            }
+        }
+    }
+}
+
+/// Wraps the handlers installed before the agent started.
 pub fn wrap_existing() {
     for sig in 1..NSIG as c_int {
         if !wrapped(sig) {
@@ -234,9 +249,27 @@ extern "C" fn wrapper(sig: c_int, info: *mut libc::siginfo_t, uctx: *mut c_void)
         0
     };
     // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
-    let pc = unsafe { (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
-        as u64;
+    let uc = unsafe { &*uctx.cast::<libc::ucontext_t>() };
+    let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
     let raised = inside(pc).then(raise);
+    if i < NSIG {
+        // Every signal is blocked so far: now the mask the program asked for, plus the
+        // agent's signal (pending until the handler returns).
+        let mut want = bits_of(&uc.uc_sigmask) | MASK[i].load(Ordering::Acquire);
+        if FLAGS[i].load(Ordering::Acquire) & libc::SA_NODEFER == 0 {
+            want |= 1 << (i - 1);
+        }
+        let qs_sig = qs::signal();
+        if qs_sig > 0 {
+            want |= 1 << (qs_sig - 1);
+        }
+        // SAFETY: a zeroed sigset_t is filled by set_bits; setting this thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            set_bits(&mut set, want);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        }
+    }
     if is_function(h) {
         // SAFETY: `h` is the program's handler. Called with three arguments whatever
         // its kind: on x86-64 a one-argument handler ignores the other two.
@@ -338,12 +371,20 @@ mod tests {
     static SEEN_SIG: AtomicI32 = AtomicI32::new(0);
     static SEEN_NEST: AtomicU64 = AtomicU64::new(u64::MAX);
     static SEEN_NESTING: AtomicU32 = AtomicU32::new(u32::MAX);
+    static SEEN_MASK: AtomicU64 = AtomicU64::new(0);
 
     extern "C" fn program_handler(sig: c_int) {
         SEEN_SIG.store(sig, Ordering::SeqCst);
         SEEN_NEST.store(block::NEST.with(|n| n.get()), Ordering::SeqCst);
         let nesting = block::current().map_or(u32::MAX, |h| h.nesting.load(Ordering::SeqCst));
         SEEN_NESTING.store(nesting, Ordering::SeqCst);
+        // SAFETY: querying this thread's mask into a valid set.
+        let mask = unsafe {
+            let mut cur: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
+            bits_of(&cur)
+        };
+        SEEN_MASK.store(mask, Ordering::SeqCst);
     }
 
     fn query_real(sig: c_int) -> libc::sigaction {
@@ -366,6 +407,7 @@ mod tests {
             a.sa_sigaction = program_handler as *const () as usize;
             a.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut a.sa_mask);
+            libc::sigaddset(&mut a.sa_mask, libc::SIGWINCH);
             assert_eq!(libc::sigaction(sig, &a, std::ptr::null_mut()), 0);
             // The kernel runs the wrapper; the program sees its own action.
             assert_eq!(query_real(sig).sa_sigaction, wrapper as *const () as usize);
@@ -374,10 +416,24 @@ mod tests {
             assert_eq!(libc::sigaction(sig, std::ptr::null(), &mut seen), 0);
             assert_eq!(seen.sa_sigaction, program_handler as *const () as usize);
             assert_eq!(seen.sa_flags, libc::SA_RESTART);
+            assert_eq!(bits_of(&seen.sa_mask), 1 << (libc::SIGWINCH - 1));
+            // The kernel blocks everything while the wrapper decides.
+            assert_eq!(
+                libc::sigismember(&query_real(sig).sa_mask, libc::SIGUSR1),
+                1
+            );
             // Delivered through the wrapper, outside any trampoline: no depth raised.
             assert_eq!(libc::raise(sig), 0);
             assert_eq!(SEEN_SIG.load(Ordering::SeqCst), sig);
             assert_eq!(SEEN_NEST.load(Ordering::SeqCst), 0);
+            // The handler runs with the mask the program asked for (+ the QS signal).
+            let m = SEEN_MASK.load(Ordering::SeqCst);
+            assert_ne!(m & (1 << (sig - 1)), 0, "the signal itself: {m:#x}");
+            assert_ne!(m & (1 << (libc::SIGWINCH - 1)), 0, "its sa_mask: {m:#x}");
+            assert_eq!(m & (1 << (libc::SIGUSR1 - 1)), 0, "nothing else: {m:#x}");
+            if qs::signal() > 0 {
+                assert_ne!(m & (1 << (qs::signal() - 1)), 0, "the QS signal: {m:#x}");
+            }
 
             // An interrupted PC inside trampoline memory raises NEST and the block's
             // nesting for the handler's duration, and restores both after.
