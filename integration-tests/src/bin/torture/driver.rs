@@ -99,6 +99,10 @@ pub struct Report {
     pub worst_pending_gp: Duration,
     pub calls: u64,
     pub bad_args: u64,
+    /// Program signal handler runs in the target, and those that interrupted
+    /// trampoline code (the agent's `sigwrap` counter).
+    pub program_signals: u64,
+    pub signals_over_trampolines: u64,
     pub errors: u64,
     pub error_messages: Vec<String>,
     /// The final checks ran (the target survived to the end).
@@ -224,6 +228,10 @@ impl Report {
             ms(self.worst_pending_gp)
         );
         println!("  traced-function calls made      {}", self.calls);
+        println!(
+            "  program signal handlers run     {} ({} over trampoline code)",
+            self.program_signals, self.signals_over_trampolines
+        );
         println!("  errors                          {}", self.errors);
         for m in &self.error_messages {
             println!("    - {m}");
@@ -265,6 +273,8 @@ impl Report {
             "worst_pending_gp_ms": self.worst_pending_gp.as_millis() as u64,
             "calls": self.calls,
             "bad_args": self.bad_args,
+            "program_signals": self.program_signals,
+            "signals_over_trampolines": self.signals_over_trampolines,
             "errors": self.errors,
             "error_messages": self.error_messages,
             "finished": self.finished,
@@ -1119,6 +1129,11 @@ async fn finish(sh: &Shared, c: &mut Control) -> anyhow::Result<()> {
     r.calls = field("calls")?;
     r.bad_args = field("bad_args")?;
     r.premature_frees += field("poison")?;
+    r.program_signals = field("signals")?;
+    r.signals_over_trampolines = field("signals_inside")?;
+    if r.program_signals == 0 {
+        r.error("the target's SIGUSR1 handler never ran".to_string());
+    }
     r.finished = true;
     Ok(())
 }
