@@ -31,10 +31,11 @@
 //! periods (reported as a stall) instead of risking a premature free.
 //!
 //! Everything here that runs in a signal handler ([`wrapper`]) is async-signal-safe; the
-//! interposed functions are too (a spin lock taken with every signal blocked).
+//! interposed functions are too (a spin lock taken with every signal blocked, which a
+//! forked child takes over from a parent thread that held it).
 
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::{block, dispatch, qs, trap};
 
@@ -45,7 +46,9 @@ static HANDLER: [AtomicUsize; NSIG] = [const { AtomicUsize::new(0) }; NSIG];
 /// The program's `sa_flags` and `sa_mask` (bit `s - 1` for signal `s`) per signal.
 static FLAGS: [AtomicI32; NSIG] = [const { AtomicI32::new(0) }; NSIG];
 static MASK: [AtomicU64; NSIG] = [const { AtomicU64::new(0) }; NSIG];
-static LOCK: AtomicBool = AtomicBool::new(false);
+/// The interposition's lock: 0 when free, else `pid << 32 | tid` of the holder (so a
+/// child forked while a parent thread held it can take it over).
+static LOCK: AtomicU64 = AtomicU64::new(0);
 /// libc's `sigaction` (resolved with `dlsym(RTLD_NEXT)`), 0 until resolved.
 static REAL: AtomicUsize = AtomicUsize::new(0);
 /// Program handler runs that interrupted trampoline code (tests read it).
@@ -116,18 +119,32 @@ fn lock() -> Locked {
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
         old
     };
-    while LOCK
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        std::hint::spin_loop();
+    // SAFETY: getpid and gettid have no preconditions.
+    let pid = unsafe { libc::getpid() } as u64;
+    let me = (pid << 32) | dispatch::tid() as u64;
+    loop {
+        match LOCK.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => break,
+            // Held by a thread of the parent process when it forked: that thread does
+            // not exist here, so the lock is free for the child.
+            Err(held)
+                if held != 0
+                    && held >> 32 != pid
+                    && LOCK
+                        .compare_exchange(held, me, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok() =>
+            {
+                break;
+            }
+            Err(_) => std::hint::spin_loop(),
+        }
     }
     Locked(old)
 }
 
 impl Drop for Locked {
     fn drop(&mut self) {
-        LOCK.store(false, Ordering::Release);
+        LOCK.store(0, Ordering::Release);
         // SAFETY: restoring the mask saved by `lock`.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
     }
@@ -453,6 +470,11 @@ mod tests {
             let prev = signal(sig, libc::SIG_DFL);
             assert_eq!(prev, program_handler as *const () as usize);
             assert_eq!(query_real(sig).sa_sigaction, libc::SIG_DFL);
+            // A lock left held by a thread of a parent process (fork) is taken over.
+            let other = ((libc::getpid() as u64 + 1) << 32) | 4242;
+            LOCK.store(other, Ordering::SeqCst);
+            assert_eq!(libc::sigaction(sig, std::ptr::null(), &mut seen), 0);
+            assert_eq!(LOCK.load(Ordering::SeqCst), 0);
             // SIGTRAP and SIGKILL pass through untouched (SIGKILL: EINVAL).
             assert_eq!(libc::sigaction(libc::SIGKILL, &a, std::ptr::null_mut()), -1);
         }
