@@ -13,8 +13,8 @@
 //! So the agent interposes `sigaction` (and the `signal` family built on it): a program
 //! handler is installed behind [`wrapper`] with *every* signal in the kernel's mask, so
 //! nothing can interrupt the wrapper before it has decided. The wrapper looks at the
-//! interrupted PC; when it is inside trampoline code it raises the thread's dispatch
-//! depth (`NEST`, and `nesting`/`seq` in the thread's block, which the probe reads) for
+//! interrupted PC; when it is inside trampoline code, or the thread is inside a
+//! dispatch (`NEST` > 0), it raises the thread's dispatch depth (`NEST`, and `nesting`/`seq` in the thread's block, which the probe reads) for
 //! the duration of the handler, so no source stamps the thread meanwhile. Then it sets
 //! the mask the program asked for (the interrupted mask + its `sa_mask` + the signal
 //! unless `SA_NODEFER`) plus the agent's quiescent-state signal (kept pending until the
@@ -268,7 +268,12 @@ extern "C" fn wrapper(sig: c_int, info: *mut libc::siginfo_t, uctx: *mut c_void)
     // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
     let uc = unsafe { &*uctx.cast::<libc::ucontext_t>() };
     let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
-    let raised = inside(pc).then(raise);
+    // Inside trampoline code, or inside a dispatch (NEST > 0): between the entry stub's
+    // NEST increment and the dispatcher's `nesting` increment, a thread whose handler
+    // blocks in a system call would look quiescent to the probe (it reads `nesting`;
+    // the dispatcher itself makes no system call there). The torture caught exactly
+    // that: a dispatch resumed on a descriptor freed while its handler slept.
+    let raised = (inside(pc) || block::nest_fast() > 0).then(raise);
     if i < NSIG {
         // Every signal is blocked so far: now the mask the program asked for, plus the
         // agent's signal (pending until the handler returns).
@@ -465,6 +470,20 @@ mod tests {
             assert_eq!(SEEN_NESTING.load(Ordering::SeqCst), n0 + 1);
             assert_eq!(block::NEST.with(|n| n.get()), 0);
             assert_eq!(h.nesting.load(Ordering::SeqCst), n0);
+
+            // Outside trampoline code but inside a dispatch (NEST > 0, the dispatcher
+            // not yet at its `nesting` increment): raised too.
+            uc.uc_mcontext.gregs[libc::REG_RIP as usize] = 0x3800;
+            block::NEST.with(|n| n.set(1));
+            wrapper(sig, std::ptr::null_mut(), (&raw mut uc).cast());
+            assert_eq!(SEEN_NEST.load(Ordering::SeqCst), 2);
+            assert_eq!(SEEN_NESTING.load(Ordering::SeqCst), n0 + 1);
+            block::NEST.with(|n| n.set(0));
+            assert_eq!(h.nesting.load(Ordering::SeqCst), n0);
+            // Neither: nothing raised.
+            wrapper(sig, std::ptr::null_mut(), (&raw mut uc).cast());
+            assert_eq!(SEEN_NEST.load(Ordering::SeqCst), 0);
+            assert_eq!(SEEN_NESTING.load(Ordering::SeqCst), n0);
 
             // signal() reports the previous handler and restores the default.
             let prev = signal(sig, libc::SIG_DFL);
