@@ -51,7 +51,8 @@ static MASK: [AtomicU64; NSIG] = [const { AtomicU64::new(0) }; NSIG];
 static LOCK: AtomicU64 = AtomicU64::new(0);
 /// libc's `sigaction` (resolved with `dlsym(RTLD_NEXT)`), 0 until resolved.
 static REAL: AtomicUsize = AtomicUsize::new(0);
-/// Program handler runs that interrupted trampoline code (tests read it).
+/// Program handler runs that interrupted trampoline code or a dispatch (the torture
+/// reports it).
 pub static INSIDE_RUNS: AtomicU64 = AtomicU64::new(0);
 
 type SigactionFn =

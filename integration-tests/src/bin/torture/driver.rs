@@ -100,7 +100,7 @@ pub struct Report {
     pub calls: u64,
     pub bad_args: u64,
     /// Program signal handler runs in the target, and those that interrupted
-    /// trampoline code (the agent's `sigwrap` counter).
+    /// trampoline code or a dispatch (the agent's `sigwrap` counter).
     pub program_signals: u64,
     pub signals_over_trampolines: u64,
     pub errors: u64,
@@ -229,7 +229,7 @@ impl Report {
         );
         println!("  traced-function calls made      {}", self.calls);
         println!(
-            "  program signal handlers run     {} ({} over trampoline code)",
+            "  program signal handlers run     {} ({} over trampoline code or a dispatch)",
             self.program_signals, self.signals_over_trampolines
         );
         println!("  errors                          {}", self.errors);
