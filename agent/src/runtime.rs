@@ -123,6 +123,18 @@ pub struct Runtime {
     pub started: Instant,
 }
 
+/// Reports new `(tid, epoch)` quiescent stamps, if any, in one batch.
+fn push_quiescent(stamps: Vec<(u32, u64)>, out: &mut Vec<FromAgent>) {
+    if !stamps.is_empty() {
+        out.push(FromAgent::Quiescent(pb::QuiescentBatch {
+            reports: stamps
+                .into_iter()
+                .map(|(tid, epoch)| pb::Quiescent { tid, epoch })
+                .collect(),
+        }));
+    }
+}
+
 fn report(id: u64, r: pb::trampoline_report::Report) -> FromAgent {
     FromAgent::Trampoline(pb::TrampolineReport {
         trampoline_id: id,
@@ -605,14 +617,7 @@ impl Runtime {
             self.scan_and_report(out);
             let known = self.threads.known().clone();
             let stamps = self.observer.round(&known, epoch, true);
-            if !stamps.is_empty() {
-                out.push(FromAgent::Quiescent(pb::QuiescentBatch {
-                    reports: stamps
-                        .into_iter()
-                        .map(|(tid, epoch)| pb::Quiescent { tid, epoch })
-                        .collect(),
-                }));
-            }
+            push_quiescent(stamps, out);
             let holdouts: Vec<u32> = known
                 .iter()
                 .copied()
@@ -971,14 +976,7 @@ impl Runtime {
     fn observe(&mut self, out: &mut Vec<FromAgent>) {
         let need = self.need();
         let stamps = self.observer.round(self.threads.known(), need, need > 0);
-        if !stamps.is_empty() {
-            out.push(FromAgent::Quiescent(pb::QuiescentBatch {
-                reports: stamps
-                    .into_iter()
-                    .map(|(tid, epoch)| pb::Quiescent { tid, epoch })
-                    .collect(),
-            }));
-        }
+        push_quiescent(stamps, out);
         // Barriers every thread has passed are done.
         let min_seen = self
             .threads
