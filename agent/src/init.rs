@@ -1,7 +1,6 @@
 //! Starting the agent: the global runtime, the link thread, the constructor of the
 //! preloaded library, the final flush at exit, and fork.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -30,19 +29,6 @@ pub enum StartError {
 
 fn runtime() -> MutexGuard<'static, Option<Runtime>> {
     RUNTIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The socket of the server: `PATCHBAY_SOCKET`, else the default path.
-fn socket_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("PATCHBAY_SOCKET").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
-        Some(d) => PathBuf::from(d).join("patchbay"),
-        // SAFETY: getuid cannot fail.
-        None => PathBuf::from(format!("/tmp/patchbay-{}", unsafe { libc::getuid() })),
-    };
-    dir.join("patchbayd.sock")
 }
 
 /// Starts the agent (idempotent): prepares the per-thread machinery and starts the
@@ -90,7 +76,7 @@ fn start_inner() -> Result<(), StartError> {
 }
 
 fn spawn_link() -> Result<(), StartError> {
-    let socket = socket_path();
+    let socket = patchbay_proto::socket::default_socket_path();
     std::thread::Builder::new()
         .name("patchbay-agent".into())
         .spawn(move || {

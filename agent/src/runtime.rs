@@ -819,13 +819,8 @@ impl Runtime {
                     *lost.entry(r.tracer).or_insert(0) += 1;
                     return;
                 }
-                buf.extend_from_slice(&clock.to_ns(r.tsc).to_le_bytes());
-                buf.extend_from_slice(&r.site.to_le_bytes());
-                buf.extend_from_slice(&r.tid.to_le_bytes());
-                buf.extend_from_slice(&r.nargs.to_le_bytes());
-                for a in &r.args[..r.nargs as usize] {
-                    buf.extend_from_slice(&a.to_le_bytes());
-                }
+                let nargs = (r.nargs as usize).min(r.args.len());
+                pb::events::encode(buf, clock.to_ns(r.tsc), r.site, r.tid, &r.args[..nargs]);
                 *n += 1;
             });
             peak = peak.max(n);
@@ -894,25 +889,17 @@ impl Runtime {
             if n == 0 {
                 continue;
             }
-            // Split into batches on record boundaries.
-            let mut rest = &buf[..];
-            let mut left = n;
-            while left > 0 {
-                let take = (left as usize).min(EVENTS_PER_BATCH);
-                let mut len = 0;
-                for _ in 0..take {
-                    let nargs =
-                        u32::from_le_bytes(rest[len + 20..len + 24].try_into().expect("4 bytes"));
-                    len += 24 + 8 * nargs as usize;
-                }
+            // Split into batches on record boundaries (the records were written by
+            // `encode` just above: they always cut).
+            for (data, record_count) in
+                pb::events::Batches::new(&buf, n, EVENTS_PER_BATCH as u32).flatten()
+            {
                 out.push(FromAgent::Events(pb::EventBatch {
                     tracer_id: tracer,
-                    data: rest[..len].to_vec(),
-                    record_count: take as u32,
+                    data: data.to_vec(),
+                    record_count,
                     dropped,
                 }));
-                rest = &rest[len..];
-                left -= take as u32;
             }
         }
     }

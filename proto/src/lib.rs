@@ -6,6 +6,9 @@
 
 tonic::include_proto!("patchbay.v1");
 
+pub mod events;
+pub mod socket;
+
 /// Version of the Agent and Control protocols. An agent's `Hello.protocol_version` and a
 /// client's `x-patchbay-protocol` metadata must equal it.
 pub const PROTOCOL_VERSION: u32 = 1;

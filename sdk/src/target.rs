@@ -1,6 +1,5 @@
 //! Where `patchbayd` listens: parsing of server addresses and the default socket path.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -8,7 +7,7 @@ use std::str::FromStr;
 use crate::error::Error;
 
 /// Environment variable naming the server socket (shared with `patchbayd`).
-pub const SOCKET_ENV: &str = "PATCHBAY_SOCKET";
+pub use patchbay_proto::socket::SOCKET_ENV;
 
 /// A parsed server address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,34 +100,9 @@ impl fmt::Display for ServerTarget {
 }
 
 /// The socket `patchbayd` listens on by default: `$PATCHBAY_SOCKET` if set, else
-/// `$XDG_RUNTIME_DIR/patchbay/patchbayd.sock`, else `/tmp/patchbay-$UID/patchbayd.sock`.
-pub fn default_socket_path() -> PathBuf {
-    socket_path_from(
-        std::env::var_os(SOCKET_ENV),
-        std::env::var_os("XDG_RUNTIME_DIR"),
-        current_uid,
-    )
-}
-
-/// The default-path rule over explicit inputs (empty variables count as unset).
-fn socket_path_from(
-    socket_env: Option<OsString>,
-    runtime_dir: Option<OsString>,
-    uid: impl FnOnce() -> Option<u32>,
-) -> PathBuf {
-    let non_empty = |v: Option<OsString>| v.filter(|v| !v.is_empty());
-    if let Some(path) = non_empty(socket_env) {
-        return PathBuf::from(path);
-    }
-    if let Some(dir) = non_empty(runtime_dir) {
-        return PathBuf::from(dir).join("patchbay").join("patchbayd.sock");
-    }
-    let dir = match uid() {
-        Some(uid) => format!("/tmp/patchbay-{uid}"),
-        None => "/tmp/patchbay".to_owned(),
-    };
-    PathBuf::from(dir).join("patchbayd.sock")
-}
+/// `$XDG_RUNTIME_DIR/patchbay/patchbayd.sock`, else `/tmp/patchbay-$UID/patchbayd.sock`
+/// (the one rule, shared with the server and the agent).
+pub use patchbay_proto::socket::default_socket_path;
 
 /// The real uid of this process, read from `/proc/self/status` (falling back to the owner
 /// of `/proc/self`); `None` when `/proc` is not mounted.
@@ -241,36 +215,6 @@ mod tests {
             "http://h:1"
         );
         assert_eq!("/x".parse::<ServerTarget>().unwrap(), unix("/x"));
-    }
-
-    #[test]
-    fn default_path_prefers_env_then_runtime_dir_then_tmp() {
-        let os = |s: &str| Some(OsString::from(s));
-        let no_uid = || -> Option<u32> { panic!("uid must not be needed") };
-        assert_eq!(
-            socket_path_from(os("/custom.sock"), os("/run/user/1000"), no_uid),
-            PathBuf::from("/custom.sock")
-        );
-        assert_eq!(
-            socket_path_from(None, os("/run/user/1000"), no_uid),
-            PathBuf::from("/run/user/1000/patchbay/patchbayd.sock")
-        );
-        assert_eq!(
-            socket_path_from(os(""), os("/run/user/7"), no_uid),
-            PathBuf::from("/run/user/7/patchbay/patchbayd.sock")
-        );
-        assert_eq!(
-            socket_path_from(None, None, || Some(1000)),
-            PathBuf::from("/tmp/patchbay-1000/patchbayd.sock")
-        );
-        assert_eq!(
-            socket_path_from(os(""), os(""), || Some(0)),
-            PathBuf::from("/tmp/patchbay-0/patchbayd.sock")
-        );
-        assert_eq!(
-            socket_path_from(None, None, || None),
-            PathBuf::from("/tmp/patchbay/patchbayd.sock")
-        );
     }
 
     #[test]

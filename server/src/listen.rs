@@ -3,22 +3,11 @@
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
 
-/// The default socket: `$PATCHBAY_SOCKET`, else `$XDG_RUNTIME_DIR/patchbay/patchbayd.sock`,
-/// else `/tmp/patchbay-$UID/patchbayd.sock`.
-pub fn default_socket_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("PATCHBAY_SOCKET").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
-        Some(d) => PathBuf::from(d).join("patchbay"),
-        None => PathBuf::from(format!("/tmp/patchbay-{}", nix::unistd::getuid())),
-    };
-    dir.join("patchbayd.sock")
-}
+pub use patchbay_proto::socket::default_socket_path;
 
 /// Creates the socket's directory 0700 if it does not exist; refuses a directory
 /// that other users can write to or that we do not own.

@@ -951,7 +951,8 @@ impl Registry {
             return Ok(());
         }
         let a = self.agent_mut(id)?;
-        let events = decode_events(&batch.data, batch.record_count)?;
+        let events = pb::events::decode(&batch.data, batch.record_count)
+            .map_err(|e| CoreError::Invalid(e.to_string()))?;
         let prev = a.dropped.entry(batch.tracer_id).or_insert(0);
         *prev = (*prev).max(batch.dropped);
         let view = pb::EventBatchView {
@@ -2455,50 +2456,6 @@ impl Registry {
             .map(|a| (a.id, a.hello.pid, a.hello.start_time))
             .collect()
     }
-}
-
-/// Decodes the packed records of an `EventBatch` (format documented in agent.proto).
-pub fn decode_events(data: &[u8], count: u32) -> Result<Vec<pb::Event>, CoreError> {
-    let mut out = Vec::with_capacity(count.min(1 << 16) as usize);
-    let mut rest = data;
-    let take = |rest: &mut &[u8], n: usize| -> Result<u64, CoreError> {
-        if rest.len() < n {
-            return Err(CoreError::Invalid("event batch truncated".into()));
-        }
-        let mut b = [0u8; 8];
-        b[..n].copy_from_slice(&rest[..n]);
-        *rest = &rest[n..];
-        Ok(u64::from_le_bytes(b))
-    };
-    for _ in 0..count {
-        let timestamp_ns = take(&mut rest, 8)?;
-        let address = take(&mut rest, 8)?;
-        let tid = take(&mut rest, 4)? as u32;
-        let n = take(&mut rest, 4)?;
-        if n > 6 {
-            return Err(CoreError::Invalid(format!(
-                "event with {n} arguments (at most 6)"
-            )));
-        }
-        let mut args = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            args.push(take(&mut rest, 8)?);
-        }
-        out.push(pb::Event {
-            timestamp_ns,
-            tid,
-            address,
-            function: String::new(),
-            args,
-        });
-    }
-    if !rest.is_empty() {
-        return Err(CoreError::Invalid(format!(
-            "event batch has {} bytes after its {count} records",
-            rest.len()
-        )));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// The socket file of the embedded server, inside its private directory.
-const SOCKET_FILE: &str = "patchbayd.sock";
+use patchbay_proto::socket::SOCKET_FILE;
 
 /// A connected server, and the embedded one to shut down if this process runs it.
 pub struct Connection {
