@@ -3,6 +3,8 @@
 //! the embedded server's private directory, and a whole run against a scripted server
 //! whose "agent" is the program writing its pid to a file.
 
+// The scripted Control server shared with the SDK's own tests.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::os::unix::fs::DirBuilderExt;
