@@ -137,9 +137,10 @@ impl Tracer {
         Ok(self.client.inner().counts(request).await?.into_inner())
     }
 
-    /// The event batches of a `trace` or `custom` tracer, as agents report them. Once this
-    /// returns, the server has subscribed the stream: every batch reported from then on is
-    /// delivered. The stream ends when the server ends it (for example after a detach).
+    /// The event batches of a `trace` tracer, as agents report them. Once this returns,
+    /// the server has subscribed the stream: batches reported from then on are delivered
+    /// (a reader that falls far behind skips some; the server logs it). The stream ends
+    /// when the server ends it (for example after a detach).
     pub async fn events(&self) -> Result<EventStream> {
         let request = WatchEventsRequest {
             tracer_id: self.id.get(),

@@ -12,7 +12,7 @@ use crate::output::Output;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Id of a `trace` or `custom` tracer (see `patchbay tracers`)
+    /// Id of a `trace` tracer (see `patchbay tracers`)
     #[arg(value_name = "TRACER")]
     pub tracer: u64,
 }
