@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::bins;
+use crate::server::Control;
 
 /// Default time to wait for a line.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -201,10 +202,70 @@ impl ScriptAgent {
         }
     }
 
-    /// Asserts that no unconsumed line starts with `prefix` (without waiting).
-    pub fn assert_no_line(&mut self, prefix: &str) {
+    /// Negative check: asserts that no unconsumed line starts with `prefix`, after a sync
+    /// point ([`ScriptAgent::sync`]) so that every message the server sent this agent
+    /// before it has been printed (a forbidden message still in flight fails the check).
+    pub async fn assert_no_line(&mut self, c: &mut Control, prefix: &str) {
+        self.assert_no_lines(c, &[prefix]).await;
+    }
+
+    /// [`ScriptAgent::assert_no_line`] for several prefixes, after one sync point.
+    pub async fn assert_no_lines(&mut self, c: &mut Control, prefixes: &[&str]) {
+        self.sync(c).await;
+        self.check_no_line(prefixes);
+    }
+
+    /// Negative check for an agent without a session (the server refused its Hello or
+    /// ended the stream: an `error ...` or `closed` line, or it was told to `disconnect`):
+    /// no server message can reach it. A stdin round trip (`epoch`) makes sure its loop
+    /// printed every line it had, then no unconsumed line may start with `prefix`.
+    pub async fn assert_no_line_without_session(&mut self, prefix: &str) {
         self.drain();
-        if let Some(l) = self.pending.iter().find(|l| l.starts_with(prefix)) {
+        if !self.session_ended() {
+            panic!(
+                "script-agent {}: its session has not ended, a negative check needs a sync \
+                 point (assert_no_line)\n{}",
+                self.pid,
+                self.report()
+            );
+        }
+        self.cmd("epoch").await;
+        self.check_no_line(&[prefix]);
+    }
+
+    /// A sync point: a round trip through the server that this agent answers after every
+    /// message the server queued for it before (a `ListFunctions` of a pattern no fake
+    /// function matches; the server sends messages to an agent in order on one stream).
+    /// Every effect on this agent of the requests answered before has been printed when it
+    /// returns.
+    pub async fn sync(&mut self, c: &mut Control) {
+        crate::ops::sync_point(c, self).await;
+    }
+
+    /// Whether the last line about the session says it ended.
+    fn session_ended(&self) -> bool {
+        self.seen
+            .iter()
+            .rev()
+            .find_map(|l| {
+                if l.starts_with("welcome ") || l == "ok reconnect" {
+                    Some(false)
+                } else if l.starts_with("error ") || l == "closed" || l == "ok disconnect" {
+                    Some(true)
+                } else {
+                    None
+                }
+            })
+            .unwrap_or(false)
+    }
+
+    fn check_no_line(&mut self, prefixes: &[&str]) {
+        self.drain();
+        let found = self
+            .pending
+            .iter()
+            .find(|l| prefixes.iter().any(|p| l.starts_with(p)));
+        if let Some(l) = found {
             panic!(
                 "script-agent {} printed unexpected {l:?}\n{}",
                 self.pid,

@@ -46,7 +46,7 @@ fn build_once() -> &'static Result<(), String> {
                 "-p",
                 "patchbay-server",
                 "-p",
-                "patchbay-sdk",
+                "patchbay-cli",
                 "-p",
                 "integration-tests",
                 "-p",
@@ -90,7 +90,7 @@ pub fn bin(name: &str) -> PathBuf {
         return path;
     }
     panic!(
-        "binary {name} not found at {} even after `cargo build -p patchbay-server -p patchbay-sdk -p integration-tests -p patchbay-agent --bins --lib`",
+        "binary {name} not found at {} even after `cargo build -p patchbay-server -p patchbay-cli -p integration-tests -p patchbay-agent --bins --lib`",
         path.display()
     );
 }

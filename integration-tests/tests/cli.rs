@@ -145,7 +145,9 @@ async fn attach_detach_and_grace_period_through_the_cli() {
     let out = server.cli(&["gp"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("100002"), "{text}");
-    agent.assert_no_line("authorize ");
+    agent
+        .assert_no_line(&mut server.control().await, "authorize ")
+        .await;
 
     agent.cmd("qs 100002").await;
     agent
@@ -355,8 +357,7 @@ async fn cli_errors_exit_non_zero_and_change_nothing() {
     let out = server.cli(&["attach", "--count", "foo"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("install ");
+    agent.assert_no_line(&mut c, "install ").await;
     assert_eq!(snapshot(&mut c).await, before);
 }
 

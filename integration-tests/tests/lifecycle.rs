@@ -153,8 +153,9 @@ async fn attach_goes_live() {
     let a = agents(&mut c).await;
     assert_eq!(a[0].trampolines, 1, "{a:?}");
     // Nothing was retired or authorized.
-    agent.assert_no_line("remove ");
-    agent.assert_no_line("authorize ");
+    agent
+        .assert_no_lines(&mut c, &["remove ", "authorize "])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,13 +199,11 @@ async fn detach_retires_and_frees_only_after_every_thread_reported() {
     wait_holdouts(&mut c, tramp, &[100003]).await;
     // A report stamped before the retirement epoch proves nothing.
     agent.cmd("qs 100003 0").await;
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
     wait_holdouts(&mut c, tramp, &[100003]).await;
     // Neither does a report for a thread the retirement does not list.
     agent.cmd("qs 100099").await;
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
 
     agent.cmd("qs 100003").await;
     agent
@@ -231,8 +230,7 @@ async fn detach_retires_and_frees_only_after_every_thread_reported() {
     })
     .await;
     // Authorized exactly once.
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +287,7 @@ async fn detach_wait_deadline_leaves_grace_period_running() {
     );
     // The detach happened; the grace period continues.
     wait_holdouts(&mut c, tramp, &[100001, 100002, 100003]).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
     agent.cmd("qs-all").await;
     agent
         .expect_line(&format!("authorize tramp={tramp}"), T)
@@ -310,8 +308,7 @@ async fn thread_exit_releases() {
     agent.cmd("qs 100001").await;
     agent.cmd("exit 100002").await;
     wait_holdouts(&mut c, tramp, &[100003]).await;
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
     agent.cmd("exit 100003").await;
     agent
         .expect_line(&format!("authorize tramp={tramp}"), T)
@@ -344,8 +341,7 @@ async fn threads_born_before_retirement_are_waited_for_and_after_are_not() {
     agent.cmd("born 100088").await;
     agent.cmd("qs 100001").await;
     wait_holdouts(&mut c, tramp, &[100077]).await;
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
     agent.cmd("qs 100077").await;
     agent
         .expect_line(&format!("authorize tramp={tramp}"), T)
@@ -402,8 +398,7 @@ async fn stalled_thread_holds_its_trampoline_and_shows_in_grace_periods() {
     // The stalled thread still holds the trampoline.
     let t = wait_holdouts(&mut c, tramp, &[100002]).await;
     assert_eq!(state(&t), TrampolineState::Retired);
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
 
     agent.cmd("qs 100002").await;
     agent
@@ -504,7 +499,7 @@ async fn disconnected_live_process_keeps_its_trampolines_and_resumes() {
         t.iter()
             .any(|t| t.trampoline_id == tramp2 && state(t) == TrampolineState::Retired)
     );
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line_without_session("authorize ").await;
 
     agent.send("reconnect");
     agent
@@ -521,8 +516,7 @@ async fn disconnected_live_process_keeps_its_trampolines_and_resumes() {
     agent.cmd("qs 100002").await;
     agent.cmd("qs 100003").await;
     wait_holdouts(&mut c, tramp2, &[100001]).await;
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
     agent.cmd("qs 100001").await;
     agent
         .expect_line(&format!("authorize tramp={tramp2}"), T)
@@ -598,8 +592,7 @@ async fn two_agents_have_independent_grace_periods() {
     a.cmd("qs-all").await;
     a.expect_line(&format!("authorize tramp={ta}"), T).await;
     wait_holdouts_in(&mut c, Some(b_id), tb, &[200001, 200002]).await;
-    sync_point(&mut c, &mut b).await;
-    b.assert_no_line("authorize ");
+    b.assert_no_line(&mut c, "authorize ").await;
     b.cmd("qs-all").await;
     b.expect_line(&format!("authorize tramp={tb}"), T).await;
     wait_no_trampolines(&mut c).await;
@@ -630,8 +623,7 @@ async fn targets_select_agents_now_and_later() {
     // A pid tracer touches that process only.
     attach(&mut c, spec_pid(a.pid(), "foo", CallbackKind::Count)).await;
     a.expect_line("install ", T).await;
-    sync_point(&mut c, &mut b).await;
-    b.assert_no_line("install ");
+    b.assert_no_line(&mut c, "install ").await;
 
     // An exe tracer: the matching agents now, and one that connects later.
     let (tracer, resp) = attach(
@@ -645,8 +637,7 @@ async fn targets_select_agents_now_and_later() {
     .await;
     assert_eq!(resp.results.len(), 1, "{resp:?}");
     b.expect_line("install ", T).await;
-    sync_point(&mut c, &mut a).await;
-    a.assert_no_line("install ");
+    a.assert_no_line(&mut c, "install ").await;
     // An exe tracer with no agent now is still created.
     let (_, resp) = attach(
         &mut c,
@@ -712,8 +703,7 @@ async fn agents_connecting_later_get_exe_and_all_tracers() {
     .await;
     let (_, tracers, _) = parse_install(&other.expect_line("install ", T).await);
     assert_eq!(tracers, vec![all_tracer.to_string()]);
-    sync_point(&mut c, &mut other).await;
-    other.assert_no_line("install ");
+    other.assert_no_line(&mut c, "install ").await;
     wait_for(STATE_TIMEOUT, "3 live trampolines", || {
         let mut c = c.clone();
         async move {
@@ -750,8 +740,7 @@ async fn threads_the_server_knows_are_waited_for_even_if_the_retirement_omits_th
     agent.cmd("qs 100001").await;
     agent.cmd("qs 100005").await;
     wait_holdouts(&mut c, tramp, &[100002]).await;
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
     agent.cmd("qs 100002").await;
     agent
         .expect_line(&format!("authorize tramp={tramp}"), T)
@@ -790,8 +779,7 @@ async fn same_tids_in_two_agents_are_different_threads() {
     a.expect_line(&format!("authorize tramp={ta}"), T).await;
     // B's threads 100001 and 100002 are not A's.
     wait_holdouts_in(&mut c, Some(b_id), tb, &[100001, 100002]).await;
-    sync_point(&mut c, &mut b).await;
-    b.assert_no_line("authorize ");
+    b.assert_no_line(&mut c, "authorize ").await;
     b.cmd("qs-all").await;
     b.expect_line(&format!("authorize tramp={tb}"), T).await;
     let _ = a_id;
@@ -825,8 +813,7 @@ async fn reports_stamped_before_the_retirement_epoch_do_not_count() {
         .expect_line(&format!("retired tramp={tramp} epoch=3 tids=100001"), T)
         .await;
     agent.cmd("qs 100001 2").await;
-    sync_point(&mut c, &mut agent).await;
-    agent.assert_no_line("authorize ");
+    agent.assert_no_line(&mut c, "authorize ").await;
     wait_holdouts(&mut c, tramp, &[100001]).await;
     agent.cmd("qs 100001 3").await;
     agent

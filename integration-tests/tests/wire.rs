@@ -316,9 +316,7 @@ async fn assert_unchanged(
     agent: &mut ScriptAgent,
     before: &Snapshot,
 ) {
-    sync_point(c, agent).await;
-    agent.assert_no_line("install ");
-    agent.assert_no_line("remove ");
+    agent.assert_no_lines(c, &["install ", "remove "]).await;
     assert_eq!(
         &snapshot(c).await,
         before,

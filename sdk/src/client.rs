@@ -1,40 +1,43 @@
 //! The typed async client of the Control service.
 
+use std::future::{Future, IntoFuture};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use patchbay_proto::control_client::ControlClient;
 use patchbay_proto::{
-    AgentInfo, AttachRequest, AttachResponse, CountsRequest, CountsResponse, DetachRequest,
-    DetachResponse, EventBatchView, GracePeriodInfo, GracePeriodsRequest, ListAgentsRequest,
+    AgentInfo, AttachRequest, GracePeriodInfo, GracePeriodsRequest, ListAgentsRequest,
     ListFunctionsRequest, ListFunctionsResponse, ListTracersRequest, ListTrampolinesRequest,
-    PROTOCOL_METADATA_KEY, PROTOCOL_VERSION, SynchronizeRequest, SynchronizeResponse, Tracer,
-    TracerSpec, TrampolineInfo, WatchEventsRequest,
+    PROTOCOL_METADATA_KEY, PROTOCOL_VERSION, SynchronizeRequest, SynchronizeResponse,
+    TrampolineInfo,
 };
-use tokio_stream::Stream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
+use crate::spec::TracerSpec;
 use crate::target::ServerTarget;
+use crate::tracer::{Tracer, TracerId};
+
+/// The future of a request builder (`Attach`, `Detach`, ...) once it is awaited.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
 
 /// How long establishing the connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Server-side defaults of the waiting calls (used when the caller passes no timeout).
 const ATTACH_DEFAULT_WAIT: Duration = Duration::from_secs(10);
-const DETACH_DEFAULT_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const DETACH_DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const SYNCHRONIZE_DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// Slack given to the server beyond its own bound before the client gives up.
 const DEADLINE_SLACK: Duration = Duration::from_secs(5);
 
 /// Adds the protocol version, and the bearer token if any, to every request.
 #[derive(Clone, Debug)]
-struct RequestMetadata {
+pub(crate) struct RequestMetadata {
     protocol: MetadataValue<Ascii>,
     authorization: Option<MetadataValue<Ascii>>,
 }
@@ -75,7 +78,7 @@ impl Interceptor for RequestMetadata {
     }
 }
 
-type Inner = ControlClient<InterceptedService<Channel, RequestMetadata>>;
+pub(crate) type Inner = ControlClient<InterceptedService<Channel, RequestMetadata>>;
 
 /// A connection to `patchbayd`'s Control service. Cloning is cheap and clones share the
 /// connection.
@@ -88,23 +91,136 @@ pub struct Client {
 impl Client {
     /// Connects to `target`: a Unix socket path (plain or `unix:PATH`) or `http://HOST:PORT`.
     pub async fn connect(target: &str) -> Result<Self> {
-        Self::connect_to(&ServerTarget::parse(target)?, None).await
+        Self::builder(ServerTarget::parse(target)?).connect().await
+    }
+
+    /// Connects to the default socket (see [`default_socket_path`](crate::default_socket_path)).
+    pub async fn connect_default() -> Result<Self> {
+        Self::builder(ServerTarget::default()).connect().await
     }
 
     /// Like [`Client::connect`], and sends `authorization: Bearer <token>` with every
     /// request (required by a TCP listener).
     pub async fn connect_with_token(target: &str, token: &str) -> Result<Self> {
-        Self::connect_to(&ServerTarget::parse(target)?, Some(token)).await
+        Self::builder(ServerTarget::parse(target)?)
+            .token(token)
+            .connect()
+            .await
     }
 
-    /// Connects to a parsed target, with an optional bearer token.
-    pub async fn connect_to(target: &ServerTarget, token: Option<&str>) -> Result<Self> {
-        let metadata = RequestMetadata::new(token)?;
+    /// A connection to a parsed target, with options.
+    pub fn builder(target: ServerTarget) -> ClientBuilder {
+        ClientBuilder {
+            target,
+            token: None,
+        }
+    }
+
+    /// The address this client is connected to.
+    pub fn target(&self) -> &ServerTarget {
+        &self.target
+    }
+
+    pub(crate) fn inner(&self) -> Inner {
+        self.inner.clone()
+    }
+
+    /// Connected (and recently disconnected) agents visible to this user.
+    pub async fn agents(&self) -> Result<Vec<AgentInfo>> {
+        let response = self.inner().list_agents(ListAgentsRequest {}).await?;
+        Ok(response.into_inner().agents)
+    }
+
+    /// The functions of process `pid` (all of them unless narrowed with
+    /// [`Functions::pattern`] and [`Functions::limit`]); `.await` it.
+    pub fn functions(&self, pid: u32) -> Functions {
+        Functions {
+            client: self.clone(),
+            request: ListFunctionsRequest {
+                pid,
+                pattern: String::new(),
+                limit: 0,
+            },
+        }
+    }
+
+    /// Creates a tracer and, once awaited, waits until it is live in every connected agent
+    /// it applies to (at most 10 s unless [`Attach::timeout`] says otherwise). Agents that
+    /// could not be attached are listed in [`Tracer::attach_response`]; the tracer stays.
+    pub fn attach(&self, spec: TracerSpec) -> Attach {
+        Attach {
+            client: self.clone(),
+            spec,
+            timeout: None,
+        }
+    }
+
+    /// A handle on the existing tracer `id`, for example one attached by another program.
+    /// Nothing is checked here: a tracer that does not exist makes every call fail with
+    /// [`Error::NotFound`].
+    pub fn tracer(&self, id: TracerId) -> Tracer {
+        Tracer::new(self.clone(), id, None)
+    }
+
+    /// Tracers visible to this user.
+    pub async fn tracers(&self) -> Result<Vec<patchbay_proto::Tracer>> {
+        let response = self.inner().list_tracers(ListTracersRequest {}).await?;
+        Ok(response.into_inner().tracers)
+    }
+
+    /// The trampolines the server knows (of every process unless narrowed with
+    /// [`Trampolines::pid`]); `.await` it.
+    pub fn trampolines(&self) -> Trampolines {
+        Trampolines {
+            client: self.clone(),
+            request: ListTrampolinesRequest {
+                pid: 0,
+                include_freed: false,
+            },
+        }
+    }
+
+    /// Grace periods in progress, with their holdout threads and stalls.
+    pub async fn grace_periods(&self) -> Result<Vec<GracePeriodInfo>> {
+        let response = self.inner().grace_periods(GracePeriodsRequest {}).await?;
+        Ok(response.into_inner().pending)
+    }
+
+    /// A grace period over every thread of every agent (the `synchronize_rcu_tasks()` of
+    /// patchbay); `.await` it. It waits at most 30 s unless [`Synchronize::timeout`] says
+    /// otherwise.
+    pub fn synchronize(&self) -> Synchronize {
+        Synchronize {
+            client: self.clone(),
+            timeout: None,
+        }
+    }
+}
+
+/// Options of a connection, from [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    target: ServerTarget,
+    token: Option<String>,
+}
+
+impl ClientBuilder {
+    /// Sends `authorization: Bearer <token>` with every request (required by a TCP
+    /// listener). Surrounding whitespace is ignored.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects (at most 5 s).
+    pub async fn connect(self) -> Result<Client> {
+        let target = self.target;
+        let metadata = RequestMetadata::new(self.token.as_deref())?;
         let connect_error = |source| Error::Connect {
             target: target.to_string(),
             source,
         };
-        let channel = match target {
+        let channel = match &target {
             ServerTarget::Unix(path) => {
                 let path: PathBuf = path.clone();
                 Endpoint::from_static("http://[::]:50051")
@@ -133,146 +249,159 @@ impl Client {
         Ok(Client {
             inner: ControlClient::with_interceptor(channel, metadata)
                 .max_decoding_message_size(256 << 20),
-            target: target.clone(),
+            target,
         })
     }
+}
 
-    /// The address this client is connected to.
-    pub fn target(&self) -> &ServerTarget {
-        &self.target
+/// A pending attach, from [`Client::attach`]; `.await` it to send it.
+#[derive(Debug)]
+#[must_use = "an attach does nothing until it is awaited"]
+pub struct Attach {
+    client: Client,
+    spec: TracerSpec,
+    timeout: Option<Duration>,
+}
+
+impl Attach {
+    /// Waits at most `timeout` for the connected agents to go live (default: the server's,
+    /// 10 s). An agent that is not live by then is reported in the answer.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+impl IntoFuture for Attach {
+    type Output = Result<Tracer>;
+    type IntoFuture = BoxFuture<Tracer>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let request = AttachRequest {
+                spec: Some(self.spec.into()),
+                timeout_ms: timeout_ms(self.timeout),
+            };
+            let wire_ms = request.timeout_ms;
+            let request = with_deadline(request, wire_ms, ATTACH_DEFAULT_WAIT);
+            let response = self.client.inner().attach(request).await?.into_inner();
+            let id = response
+                .tracer
+                .as_ref()
+                .map(|t| TracerId::new(t.tracer_id))
+                .ok_or_else(|| {
+                    Error::UnexpectedResponse("the attach answer names no tracer".to_owned())
+                })?;
+            Ok(Tracer::new(self.client, id, Some(response)))
+        })
+    }
+}
+
+/// A pending listing of a process's functions, from [`Client::functions`]; `.await` it.
+#[derive(Debug)]
+#[must_use = "a listing does nothing until it is awaited"]
+pub struct Functions {
+    client: Client,
+    request: ListFunctionsRequest,
+}
+
+impl Functions {
+    /// Only the functions whose demangled name matches the glob `pattern`.
+    pub fn pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.request.pattern = pattern.into();
+        self
     }
 
-    /// Connected (and recently disconnected) agents visible to this user.
-    pub async fn list_agents(&self) -> Result<Vec<AgentInfo>> {
-        let response = self.inner.clone().list_agents(ListAgentsRequest {}).await?;
-        Ok(response.into_inner().agents)
+    /// At most `limit` functions (`total` in the answer still counts every match).
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.request.limit = limit;
+        self
+    }
+}
+
+impl IntoFuture for Functions {
+    type Output = Result<ListFunctionsResponse>;
+    type IntoFuture = BoxFuture<ListFunctionsResponse>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let response = self.client.inner().list_functions(self.request).await?;
+            Ok(response.into_inner())
+        })
+    }
+}
+
+/// A pending listing of trampolines, from [`Client::trampolines`]; `.await` it.
+#[derive(Debug)]
+#[must_use = "a listing does nothing until it is awaited"]
+pub struct Trampolines {
+    client: Client,
+    request: ListTrampolinesRequest,
+}
+
+impl Trampolines {
+    /// Only the trampolines of process `pid`.
+    pub fn pid(mut self, pid: u32) -> Self {
+        self.request.pid = pid;
+        self
     }
 
-    /// Functions of process `pid` whose demangled name matches the glob `pattern` (empty:
-    /// all), at most `limit` of them (`None`: no limit). `total` in the answer counts the
-    /// matches before the limit.
-    pub async fn list_functions(
-        &self,
-        pid: u32,
-        pattern: &str,
-        limit: Option<u32>,
-    ) -> Result<ListFunctionsResponse> {
-        let request = ListFunctionsRequest {
-            pid,
-            pattern: pattern.to_owned(),
-            limit: limit.unwrap_or(0),
-        };
-        Ok(self
-            .inner
-            .clone()
-            .list_functions(request)
-            .await?
-            .into_inner())
+    /// Also the freed trampolines the server still remembers.
+    pub fn include_freed(mut self) -> Self {
+        self.request.include_freed = true;
+        self
     }
+}
 
-    /// Creates a tracer and waits until it is live in every connected target agent, at most
-    /// `timeout` (`None`: the server's default, 10 s).
-    pub async fn attach(
-        &self,
-        spec: impl Into<TracerSpec>,
-        timeout: Option<Duration>,
-    ) -> Result<AttachResponse> {
-        let request = AttachRequest {
-            spec: Some(spec.into()),
-            timeout_ms: timeout_ms(timeout),
-        };
-        let wire_ms = request.timeout_ms;
-        let request = with_deadline(request, wire_ms, ATTACH_DEFAULT_WAIT);
-        Ok(self.inner.clone().attach(request).await?.into_inner())
+impl IntoFuture for Trampolines {
+    type Output = Result<Vec<TrampolineInfo>>;
+    type IntoFuture = BoxFuture<Vec<TrampolineInfo>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let response = self.client.inner().list_trampolines(self.request).await?;
+            Ok(response.into_inner().trampolines)
+        })
     }
+}
 
-    /// Removes a tracer. With `wait`, answers only once every trampoline it retired is
-    /// authorized for freeing, or fails with [`Error::DeadlineExceeded`] after `timeout`
-    /// (`None`: the server's default, 30 s); the grace period then continues.
-    pub async fn detach(
-        &self,
-        tracer: u64,
-        wait: bool,
-        timeout: Option<Duration>,
-    ) -> Result<DetachResponse> {
-        let request = DetachRequest {
-            tracer_id: tracer,
-            wait,
-            timeout_ms: timeout_ms(timeout),
-        };
-        let wire_ms = request.timeout_ms;
-        let request = with_deadline(request, wire_ms, DETACH_DEFAULT_WAIT);
-        Ok(self.inner.clone().detach(request).await?.into_inner())
+/// A pending grace period over every thread of every agent, from
+/// [`Client::synchronize`]; `.await` it.
+#[derive(Debug)]
+#[must_use = "a synchronize does nothing until it is awaited"]
+pub struct Synchronize {
+    client: Client,
+    timeout: Option<Duration>,
+}
+
+impl Synchronize {
+    /// Gives up after `timeout` (default: the server's, 30 s) with
+    /// [`Error::DeadlineExceeded`] naming the threads still waited for.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
+}
 
-    /// Tracers visible to this user.
-    pub async fn list_tracers(&self) -> Result<Vec<Tracer>> {
-        let response = self
-            .inner
-            .clone()
-            .list_tracers(ListTracersRequest {})
-            .await?;
-        Ok(response.into_inner().tracers)
-    }
+impl IntoFuture for Synchronize {
+    type Output = Result<SynchronizeResponse>;
+    type IntoFuture = BoxFuture<SynchronizeResponse>;
 
-    /// Trampolines the server knows, of process `pid` only (`None`: all), including freed
-    /// ones it still remembers when `include_freed`.
-    pub async fn list_trampolines(
-        &self,
-        pid: Option<u32>,
-        include_freed: bool,
-    ) -> Result<Vec<TrampolineInfo>> {
-        let request = ListTrampolinesRequest {
-            pid: pid.unwrap_or(0),
-            include_freed,
-        };
-        Ok(self
-            .inner
-            .clone()
-            .list_trampolines(request)
-            .await?
-            .into_inner()
-            .trampolines)
-    }
-
-    /// Grace periods in progress, with their holdout threads and stalls.
-    pub async fn grace_periods(&self) -> Result<Vec<GracePeriodInfo>> {
-        let response = self
-            .inner
-            .clone()
-            .grace_periods(GracePeriodsRequest {})
-            .await?;
-        Ok(response.into_inner().pending)
-    }
-
-    /// Waits for a grace period over every thread of every agent, at most `timeout`
-    /// (`None`: the server's default, 30 s).
-    pub async fn synchronize(&self, timeout: Option<Duration>) -> Result<SynchronizeResponse> {
-        let request = SynchronizeRequest {
-            timeout_ms: timeout_ms(timeout),
-        };
-        let wire_ms = request.timeout_ms;
-        let request = with_deadline(request, wire_ms, SYNCHRONIZE_DEFAULT_WAIT);
-        Ok(self.inner.clone().synchronize(request).await?.into_inner())
-    }
-
-    /// Streams the events of a tracer as agents report them.
-    pub async fn watch_events(&self, tracer: u64) -> Result<EventStream> {
-        let request = WatchEventsRequest { tracer_id: tracer };
-        let inner = self.inner.clone().watch_events(request).await?.into_inner();
-        Ok(EventStream { inner })
-    }
-
-    /// Call counts of a `count` tracer, summed over threads and agents.
-    pub async fn counts(&self, tracer: u64) -> Result<CountsResponse> {
-        let request = CountsRequest { tracer_id: tracer };
-        Ok(self.inner.clone().counts(request).await?.into_inner())
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let request = SynchronizeRequest {
+                timeout_ms: timeout_ms(self.timeout),
+            };
+            let wire_ms = request.timeout_ms;
+            let request = with_deadline(request, wire_ms, SYNCHRONIZE_DEFAULT_WAIT);
+            Ok(self.client.inner().synchronize(request).await?.into_inner())
+        })
     }
 }
 
 /// A wait bound in whole milliseconds for the wire; `None` means "server default" (0).
 /// A `Some` bound is at least 1 ms so that it is never mistaken for the default.
-fn timeout_ms(timeout: Option<Duration>) -> u32 {
+pub(crate) fn timeout_ms(timeout: Option<Duration>) -> u32 {
     match timeout {
         None => 0,
         Some(t) => u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1),
@@ -282,7 +411,11 @@ fn timeout_ms(timeout: Option<Duration>) -> u32 {
 /// A request whose client-side deadline leaves the server time to report its own timeout
 /// (which names what it waited for) before the client gives up.
 /// `wire_ms` is the bound sent to the server (0: `default_wait`).
-fn with_deadline<T>(message: T, wire_ms: u32, default_wait: Duration) -> tonic::Request<T> {
+pub(crate) fn with_deadline<T>(
+    message: T,
+    wire_ms: u32,
+    default_wait: Duration,
+) -> tonic::Request<T> {
     let server_wait = match wire_ms {
         0 => default_wait,
         ms => Duration::from_millis(u64::from(ms)),
@@ -290,35 +423,6 @@ fn with_deadline<T>(message: T, wire_ms: u32, default_wait: Duration) -> tonic::
     let mut request = tonic::Request::new(message);
     request.set_timeout(server_wait + DEADLINE_SLACK);
     request
-}
-
-/// The event batches of one tracer, as returned by [`Client::watch_events`]. It ends when
-/// the server ends the stream (for example after the tracer is detached).
-pub struct EventStream {
-    inner: tonic::Streaming<EventBatchView>,
-}
-
-impl EventStream {
-    /// The next batch, or `None` at the end of the stream.
-    pub async fn next_batch(&mut self) -> Result<Option<EventBatchView>> {
-        Ok(self.inner.message().await?)
-    }
-}
-
-impl std::fmt::Debug for EventStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventStream").finish_non_exhaustive()
-    }
-}
-
-impl Stream for EventStream {
-    type Item = Result<EventBatchView>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.inner)
-            .poll_next(cx)
-            .map(|item| item.map(|batch| batch.map_err(Error::from)))
-    }
 }
 
 #[cfg(test)]

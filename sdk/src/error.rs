@@ -17,12 +17,18 @@ pub enum Error {
     Connect {
         /// The address that was tried, as shown to people.
         target: String,
+        /// The transport's error.
         #[source]
         source: tonic::transport::Error,
     },
     /// The server address itself is malformed.
     #[error("invalid patchbayd address `{target}`: {reason}")]
-    InvalidTarget { target: String, reason: String },
+    InvalidTarget {
+        /// The address as given.
+        target: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Unknown pid, tracer or function (`NOT_FOUND`).
     #[error("{0}")]
     NotFound(String),
@@ -47,15 +53,26 @@ pub enum Error {
     Unavailable(String),
     /// Any other status.
     #[error("{message} (status {code:?})")]
-    Other { code: Code, message: String },
+    Other {
+        /// The status code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The server answered, but without what the call needs (a server that does not
+    /// follow the protocol).
+    #[error("patchbayd sent an unexpected answer: {0}")]
+    UnexpectedResponse(String),
 }
 
 impl Error {
     /// The gRPC status code this error stands for (`None` for errors raised before any
-    /// request was made).
+    /// request was made, or about an answer).
     pub fn code(&self) -> Option<Code> {
         Some(match self {
-            Error::Connect { .. } | Error::InvalidTarget { .. } => return None,
+            Error::Connect { .. } | Error::InvalidTarget { .. } | Error::UnexpectedResponse(_) => {
+                return None;
+            }
             Error::NotFound(_) => Code::NotFound,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::PermissionDenied(_) => Code::PermissionDenied,

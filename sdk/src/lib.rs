@@ -1,33 +1,49 @@
-//! Typed async client of `patchbayd`'s Control service, used by the `patchbay` CLI and by
-//! tools that drive patchbay programmatically.
+//! Typed async client of `patchbayd`, the server of patchbay (a function tracer for
+//! running Linux programs). Attach a tracer to the functions of a process, read its counts
+//! or stream its events, detach it:
 //!
 //! ```no_run
-//! # async fn demo() -> patchbay_sdk::Result<()> {
-//! use patchbay_sdk::{Client, TracerSpecBuilder, default_socket_path, spec};
+//! use patchbay_sdk::{Client, Target, Tracer};
 //!
-//! let client = Client::connect(&default_socket_path().to_string_lossy()).await?;
-//! let spec = TracerSpecBuilder::new(spec::pid(4242), "sqlite3*").count().build();
-//! let attached = client.attach(spec, None).await?;
-//! let tracer = attached.tracer.map(|t| t.tracer_id).unwrap_or_default();
-//! for row in client.counts(tracer).await?.counts {
-//!     println!("{} {}", row.function, row.count);
+//! # async fn demo(pid: u32) -> patchbay_sdk::Result<()> {
+//! let client = Client::connect_default().await?;
+//! let tracer = client.attach(Tracer::count(Target::pid(pid), "sqlite3*")).await?;
+//! for row in tracer.counts().await?.counts {
+//!     println!("{:>10} {}", row.count, row.function);
 //! }
-//! client.detach(tracer, true, None).await?;
+//! // Dropping the handle would leave the tracer in place: tracers persist by design.
+//! tracer.detach().wait().await?;
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! Messages are the generated `patchbay-proto` types, re-exported as [`proto`]; this crate
-//! defines no wire structs of its own.
+//! - [`Client`] is the connection (Unix socket by default, TCP with a token); its listing
+//!   calls return the wire messages of [`proto`].
+//! - [`Tracer`] builds the spec of a tracer ([`Tracer::count`], [`Tracer::trace`],
+//!   [`Tracer::custom`] on a [`Target`]) and is the handle of an attached one
+//!   ([`Tracer::counts`], [`Tracer::events`], [`Tracer::detach`]); [`Client::tracer`]
+//!   reopens one by its [`TracerId`].
+//! - Requests with options ([`Attach`], [`Detach`], [`Synchronize`], [`Functions`],
+//!   [`Trampolines`]) are builders that do nothing until awaited.
+//! - Every error is an [`Error`] whose variant says what class of failure it is and whose
+//!   message says what to do next.
+//!
+//! `examples/live_counts.rs` attaches a counting tracer, prints its counts live and
+//! detaches. Messages are the generated `patchbay-proto` types, re-exported as [`proto`];
+//! this crate defines no wire structs of its own.
 
-pub mod client;
-pub mod error;
+#![deny(missing_docs)]
+
+mod client;
+mod error;
 pub mod names;
-pub mod spec;
-pub mod target;
+mod spec;
+mod target;
+mod tracer;
 
-pub use client::{Client, EventStream};
+pub use client::{Attach, Client, ClientBuilder, Functions, Synchronize, Trampolines};
 pub use error::{Error, Result};
 pub use patchbay_proto as proto;
-pub use spec::TracerSpecBuilder;
-pub use target::{ServerTarget, current_uid, default_socket_path};
+pub use spec::{Target, TracerSpec};
+pub use target::{SOCKET_ENV, ServerTarget, current_uid, default_socket_path};
+pub use tracer::{Detach, EventStream, Tracer, TracerId};

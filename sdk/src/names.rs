@@ -79,7 +79,11 @@ pub fn callback_label(callback: Option<&CallbackSpec>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec;
+    use crate::{Target as T, Tracer};
+
+    fn cb(spec: crate::TracerSpec) -> CallbackSpec {
+        spec.as_proto().callback.clone().unwrap()
+    }
 
     #[test]
     fn enum_words() {
@@ -102,14 +106,26 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(target_label(Some(&spec::pid(3))), "pid 3");
-        assert_eq!(target_label(Some(&spec::exe("/bin/x"))), "exe /bin/x");
-        assert_eq!(target_label(Some(&spec::all())), "all");
+        assert_eq!(target_label(Some(T::pid(3).as_proto())), "pid 3");
+        assert_eq!(
+            target_label(Some(T::exe("/bin/x").as_proto())),
+            "exe /bin/x"
+        );
+        assert_eq!(target_label(Some(T::all().as_proto())), "all");
         assert_eq!(target_label(None), "none");
-        assert_eq!(callback_label(Some(&spec::count())), "count");
-        assert_eq!(callback_label(Some(&spec::trace(0))), "trace");
-        assert_eq!(callback_label(Some(&spec::trace(2))), "trace(args=2)");
-        assert_eq!(callback_label(Some(&spec::custom("x"))), "custom:x");
+        let count = cb(Tracer::count(T::all(), "f"));
+        assert_eq!(callback_label(Some(&count)), "count");
+        let trace = cb(Tracer::trace(T::all(), "f"));
+        assert_eq!(callback_label(Some(&trace)), "trace");
+        let trace2 = cb(Tracer::trace(T::all(), "f").args(2));
+        assert_eq!(callback_label(Some(&trace2)), "trace(args=2)");
+        let custom = cb(Tracer::custom(T::all(), "f", "x"));
+        assert_eq!(callback_label(Some(&custom)), "custom:x");
+        let latency = CallbackSpec {
+            kind: CallbackKind::Latency as i32,
+            ..CallbackSpec::default()
+        };
+        assert_eq!(callback_label(Some(&latency)), "latency");
         assert_eq!(callback_label(None), "none");
     }
 }

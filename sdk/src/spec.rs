@@ -1,185 +1,184 @@
-//! Builders for what a tracer is: its [`Target`], its [`CallbackSpec`] and the
-//! [`TracerSpec`] that combines them with a pattern.
+//! What a tracer is: the processes it applies to ([`Target`]) and what it does there
+//! ([`TracerSpec`], built by [`Tracer::count`](crate::Tracer::count) and its siblings).
 
-use patchbay_proto::{CallbackKind, CallbackSpec, Target, TracerSpec, target};
+use patchbay_proto as proto;
+use proto::{CallbackKind, CallbackSpec, target};
 
-/// One running process.
-pub fn pid(pid: u32) -> Target {
-    Target {
-        target: Some(target::Target::Pid(pid)),
+/// The processes a tracer applies to.
+///
+/// ```
+/// use patchbay_sdk::Target;
+/// let one = Target::pid(4242);
+/// let every_foo = Target::exe("/usr/bin/foo");
+/// assert_ne!(one, every_foo);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target(proto::Target);
+
+impl Target {
+    /// One running process.
+    pub fn pid(pid: u32) -> Self {
+        Target(proto::Target {
+            target: Some(target::Target::Pid(pid)),
+        })
+    }
+
+    /// Every process whose executable path is `path`, now and in future. Agents report
+    /// the canonical path (`/proc/self/exe`): give an absolute, symlink-free path.
+    pub fn exe(path: impl Into<String>) -> Self {
+        Target(proto::Target {
+            target: Some(target::Target::Exe(path.into())),
+        })
+    }
+
+    /// Every agent, now and in future.
+    pub fn all() -> Self {
+        Target(proto::Target {
+            target: Some(target::Target::All(true)),
+        })
+    }
+
+    /// The wire message.
+    pub fn as_proto(&self) -> &proto::Target {
+        &self.0
     }
 }
 
-/// Every process whose executable path is `path`, now and in future.
-pub fn exe(path: impl Into<String>) -> Target {
-    Target {
-        target: Some(target::Target::Exe(path.into())),
+impl From<Target> for proto::Target {
+    fn from(target: Target) -> Self {
+        target.0
     }
 }
 
-/// Every agent, now and in future.
-pub fn all() -> Target {
-    Target {
-        target: Some(target::Target::All(true)),
+/// A tracer to attach: its target, the glob over demangled function names it matches,
+/// its callback and an optional label. Built by [`Tracer::count`](crate::Tracer::count),
+/// [`Tracer::trace`](crate::Tracer::trace) or [`Tracer::custom`](crate::Tracer::custom);
+/// pass it to [`Client::attach`](crate::Client::attach).
+///
+/// Only the callbacks the agent runs today can be built here (`count`, `trace`,
+/// `custom`); `latency` and `graph` arrive with exit tracing.
+///
+/// ```
+/// use patchbay_sdk::{Target, Tracer};
+/// let spec = Tracer::trace(Target::exe("/usr/bin/foo"), "sqlite3_*")
+///     .args(2)
+///     .name("sqlite");
+/// assert_eq!(spec.pattern(), "sqlite3_*");
+/// assert_eq!(spec.as_proto().callback.as_ref().unwrap().arg_count, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracerSpec(proto::TracerSpec);
+
+impl TracerSpec {
+    pub(crate) fn new(target: Target, pattern: impl Into<String>, callback: CallbackSpec) -> Self {
+        TracerSpec(proto::TracerSpec {
+            target: Some(target.into()),
+            pattern: pattern.into(),
+            callback: Some(callback),
+            name: String::new(),
+        })
+    }
+
+    /// Sets a label for people (shown by `patchbay tracers`).
+    pub fn name(mut self, label: impl Into<String>) -> Self {
+        self.0.name = label.into();
+        self
+    }
+
+    /// For a `trace` tracer: each event records the first `count` argument registers
+    /// (`rdi, rsi, rdx, rcx, r8, r9`; 0 to 6, the server refuses more). The default is 0.
+    /// Other callbacks record no arguments: for them this changes nothing.
+    pub fn args(mut self, count: u32) -> Self {
+        if let Some(callback) = &mut self.0.callback
+            && callback.kind() == CallbackKind::Trace
+        {
+            callback.arg_count = count;
+        }
+        self
+    }
+
+    /// The glob over demangled function names.
+    pub fn pattern(&self) -> &str {
+        &self.0.pattern
+    }
+
+    /// The wire message.
+    pub fn as_proto(&self) -> &proto::TracerSpec {
+        &self.0
+    }
+
+    /// The wire message, by value.
+    pub fn into_proto(self) -> proto::TracerSpec {
+        self.0
     }
 }
 
-fn callback(kind: CallbackKind) -> CallbackSpec {
+impl From<TracerSpec> for proto::TracerSpec {
+    fn from(spec: TracerSpec) -> Self {
+        spec.0
+    }
+}
+
+pub(crate) fn callback(kind: CallbackKind) -> CallbackSpec {
     CallbackSpec {
         kind: kind as i32,
         ..CallbackSpec::default()
     }
 }
 
-/// Exact call counts per function.
-pub fn count() -> CallbackSpec {
-    callback(CallbackKind::Count)
-}
-
-/// One entry event per call, recording `arg_count` argument registers (0 to 6).
-pub fn trace(arg_count: u32) -> CallbackSpec {
+pub(crate) fn custom(name: String) -> CallbackSpec {
     CallbackSpec {
-        arg_count,
-        ..callback(CallbackKind::Trace)
-    }
-}
-
-/// Entry and exit: latency histograms per function.
-pub fn latency() -> CallbackSpec {
-    callback(CallbackKind::Latency)
-}
-
-/// Entry and exit events: the call tree.
-pub fn graph() -> CallbackSpec {
-    callback(CallbackKind::Graph)
-}
-
-/// A callback the traced program registered under `name`.
-pub fn custom(name: impl Into<String>) -> CallbackSpec {
-    CallbackSpec {
-        custom_name: name.into(),
+        custom_name: name,
         ..callback(CallbackKind::Custom)
-    }
-}
-
-/// Builds a [`TracerSpec`]. The callback defaults to [`count`].
-///
-/// ```
-/// use patchbay_sdk::{TracerSpecBuilder, spec};
-/// let s = TracerSpecBuilder::new(spec::exe("/usr/bin/foo"), "sqlite3_*")
-///     .trace(2)
-///     .name("sqlite")
-///     .build();
-/// assert_eq!(s.pattern, "sqlite3_*");
-/// assert_eq!(s.callback.unwrap().arg_count, 2);
-/// ```
-#[derive(Debug, Clone)]
-pub struct TracerSpecBuilder {
-    spec: TracerSpec,
-}
-
-impl TracerSpecBuilder {
-    /// A tracer of the functions matching the glob `pattern` in `target`.
-    pub fn new(target: Target, pattern: impl Into<String>) -> Self {
-        TracerSpecBuilder {
-            spec: TracerSpec {
-                target: Some(target),
-                pattern: pattern.into(),
-                callback: Some(count()),
-                name: String::new(),
-            },
-        }
-    }
-
-    /// Uses this callback.
-    pub fn callback(mut self, callback: CallbackSpec) -> Self {
-        self.spec.callback = Some(callback);
-        self
-    }
-
-    /// Uses the `count` callback.
-    pub fn count(self) -> Self {
-        self.callback(count())
-    }
-
-    /// Uses the `trace` callback with `arg_count` argument registers.
-    pub fn trace(self, arg_count: u32) -> Self {
-        self.callback(trace(arg_count))
-    }
-
-    /// Uses the `latency` callback.
-    pub fn latency(self) -> Self {
-        self.callback(latency())
-    }
-
-    /// Uses the `graph` callback.
-    pub fn graph(self) -> Self {
-        self.callback(graph())
-    }
-
-    /// Uses the custom callback the program registered as `name`.
-    pub fn custom(self, name: impl Into<String>) -> Self {
-        self.callback(custom(name))
-    }
-
-    /// Sets a label for people.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.spec.name = name.into();
-        self
-    }
-
-    /// The spec.
-    pub fn build(self) -> TracerSpec {
-        self.spec
-    }
-}
-
-impl From<TracerSpecBuilder> for TracerSpec {
-    fn from(builder: TracerSpecBuilder) -> Self {
-        builder.build()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Tracer;
 
     #[test]
     fn targets() {
-        assert_eq!(pid(7).target, Some(target::Target::Pid(7)));
+        assert_eq!(Target::pid(7).0.target, Some(target::Target::Pid(7)));
         assert_eq!(
-            exe("/bin/x").target,
+            Target::exe("/bin/x").as_proto().target,
             Some(target::Target::Exe("/bin/x".into()))
         );
-        assert_eq!(all().target, Some(target::Target::All(true)));
+        let all: proto::Target = Target::all().into();
+        assert_eq!(all.target, Some(target::Target::All(true)));
     }
 
     #[test]
     fn callbacks() {
-        assert_eq!(count().kind(), CallbackKind::Count);
-        assert_eq!(latency().kind(), CallbackKind::Latency);
-        assert_eq!(graph().kind(), CallbackKind::Graph);
-        let t = trace(3);
-        assert_eq!((t.kind(), t.arg_count), (CallbackKind::Trace, 3));
-        let c = custom("mine");
+        let kind = |s: &TracerSpec| s.as_proto().callback.as_ref().unwrap().kind();
         assert_eq!(
-            (c.kind(), c.custom_name.as_str()),
-            (CallbackKind::Custom, "mine")
+            kind(&Tracer::count(Target::all(), "f")),
+            CallbackKind::Count
         );
+        let t = Tracer::trace(Target::all(), "f").args(3);
+        let cb = t.as_proto().callback.as_ref().unwrap();
+        assert_eq!((cb.kind(), cb.arg_count), (CallbackKind::Trace, 3));
+        let c = Tracer::custom(Target::all(), "f", "mine").args(3);
+        let cb = c.as_proto().callback.as_ref().unwrap();
+        assert_eq!(
+            (cb.kind(), cb.custom_name.as_str(), cb.arg_count),
+            (CallbackKind::Custom, "mine", 0)
+        );
+        let counted = Tracer::count(Target::all(), "f").args(2);
+        assert_eq!(counted.as_proto().callback.as_ref().unwrap().arg_count, 0);
     }
 
     #[test]
-    fn builder_defaults_to_count_and_sets_fields() {
-        let s = TracerSpecBuilder::new(pid(1), "f*").build();
-        assert_eq!(s.callback, Some(count()));
+    fn specs_carry_every_field() {
+        let s: proto::TracerSpec = Tracer::count(Target::pid(1), "f*").into();
+        assert_eq!(s.callback, Some(callback(CallbackKind::Count)));
         assert_eq!(s.name, "");
-        let s: TracerSpec = TracerSpecBuilder::new(all(), "g")
-            .custom("cb")
-            .name("lbl")
-            .into();
-        assert_eq!(s.target, Some(all()));
-        assert_eq!(s.pattern, "g");
-        assert_eq!(s.callback, Some(custom("cb")));
+        let s = Tracer::custom(Target::all(), "g", "cb").name("lbl");
+        assert_eq!(s.pattern(), "g");
+        let s = s.as_proto();
+        assert_eq!(s.target, Some(Target::all().into()));
+        assert_eq!(s.callback, Some(custom("cb".into())));
         assert_eq!(s.name, "lbl");
     }
 }

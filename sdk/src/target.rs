@@ -82,6 +82,13 @@ impl ServerTarget {
     }
 }
 
+impl Default for ServerTarget {
+    /// The default socket, [`default_socket_path`].
+    fn default() -> Self {
+        ServerTarget::Unix(default_socket_path())
+    }
+}
+
 impl FromStr for ServerTarget {
     type Err = Error;
 

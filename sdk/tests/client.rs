@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{Fake, serve_tcp, serve_unix};
 use patchbay_sdk::proto::{CallbackKind, TrampolineState, target};
-use patchbay_sdk::{Client, Error, TracerSpecBuilder, spec};
+use patchbay_sdk::{Client, Error, ServerTarget, Target, Tracer, TracerId};
 use tokio_stream::StreamExt;
 
 #[tokio::test]
@@ -17,25 +17,33 @@ async fn unix_socket_every_rpc() {
     let client = Client::connect(path).await.unwrap();
     assert_eq!(client.target().to_string(), path);
 
-    let agents = client.list_agents().await.unwrap();
+    let agents = client.agents().await.unwrap();
     assert_eq!(agents[0].pid, 4242);
     let seen = server.fake.seen.lock().unwrap().clone();
     assert_eq!(seen.protocol.as_deref(), Some("1"));
     assert_eq!(seen.authorization, None);
 
-    let functions = client.list_functions(4242, "work*", Some(5)).await.unwrap();
+    let functions = client
+        .functions(4242)
+        .pattern("work*")
+        .limit(5)
+        .await
+        .unwrap();
     assert_eq!(functions.functions[0].name, "match:work*");
     assert_eq!(functions.total, 15);
 
-    let spec = TracerSpecBuilder::new(spec::pid(4242), "work*")
-        .trace(2)
-        .name("t")
-        .build();
-    let attached = client
-        .attach(spec.clone(), Some(Duration::from_millis(1500)))
+    let spec = Tracer::trace(Target::pid(4242), "work*").args(2).name("t");
+    let tracer = client
+        .attach(spec.clone())
+        .timeout(Duration::from_millis(1500))
         .await
         .unwrap();
-    assert_eq!(attached.tracer.unwrap().spec.unwrap(), spec);
+    assert_eq!(tracer.id(), TracerId::new(1));
+    let attached = tracer.attach_response().unwrap();
+    assert_eq!(
+        attached.tracer.as_ref().unwrap().spec.as_ref().unwrap(),
+        spec.as_proto()
+    );
     assert_eq!(
         attached.results[0].sites_patched, 1500,
         "timeout_ms reaches the server"
@@ -45,17 +53,31 @@ async fn unix_socket_every_rpc() {
         server.fake.seen.lock().unwrap().grpc_timeout.as_deref(),
         Some("6500000u")
     );
-    let attached = client.attach(spec, None).await.unwrap();
+    let again = client.attach(spec).await.unwrap();
     assert_eq!(
-        attached.results[0].sites_patched, 0,
+        again.attach_response().unwrap().results[0].sites_patched,
+        0,
         "no timeout: server default"
     );
 
-    let detached = client.detach(1, true, None).await.unwrap();
+    let counts = tracer.counts().await.unwrap();
+    assert_eq!(counts.total, 111);
+    assert_eq!(tracer.info().await.unwrap().tracer_id, 1);
+
+    let mut events = tracer.events().await.unwrap();
+    let first = events.next_batch().await.unwrap().unwrap();
+    assert_eq!(first.events[0].function, "work");
+    let second = events.next().await.unwrap().unwrap();
+    assert_eq!(second.dropped, 3);
+    assert!(events.next().await.is_none());
+
+    let detached = tracer.detach().wait().await.unwrap();
     assert!(detached.complete);
     assert_eq!(detached.retired[0].trampoline_id, 7);
+    let detached = again.detach().await.unwrap();
+    assert!(!detached.complete, "no wait by default");
 
-    let tracers = client.list_tracers().await.unwrap();
+    let tracers = client.tracers().await.unwrap();
     let tspec = tracers[0].spec.as_ref().unwrap();
     assert_eq!(tspec.callback.as_ref().unwrap().kind(), CallbackKind::Count);
     assert_eq!(
@@ -63,11 +85,11 @@ async fn unix_socket_every_rpc() {
         Some(target::Target::Pid(4242))
     );
 
-    let trampolines = client.list_trampolines(Some(4242), false).await.unwrap();
+    let trampolines = client.trampolines().pid(4242).await.unwrap();
     assert_eq!(trampolines.len(), 1);
     assert_eq!(trampolines[0].pid, 4242);
     assert_eq!(trampolines[0].state(), TrampolineState::Live);
-    let all = client.list_trampolines(None, true).await.unwrap();
+    let all = client.trampolines().include_freed().await.unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].pid, 0);
 
@@ -78,20 +100,11 @@ async fn unix_socket_every_rpc() {
     );
 
     let sync = client
-        .synchronize(Some(Duration::from_millis(250)))
+        .synchronize()
+        .timeout(Duration::from_millis(250))
         .await
         .unwrap();
     assert_eq!(sync.elapsed_us, 250);
-
-    let counts = client.counts(1).await.unwrap();
-    assert_eq!(counts.total, 111);
-
-    let mut events = client.watch_events(1).await.unwrap();
-    let first = events.next_batch().await.unwrap().unwrap();
-    assert_eq!(first.events[0].function, "work");
-    let second = events.next().await.unwrap().unwrap();
-    assert_eq!(second.dropped, 3);
-    assert!(events.next().await.is_none());
 }
 
 #[tokio::test]
@@ -100,7 +113,7 @@ async fn unix_prefix_and_clones_share_the_connection() {
     let target = format!("unix:{}", server.socket.display());
     let client = Client::connect(&target).await.unwrap();
     let clone = client.clone();
-    let (a, b) = tokio::join!(client.list_agents(), clone.list_tracers());
+    let (a, b) = tokio::join!(client.agents(), clone.tracers());
     assert_eq!(a.unwrap().len(), 1);
     assert_eq!(b.unwrap().len(), 1);
 }
@@ -112,27 +125,37 @@ async fn statuses_become_typed_errors() {
         .await
         .unwrap();
 
-    let err = client.list_functions(1, "*", None).await.unwrap_err();
+    let err = client.functions(1).pattern("*").await.unwrap_err();
     assert!(
         matches!(&err, Error::NotFound(m) if m.starts_with("no agent in pid 1:")),
         "{err:?}"
     );
-    let err = client.list_functions(4242, "foo[", None).await.unwrap_err();
+    let err = client.functions(4242).pattern("foo[").await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-    let err = client.detach(99, false, None).await.unwrap_err();
+    let missing = client.tracer(TracerId::new(99));
+    let err = missing.info().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound(m) if m == "no tracer 99"),
+        "{err:?}"
+    );
+    let err = missing.events().await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+    let err = missing.detach().await.unwrap_err();
     assert_eq!(err.to_string(), "no tracer 99");
     let err = client
-        .detach(1, true, Some(Duration::from_millis(1)))
+        .tracer(TracerId::new(1))
+        .detach()
+        .wait()
+        .timeout(Duration::from_millis(1))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::DeadlineExceeded(_)), "{err:?}");
     let err = client
-        .synchronize(Some(Duration::from_millis(1)))
+        .synchronize()
+        .timeout(Duration::from_millis(1))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("tid 43"), "{err}");
-    let err = client.watch_events(99).await.unwrap_err();
-    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
 }
 
 #[tokio::test]
@@ -146,18 +169,18 @@ async fn tcp_with_token() {
 
     let client = Client::connect_with_token(&addr, "s3cret").await.unwrap();
     assert!(client.target().is_tcp());
-    client.list_agents().await.unwrap();
+    client.agents().await.unwrap();
     assert_eq!(
         seen.lock().unwrap().authorization.as_deref(),
         Some("Bearer s3cret")
     );
 
     let anonymous = Client::connect(&addr).await.unwrap();
-    let err = anonymous.list_agents().await.unwrap_err();
+    let err = anonymous.agents().await.unwrap_err();
     assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
     let wrong = Client::connect_with_token(&addr, "nope").await.unwrap();
     assert!(matches!(
-        wrong.counts(1).await,
+        wrong.tracer(TracerId::new(1)).counts().await,
         Err(Error::Unauthenticated(_))
     ));
 }
@@ -186,6 +209,26 @@ async fn missing_server_is_a_connect_error_naming_the_path() {
         err.to_string()
             .starts_with(&format!("cannot reach patchbayd at {addr}:")),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn builder_connects_to_a_parsed_target_with_a_token() {
+    let fake = Fake {
+        token: Some("s3cret".into()),
+        ..Fake::default()
+    };
+    let seen = fake.seen.clone();
+    let addr = serve_tcp(fake).await;
+    let client = Client::builder(addr.parse::<ServerTarget>().unwrap())
+        .token(" s3cret\n")
+        .connect()
+        .await
+        .unwrap();
+    client.agents().await.unwrap();
+    assert_eq!(
+        seen.lock().unwrap().authorization.as_deref(),
+        Some("Bearer s3cret")
     );
 }
 

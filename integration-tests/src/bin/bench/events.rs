@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use patchbay_sdk::{TracerSpecBuilder, spec};
+use patchbay_sdk::{Target, Tracer};
 use serde_json::json;
 
 use crate::report::{Figure, Report, median};
@@ -38,18 +38,15 @@ async fn one(
     calls: u64,
 ) -> anyhow::Result<Run> {
     let pid = t.pid();
-    let r = client
-        .attach(
-            TracerSpecBuilder::new(spec::pid(pid), "add1").trace(2),
-            None,
-        )
+    let tracer = client
+        .attach(Tracer::trace(Target::pid(pid), "add1").args(2))
         .await?;
-    let id = r.tracer.as_ref().context("no tracer")?.tracer_id;
+    let r = tracer.attach_response().context("no attach answer")?;
     let patched: u32 = r.results.iter().map(|x| x.sites_patched).sum();
     if patched != 1 {
         bail!("trace add1: {patched} sites patched: {r:?}");
     }
-    let mut stream = client.watch_events(id).await?;
+    let mut stream = tracer.events().await?;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = seen.clone();
     let reader = tokio::spawn(async move {
@@ -97,7 +94,7 @@ async fn one(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    client.detach(id, true, None).await?;
+    tracer.detach().wait().await?;
     reader.abort();
     let s = seen.lock().expect("not poisoned");
     if s.bad > 0 {

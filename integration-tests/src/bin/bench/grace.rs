@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use patchbay_sdk::{TracerSpecBuilder, spec};
+use patchbay_sdk::{Target, Tracer};
 use serde_json::json;
 
 use crate::report::{Figure, Report, median, ms};
@@ -60,26 +60,26 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
             let (mut detach, mut attach) = (Vec::new(), Vec::new());
             for _ in 0..plan.gp_reps {
                 let t0 = Instant::now();
-                let r = client
-                    .attach(
-                        TracerSpecBuilder::new(spec::pid(pid), "add1").count(),
-                        Some(Duration::from_secs(30)),
-                    )
+                let tracer = client
+                    .attach(Tracer::count(Target::pid(pid), "add1"))
+                    .timeout(Duration::from_secs(30))
                     .await?;
                 attach.push(ms(t0.elapsed()));
-                let id = r.tracer.as_ref().context("no tracer")?.tracer_id;
+                let r = tracer.attach_response().context("no attach answer")?;
                 let patched: u32 = r.results.iter().map(|x| x.sites_patched).sum();
                 if patched != 1 {
                     bail!("attach add1: {patched} sites patched: {r:?}");
                 }
                 // Let the busy threads run through the trampoline.
-                let c = crate::percall::wait_count(&client, id, 1).await;
+                let c = crate::percall::wait_count(&tracer, 1).await;
                 if b > 0 && c == 0 {
                     bail!("no call of add1 counted with {b} busy threads");
                 }
                 let t1 = Instant::now();
-                let d = client
-                    .detach(id, true, Some(Duration::from_secs(30)))
+                let d = tracer
+                    .detach()
+                    .wait()
+                    .timeout(Duration::from_secs(30))
                     .await?;
                 detach.push(ms(t1.elapsed()));
                 if !d.complete || d.retired.len() != 1 {

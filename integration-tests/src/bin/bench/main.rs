@@ -260,7 +260,7 @@ pub async fn traced(
 pub async fn wait_agent(client: &patchbay_sdk::Client, pid: u32) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let agents = client.list_agents().await?;
+        let agents = client.agents().await?;
         if agents.iter().any(|a| a.pid == pid && a.connected) {
             return Ok(());
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use integration_tests::target::Target;
-use patchbay_sdk::{TracerSpecBuilder, spec};
+use patchbay_sdk::Tracer;
 use serde_json::json;
 
 use crate::report::{Figure, Report};
@@ -36,27 +36,26 @@ async fn burst_samples(t: &mut Target, threads: u32, plan: &Plan) -> anyhow::Res
     Ok(v)
 }
 
-/// Events dropped so far for tracer `id`, once the agent flushed (every 100 ms).
-async fn dropped(client: &patchbay_sdk::Client, id: u64) -> anyhow::Result<u64> {
+/// Events dropped so far for `tracer`, once the agent flushed (every 100 ms).
+async fn dropped(tracer: &Tracer) -> anyhow::Result<u64> {
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Ok(client
-        .list_tracers()
-        .await?
-        .iter()
-        .find(|x| x.tracer_id == id)
-        .map_or(0, |x| x.dropped))
+    match tracer.info().await {
+        Ok(info) => Ok(info.dropped),
+        Err(patchbay_sdk::Error::NotFound(_)) => Ok(0),
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn ratio_note(ns: f64, base: f64) -> String {
     format!("{:.2}x, {:+.2} ns", ns / base, ns - base)
 }
 
-/// Waits until the `count` tracer `id` reached `expected` (10 s at most); returns the
-/// last total seen.
-pub async fn wait_count(client: &patchbay_sdk::Client, id: u64, expected: u64) -> u64 {
+/// Waits until the `count` tracer reached `expected` (10 s at most); returns the last
+/// total seen.
+pub async fn wait_count(tracer: &Tracer, expected: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let total = client.counts(id).await.map_or(0, |c| c.total);
+        let total = tracer.counts().await.map_or(0, |c| c.total);
         if total >= expected || Instant::now() > deadline {
             return total;
         }
@@ -116,18 +115,18 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         );
 
         // count
-        let r = client
-            .attach(TracerSpecBuilder::new(spec::pid(pid), "add1").count(), None)
+        let tracer = client
+            .attach(Tracer::count(patchbay_sdk::Target::pid(pid), "add1"))
             .await?;
-        let id = r.tracer.as_ref().context("no tracer")?.tracer_id;
+        let r = tracer.attach_response().context("no attach answer")?;
         let patched: u32 = r.results.iter().map(|x| x.sites_patched).sum();
         if patched != 1 {
             bail!("count on add1 patched {patched} sites: {r:?}");
         }
         let v = samples(&mut t, threads, n, reps).await?;
         let expected = n * threads as u64 * reps as u64;
-        let counted = wait_count(&client, id, expected).await;
-        client.detach(id, true, None).await?;
+        let counted = wait_count(&tracer, expected).await;
+        tracer.detach().wait().await?;
         let m = crate::report::median(&v).context("no sample")?;
         report.push(
             Figure::new(
@@ -149,20 +148,17 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         // trace, two argument registers: first in bursts that fit the event ring (every
         // event kept: the real cost of an entry event), then the hot loop at full rate
         // (the ring is full almost all the time: mostly the cost of a counted drop).
-        let r = client
-            .attach(
-                TracerSpecBuilder::new(spec::pid(pid), "add1").trace(2),
-                None,
-            )
+        let tracer = client
+            .attach(Tracer::trace(patchbay_sdk::Target::pid(pid), "add1").args(2))
             .await?;
-        let id = r.tracer.as_ref().context("no tracer")?.tracer_id;
+        let r = tracer.attach_response().context("no attach answer")?;
         let patched: u32 = r.results.iter().map(|x| x.sites_patched).sum();
         if patched != 1 {
             bail!("trace on add1 patched {patched} sites: {r:?}");
         }
         let v = burst_samples(&mut t, threads, plan).await?;
         let burst_calls = plan.burst_calls * threads as u64 * plan.burst_reps as u64;
-        let burst_dropped = dropped(&client, id).await?;
+        let burst_dropped = dropped(&tracer).await?;
         let m = crate::report::median(&v).context("no sample")?;
         report.push(
             Figure::new(
@@ -188,8 +184,8 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         );
         let v = samples(&mut t, threads, n, reps).await?;
         let expected = n * threads as u64 * reps as u64;
-        let full_dropped = dropped(&client, id).await?.saturating_sub(burst_dropped);
-        client.detach(id, true, None).await?;
+        let full_dropped = dropped(&tracer).await?.saturating_sub(burst_dropped);
+        tracer.detach().wait().await?;
         let m = crate::report::median(&v).context("no sample")?;
         report.push(
             Figure::new(

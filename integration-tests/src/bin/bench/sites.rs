@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use patchbay_sdk::proto::TrampolineState;
-use patchbay_sdk::{TracerSpecBuilder, spec};
+use patchbay_sdk::{Target, Tracer};
 use serde_json::json;
 
 use crate::percall::wait_count;
@@ -95,14 +95,12 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         let rounds = plan.site_reps + usize::from(cold.is_none());
         for round in 0..rounds {
             let t0 = Instant::now();
-            let r = client
-                .attach(
-                    TracerSpecBuilder::new(spec::pid(pid), pat).count(),
-                    Some(Duration::from_secs(60)),
-                )
+            let tracer = client
+                .attach(Tracer::count(Target::pid(pid), pat))
+                .timeout(Duration::from_secs(60))
                 .await?;
             let attached = t0.elapsed();
-            let id = r.tracer.as_ref().context("no tracer")?.tracer_id;
+            let r = tracer.attach_response().context("no attach answer")?;
             patched = r.results.iter().map(|x| x.sites_patched).sum::<u32>();
             if patched != size || r.results.iter().any(|x| !x.error.is_empty()) {
                 bail!("attach {pat}: {patched} of {size} sites patched: {r:?}");
@@ -111,15 +109,17 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
                 // Every site calls a live trampoline: one call each is counted.
                 let a = t.cmd("call").await;
                 let n: u64 = field(&a, "n")?;
-                let c = wait_count(&client, id, size as u64).await;
+                let c = wait_count(&tracer, size as u64).await;
                 counted = Some(c);
                 if n != plan.functions as u64 || c != size as u64 {
                     bail!("after `call` ({a}) tracer counted {c} calls of {size} traced functions");
                 }
             }
             let t1 = Instant::now();
-            let d = client
-                .detach(id, true, Some(Duration::from_secs(60)))
+            let d = tracer
+                .detach()
+                .wait()
+                .timeout(Duration::from_secs(60))
                 .await?;
             let auth = t1.elapsed();
             if !d.complete {
@@ -128,7 +128,7 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
             let ids: Vec<u64> = d.retired.iter().map(|x| x.trampoline_id).collect();
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let ts = client.list_trampolines(Some(pid), true).await?;
+                let ts = client.trampolines().pid(pid).include_freed().await?;
                 let all_freed = ids.iter().all(|i| {
                     ts.iter()
                         .find(|x| x.trampoline_id == *i)

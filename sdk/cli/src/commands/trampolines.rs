@@ -4,10 +4,10 @@ use patchbay_sdk::proto::{TrampolineInfo, TrampolineState};
 use patchbay_sdk::{Client, names};
 use serde_json::json;
 
-use crate::cli::format::{list, millis};
-use crate::cli::json;
-use crate::cli::output::Output;
-use crate::cli::table::Table;
+use crate::format::{list, millis};
+use crate::json;
+use crate::output::Output;
+use crate::table::Table;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -20,7 +20,14 @@ pub struct Args {
 }
 
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
-    let mut trampolines = client.list_trampolines(args.pid, args.all).await?;
+    let mut request = client.trampolines();
+    if let Some(pid) = args.pid {
+        request = request.pid(pid);
+    }
+    if args.all {
+        request = request.include_freed();
+    }
+    let mut trampolines = request.await?;
     trampolines.sort_by_key(|t| (t.agent_id, t.trampoline_id));
     if out.json() {
         out.document(&json!({

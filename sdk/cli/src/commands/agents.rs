@@ -4,16 +4,16 @@ use patchbay_sdk::Client;
 use patchbay_sdk::proto::AgentInfo;
 use serde_json::json;
 
-use crate::cli::format::{list, or_dash};
-use crate::cli::json;
-use crate::cli::output::Output;
-use crate::cli::table::Table;
+use crate::format::{list, or_dash};
+use crate::json;
+use crate::output::Output;
+use crate::table::Table;
 
 const NO_AGENTS: &str =
     "no agents: start a program with LD_PRELOAD=libpatchbay_agent.so (or link patchbay-agent)";
 
 pub async fn run(client: &Client, out: &mut Output) -> anyhow::Result<()> {
-    let mut agents = client.list_agents().await?;
+    let mut agents = client.agents().await?;
     agents.sort_by_key(|a| a.agent_id);
     if out.json() {
         out.document(&json!({ "agents": agents.iter().map(json::agent).collect::<Vec<_>>() }))?;

@@ -1,27 +1,30 @@
-//! `patchbay attach (--pid N | --exe PATH | --all) (--count | --trace [--args N] | --latency
-//! | --graph | --custom NAME) PATTERN [--name LABEL] [--timeout-ms MS]`.
+//! `patchbay attach (--pid N | --exe PATH | --all) (--count | --trace [--args N] | --custom
+//! NAME) PATTERN [--name LABEL] [--timeout-ms MS]`.
+//!
+//! `latency` and `graph` tracers are not offered: the agent cannot run them before exit
+//! tracing exists (the SDK does not build them either).
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::ArgGroup;
-use patchbay_sdk::proto::{AttachResponse, CallbackSpec, Target, TracerSpec};
-use patchbay_sdk::{Client, names, spec};
+use patchbay_sdk::proto::AttachResponse;
+use patchbay_sdk::{Client, Target, Tracer, TracerSpec, names, proto};
 use serde_json::json;
 
-use crate::cli::format::or_dash;
-use crate::cli::json;
-use crate::cli::output::Output;
-use crate::cli::progress;
-use crate::cli::table::Table;
+use crate::format::or_dash;
+use crate::json;
+use crate::output::Output;
+use crate::progress;
+use crate::table::Table;
 
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["pid", "exe", "all"])))]
 #[command(group(
     ArgGroup::new("callback")
         .required(true)
-        .args(["count", "trace", "latency", "graph", "custom"])
+        .args(["count", "trace", "custom"])
 ))]
 pub struct Args {
     /// Trace one running process
@@ -42,15 +45,9 @@ pub struct Args {
     pub trace: bool,
     /// With --trace: record this many argument registers (0 to 6)
     #[arg(long = "args", value_name = "N", requires = "trace",
-          conflicts_with_all = ["count", "latency", "graph", "custom"],
+          conflicts_with_all = ["count", "custom"],
           value_parser = clap::value_parser!(u32).range(0..=6))]
     pub arg_count: Option<u32>,
-    /// Measure latency per function (entry and exit)
-    #[arg(long)]
-    pub latency: bool,
-    /// Record entry and exit events: the call tree
-    #[arg(long)]
-    pub graph: bool,
     /// Use a callback the program registered under NAME
     #[arg(long, value_name = "NAME")]
     pub custom: Option<String>,
@@ -68,32 +65,25 @@ pub struct Args {
 impl Args {
     fn target(&self) -> anyhow::Result<Target> {
         Ok(match (&self.pid, &self.exe) {
-            (Some(pid), _) => spec::pid(*pid),
-            (None, Some(exe)) => spec::exe(resolve_exe(exe)?),
-            (None, None) => spec::all(),
+            (Some(pid), _) => Target::pid(*pid),
+            (None, Some(exe)) => Target::exe(resolve_exe(exe)?),
+            (None, None) => Target::all(),
         })
     }
 
-    fn callback(&self) -> CallbackSpec {
-        if let Some(name) = &self.custom {
-            spec::custom(name.clone())
-        } else if self.trace {
-            spec::trace(self.arg_count.unwrap_or(0))
-        } else if self.latency {
-            spec::latency()
-        } else if self.graph {
-            spec::graph()
-        } else {
-            spec::count()
-        }
-    }
-
     pub fn spec(&self) -> anyhow::Result<TracerSpec> {
-        Ok(TracerSpec {
-            target: Some(self.target()?),
-            pattern: self.pattern.clone(),
-            callback: Some(self.callback()),
-            name: self.name.clone().unwrap_or_default(),
+        let target = self.target()?;
+        let pattern = self.pattern.clone();
+        let spec = if let Some(name) = &self.custom {
+            Tracer::custom(target, pattern, name.clone())
+        } else if self.trace {
+            Tracer::trace(target, pattern).args(self.arg_count.unwrap_or(0))
+        } else {
+            Tracer::count(target, pattern)
+        };
+        Ok(match &self.name {
+            Some(label) => spec.name(label.clone()),
+            None => spec,
         })
     }
 }
@@ -112,17 +102,23 @@ fn resolve_exe(exe: &str) -> anyhow::Result<String> {
 
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
     let spec = args.spec()?;
-    let timeout = args.timeout_ms.map(|ms| Duration::from_millis(ms.into()));
-    let answer = progress::wait("attaching", client.attach(spec.clone(), timeout)).await?;
+    let mut attach = client.attach(spec.clone());
+    if let Some(ms) = args.timeout_ms {
+        attach = attach.timeout(Duration::from_millis(ms.into()));
+    }
+    let tracer = progress::wait("attaching", attach.into_future()).await?;
+    let answer = tracer
+        .attach_response()
+        .expect("the handle of an attach keeps its answer");
     if out.json() {
         out.document(&json!({
             "tracer": answer.tracer.as_ref().map(json::tracer),
             "results": answer.results.iter().map(json::attach_result).collect::<Vec<_>>(),
         }))?;
     } else {
-        out.text(&render(&answer, &spec))?;
+        out.text(&render(answer, spec.as_proto()))?;
     }
-    let tracer_id = answer.tracer.as_ref().map_or(0, |t| t.tracer_id);
+    let tracer_id = tracer.id();
     let failed: Vec<_> = answer
         .results
         .iter()
@@ -142,7 +138,7 @@ pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Resul
     Ok(())
 }
 
-pub fn render(answer: &AttachResponse, spec: &TracerSpec) -> String {
+pub fn render(answer: &AttachResponse, spec: &proto::TracerSpec) -> String {
     let tracer = answer.tracer.as_ref();
     let id = tracer.map_or(0, |t| t.tracer_id);
     let label = tracer
@@ -184,7 +180,7 @@ pub fn render(answer: &AttachResponse, spec: &TracerSpec) -> String {
 mod tests {
     use super::*;
     use clap::Parser;
-    use patchbay_sdk::proto::{AgentAttachResult, CallbackKind, Tracer, target};
+    use patchbay_sdk::proto::{AgentAttachResult, CallbackKind, target};
 
     #[derive(Parser)]
     struct Wrapper {
@@ -204,30 +200,41 @@ mod tests {
             "--pid", "42", "--trace", "--args", "3", "sqlite3*", "--name", "q",
         ])
         .spec()
-        .unwrap();
+        .unwrap()
+        .into_proto();
         assert_eq!(s.target.unwrap().target, Some(target::Target::Pid(42)));
         let cb = s.callback.unwrap();
         assert_eq!((cb.kind(), cb.arg_count), (CallbackKind::Trace, 3));
         assert_eq!((s.pattern.as_str(), s.name.as_str()), ("sqlite3*", "q"));
 
-        let s = parse(&["--all", "--custom", "mine", "f"]).spec().unwrap();
+        let s = parse(&["--all", "--custom", "mine", "f"])
+            .spec()
+            .unwrap()
+            .into_proto();
         assert_eq!(s.target.unwrap().target, Some(target::Target::All(true)));
         assert_eq!(s.callback.unwrap().custom_name, "mine");
 
         for (flag, kind) in [
             ("--count", CallbackKind::Count),
-            ("--latency", CallbackKind::Latency),
-            ("--graph", CallbackKind::Graph),
             ("--trace", CallbackKind::Trace),
         ] {
             let s = parse(&["--exe", "/no/such/prog", flag, "f"])
                 .spec()
-                .unwrap();
+                .unwrap()
+                .into_proto();
             assert_eq!(s.callback.unwrap().kind(), kind);
             assert_eq!(
                 s.target.unwrap().target,
                 Some(target::Target::Exe("/no/such/prog".into()))
             );
+        }
+    }
+
+    #[test]
+    fn latency_and_graph_are_not_offered() {
+        for flag in ["--latency", "--graph"] {
+            let args = ["attach", "--pid", "1", flag, "f"];
+            assert!(Wrapper::try_parse_from(args).is_err(), "{flag}");
         }
     }
 
@@ -252,12 +259,13 @@ mod tests {
     fn renders_results() {
         let spec = parse(&["--pid", "42", "--count", "sqlite3*"])
             .spec()
-            .unwrap();
+            .unwrap()
+            .into_proto();
         let answer = AttachResponse {
-            tracer: Some(Tracer {
+            tracer: Some(proto::Tracer {
                 tracer_id: 3,
                 spec: Some(spec.clone()),
-                ..Tracer::default()
+                ..proto::Tracer::default()
             }),
             results: vec![AgentAttachResult {
                 agent_id: 1,

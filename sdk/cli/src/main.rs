@@ -1,4 +1,5 @@
-//! The `patchbay` command line: argument parsing, connection, dispatch and error reporting.
+//! `patchbay`: the command-line client of `patchbayd` (argument parsing, connection,
+//! dispatch and error reporting), built on `patchbay-sdk`.
 
 mod commands;
 mod format;
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use patchbay_sdk::{Client, ServerTarget, default_socket_path};
+use patchbay_sdk::{Client, ServerTarget};
 
 use output::Output;
 
@@ -85,7 +86,7 @@ enum Command {
 
 /// Runs the CLI and returns the process exit status: 0 on success, 1 on any error (clap
 /// exits with 2 on usage errors before this runs); `run` exits with the program's status.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     // `run` may serve an embedded server while it drives the program: give it workers.
@@ -159,10 +160,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 async fn connect(socket: Option<&str>, token_file: Option<&Path>) -> anyhow::Result<Client> {
     let target = match socket {
         Some(socket) => ServerTarget::parse(socket)?,
-        None => ServerTarget::Unix(default_socket_path()),
+        None => ServerTarget::default(),
     };
-    let token = token_file.map(read_token).transpose()?;
-    Ok(Client::connect_to(&target, token.as_deref()).await?)
+    let mut builder = Client::builder(target);
+    if let Some(file) = token_file {
+        builder = builder.token(read_token(file)?);
+    }
+    Ok(builder.connect().await?)
 }
 
 /// The token in `path`, without surrounding whitespace.

@@ -4,13 +4,13 @@ use patchbay_sdk::proto::Tracer;
 use patchbay_sdk::{Client, names};
 use serde_json::json;
 
-use crate::cli::format::or_dash;
-use crate::cli::json;
-use crate::cli::output::Output;
-use crate::cli::table::Table;
+use crate::format::or_dash;
+use crate::json;
+use crate::output::Output;
+use crate::table::Table;
 
 pub async fn run(client: &Client, out: &mut Output) -> anyhow::Result<()> {
-    let mut tracers = client.list_tracers().await?;
+    let mut tracers = client.tracers().await?;
     tracers.sort_by_key(|t| t.tracer_id);
     if out.json() {
         out.document(&json!({ "tracers": tracers.iter().map(json::tracer).collect::<Vec<_>>() }))?;
@@ -49,18 +49,21 @@ pub fn table(tracers: &[Tracer]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use patchbay_sdk::proto::TracerState;
-    use patchbay_sdk::{TracerSpecBuilder, spec};
+    use patchbay_sdk::proto::{CallbackKind, CallbackSpec, TracerSpec, TracerState};
+    use patchbay_sdk::{Target, Tracer as Spec};
 
     #[test]
     fn renders_tracers() {
         let tracers = [Tracer {
             tracer_id: 2,
-            spec: Some(
-                TracerSpecBuilder::new(spec::exe("/bin/x"), "f*")
-                    .latency()
-                    .build(),
-            ),
+            // The server accepts `latency` tracers from any Control client: they are shown.
+            spec: Some(TracerSpec {
+                callback: Some(CallbackSpec {
+                    kind: CallbackKind::Latency as i32,
+                    ..CallbackSpec::default()
+                }),
+                ..Spec::count(Target::exe("/bin/x"), "f*").into_proto()
+            }),
             owner_uid: 1000,
             state: TracerState::Detaching as i32,
             agents: 1,

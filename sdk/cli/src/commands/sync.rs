@@ -6,9 +6,9 @@ use patchbay_sdk::proto::SynchronizeResponse;
 use patchbay_sdk::{Client, Error};
 use serde_json::json;
 
-use crate::cli::format::{micros, plural};
-use crate::cli::output::Output;
-use crate::cli::progress;
+use crate::format::{micros, plural};
+use crate::output::Output;
+use crate::progress;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -18,8 +18,11 @@ pub struct Args {
 }
 
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
-    let timeout = args.timeout_ms.map(|ms| Duration::from_millis(ms.into()));
-    let answer = progress::wait("waiting for a grace period", client.synchronize(timeout))
+    let mut request = client.synchronize();
+    if let Some(ms) = args.timeout_ms {
+        request = request.timeout(Duration::from_millis(ms.into()));
+    }
+    let answer = progress::wait("waiting for a grace period", request.into_future())
         .await
         .map_err(|err| match err {
             Error::DeadlineExceeded(msg) => anyhow::anyhow!(

@@ -4,10 +4,10 @@ use patchbay_sdk::Client;
 use patchbay_sdk::proto::{GracePeriodInfo, grace_period_info};
 use serde_json::json;
 
-use crate::cli::format::{hex, list, millis, or_dash};
-use crate::cli::json;
-use crate::cli::output::Output;
-use crate::cli::table::Table;
+use crate::format::{hex, list, millis, or_dash};
+use crate::json;
+use crate::output::Output;
+use crate::table::Table;
 
 pub async fn run(client: &Client, out: &mut Output) -> anyhow::Result<()> {
     let mut pending = client.grace_periods().await?;

@@ -163,17 +163,17 @@ pub fn event(batch: &EventBatchView, e: &Event) -> Value {
 mod tests {
     use super::*;
     use patchbay_sdk::proto::{CallbackKind, TracerState, TrampolineState};
-    use patchbay_sdk::spec as s;
+    use patchbay_sdk::{Target, Tracer as Spec};
 
     #[test]
     fn tracer_json_uses_words_for_enums() {
         let t = Tracer {
             tracer_id: 3,
             spec: Some(
-                patchbay_sdk::TracerSpecBuilder::new(s::pid(42), "sqlite3*")
-                    .trace(2)
+                Spec::trace(Target::pid(42), "sqlite3*")
+                    .args(2)
                     .name("q")
-                    .build(),
+                    .into_proto(),
             ),
             owner_uid: 1000,
             state: TracerState::Active as i32,
@@ -198,9 +198,10 @@ mod tests {
                 "dropped": 0,
             })
         );
-        assert_eq!(target(Some(&s::all())), json!({"all": true}));
+        assert_eq!(target(Some(Target::all().as_proto())), json!({"all": true}));
         assert_eq!(target(None), Value::Null);
-        assert_eq!(callback(Some(&s::count()))["kind"], "count");
+        let count = Spec::count(Target::all(), "f").into_proto();
+        assert_eq!(callback(count.callback.as_ref())["kind"], "count");
         assert_eq!(CallbackKind::Count as i32, 1);
     }
 

@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::signal::Signal;
-use patchbay_sdk::proto::{CountsResponse, TracerSpec, TracerState, target};
-use patchbay_sdk::{Client, Error, spec};
+use patchbay_sdk::proto::{CountsResponse, TracerState, target};
+use patchbay_sdk::{Client, Error, Target, Tracer, TracerId};
 use serde_json::json;
 
-use crate::cli::output::Output;
+use crate::output::Output;
 use launch::{Exit, seconds};
 use server::Connection;
 use signals::{Received, Signals};
@@ -292,25 +292,20 @@ impl Session<'_> {
                 return self.untraced().await;
             }
             AgentWait::Failed(err) => {
-                eprintln!("{}", crate::cli::render_error(&err));
+                eprintln!("{}", crate::render_error(&err));
                 return self.untraced().await;
             }
         }
 
-        let spec = TracerSpec {
-            target: Some(spec::pid(pid)),
-            pattern: self.args.pattern.clone(),
-            callback: Some(spec::count()),
-            name: RUN_TRACER_NAME.to_owned(),
-        };
-        let attach = self.client.attach(spec, Some(self.timeout()));
-        let answer = self.program.complete(attach).await;
+        let spec = Tracer::count(Target::pid(pid), self.args.pattern.clone()).name(RUN_TRACER_NAME);
+        let attach = self.client.attach(spec).timeout(self.timeout());
+        let answer = self.program.complete(attach.into_future()).await;
         // Attached (or not): the program may run `main` now.
         self.program.release();
         let answer = match answer {
             Ok(answer) => answer,
             Err(err) => {
-                eprintln!("{}", crate::cli::render_error(&err.into()));
+                eprintln!("{}", crate::render_error(&err.into()));
                 self.remove_leftover_tracers().await;
                 if self.program.running() {
                     eprintln!(
@@ -323,8 +318,9 @@ impl Session<'_> {
             }
         };
         let attached_at = Instant::now();
-        let tracer = answer.tracer.as_ref().map_or(0, |t| t.tracer_id);
-        let mine = answer.results.iter().filter(|r| r.pid == pid);
+        let tracer = answer;
+        let results = tracer.attach_response().map_or(&[][..], |a| &a.results[..]);
+        let mine = results.iter().filter(|r| r.pid == pid);
         let (patched, skipped) = mine.fold((0u64, 0u64), |(p, s), r| {
             (
                 p + u64::from(r.sites_patched),
@@ -338,22 +334,23 @@ impl Session<'_> {
         };
         // One write: the program's own output runs concurrently.
         let line = format!(
-            "patchbay: counting {patched} {} matching '{}' in pid {pid} (tracer {tracer}){skipped}",
+            "patchbay: counting {patched} {} matching '{}' in pid {pid} (tracer {}){skipped}",
             if patched == 1 {
                 "function"
             } else {
                 "functions"
             },
             self.args.pattern,
+            tracer.id(),
         );
         eprintln!("{line}");
-        for r in answer.results.iter().filter(|r| !r.error.is_empty()) {
+        for r in results.iter().filter(|r| !r.error.is_empty()) {
             eprintln!("patchbay: warning: pid {}: {}", r.pid, r.error);
         }
 
         let mut live = Live::new(self.top(), attached_at);
         if self.terminal {
-            self.show_live(tracer, &mut live).await;
+            self.show_live(&tracer, &mut live).await;
         }
         let exit = self.program.wait().await;
         live.clear();
@@ -369,7 +366,7 @@ impl Session<'_> {
             .terminal
             .then(|| Spinner::new(format!("waiting for the agent of pid {pid}")));
         let outcome = loop {
-            let agents = match self.program.during(self.client.list_agents()).await {
+            let agents = match self.program.during(self.client.agents()).await {
                 None => break None,
                 Some(Ok(agents)) => agents,
                 Some(Err(err)) => {
@@ -406,7 +403,7 @@ impl Session<'_> {
                 // for a while after its process ended.
                 let seen = self
                     .client
-                    .list_agents()
+                    .agents()
                     .await
                     .is_ok_and(|agents| agents.iter().any(|a| a.pid == pid));
                 AgentWait::Exited { seen }
@@ -418,7 +415,7 @@ impl Session<'_> {
     /// timed out): detach this run's tracers of the program.
     async fn remove_leftover_tracers(&self) {
         let pid = self.program.pid;
-        let Ok(tracers) = self.client.list_tracers().await else {
+        let Ok(tracers) = self.client.tracers().await else {
             return;
         };
         for tracer in tracers {
@@ -430,7 +427,8 @@ impl Session<'_> {
                         .is_some_and(|t| t.target == Some(target::Target::Pid(pid)))
             });
             if ours && tracer.state() == TracerState::Active {
-                let _ = self.client.detach(tracer.tracer_id, false, None).await;
+                let id = TracerId::new(tracer.tracer_id);
+                let _ = self.client.tracer(id).detach().await;
             }
         }
     }
@@ -447,7 +445,7 @@ impl Session<'_> {
     }
 
     /// Redraws the live table every interval until the program exits.
-    async fn show_live(&mut self, tracer: u64, live: &mut Live) {
+    async fn show_live(&mut self, tracer: &Tracer, live: &mut Live) {
         let interval = Duration::from_millis(self.args.interval_ms);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -456,13 +454,14 @@ impl Session<'_> {
             if self.program.during(ticker.tick()).await.is_none() {
                 break;
             }
-            match self.program.during(self.client.counts(tracer)).await {
+            match self.program.during(tracer.counts()).await {
                 None => break,
                 Some(Ok(mut counts)) => {
-                    crate::cli::commands::counts::sort(&mut counts.counts);
+                    crate::commands::counts::sort(&mut counts.counts);
                     let header = format!(
-                        "patchbay: pid {}, tracer {tracer}: {} calls in {:.1} s",
+                        "patchbay: pid {}, tracer {}: {} calls in {:.1} s",
                         self.program.pid,
+                        tracer.id(),
                         counts.total,
                         self.program.started.elapsed().as_secs_f64()
                     );
@@ -479,7 +478,7 @@ impl Session<'_> {
     }
 
     /// After the program exited: its last counts, the final table or JSON, detach.
-    async fn finish(&mut self, tracer: u64, exit: Exit) -> u8 {
+    async fn finish(&mut self, tracer: Tracer, exit: Exit) -> u8 {
         let pid = self.program.pid;
         let ran = self.program.started.elapsed();
         if !self.wait_for_disconnect().await {
@@ -489,21 +488,22 @@ impl Session<'_> {
                 seconds(Self::FLUSH_WAIT.as_millis() as u64)
             );
         }
-        let counts = self.client.counts(tracer).await;
-        match self.client.detach(tracer, false, None).await {
+        let counts = tracer.counts().await;
+        let id = tracer.id();
+        match tracer.detach().await {
             Ok(_) | Err(Error::NotFound(_)) => {}
-            Err(err) => eprintln!("patchbay: warning: cannot detach tracer {tracer}: {err}"),
+            Err(err) => eprintln!("patchbay: warning: cannot detach tracer {id}: {err}"),
         }
         let mut counts = match counts {
             Ok(counts) => counts,
             Err(err) => {
                 let err = anyhow::Error::from(err).context("cannot fetch the final counts");
-                eprintln!("{}", crate::cli::render_error(&err));
+                eprintln!("{}", crate::render_error(&err));
                 eprintln!("patchbay: pid {pid} {}", exit.sentence());
                 return 1;
             }
         };
-        crate::cli::commands::counts::sort(&mut counts.counts);
+        crate::commands::counts::sort(&mut counts.counts);
         eprintln!(
             "patchbay: pid {pid} {} after {:.2} s",
             exit.sentence(),
@@ -512,7 +512,7 @@ impl Session<'_> {
         if self.json {
             let mut out = Output::new(true, Box::new(std::io::stdout()));
             // One line, after the program's own output (which shares stdout): the last line.
-            if let Err(err) = out.json_line(&document(pid, exit, tracer, &counts)) {
+            if let Err(err) = out.json_line(&document(pid, exit, id, &counts)) {
                 eprintln!("error: cannot write the JSON document: {err}");
                 return 1;
             }
@@ -528,7 +528,7 @@ impl Session<'_> {
         let pid = self.program.pid;
         let deadline = Instant::now() + Self::FLUSH_WAIT;
         loop {
-            match self.client.list_agents().await {
+            match self.client.agents().await {
                 Ok(agents) if !agents.iter().any(|a| a.pid == pid && a.connected) => return true,
                 Ok(_) => {}
                 // The final fetch will report a server that went away.
@@ -544,12 +544,12 @@ impl Session<'_> {
 
 /// The `--json` document of a finished run. `counts` holds every function, not only the
 /// top ones.
-fn document(pid: u32, exit: Exit, tracer: u64, counts: &CountsResponse) -> serde_json::Value {
+fn document(pid: u32, exit: Exit, tracer: TracerId, counts: &CountsResponse) -> serde_json::Value {
     json!({
         "pid": pid,
         "status": exit.code(),
         "signal": exit.signal(),
-        "tracer": tracer,
+        "tracer": tracer.get(),
         "counts": counts
             .counts
             .iter()
@@ -614,14 +614,14 @@ mod tests {
             total: 7,
         };
         assert_eq!(
-            document(42, Exit::Signal(15), 3, &counts),
+            document(42, Exit::Signal(15), TracerId::new(3), &counts),
             json!({
                 "pid": 42, "status": 143, "signal": 15, "tracer": 3,
                 "counts": [{ "function": "hot", "count": 7 }], "total": 7,
             })
         );
         assert_eq!(
-            document(1, Exit::Code(3), 1, &counts)["signal"],
+            document(1, Exit::Code(3), TracerId::new(1), &counts)["signal"],
             json!(null)
         );
     }

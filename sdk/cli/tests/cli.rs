@@ -1,6 +1,8 @@
 //! The `patchbay` binary against a scripted Control server: output for people and for
 //! scripts, exit codes, and error messages.
 
+// The scripted Control server shared with the SDK's own tests.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use patchbay_sdk::{Client, Error, ServerTarget, default_socket_path};
+use patchbay_sdk::{Client, Error, ServerTarget};
 use patchbay_server::daemon::{Config, DaemonError, Server};
 use patchbay_server::listen::ensure_private_dir;
 use patchbay_server::registry::Settings;
@@ -39,7 +39,7 @@ impl Connection {
     pub async fn open(socket: Option<&str>, token: Option<&str>) -> anyhow::Result<Connection> {
         let target = match socket {
             Some(socket) => ServerTarget::parse(socket)?,
-            None => ServerTarget::Unix(default_socket_path()),
+            None => ServerTarget::default(),
         };
         let path = match &target {
             ServerTarget::Unix(path) => std::path::absolute(path)
@@ -49,8 +49,12 @@ impl Connection {
                  connects over a Unix socket (pass --socket PATH, or none for an embedded server)"
             ),
         };
-        match Client::connect_to(&ServerTarget::Unix(path.clone()), token).await {
-            Ok(client) => match client.list_agents().await {
+        let mut builder = Client::builder(ServerTarget::Unix(path.clone()));
+        if let Some(token) = token {
+            builder = builder.token(token);
+        }
+        match builder.connect().await {
+            Ok(client) => match client.agents().await {
                 Ok(_) => {
                     eprintln!("patchbay: using server at {}", path.display());
                     return Ok(Connection {
@@ -114,7 +118,9 @@ impl Connection {
         embedded.task = Some(tokio::spawn(server.serve(async move {
             let _ = stopped.await;
         })));
-        let client = Client::connect_to(&ServerTarget::Unix(socket.clone()), None).await?;
+        let client = Client::builder(ServerTarget::Unix(socket.clone()))
+            .connect()
+            .await?;
         Ok(Connection {
             client,
             socket,

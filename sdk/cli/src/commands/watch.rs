@@ -3,22 +3,22 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 
-use patchbay_sdk::Client;
 use patchbay_sdk::proto::{Event, EventBatchView};
+use patchbay_sdk::{Client, TracerId};
 
-use crate::cli::format::{hex, plural, timestamp};
-use crate::cli::json;
-use crate::cli::output::Output;
+use crate::format::{hex, plural, timestamp};
+use crate::json;
+use crate::output::Output;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Id of a `trace` or `graph` tracer (see `patchbay tracers`)
+    /// Id of a `trace` tracer (see `patchbay tracers`)
     #[arg(value_name = "TRACER")]
     pub tracer: u64,
 }
 
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
-    let mut stream = client.watch_events(args.tracer).await?;
+    let mut stream = client.tracer(TracerId::new(args.tracer)).events().await?;
     if std::io::stderr().is_terminal() {
         eprintln!("watching tracer {} (Ctrl-C to stop)", args.tracer);
     }

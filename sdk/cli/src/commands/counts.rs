@@ -1,11 +1,11 @@
 //! `patchbay counts TRACER`.
 
-use patchbay_sdk::Client;
 use patchbay_sdk::proto::{CountsResponse, FunctionCount};
+use patchbay_sdk::{Client, TracerId};
 use serde_json::json;
 
-use crate::cli::output::Output;
-use crate::cli::table::Table;
+use crate::output::Output;
+use crate::table::Table;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -15,7 +15,7 @@ pub struct Args {
 }
 
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
-    let mut answer = client.counts(args.tracer).await?;
+    let mut answer = client.tracer(TracerId::new(args.tracer)).counts().await?;
     sort(&mut answer.counts);
     if out.json() {
         let counts: Vec<_> = answer

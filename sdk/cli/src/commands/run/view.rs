@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use patchbay_sdk::proto::{CountsResponse, FunctionCount};
 
-use crate::cli::table::Table;
+use crate::table::Table;
 
 /// Size of the terminal on stderr, `(columns, rows)`.
 pub fn terminal_size() -> Option<(usize, usize)> {
@@ -57,8 +57,8 @@ impl Spinner {
             return;
         }
         self.last = Some(now);
-        let frames = crate::cli::progress::FRAMES;
-        let line = crate::cli::progress::spinner_line(
+        let frames = crate::progress::FRAMES;
+        let line = crate::progress::spinner_line(
             frames[self.frame % frames.len()],
             &self.message,
             self.start.elapsed(),
@@ -208,7 +208,7 @@ pub fn final_table(counts: &CountsResponse, top: usize) -> String {
     text.push_str(&format!(
         "total: {} in {}\n",
         calls(counts.total),
-        crate::cli::format::plural(counts.counts.len(), "function")
+        crate::format::plural(counts.counts.len(), "function")
     ));
     text
 }

@@ -4,10 +4,10 @@ use patchbay_sdk::Client;
 use patchbay_sdk::proto::ListFunctionsResponse;
 use serde_json::json;
 
-use crate::cli::format::{hex, or_dash, yes_no};
-use crate::cli::json;
-use crate::cli::output::Output;
-use crate::cli::table::Table;
+use crate::format::{hex, or_dash, yes_no};
+use crate::json;
+use crate::output::Output;
+use crate::table::Table;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -23,7 +23,11 @@ pub struct Args {
 
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
     let pattern = args.pattern.as_deref().unwrap_or("");
-    let answer = client.list_functions(args.pid, pattern, args.limit).await?;
+    let mut request = client.functions(args.pid).pattern(pattern);
+    if let Some(limit) = args.limit {
+        request = request.limit(limit);
+    }
+    let answer = request.await?;
     if out.json() {
         out.document(&json!({
             "functions": answer.functions.iter().map(json::function).collect::<Vec<_>>(),

@@ -3,6 +3,8 @@
 //! the embedded server's private directory, and a whole run against a scripted server
 //! whose "agent" is the program writing its pid to a file.
 
+// The scripted Control server shared with the SDK's own tests.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::os::unix::fs::DirBuilderExt;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Fake, serve_unix};
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// A temporary directory with `xdg/` (0700, the runtime directory) and a file named
 /// `libpatchbay_agent.so` that is not a library: ld.so reports it and ignores it, so the
@@ -293,7 +296,7 @@ async fn no_agent_within_the_timeout_waits_for_the_program_and_fails() {
 async fn sigterm_is_passed_on_to_the_program() {
     let env = Env::new();
     let agent = env.agent();
-    let child = env
+    let mut child = env
         .command(
             Path::new(env!("CARGO_BIN_EXE_patchbay")),
             &[
@@ -302,25 +305,89 @@ async fn sigterm_is_passed_on_to_the_program() {
         )
         .spawn()
         .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    // Let it start the program (its stderr says so once the server is up).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut err = String::new();
+    // It starts the program once the server is up (its stderr says so), then holds it
+    // until an agent connects, which never happens here: wait until the program runs, so
+    // that the signal is the program's and not an interruption of the start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    read_stderr_until(
+        &mut stderr,
+        &mut err,
+        "started an embedded server at",
+        deadline,
+    )
+    .await;
+    let program = wait_for_child(pid, "sleep", deadline).await;
     let start = Instant::now();
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let o = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .expect("patchbay run exits after the program")
-        .unwrap();
-    let err = stderr(&o);
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        stderr.read_to_string(&mut err).await.unwrap();
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("patchbay run exits after the program");
     assert!(start.elapsed() < Duration::from_secs(5), "{err}");
-    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
+    assert_eq!(status.code(), Some(128 + 15), "{err}");
     assert!(
         err.contains(
             "patchbay: the program was killed by signal 15 (SIGTERM) before its agent connected"
         ),
         "{err}"
     );
+    assert!(
+        !Path::new(&format!("/proc/{program}")).exists(),
+        "the program {program} is gone"
+    );
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+/// Appends `stderr`'s lines to `seen` until one contains `needle`; fails at `deadline` or
+/// at the end of the stream.
+async fn read_stderr_until(
+    stderr: &mut BufReader<tokio::process::ChildStderr>,
+    seen: &mut String,
+    needle: &str,
+    deadline: Instant,
+) {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut line = String::new();
+        let read = tokio::time::timeout(left, stderr.read_line(&mut line))
+            .await
+            .unwrap_or_else(|_| panic!("no stderr line with `{needle}` in time: {seen}"))
+            .unwrap();
+        assert!(read > 0, "stderr ended without `{needle}`: {seen}");
+        seen.push_str(&line);
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
+/// The pid of a child of `parent` running `comm`, polled until `deadline`.
+async fn wait_for_child(parent: u32, comm: &str, deadline: Instant) -> u32 {
+    loop {
+        let found = std::fs::read_dir("/proc").unwrap().find_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+            let (head, tail) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1;
+            let ppid: u32 = tail.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent && name == comm).then_some(pid)
+        });
+        if let Some(pid) = found {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no child `{comm}` of pid {parent} in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use patchbay_sdk::proto::DetachResponse;
-use patchbay_sdk::{Client, Error};
+use patchbay_sdk::{Client, Error, TracerId};
 use serde_json::json;
 
-use crate::cli::format::plural;
-use crate::cli::json;
-use crate::cli::output::Output;
-use crate::cli::progress;
+use crate::format::plural;
+use crate::json;
+use crate::output::Output;
+use crate::progress;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,10 +25,15 @@ pub struct Args {
 }
 
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
-    let timeout = args.timeout_ms.map(|ms| Duration::from_millis(ms.into()));
-    let request = client.detach(args.tracer, args.wait, timeout);
+    let mut request = client.tracer(TracerId::new(args.tracer)).detach();
+    if args.wait {
+        request = request.wait();
+    }
+    if let Some(ms) = args.timeout_ms {
+        request = request.timeout(Duration::from_millis(ms.into()));
+    }
     let answer = if args.wait {
-        progress::wait("waiting for the grace period", request).await
+        progress::wait("waiting for the grace period", request.into_future()).await
     } else {
         request.await
     };
