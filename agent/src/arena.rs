@@ -161,9 +161,8 @@ pub struct Arena {
     chunks: Mutex<Vec<Chunk>>,
 }
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
+use crate::sys::errno;
+use crate::sys::procfs::{self, Mapping};
 
 impl Arena {
     pub fn new() -> Self {
@@ -320,16 +319,13 @@ pub fn is_poisoned(addr: usize, len: usize) -> bool {
     })
 }
 
-/// Parses `/proc/self/maps` into sorted `(start, end, is_main_stack)` ranges.
-pub fn parse_maps(text: &str) -> Vec<(usize, usize, bool)> {
-    let mut v: Vec<(usize, usize, bool)> = text
-        .lines()
-        .filter_map(|l| {
-            let range = l.split_whitespace().next()?;
-            let (a, b) = range.split_once('-')?;
-            let a = usize::from_str_radix(a, 16).ok()?;
-            let b = usize::from_str_radix(b, 16).ok()?;
-            Some((a, b, l.ends_with("[stack]")))
+/// `/proc/self/maps` as sorted `(start, end, is_main_stack)` ranges.
+pub(crate) fn ranges_of(maps: &[Mapping]) -> Vec<(usize, usize, bool)> {
+    let mut v: Vec<(usize, usize, bool)> = maps
+        .iter()
+        .map(|m| {
+            let stack = m.path.as_deref().is_some_and(|p| p.ends_with("[stack]"));
+            (m.start as usize, m.end as usize, stack)
         })
         .collect();
     v.sort_unstable();
@@ -392,11 +388,11 @@ pub fn candidates(maps: &[(usize, usize, bool)], w: Window) -> Vec<usize> {
 
 fn map_chunk_in(w: Window) -> Result<usize, ArenaError> {
     for _attempt in 0..8 {
-        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| ArenaError::Os {
+        let maps = procfs::read_maps().map_err(|e| ArenaError::Os {
             op: "read /proc/self/maps",
             errno: e.raw_os_error().unwrap_or(0),
         })?;
-        let cands = candidates(&parse_maps(&maps), w);
+        let cands = candidates(&ranges_of(&maps), w);
         if cands.is_empty() {
             break;
         }
@@ -434,16 +430,9 @@ mod tests {
     use super::*;
 
     fn perms_of(addr: usize) -> String {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        for l in maps.lines() {
-            let mut it = l.split_whitespace();
-            let (a, b) = it.next().unwrap().split_once('-').unwrap();
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            );
-            if a <= addr && addr < b {
-                return it.next().unwrap().to_string();
+        for m in procfs::read_maps().unwrap() {
+            if m.start as usize <= addr && addr < m.end as usize {
+                return String::from_utf8_lossy(&m.perms).into_owned();
             }
         }
         panic!("{addr:#x} not mapped");
@@ -508,11 +497,11 @@ mod tests {
         assert!(w.contains(0x5555_0000_0005 - (1 << 31)));
         assert!(!w.contains(0x5555_0000_0004 - (1 << 31)));
         assert!(Window::for_calls_from(&[0x1000_0000, 0x1_9000_0000]).is_none());
-        let maps = parse_maps(
+        let maps = ranges_of(&procfs::parse_maps(
             "555500000000-555500100000 r-xp 0 0:0 0 /bin/x\n\
              555500100000-555500200000 rw-p 0 0:0 0 [heap]\n\
              7ffff0000000-7ffff0021000 rw-p 0 0:0 0 [stack]\n",
-        );
+        ));
         let c = candidates(&maps, w);
         assert_eq!(c[0], 0x5555_0000_0000 - CHUNK_BYTES, "closest below first");
         assert!(c.iter().all(|&b| w.contains(b) && b % CHUNK_BYTES == 0));

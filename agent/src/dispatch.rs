@@ -111,29 +111,9 @@ impl Descriptor {
     }
 }
 
-std::thread_local! {
-    static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// The calling thread's id, cached. Async-signal-safe.
-#[inline]
-pub fn tid() -> u32 {
-    TID.with(|t| {
-        let v = t.get();
-        if v != 0 {
-            return v;
-        }
-        // SAFETY: gettid has no preconditions.
-        let v = unsafe { libc::gettid() } as u32;
-        t.set(v);
-        v
-    })
-}
-
-/// Forgets the cached tid (in a forked child).
-pub fn reset_tid() {
-    TID.with(|t| t.set(0));
-}
+/// The old path of the cached tid, for `patch_tests.rs` (rewritten in parallel).
+#[cfg(test)]
+pub(crate) use crate::sys::tid;
 
 /// The generic entry stub, in one variant per vector register width: every argument
 /// register of the traced function is saved before the dispatcher runs and restored
@@ -359,7 +339,7 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     desc.check_live();
     // SAFETY: the stub passes a pointer to the registers it saved on this stack.
     let regs = unsafe { &*regs };
-    let Some(h) = block::current_fast().or_else(|| block::claim(tid())) else {
+    let Some(h) = block::current_fast().or_else(|| block::claim(crate::sys::tid())) else {
         // The pool is empty: count in the shared overflow block (atomically), so the
         // call is not lost; trace events have no ring here and count as dropped;
         // custom callbacks are skipped (see `run_overflow_actions`).
@@ -403,7 +383,7 @@ fn call_custom(f: &crate::callbacks::Registered, site: u64, regs: &Regs) {
     let args = regs.args();
     let ctx = CallCtx {
         site,
-        tid: tid(),
+        tid: crate::sys::tid(),
         args: &args,
     };
     match f {

@@ -73,8 +73,7 @@ impl Gate {
             let wait = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(ms);
             // SAFETY: one valid pollfd.
             let rc = unsafe { libc::poll(&mut pfd, 1, wait) };
-            let interrupted =
-                rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+            let interrupted = rc < 0 && crate::sys::errno() == libc::EINTR;
             if !interrupted || left.is_zero() {
                 break;
             }

@@ -167,7 +167,7 @@ extern "C" fn after_fork_parent() {
 extern "C" fn after_fork_child() {
     fork_unlock();
     // The child is a new process: a new agent, with the inherited trampolines.
-    dispatch::reset_tid();
+    crate::sys::reset_tid();
     threads::clear_agent_threads();
     if let Some(r) = runtime().as_mut() {
         r.forked_child();

@@ -21,13 +21,13 @@ pub mod init;
 pub mod link;
 mod log;
 pub mod patch;
-pub mod procfs;
 pub mod qs;
 pub mod ring;
 pub mod runtime;
 pub mod sigwrap;
 pub mod sites;
 pub mod stats;
+pub(crate) mod sys;
 pub mod threads;
 /// Per-thread blocks of the `codegen` test flavour (the runtime uses `block`).
 #[cfg(test)]

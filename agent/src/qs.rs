@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::block::{self, Header};
 use crate::dispatch;
-use crate::procfs::{self, SyscallState};
+use crate::sys::procfs::{self, SyscallState};
 
 /// The agent's epoch. Bumped after every completed unpatch (and every barrier).
 pub static EPOCH: AtomicU64 = AtomicU64::new(1);
@@ -95,7 +95,7 @@ pub fn quiescent() {
     if block::NEST.with(|n| n.get()) != 0 {
         return;
     }
-    if let Some(h) = block::current().or_else(|| block::claim(dispatch::tid())) {
+    if let Some(h) = block::current().or_else(|| block::claim(crate::sys::tid())) {
         stamp(h);
     }
 }
@@ -133,7 +133,7 @@ pub(crate) extern "C" fn on_signal(
         // out in nanoseconds; the agent looks again.
         return;
     }
-    if let Some(h) = block::current().or_else(|| block::claim(dispatch::tid()))
+    if let Some(h) = block::current().or_else(|| block::claim(crate::sys::tid()))
         && h.qs_epoch.load(Ordering::Relaxed) < e
     {
         h.qs_epoch.store(e, Ordering::Release);
@@ -153,7 +153,7 @@ pub fn install_signal(signal: i32) -> std::io::Result<()> {
         sa.sa_sigaction = on_signal as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         libc::sigfillset(&mut sa.sa_mask);
-        crate::sigwrap::real_sigaction(signal, &sa, std::ptr::null_mut())
+        crate::sys::signal::real_sigaction(signal, &sa, std::ptr::null_mut())
     };
     if rc != 0 {
         INSTALLED.store(false, Ordering::Release);
@@ -171,27 +171,6 @@ pub fn signal() -> i32 {
 /// The default quiescent-state signal: SIGRTMIN + 3.
 pub fn default_signal() -> i32 {
     libc::SIGRTMIN() + 3
-}
-
-/// Whether thread `tid` blocks signal `sig` (from its `status` file).
-pub fn blocks_signal(tid: u32, sig: i32) -> bool {
-    status_mask_has(tid, "SigBlk:", sig)
-}
-
-/// Whether signal `sig` is pending for thread `tid` itself (sent with `tgkill` and not
-/// yet handled, e.g. because the thread blocks it).
-pub fn signal_pending(tid: u32, sig: i32) -> bool {
-    status_mask_has(tid, "SigPnd:", sig)
-}
-
-fn status_mask_has(tid: u32, field: &str, sig: i32) -> bool {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
-        return false;
-    };
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
 }
 
 /// A snapshot of a thread's dispatch state read from another thread.
@@ -307,7 +286,7 @@ impl Observer {
                         // Real-time signals queue: a thread that blocks ours (or has not
                         // run since) would pile them up against the user's
                         // RLIMIT_SIGPENDING. Keep at most one pending per thread.
-                        let pending = due && last.is_some() && signal_pending(tid, signal);
+                        let pending = due && last.is_some() && procfs::signal_pending(tid, signal);
                         if signal != 0 && due && !pending {
                             // SAFETY: tgkill to a thread of our own process with a
                             // signal whose handler we installed.
@@ -350,7 +329,7 @@ impl Observer {
             h.pc = pc;
         }
         if sig != 0 && now.duration_since(h.since) > Duration::from_millis(50) {
-            h.blocks_signal = blocks_signal(tid, sig);
+            h.blocks_signal = procfs::blocks_signal(tid, sig);
         }
     }
 
@@ -383,7 +362,7 @@ mod tests {
         let t1 = {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                tx.send(dispatch::tid()).unwrap();
+                tx.send(crate::sys::tid()).unwrap();
                 while !s.load(Ordering::Relaxed) {
                     std::hint::spin_loop();
                 }
@@ -393,7 +372,7 @@ mod tests {
         let t2 = {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                tx.send(dispatch::tid()).unwrap();
+                tx.send(crate::sys::tid()).unwrap();
                 let _ = brx.recv();
             })
         };
@@ -401,7 +380,7 @@ mod tests {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 quiescent();
-                tx.send(dispatch::tid()).unwrap();
+                tx.send(crate::sys::tid()).unwrap();
             })
         };
         let tids: BTreeSet<u32> = (0..3).map(|_| rx.recv().unwrap()).collect();

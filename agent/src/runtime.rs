@@ -26,9 +26,10 @@ use crate::patch::{Op, Patcher};
 use crate::qs::{self, EPOCH, Observer};
 use crate::ring::{self, Clock};
 use crate::sites::{self, Discoverer, FunctionSite, SiteKind};
+use crate::sys::procfs;
 use crate::threads::Threads;
 use crate::tramp::{self, Layout};
-use crate::{callbacks, link, log, procfs};
+use crate::{callbacks, link, log};
 
 /// Sites per trampoline slot (a slot must fit in an arena chunk).
 const SITES_PER_SLOT: usize = 1000;
@@ -735,8 +736,7 @@ impl Runtime {
             return;
         }
         if let Some(tid) = self.sigtrap_blocker
-            && std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
-                .is_ok_and(|st| crate::patch::status_blocks_sigtrap(&st))
+            && procfs::blocks_signal(tid, libc::SIGTRAP)
         {
             return;
         }
@@ -1195,7 +1195,7 @@ impl Runtime {
     /// patched code. Counts start from zero; the blocks of threads that do not exist
     /// here are returned.
     pub fn forked_child(&mut self) {
-        let me = crate::procfs::gettid();
+        let me = crate::sys::tid();
         let mine = block::current().map(|h| h as *const block::Header);
         for h in block::all() {
             if Some(h as *const block::Header) == mine {

@@ -37,7 +37,8 @@
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::{block, dispatch, qs, trap};
+use crate::sys::signal::real_sigaction;
+use crate::{block, qs, trap};
 
 const NSIG: usize = 65;
 
@@ -49,50 +50,11 @@ static MASK: [AtomicU64; NSIG] = [const { AtomicU64::new(0) }; NSIG];
 /// The interposition's lock: 0 when free, else `pid << 32 | tid` of the holder (so a
 /// child forked while a parent thread held it can take it over).
 static LOCK: AtomicU64 = AtomicU64::new(0);
-/// libc's `sigaction` (resolved with `dlsym(RTLD_NEXT)`), 0 until resolved.
-static REAL: AtomicUsize = AtomicUsize::new(0);
 /// Program handler runs that interrupted trampoline code or a dispatch (the torture
 /// reports it).
 pub static INSIDE_RUNS: AtomicU64 = AtomicU64::new(0);
 
-type SigactionFn =
-    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
 type Handler3 = extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void);
-
-fn real() -> Option<SigactionFn> {
-    let mut f = REAL.load(Ordering::Acquire);
-    if f == 0 {
-        // SAFETY: dlsym with a valid NUL-terminated name; RTLD_NEXT finds the next
-        // definition after this object (libc's).
-        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"sigaction".as_ptr()) } as usize;
-        if f == 0 || f == sigaction as *const () as usize {
-            return None;
-        }
-        REAL.store(f, Ordering::Release);
-    }
-    // SAFETY: `f` is libc's sigaction, which has this signature.
-    Some(unsafe { std::mem::transmute::<usize, SigactionFn>(f) })
-}
-
-/// libc's `sigaction`, bypassing the interposition (for the agent's own handlers).
-///
-/// # Safety
-/// As `sigaction(2)`: `act` and `old` are null or valid.
-pub unsafe fn real_sigaction(
-    sig: c_int,
-    act: *const libc::sigaction,
-    old: *mut libc::sigaction,
-) -> c_int {
-    match real() {
-        // SAFETY: forwarded as given.
-        Some(f) => unsafe { f(sig, act, old) },
-        None => {
-            // SAFETY: setting errno of this thread.
-            unsafe { *libc::__errno_location() = libc::ENOSYS };
-            -1
-        }
-    }
-}
 
 /// Signals whose handlers are wrapped.
 fn wrapped(sig: c_int) -> bool {
@@ -122,7 +84,7 @@ fn lock() -> Locked {
     };
     // SAFETY: getpid and gettid have no preconditions.
     let pid = unsafe { libc::getpid() } as u64;
-    let me = (pid << 32) | dispatch::tid() as u64;
+    let me = (pid << 32) | crate::sys::tid() as u64;
     loop {
         match LOCK.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed) {
             Ok(_) => break,
@@ -309,7 +271,7 @@ extern "C" fn wrapper(sig: c_int, info: *mut libc::siginfo_t, uctx: *mut c_void)
 fn raise() -> Option<&'static block::Header> {
     INSIDE_RUNS.fetch_add(1, Ordering::Relaxed);
     block::NEST.with(|n| n.set(n.get() + 1));
-    let h = block::current_fast().or_else(|| block::claim(dispatch::tid()));
+    let h = block::current_fast().or_else(|| block::claim(crate::sys::tid()));
     if let Some(h) = h {
         h.seq.fetch_add(1, Ordering::AcqRel);
         h.nesting.fetch_add(1, Ordering::AcqRel);
@@ -461,7 +423,7 @@ mod tests {
             // An interrupted PC inside trampoline memory raises NEST and the block's
             // nesting for the handler's duration, and restores both after.
             block::refill(4).unwrap();
-            let h = block::claim(dispatch::tid()).expect("a block");
+            let h = block::claim(crate::sys::tid()).expect("a block");
             assert!(qs::add_range(0x1000, 0x2000));
             let mut uc: libc::ucontext_t = std::mem::zeroed();
             uc.uc_mcontext.gregs[libc::REG_RIP as usize] = 0x1800;

@@ -374,8 +374,7 @@ pub fn premature_free(what: &[u8], addr: usize) {
     };
     put(POISON_MARKER.as_bytes());
     put(b" thread ");
-    // SAFETY: gettid has no preconditions.
-    let (digits, first) = decimal(unsafe { libc::gettid() } as u64);
+    let (digits, first) = decimal(crate::sys::tid() as u64);
     put(&digits[first..]);
     put(b" ");
     put(what);
@@ -421,11 +420,11 @@ fn die_by_default(sig: libc::c_int) {
     unsafe {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        crate::sigwrap::real_sigaction(sig, &dfl, std::ptr::null_mut());
+        crate::sys::signal::real_sigaction(sig, &dfl, std::ptr::null_mut());
         libc::syscall(
             libc::SYS_tgkill,
             libc::getpid(),
-            libc::syscall(libc::SYS_gettid),
+            crate::sys::tid() as libc::c_long,
             sig,
         );
     }
@@ -480,8 +479,9 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     // SAFETY: querying the current action into a valid out pointer.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    if unsafe { crate::sigwrap::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
-        return Err(TrapError::Sigaction(errno()));
+    if unsafe { crate::sys::signal::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0
+    {
+        return Err(TrapError::Sigaction(crate::sys::errno()));
     }
     if cur.sa_sigaction == on_sigtrap as *const () as usize {
         return Ok(());
@@ -490,14 +490,11 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     PREV.store(Box::into_raw(Box::new(cur)), Ordering::Release);
     let sa = our_action();
     // SAFETY: installing a valid action for SIGTRAP.
-    if unsafe { crate::sigwrap::real_sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0 {
-        return Err(TrapError::Sigaction(errno()));
+    if unsafe { crate::sys::signal::real_sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0
+    {
+        return Err(TrapError::Sigaction(crate::sys::errno()));
     }
     Ok(())
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 #[cfg(test)]
