@@ -18,18 +18,20 @@ use patchbay_proto as pb;
 use pb::agent_message::Body as FromAgent;
 use pb::server_message::Body as ToAgent;
 
-use crate::arena::{Arena, Slot, Window};
-use crate::block;
-use crate::counters::Counters;
-use crate::dispatch::{self, Action, Descriptor};
-use crate::patch::{Op, Patcher};
-use crate::qs::{self, EPOCH, Observer};
-use crate::ring::{self, Clock};
-use crate::sites::{self, Discoverer, FunctionSite, SiteKind};
+use crate::control::arena::{Arena, Slot, Window};
+use crate::control::counters::Counters;
+use crate::control::drain::{self, Clock};
+use crate::control::observer::Observer;
+use crate::control::patch::{Op, Patcher};
+use crate::control::sites::{self, Discoverer, FunctionSite, SiteKind};
+use crate::control::threads::Threads;
+use crate::control::{callbacks, link, log};
+use crate::hot::block;
+use crate::hot::dispatch::{self, Action, Descriptor};
+use crate::hot::qs::EPOCH;
+use crate::hot::ranges;
 use crate::sys::procfs;
-use crate::threads::Threads;
 use crate::tramp::{self, Layout};
-use crate::{callbacks, link, log};
 
 /// Sites per trampoline slot (a slot must fit in an arena chunk).
 const SITES_PER_SLOT: usize = 1000;
@@ -121,7 +123,6 @@ pub struct Runtime {
     last_stall_report: Instant,
     /// Callback registry generation last announced to the server.
     callbacks_announced: u64,
-    pub started: Instant,
 }
 
 /// Reports new `(tid, epoch)` quiescent stamps, if any, in one batch.
@@ -186,7 +187,6 @@ impl Runtime {
             sent_counts: BTreeMap::new(),
             last_stall_report: Instant::now(),
             callbacks_announced: 0,
-            started: Instant::now(),
         }
     }
 
@@ -460,7 +460,6 @@ impl Runtime {
         };
         let desc = Box::new(Descriptor {
             live: std::sync::atomic::AtomicU64::new(dispatch::DESC_LIVE),
-            trampoline_id: id,
             sites: sites.clone().into(),
             actions: actions.into(),
         });
@@ -569,7 +568,7 @@ impl Runtime {
                 t.sites.remove(&s);
             }
         }
-        crate::stats::bump(&crate::stats::TRAMPOLINES_INSTALLED);
+        crate::hot::stats::bump(&crate::hot::stats::TRAMPOLINES_INSTALLED);
         self.tramps.insert(
             id,
             Tramp {
@@ -639,7 +638,7 @@ impl Runtime {
     fn register_ranges(&mut self) {
         let ranges = self.arena.chunk_ranges();
         for &(s, e) in &ranges[self.ranges_registered.min(ranges.len())..] {
-            if !qs::add_range(s as u64, e as u64) {
+            if !ranges::add_range(s as u64, e as u64) {
                 log::warn("trampoline range table full");
             }
         }
@@ -690,7 +689,7 @@ impl Runtime {
             // A thread blocking SIGTRAP would be killed by an int3 of the unpatch:
             // the remove is deferred and retried on every tick until no thread
             // blocks it (never dropped: the server waits for its `Retired`).
-            if let crate::patch::PatchError::SigtrapBlocked { tid } = e {
+            if let crate::control::patch::PatchError::SigtrapBlocked { tid } = e {
                 self.sigtrap_blocker = Some(tid);
                 if self.pending_removes.insert(id) {
                     out.push(FromAgent::Error(pb::AgentError {
@@ -778,7 +777,7 @@ impl Runtime {
             }
             t.desc.live.store(dispatch::DESC_DEAD, Ordering::Relaxed);
             drop(t.desc);
-            crate::stats::bump(&crate::stats::TRAMPOLINES_FREED);
+            crate::hot::stats::bump(&crate::hot::stats::TRAMPOLINES_FREED);
             out.push(report(
                 id,
                 pb::trampoline_report::Report::Freed(pb::Freed {}),
@@ -813,7 +812,7 @@ impl Runtime {
             if h.tid.load(Ordering::Acquire) == 0 {
                 continue;
             }
-            let n = ring::drain(h, |r| {
+            let n = drain::drain(h, |r| {
                 let (buf, n) = events.entry(r.tracer).or_default();
                 if *n as usize >= event_buffer {
                     *lost.entry(r.tracer).or_insert(0) += 1;
@@ -1004,7 +1003,7 @@ impl Runtime {
         if pc == 0 {
             return String::new();
         }
-        if qs::in_trampoline(pc) {
+        if ranges::in_trampoline(pc) {
             return "<trampoline>".into();
         }
         self.functions

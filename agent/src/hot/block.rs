@@ -43,10 +43,9 @@ pub struct Header {
     /// Bumped at every dispatch entry: lets another thread check that no dispatch
     /// started or ended between two reads.
     pub seq: AtomicU64,
-    /// A quiescent observation was deferred (the thread was inside): the dispatch exit
-    /// stamps `qs_epoch` when `nesting` drops to 0.
-    pub deferred: AtomicU32,
-    _pad0: u32,
+    /// Unused (the deferred quiescent state is the thread-local [`DEFERRED`]): keeps
+    /// the offsets below, which generated code uses, where they are.
+    _reserved: u64,
     /// Highest epoch at which this thread was seen quiescent (explicit call, signal, or
     /// deferred exit).
     pub qs_epoch: AtomicU64,
@@ -398,7 +397,6 @@ impl Header {
             self.reset_counter(i);
         }
         self.nesting.store(0, Ordering::Relaxed);
-        self.deferred.store(0, Ordering::Relaxed);
         self.qs_epoch.store(0, Ordering::Relaxed);
         self.seq.store(0, Ordering::Relaxed);
         self.ring_head.store(0, Ordering::Relaxed);

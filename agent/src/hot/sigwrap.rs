@@ -37,8 +37,10 @@
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
+use super::block;
+use super::ranges::in_trampoline;
+use super::{qs, trap};
 use crate::sys::signal::real_sigaction;
-use crate::{block, qs, trap};
 
 const NSIG: usize = 65;
 
@@ -217,7 +219,7 @@ pub fn wrap_existing() {
 /// Whether `pc` is trampoline code a thread must leave before it is quiescent.
 /// Async-signal-safe.
 fn inside(pc: u64) -> bool {
-    qs::in_trampoline(pc) || trap::sled_exit(pc as usize).is_some()
+    in_trampoline(pc) || trap::sled_exit(pc as usize).is_some()
 }
 
 /// The handler the kernel runs for every wrapped signal. Async-signal-safe.
@@ -424,7 +426,7 @@ mod tests {
             // nesting for the handler's duration, and restores both after.
             block::refill(4).unwrap();
             let h = block::claim(crate::sys::tid()).expect("a block");
-            assert!(qs::add_range(0x1000, 0x2000));
+            assert!(super::super::ranges::add_range(0x1000, 0x2000));
             let mut uc: libc::ucontext_t = std::mem::zeroed();
             uc.uc_mcontext.gregs[libc::REG_RIP as usize] = 0x1800;
             let n0 = h.nesting.load(Ordering::SeqCst);

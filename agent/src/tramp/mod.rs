@@ -29,7 +29,7 @@
 //! no saving; a thread executing them is inside trampoline memory for the quiescent-state
 //! check (its PC says so), like any trampoline code.
 
-use crate::block;
+use crate::hot::block;
 
 /// Offset of the generic stub in a slot.
 pub const GENERIC: usize = 16;
@@ -304,7 +304,7 @@ mod tests {
     // Runs the stub for real: a fake thread block behind this test thread's TLS word.
     mod exec {
         use super::super::*;
-        use crate::block;
+        use crate::hot::block;
 
         std::arch::global_asm!(
             ".globl pb_tramp_test_entry",
@@ -396,7 +396,7 @@ mod tests {
             let counters = unsafe { base.add(block::HEADER_BYTES / 8) };
             block::TLS.with(|t| t.set(counters));
             let args = [11, 22, 33, 44, 55, 66];
-            let before = crate::ring::rdtsc();
+            let before = crate::hot::ring::rdtsc();
             let (regs, ra) = call(stub, args);
             assert_eq!(regs, [11, 22, 33, 44, 55, 66, 0xAAAA_0000, 0xBBBB_0000]);
             let ev = |slot: usize| {

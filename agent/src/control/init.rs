@@ -6,8 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use std::time::{Duration, Instant};
 
-use crate::runtime::Runtime;
-use crate::{block, dispatch, link, log, qs, sigwrap, threads};
+use crate::control::runtime::Runtime;
+use crate::control::{link, log, threads};
+use crate::hot::{block, dispatch, qs, sigwrap};
 
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
 static STARTED: AtomicBool = AtomicBool::new(false);

@@ -39,6 +39,10 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
+use super::ranges::in_trampoline;
+use super::stats;
+use crate::sys;
+
 /// `si_code` of a trap raised by an `int3` instruction.
 pub const SI_KERNEL: i32 = 0x80;
 
@@ -265,6 +269,7 @@ pub fn decide(si_code: i32, pc: usize, state: Option<Transition>, byte_now: u8) 
 }
 
 /// Counters of what the handler did.
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrapStats {
     pub emulated_calls: u64,
@@ -278,6 +283,7 @@ static EMULATED_NOPS: AtomicU64 = AtomicU64::new(0);
 static RESTARTED: AtomicU64 = AtomicU64::new(0);
 static CHAINED: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(test)]
 pub fn stats() -> TrapStats {
     TrapStats {
         emulated_calls: EMULATED_CALLS.load(Ordering::Relaxed),
@@ -314,7 +320,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
     } else {
         None
     };
-    if code == SI_KERNEL && state.is_none() && crate::qs::in_trampoline(pc.wrapping_sub(1) as u64) {
+    if code == SI_KERNEL && state.is_none() && in_trampoline(pc.wrapping_sub(1) as u64) {
         // An int3 in trampoline memory: the poison of a freed slot (nothing else there
         // is ever executed). Never resumable: report and die.
         premature_free(b"executed freed (int3-poisoned) trampoline memory", pc - 1);
@@ -364,7 +370,7 @@ pub const POISON_MARKER: &str = "patchbay-agent: FATAL: premature free:";
 ///
 /// Async-signal-safe: formats into a stack buffer, then `write`, `sigaction`, `tgkill`.
 pub fn premature_free(what: &[u8], addr: usize) {
-    crate::stats::bump(&crate::stats::POISON_TRAPS);
+    stats::bump(&stats::POISON_TRAPS);
     let mut buf = [0u8; 192];
     let mut n = 0;
     let mut put = |b: &[u8]| {
@@ -374,7 +380,7 @@ pub fn premature_free(what: &[u8], addr: usize) {
     };
     put(POISON_MARKER.as_bytes());
     put(b" thread ");
-    let (digits, first) = decimal(crate::sys::tid() as u64);
+    let (digits, first) = decimal(sys::tid() as u64);
     put(&digits[first..]);
     put(b" ");
     put(what);
@@ -420,11 +426,11 @@ fn die_by_default(sig: libc::c_int) {
     unsafe {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        crate::sys::signal::real_sigaction(sig, &dfl, std::ptr::null_mut());
+        sys::signal::real_sigaction(sig, &dfl, std::ptr::null_mut());
         libc::syscall(
             libc::SYS_tgkill,
             libc::getpid(),
-            crate::sys::tid() as libc::c_long,
+            sys::tid() as libc::c_long,
             sig,
         );
     }
@@ -479,9 +485,8 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     // SAFETY: querying the current action into a valid out pointer.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    if unsafe { crate::sys::signal::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0
-    {
-        return Err(TrapError::Sigaction(crate::sys::errno()));
+    if unsafe { sys::signal::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
+        return Err(TrapError::Sigaction(sys::errno()));
     }
     if cur.sa_sigaction == on_sigtrap as *const () as usize {
         return Ok(());
@@ -490,9 +495,8 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     PREV.store(Box::into_raw(Box::new(cur)), Ordering::Release);
     let sa = our_action();
     // SAFETY: installing a valid action for SIGTRAP.
-    if unsafe { crate::sys::signal::real_sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0
-    {
-        return Err(TrapError::Sigaction(crate::sys::errno()));
+    if unsafe { sys::signal::real_sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(TrapError::Sigaction(sys::errno()));
     }
     Ok(())
 }
@@ -539,69 +543,6 @@ mod tests {
         assert_eq!(decide(SI_KERNEL, pc, None, 0), Action::Chain);
         // SIGTRAP sent with kill/tgkill: never ours.
         assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
-    }
-
-    /// A thread that executes freed (poisoned) trampoline memory is reported on stderr
-    /// and the process dies by SIGTRAP (run in a forked child).
-    #[test]
-    fn executing_a_freed_slot_is_reported_and_fatal() {
-        use crate::arena::{Arena, Window};
-        let arena = Arena::new();
-        let near = executing_a_freed_slot_is_reported_and_fatal as *const () as usize;
-        let slot = arena.alloc(Window::for_call_from(near), 64).unwrap();
-        // `ret`: a valid function until freed.
-        arena.write_and_seal(&slot, &[0xC3]).unwrap();
-        let addr = slot.addr();
-        arena.free(slot).unwrap();
-        assert!(crate::arena::is_poisoned(addr, 64));
-        for (s, e) in arena.chunk_ranges() {
-            assert!(crate::qs::add_range(s as u64, e as u64));
-        }
-        let mut fds = [0; 2];
-        // SAFETY: pipe with a valid out array.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: the child only calls async-signal-safe functions and our handler
-        // installation (sigaction, one allocation) before it dies.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // SAFETY: in the child: redirect stderr, install the handler, call the
-            // poisoned slot (it traps at once).
-            unsafe {
-                libc::dup2(fds[1], 2);
-                if ensure_installed().is_err() {
-                    libc::_exit(3);
-                }
-                let f: extern "C" fn() = std::mem::transmute(addr);
-                f();
-                libc::_exit(4);
-            }
-        }
-        // SAFETY: closing our copy of the write end; waiting for our child.
-        unsafe { libc::close(fds[1]) };
-        let mut status = 0;
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        let mut out = Vec::new();
-        let mut buf = [0u8; 512];
-        loop {
-            // SAFETY: reading into a valid buffer from our pipe.
-            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n as usize]);
-        }
-        let text = String::from_utf8_lossy(&out);
-        assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGTRAP,
-            "child status {status:#x}, stderr {text:?}"
-        );
-        assert!(text.starts_with(POISON_MARKER), "{text:?}");
-        assert!(
-            text.contains(&format!("trampoline memory at 0x{addr:016x}")),
-            "{text:?}"
-        );
     }
 
     #[test]

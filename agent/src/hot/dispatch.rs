@@ -11,9 +11,8 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use crate::block::{self, Header};
-use crate::qs;
-use crate::ring;
+use super::block::{self, Header};
+use super::{qs, ring, trap};
 
 /// `fs`-relative offset of [`block::NEST`], set once at agent start before any
 /// trampoline exists. Read by the stub.
@@ -59,6 +58,16 @@ pub struct CallCtx<'a> {
 /// unwind, and should not block (a blocked callback holds up grace periods).
 pub type Callback = fn(&CallCtx<'_>);
 
+/// A C callback: receives a pointer to the call's context.
+pub type CCallback = extern "C" fn(*const CallCtx<'static>);
+
+/// A registered callback.
+#[derive(Clone, Copy)]
+pub enum Registered {
+    Rust(Callback),
+    C(CCallback),
+}
+
 /// One tracer of a callback group, resolved for the hot path.
 pub enum Action {
     /// Bump counter `idx[site position]` of this thread.
@@ -71,7 +80,7 @@ pub enum Action {
         dropped_idx: u32,
     },
     /// A program-registered callback.
-    Custom { f: crate::callbacks::Registered },
+    Custom { f: Registered },
 }
 
 /// [`Descriptor::live`] of a descriptor in use.
@@ -87,7 +96,6 @@ pub struct Descriptor {
     /// was freed while the thread could still run in it (a premature free, reported
     /// loudly like an int3 in freed trampoline memory).
     pub live: AtomicU64,
-    pub trampoline_id: u64,
     /// Site addresses, sorted.
     pub sites: Box<[u64]>,
     pub actions: Box<[Action]>,
@@ -103,17 +111,13 @@ impl Descriptor {
     #[inline]
     fn check_live(&self) {
         if self.live.load(Ordering::Relaxed) != DESC_LIVE {
-            crate::trap::premature_free(
+            trap::premature_free(
                 b"used a freed trampoline descriptor",
                 self as *const Descriptor as usize,
             );
         }
     }
 }
-
-/// The old path of the cached tid, for `patch_tests.rs` (rewritten in parallel).
-#[cfg(test)]
-pub(crate) use crate::sys::tid;
 
 /// The generic entry stub, in one variant per vector register width: every argument
 /// register of the traced function is saved before the dispatcher runs and restored
@@ -289,8 +293,6 @@ unsafe extern "C" {
     fn patchbay_generic_entry_avx();
     fn patchbay_generic_entry_avx512();
     fn patchbay_generic_entry_dyn512();
-    static patchbay_stubs_start: u8;
-    static patchbay_stubs_end: u8;
 }
 
 /// Address of the static entry stub (jumped to by trampolines): the variant that saves
@@ -317,16 +319,6 @@ pub fn generic_entry() -> u64 {
         };
         stub as *const () as u64
     })
-}
-
-/// The static stub's address range. Async-signal-safe.
-#[inline]
-pub fn stub_range() -> (u64, u64) {
-    // Taking the address of the stub's labels; never read through.
-    (
-        &raw const patchbay_stubs_start as u64,
-        &raw const patchbay_stubs_end as u64,
-    )
 }
 
 /// Called by the stub with the trampoline's descriptor, the saved registers, and the
@@ -379,7 +371,7 @@ fn run_overflow_actions(o: &Header, desc: &Descriptor, pos: usize) {
     }
 }
 
-fn call_custom(f: &crate::callbacks::Registered, site: u64, regs: &Regs) {
+fn call_custom(f: &Registered, site: u64, regs: &Regs) {
     let args = regs.args();
     let ctx = CallCtx {
         site,
@@ -387,13 +379,13 @@ fn call_custom(f: &crate::callbacks::Registered, site: u64, regs: &Regs) {
         args: &args,
     };
     match f {
-        crate::callbacks::Registered::Rust(f) => {
+        Registered::Rust(f) => {
             // A panicking callback must not unwind into the traced program.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx))).is_err() {
                 MISSED.fetch_add(1, Ordering::Relaxed);
             }
         }
-        crate::callbacks::Registered::C(f) => {
+        Registered::C(f) => {
             // SAFETY: the context outlives the call; C callbacks get a pointer valid
             // for the duration of the call only.
             let p = (&ctx as *const CallCtx<'_>).cast::<CallCtx<'static>>();

@@ -1,23 +1,14 @@
 //! Callbacks a program registers by name (attachable as `CALLBACK_KIND_CUSTOM`): Rust
 //! functions through [`register`], C functions through the exported
-//! `patchbay_register_callback`.
+//! `patchbay_register_callback`. The registry (agent side: it locks); the types the
+//! dispatcher calls through live in `hot::dispatch`.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dispatch::{CallCtx, Callback};
-
-/// A C callback: receives a pointer to the call's context.
-pub type CCallback = extern "C" fn(*const CallCtx<'static>);
-
-/// A registered callback.
-#[derive(Clone, Copy)]
-pub enum Registered {
-    Rust(Callback),
-    C(CCallback),
-}
+use crate::hot::dispatch::{CCallback, Callback, Registered};
 
 static REGISTRY: Mutex<BTreeMap<String, Registered>> = Mutex::new(BTreeMap::new());
 /// Bumped at every registration, so the agent announces changes to the server.

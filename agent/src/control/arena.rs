@@ -8,7 +8,7 @@
 //! W^X: a new chunk is mapped read-write and filled with `0xCC`; the first slot written
 //! into it is copied directly, then the chunk is made read-execute for good. Later
 //! slots of a read-execute chunk (and poisoning) are written through `/proc/self/mem`
-//! (see [`crate::patch::poke`]), which writes through page protections, so no page is
+//! (see [`crate::control::patch::poke`]), which writes through page protections, so no page is
 //! ever writable and executable at once, and no page that may be executing is ever
 //! made non-executable. A new slot is not reachable by any thread until a site is
 //! patched to call it, and the patching protocol serializes every core first.
@@ -18,6 +18,9 @@
 //! unmapped.
 
 use std::sync::Mutex;
+
+use crate::sys::errno;
+use crate::sys::procfs::{self, Mapping};
 
 #[cfg(test)]
 use crate::codegen::Code;
@@ -32,6 +35,7 @@ const TASK_TOP: usize = 0x7fff_ffff_f000;
 const STACK_KEEPOUT: usize = 256 << 20;
 
 /// Whether `disp = to - next_ip` fits a rel32.
+#[cfg(test)]
 pub fn rel32_reachable(next_ip: usize, to: usize) -> bool {
     i32::try_from((to as i64).wrapping_sub(next_ip as i64)).is_ok()
 }
@@ -91,14 +95,9 @@ impl Slot {
         self.addr
     }
     /// Length in bytes (whole granules).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn contains(&self, pc: usize) -> bool {
-        self.addr <= pc && pc < self.addr + self.len
     }
 }
 
@@ -161,9 +160,6 @@ pub struct Arena {
     chunks: Mutex<Vec<Chunk>>,
 }
 
-use crate::sys::errno;
-use crate::sys::procfs::{self, Mapping};
-
 impl Arena {
     pub fn new() -> Self {
         Self::default()
@@ -179,7 +175,7 @@ impl Arena {
         for c in chunks.iter_mut() {
             if let Some(g) = c.find(n, w) {
                 c.set(g, n, true);
-                crate::stats::bump(&crate::stats::SLOTS_ALLOCATED);
+                crate::hot::stats::bump(&crate::hot::stats::SLOTS_ALLOCATED);
                 return Ok(Slot {
                     addr: c.base + g * GRANULE,
                     len: n * GRANULE,
@@ -197,7 +193,7 @@ impl Arena {
             .ok_or(ArenaError::NoSpaceNear { near: w.center() })?;
         c.set(g, n, true);
         chunks.push(c);
-        crate::stats::bump(&crate::stats::SLOTS_ALLOCATED);
+        crate::hot::stats::bump(&crate::hot::stats::SLOTS_ALLOCATED);
         Ok(Slot {
             addr: base + g * GRANULE,
             len: n * GRANULE,
@@ -210,7 +206,7 @@ impl Arena {
         let mut chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
         let c = chunk_of(&mut chunks, slot)?;
         if c.sealed {
-            crate::patch::poke(slot.addr, bytes).map_err(|e| ArenaError::Os {
+            crate::control::patch::poke(slot.addr, bytes).map_err(|e| ArenaError::Os {
                 op: "pwrite /proc/self/mem",
                 errno: e.raw_os_error().unwrap_or(0),
             })?;
@@ -263,7 +259,7 @@ impl Arena {
         let c = chunk_of(&mut chunks, &slot)?;
         let poison = vec![0xCCu8; slot.len];
         if c.sealed {
-            crate::patch::poke(slot.addr, &poison).map_err(|e| ArenaError::Os {
+            crate::control::patch::poke(slot.addr, &poison).map_err(|e| ArenaError::Os {
                 op: "pwrite /proc/self/mem",
                 errno: e.raw_os_error().unwrap_or(0),
             })?;
@@ -273,16 +269,8 @@ impl Arena {
         }
         let g = (slot.addr - c.base) / GRANULE;
         c.set(g, slot.len / GRANULE, false);
-        crate::stats::bump(&crate::stats::SLOTS_FREED);
+        crate::hot::stats::bump(&crate::hot::stats::SLOTS_FREED);
         Ok(())
-    }
-
-    /// Whether `pc` lies in this arena's memory.
-    pub fn contains(&self, pc: usize) -> bool {
-        let chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
-        chunks
-            .iter()
-            .any(|c| c.base <= pc && pc < c.base + CHUNK_BYTES)
     }
 
     /// Address ranges of every chunk mapped so far, in mapping order (chunks are never
@@ -296,6 +284,7 @@ impl Arena {
     }
 
     /// Number of chunks mapped.
+    #[cfg(test)]
     pub fn chunk_count(&self) -> usize {
         self.chunks.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -312,6 +301,7 @@ fn chunk_of<'a>(chunks: &'a mut [Chunk], slot: &Slot) -> Result<&'a mut Chunk, A
 }
 
 /// Whether `len` bytes at `addr` (readable memory) are all `0xCC`.
+#[cfg(test)]
 pub fn is_poisoned(addr: usize, len: usize) -> bool {
     (0..len).all(|i| {
         // SAFETY: the caller passes readable memory (an arena slot: never unmapped).
@@ -518,5 +508,69 @@ mod tests {
             big.alloc(w, CHUNK_BYTES + 1),
             Err(ArenaError::TooLarge(_))
         ));
+    }
+
+    /// A thread that executes freed (poisoned) trampoline memory is reported on stderr
+    /// and the process dies by SIGTRAP (run in a forked child): the trap
+    /// handler (`hot::trap`) recognizes the arena's poison.
+    #[test]
+    fn executing_a_freed_slot_is_reported_and_fatal() {
+        use crate::hot::trap::{POISON_MARKER, ensure_installed};
+        let arena = Arena::new();
+        let near = executing_a_freed_slot_is_reported_and_fatal as *const () as usize;
+        let slot = arena.alloc(Window::for_call_from(near), 64).unwrap();
+        // `ret`: a valid function until freed.
+        arena.write_and_seal(&slot, &[0xC3]).unwrap();
+        let addr = slot.addr();
+        arena.free(slot).unwrap();
+        assert!(is_poisoned(addr, 64));
+        for (s, e) in arena.chunk_ranges() {
+            assert!(crate::hot::ranges::add_range(s as u64, e as u64));
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe with a valid out array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls async-signal-safe functions and our handler
+        // installation (sigaction, one allocation) before it dies.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child: redirect stderr, install the handler, call the
+            // poisoned slot (it traps at once).
+            unsafe {
+                libc::dup2(fds[1], 2);
+                if ensure_installed().is_err() {
+                    libc::_exit(3);
+                }
+                let f: extern "C" fn() = std::mem::transmute(addr);
+                f();
+                libc::_exit(4);
+            }
+        }
+        // SAFETY: closing our copy of the write end; waiting for our child.
+        unsafe { libc::close(fds[1]) };
+        let mut status = 0;
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            // SAFETY: reading into a valid buffer from our pipe.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGTRAP,
+            "child status {status:#x}, stderr {text:?}"
+        );
+        assert!(text.starts_with(POISON_MARKER), "{text:?}");
+        assert!(
+            text.contains(&format!("trampoline memory at 0x{addr:016x}")),
+            "{text:?}"
+        );
     }
 }

@@ -2,10 +2,10 @@
 //!
 //! Code is written with `pwrite` on `/proc/self/mem`, which writes through page
 //! protections (text pages are never made writable, nor ever non-executable); each
-//! step writes coalesced spans of nearby sites ([`crate::coalesce`]). For a
+//! step writes coalesced spans of nearby sites ([`coalesce`]). For a
 //! batch of single-instruction 5-byte sites:
 //!
-//! 1. publish each site's transition in the trap table ([`crate::trap`]);
+//! 1. publish each site's transition in the trap table ([`crate::hot::trap`]);
 //! 2. write `0xCC` at every site, serialize all cores;
 //! 3. write the 4 tail bytes, serialize;
 //! 4. write the first byte (`0xE8` for `call rel32`, `0x0F` for the nop), serialize;
@@ -37,13 +37,14 @@
 //! Cost: three membarriers per batch, and per step one `pwrite` per span (sites of one
 //! object within 4 KiB of each other share a span) plus a `pread` of its current bytes.
 
+pub(crate) mod coalesce;
+
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 
-use crate::coalesce;
+use crate::hot::trap::{self, Transition};
 use crate::sys::{self, procfs};
-use crate::trap::{self, Transition};
 
 /// The canonical 5-byte nop.
 pub const NOP5: [u8; 5] = [0x0F, 0x1F, 0x44, 0x00, 0x00];
@@ -109,6 +110,8 @@ impl Op {
 
 /// A point of the protocol, reported to [`Patcher::apply_observed`]'s observer after
 /// the step and its core serialization.
+// The names say what was written (the tests match on them).
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     Int3Written,
@@ -264,6 +267,7 @@ fn check_no_thread_blocks_sigtrap() -> Result<(), PatchError> {
 }
 
 /// Whether a `/proc/.../status` text has SIGTRAP in its `SigBlk` mask.
+#[cfg(test)]
 pub fn status_blocks_sigtrap(status: &str) -> bool {
     procfs::status_has_signal(status, "SigBlk:", libc::SIGTRAP)
 }
@@ -271,7 +275,7 @@ pub fn status_blocks_sigtrap(status: &str) -> bool {
 /// The process-wide patcher (one, because the trap table and handler are global).
 pub struct Patcher {
     /// Original nop bytes of sites patched so far.
-    originals: Mutex<HashMap<usize, [u8; 5]>>,
+    pub(crate) originals: Mutex<HashMap<usize, [u8; 5]>>,
 }
 
 static GLOBAL: OnceLock<Result<Patcher, PatchError>> = OnceLock::new();
@@ -501,11 +505,3 @@ impl Patcher {
         Ok(report)
     }
 }
-
-#[cfg(test)]
-#[path = "patch_fixtures.rs"]
-pub(crate) mod fixtures;
-
-#[cfg(test)]
-#[path = "patch_tests.rs"]
-mod tests;

@@ -79,7 +79,7 @@ impl Gate {
             }
         }
         if std::time::Instant::now() >= deadline {
-            crate::log::warn(&format!(
+            crate::control::log::warn(&format!(
                 "the launcher did not release the program within {:?}: starting it anyway",
                 self.timeout
             ));
