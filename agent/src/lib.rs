@@ -105,6 +105,8 @@ extern "C" fn preload_constructor() {
     }
 }
 
+// SAFETY: an `.init_array` entry is a plain `extern "C" fn()` the loader calls once,
+// before `main`; `preload_constructor` takes no arguments and does not unwind.
 #[used]
 #[unsafe(link_section = ".init_array")]
 static PRELOAD_CONSTRUCTOR: extern "C" fn() = preload_constructor;

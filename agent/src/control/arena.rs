@@ -453,7 +453,7 @@ mod tests {
             // A second slot goes into the sealed chunk through /proc/self/mem.
             let slot2 = arena.install(w, &code).unwrap();
             assert_ne!(slot2.addr(), slot.addr());
-            // SAFETY: as above.
+            // SAFETY: the second slot holds the same `mov rax, 42; ret`, sealed executable.
             let f2: extern "C" fn() -> u64 = unsafe { std::mem::transmute(slot2.addr()) };
             assert_eq!(f2(), 42);
             let (addr, len) = (slot.addr(), slot.len());
@@ -550,7 +550,7 @@ mod tests {
         // SAFETY: closing our copy of the write end; waiting for our child.
         unsafe { libc::close(fds[1]) };
         let mut status = 0;
-        // SAFETY: as above.
+        // SAFETY: waiting for our own child, with a valid status out pointer.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         let mut out = Vec::new();
         let mut buf = [0u8; 512];

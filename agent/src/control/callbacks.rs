@@ -33,6 +33,8 @@ pub fn register(name: &str, f: Callback) {
 ///
 /// # Safety
 /// `name` must be null or a valid NUL-terminated string.
+// SAFETY: `patchbay_register_callback` is the agent's own C entry point (no libc or
+// program symbol of that name); its signature is the one the C header documents.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn patchbay_register_callback(name: *const c_char, f: CCallback) -> c_int {
     if name.is_null() {

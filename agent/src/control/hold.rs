@@ -135,7 +135,7 @@ mod tests {
         assert!(waited >= Duration::from_millis(100), "{waited:?}");
         assert!(waited < Duration::from_secs(5), "{waited:?}");
         // Nobody closes: the bound ends the wait.
-        // SAFETY: as above.
+        // SAFETY: pipe with a valid out array of two descriptors.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         let t = std::time::Instant::now();
         Gate {
@@ -144,7 +144,7 @@ mod tests {
         }
         .wait();
         assert!(t.elapsed() >= Duration::from_millis(150));
-        // SAFETY: as above.
+        // SAFETY: closing the write end of the pipe this test created.
         unsafe { libc::close(fds[1]) };
     }
 }

@@ -192,8 +192,9 @@ pub fn take_deferred_fast() -> u64 {
     // SAFETY: `off` was recorded by init_fast_tls for DEFERRED (a `Cell<u64>`).
     let v = unsafe { fs_read(off) };
     if v != 0 {
-        // SAFETY: as above; only this thread (and its signal handler, which only sets
-        // it to 1, like the `Cell::replace` this replaces) writes it.
+        // SAFETY: `off` was recorded by init_fast_tls for DEFERRED (a `Cell<u64>`); only
+        // this thread (and its signal handler, which only sets it to 1, like the
+        // `Cell::replace` this replaces) writes it.
         unsafe {
             std::arch::asm!("mov qword ptr fs:[{o}], 0", o = in(reg) off,
                 options(nostack, preserves_flags))

@@ -36,6 +36,9 @@ pub struct Regs {
     pub rax: u64,
 }
 
+// The entry stub passes `rbp - 72` (its nine pushes) as `&Regs`.
+const _: () = assert!(std::mem::size_of::<Regs>() == 72);
+
 impl Regs {
     /// The integer argument registers in ABI order.
     pub fn args(&self) -> [u64; 6] {
@@ -450,7 +453,8 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                 // The block's owner is this thread: its tid without a TLS lookup.
                 let tid = h.tid.load(Ordering::Relaxed);
                 if !ring::push(h, *tracer, site, tid, &args, *nargs) {
-                    // SAFETY: as above.
+                    // SAFETY: `dropped_idx` < COUNTERS (allocated by `counters.rs`); only the
+                    // owner thread writes its counters.
                     unsafe {
                         let c = h.counters().add(*dropped_idx as usize);
                         c.write_volatile(c.read_volatile() + 1);

@@ -133,7 +133,7 @@ pub unsafe fn interposed(
     // The program's view of the current action, for `old`.
     // SAFETY: querying into a valid out pointer.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
+    // SAFETY: libc's sigaction with a null action and a valid out pointer only queries.
     if unsafe { real_sigaction(sig, std::ptr::null(), &mut cur) } != 0 {
         return -1;
     }
@@ -298,6 +298,9 @@ fn lower(h: Option<&'static block::Header>) {
 ///
 /// # Safety
 /// As `sigaction(2)`.
+// SAFETY: exporting `sigaction` replaces libc's for the whole process: this one has
+// libc's signature and contract (same arguments, return value and errno), and reaches
+// libc's own through `dlsym(RTLD_NEXT)`, never itself.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sigaction(
     sig: c_int,
@@ -327,24 +330,32 @@ fn install_simple(sig: c_int, handler: usize, flags: c_int, mask_self: bool) -> 
 }
 
 /// `signal(3)` with glibc's (BSD) semantics, interposed.
+// SAFETY: exporting `signal` replaces libc's: same signature, and glibc's semantics
+// (SA_RESTART, the signal masked in its handler), built on the interposed `sigaction`.
 #[unsafe(no_mangle)]
 pub extern "C" fn signal(sig: c_int, handler: usize) -> usize {
     install_simple(sig, handler, libc::SA_RESTART, true)
 }
 
 /// `bsd_signal(3)`, interposed.
+// SAFETY: exporting `bsd_signal` replaces libc's: same signature and semantics as
+// glibc's `signal` (which is what glibc's `bsd_signal` is), through `sigaction` above.
 #[unsafe(no_mangle)]
 pub extern "C" fn bsd_signal(sig: c_int, handler: usize) -> usize {
     install_simple(sig, handler, libc::SA_RESTART, true)
 }
 
 /// `sysv_signal(3)` (one-shot, not masked, not restarted), interposed.
+// SAFETY: exporting `sysv_signal` replaces libc's: same signature and System V
+// semantics (SA_RESETHAND | SA_NODEFER, no SA_RESTART), through `sigaction` above.
 #[unsafe(no_mangle)]
 pub extern "C" fn sysv_signal(sig: c_int, handler: usize) -> usize {
     install_simple(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER, false)
 }
 
 /// `__sysv_signal`, glibc's name for [`sysv_signal`], interposed.
+// SAFETY: exporting `__sysv_signal` replaces glibc's internal alias of `sysv_signal`
+// (what `signal` compiles to under `_XOPEN_SOURCE`) with this same-signature forward.
 #[unsafe(no_mangle)]
 pub extern "C" fn __sysv_signal(sig: c_int, handler: usize) -> usize {
     sysv_signal(sig, handler)

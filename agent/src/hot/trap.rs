@@ -218,7 +218,8 @@ pub fn set_transition(site: usize, t: Transition) {
         w.newest = t;
         w.used = 0;
     }
-    // SAFETY: as above; only writers (serialized) mutate the table's entries' keys.
+    // SAFETY: `newest` is a leaked, never-freed table; only writers (serialized by the
+    // WRITER mutex held here) mutate its entries' keys.
     let table = unsafe { &*w.newest };
     let mut i = hash(site, table.mask);
     while table.entries[i].site.load(Ordering::Relaxed) != 0 {
@@ -484,7 +485,7 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: querying the current action into a valid out pointer.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
+    // SAFETY: real_sigaction with a null action and a valid out pointer only queries.
     if unsafe { sys::signal::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
         return Err(TrapError::Sigaction(sys::errno()));
     }

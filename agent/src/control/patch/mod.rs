@@ -334,7 +334,8 @@ impl Patcher {
             // SAFETY: sites come from site discovery (loaded text) or tests.
             let cur = unsafe { read_site(site) };
             if let Op::NopFentryGot { .. } = *op {
-                // SAFETY: as above; the instruction is 6 bytes long.
+                // SAFETY: a discovered `ff 15` site: loaded text, and its instruction is 6
+                // bytes long, so byte 5 is readable.
                 let sixth = unsafe { std::ptr::read_volatile((site + 5) as *const u8) };
                 let target = [0x0F, 0x1F, 0x44, 0x00, 0x00, 0x90];
                 let now = [cur[0], cur[1], cur[2], cur[3], cur[4], sixth];
