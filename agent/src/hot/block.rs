@@ -85,6 +85,7 @@ pub fn fs_offset_of<T>(addr: *const T) -> i64 {
 
 /// The `fs`-relative offsets of [`TLS`] and [`NEST`], checked to be the same in this
 /// thread and in a fresh one (static TLS).
+/// Agent thread only (it may allocate or lock).
 pub fn tls_offsets() -> Option<(i32, i32)> {
     let here = (
         TLS.with(|t| fs_offset_of(t as *const _)),
@@ -123,6 +124,7 @@ fn offsets3() -> (i64, i64, i64) {
 
 /// Records the `fs`-relative offsets of the dispatcher's thread-locals when they are
 /// the same in this thread and in a fresh one (static TLS). Returns whether it did.
+/// Agent thread only (it may allocate or lock).
 pub fn init_fast_tls() -> bool {
     let here = offsets3();
     let Ok(there) = std::thread::spawn(offsets3).join() else {
@@ -269,6 +271,7 @@ static OVERFLOW: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
 /// empty (short-lived threads created faster than the agent thread recycles blocks)
 /// count there with atomic adds instead of losing their calls. It is never claimed by
 /// a thread, never released, and never looked up by tid.
+/// Agent thread only (it may allocate or lock).
 pub fn init_overflow() -> std::io::Result<()> {
     if !OVERFLOW.load(Ordering::Acquire).is_null() {
         return Ok(());
@@ -315,11 +318,13 @@ impl Header {
 }
 
 /// Number of free blocks in the pool.
+/// Agent thread only (it may allocate or lock).
 pub fn free_blocks() -> usize {
     all().filter(|h| h.tid.load(Ordering::Acquire) == 0).count()
 }
 
-/// Maps blocks until at least `want` are free (agent thread only).
+/// Maps blocks until at least `want` are free.
+/// Agent thread only (it may allocate or lock).
 pub fn refill(want: usize) -> std::io::Result<()> {
     let mut free = free_blocks();
     while free < want {

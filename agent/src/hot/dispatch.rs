@@ -300,6 +300,7 @@ unsafe extern "C" {
 
 /// Address of the static entry stub (jumped to by trampolines): the variant that saves
 /// the widest vector registers this CPU and OS enable.
+/// Agent thread only (it may allocate or lock).
 pub fn generic_entry() -> u64 {
     static ENTRY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *ENTRY.get_or_init(|| {

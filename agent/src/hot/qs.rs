@@ -100,6 +100,7 @@ pub(crate) extern "C" fn on_signal(
 }
 
 /// Installs the handler for real-time signal `SIGRTMIN + offset` (once).
+/// Agent thread only (it may allocate or lock).
 pub fn install_signal(signal: i32) -> std::io::Result<()> {
     if INSTALLED.swap(true, Ordering::AcqRel) {
         return Ok(());

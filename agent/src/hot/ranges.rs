@@ -28,6 +28,7 @@ static RANGE_START: [AtomicU64; RANGES] = [const { AtomicU64::new(0) }; RANGES];
 static RANGE_END: [AtomicU64; RANGES] = [const { AtomicU64::new(0) }; RANGES];
 
 /// Records a region of trampoline memory (never removed: regions are never unmapped).
+/// Agent thread (lock-free).
 pub(crate) fn add_range(start: u64, end: u64) -> bool {
     for i in 0..RANGES {
         if RANGE_START[i]

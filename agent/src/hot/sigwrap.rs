@@ -199,6 +199,7 @@ fn set_bits(set: &mut libc::sigset_t, bits: u64) {
 }
 
 /// Wraps the handlers installed before the agent started.
+/// Agent thread only (it may allocate or lock).
 pub fn wrap_existing() {
     for sig in 1..NSIG as c_int {
         if !wrapped(sig) {

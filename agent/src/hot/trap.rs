@@ -195,6 +195,7 @@ fn new_table(cap: usize) -> *mut Table {
 
 /// Publishes a site's state (inserting the site if new). The store is `Release` and
 /// precedes, in program order, every code write of the transition.
+/// Agent thread only (it may allocate or lock).
 pub fn set_transition(site: usize, t: Transition) {
     assert!(site != 0 && (site as u64) <= ADDR_MASK);
     let mut w = WRITER.lock().unwrap_or_else(|e| e.into_inner());
@@ -481,6 +482,7 @@ fn our_action() -> libc::sigaction {
 
 /// Installs the handler if it is not the current SIGTRAP action (first call, or the
 /// program replaced it since: the replacement becomes the handler we chain to).
+/// Agent thread only (it may allocate or lock).
 pub fn ensure_installed() -> Result<(), TrapError> {
     let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: querying the current action into a valid out pointer.
