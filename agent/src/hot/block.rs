@@ -25,7 +25,7 @@ pub const COUNTERS: usize = 1 << 16;
 /// Event slots of a thread's ring (single producer: the thread; single consumer: the
 /// agent thread).
 pub const RING_SLOTS: usize = 4096;
-/// Bytes of one event record in the ring (see `ring.rs`).
+/// Bytes of one event record in the ring (see `ring.rs`, `control/drain.rs`).
 pub const EVENT_BYTES: usize = 80;
 /// Bytes of one block: header + counters + ring.
 pub const BLOCK_BYTES: usize = HEADER_BYTES + COUNTERS * 8 + RING_SLOTS * EVENT_BYTES;

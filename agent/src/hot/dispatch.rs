@@ -406,7 +406,8 @@ fn call_custom(f: &Registered, site: u64, regs: &Regs) {
 /// instruction on the memory operand: a signal handler on this thread (which may run
 /// a nested dispatch) sees the value before or after it, never a torn or lost update.
 /// Other threads read these fields only for a thread they found blocked in a system
-/// call (`qs::probe` around the read of `/proc/self/task/TID/syscall`); a thread is
+/// call (`control::observer`'s probe around the read of
+/// `/proc/self/task/TID/syscall`); a thread is
 /// switched out through the scheduler's full barriers, so its stores are visible by
 /// then, exactly as with the locked form. x86-64 stores are not reordered with older
 /// stores, so `seq` is visible no later than the `nesting` change after it.

@@ -19,7 +19,8 @@
 //! Remaining race, documented: a thread may block in a system call between our read of
 //! its `syscall` file ("running") and the signal's arrival; the signal then interrupts
 //! that system call. The window is the few microseconds between the read and
-//! `tgkill`; `Observer::signals` counts the signals sent so tests can measure it.
+//! `tgkill`; `control::observer::Observer::signals` counts the signals sent so tests
+//! can measure it.
 //!
 //! This module is the program threads' side (the epoch, stamps, the handler); the agent
 //! thread's side, which decides how to observe each thread, is `control::observer`.

@@ -1,7 +1,7 @@
 //! The SIGTRAP handler that makes the int3 patching protocol safe, and the lock-free
 //! table of sites it reads.
 //!
-//! While a site is rewritten (see [`crate::patch`]) its first byte is `0xCC` for a
+//! While a site is rewritten (see `control::patch`) its first byte is `0xCC` for a
 //! while. A thread that executes it traps; the handler looks the site up and emulates
 //! the instruction the site is becoming:
 //! * becoming `call tramp`: push site + 5 on the interrupted stack, continue at `tramp`;
@@ -66,7 +66,7 @@ pub enum Transition {
     /// nop: skip all 6 bytes.
     ToNop6,
     /// Five 1-byte nops (gcc) becoming one 5-byte nop under a grace period (see
-    /// [`crate::patch::Patcher::convert_sleds`]): a trap at the first byte skips all 5,
+    /// `control::patch::Patcher::convert_sleds`): a trap at the first byte skips all 5,
     /// and a thread found *inside* the sled is moved past it ([`sled_exit`]).
     SledToNop,
 }

@@ -122,6 +122,11 @@ pub(crate) fn signal_pending(tid: u32, sig: i32) -> bool {
     thread_status(tid).is_some_and(|s| status_has_signal(&s, "SigPnd:", sig))
 }
 
+/// This process's executable (`/proc/self/exe`).
+pub(crate) fn exe() -> std::io::Result<std::path::PathBuf> {
+    std::fs::read_link("/proc/self/exe")
+}
+
 /// One line of `/proc/self/maps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Mapping {

@@ -139,7 +139,7 @@ const _: () = {
 
 /// The trace stub (position-independent; its slow path jumps to the slot's generic
 /// stub at [`GENERIC`], so it must sit at [`COUNT_BASE`]). The event layout is
-/// `ring.rs`'s: `[tsc, site, tracer, tid | nargs << 32, args[0..6]]`.
+/// `hot::ring`'s: `[tsc, site, tracer, tid | nargs << 32, args[0..6]]`.
 ///
 /// ```text
 ///        push r11

@@ -60,6 +60,7 @@ pub(crate) struct Freed {
 
 /// A callback group resolved for the hot path, with the counter indexes it holds.
 struct Group {
+    /// Moved into the trampoline's descriptor.
     actions: Vec<Action>,
     /// (tracer, site, counter index) of its `count` tracers, in site order per tracer.
     counts: Vec<(u64, u64, u32)>,
@@ -266,28 +267,16 @@ impl Installer {
         if !sleds.is_empty() {
             convert_sleds(&sleds, grace, out)?;
         }
-        let Group {
-            actions,
-            counts,
-            drops,
-        } = self.resolve_group(&i.tracers, &sites)?;
-        let release = |counters: &mut Counters| {
-            for &(_, _, x) in &counts {
-                counters.free(x);
-            }
-            for &(_, x) in &drops {
-                counters.free(x);
-            }
-        };
+        let mut group = self.resolve_group(&i.tracers, &sites)?;
         let desc = Box::new(Descriptor {
             live: std::sync::atomic::AtomicU64::new(dispatch::DESC_LIVE),
             sites: sites.clone().into(),
-            actions: actions.into(),
+            actions: std::mem::take(&mut group.actions).into(),
         });
-        let (slots, ops) = match self.write_slots(&sites, &desc, &counts) {
+        let (slots, ops) = match self.write_slots(&sites, &desc, &group.counts) {
             Ok(x) => x,
             Err(e) => {
-                release(&mut self.counters);
+                group.release(&mut self.counters);
                 return Err(e);
             }
         };
@@ -300,7 +289,7 @@ impl Installer {
             for s in slots {
                 let _ = self.arena.free(s);
             }
-            release(&mut self.counters);
+            group.release(&mut self.counters);
             return Err(format!("patching failed: {e}"));
         }
         for &s in &sites {
@@ -319,8 +308,8 @@ impl Installer {
                 slots,
                 desc,
                 state: TState::Live,
-                counts,
-                drops,
+                counts: group.counts,
+                drops: group.drops,
             },
         );
         let live = sites.iter().map(|&s| catalogue.site(s)).collect();

@@ -70,7 +70,7 @@ impl Session {
             start_time: procfs::start_time(),
             // SAFETY: getuid cannot fail.
             uid: unsafe { libc::getuid() },
-            exe: std::fs::read_link("/proc/self/exe")
+            exe: procfs::exe()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             build_id: String::new(),

@@ -176,7 +176,7 @@ impl Discoverer {
                 _ => return Err(SitesError::NotFileBacked { bias: info.bias }),
             },
             None if info.name.is_empty() => {
-                let exe = std::fs::read_link("/proc/self/exe")
+                let exe = crate::sys::procfs::exe()
                     .map_err(|e| SitesError::MainExecutable(format!("/proc/self/exe: {e}")))?;
                 (exe, PathBuf::from("/proc/self/exe"))
             }
