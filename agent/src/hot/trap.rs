@@ -382,7 +382,7 @@ pub fn premature_free(what: &[u8], addr: usize) {
     };
     put(POISON_MARKER.as_bytes());
     put(b" thread ");
-    let (digits, first) = decimal(sys::tid() as u64);
+    let (digits, first) = decimal(sys::tid_now() as u64);
     put(&digits[first..]);
     put(b" ");
     put(what);
@@ -432,7 +432,7 @@ fn die_by_default(sig: libc::c_int) {
         libc::syscall(
             libc::SYS_tgkill,
             libc::getpid(),
-            sys::tid() as libc::c_long,
+            sys::tid_now() as libc::c_long,
             sig,
         );
     }

@@ -24,11 +24,18 @@ pub(crate) fn tid() -> u32 {
         if v != 0 {
             return v;
         }
-        // SAFETY: gettid has no preconditions and cannot fail.
-        let v = unsafe { libc::gettid() } as u32;
+        let v = tid_now();
         t.set(v);
         v
     })
+}
+
+/// The calling thread's kernel id, asked from the kernel (not the cache): for the
+/// fatal paths, which must be right even in a child forked without the agent's fork
+/// hook (whose cache still holds the parent thread's id). Async-signal-safe.
+pub(crate) fn tid_now() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() as u32 }
 }
 
 /// Forgets the cached tid (in a forked child, whose only thread has a new id).
