@@ -438,7 +438,7 @@ mod tests {
             // nesting for the handler's duration, and restores both after.
             block::refill(4).unwrap();
             let h = block::claim(crate::sys::tid()).expect("a block");
-            assert!(super::super::ranges::add_range(0x1000, 0x2000));
+            assert!(crate::hot::ranges::add_range(0x1000, 0x2000));
             let mut uc: libc::ucontext_t = std::mem::zeroed();
             uc.uc_mcontext.gregs[libc::REG_RIP as usize] = 0x1800;
             let n0 = h.nesting.load(Ordering::SeqCst);
