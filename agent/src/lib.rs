@@ -3,51 +3,73 @@
 //! Loaded with `LD_PRELOAD=libpatchbay_agent.so` (it starts itself), or linked into a
 //! Rust program as a library: call [`start`], mark quiescent points with
 //! [`quiescent`], register callbacks with [`register_callback`]. See ARCHITECTURE.md.
+//!
+//! The folders say where code runs:
+//! - `sys/`: thin OS wrappers (gettid, errno, libc's `sigaction`, `/proc` parsers), a
+//!   leaf;
+//! - `hot/`: code that runs on program threads, in trampolines and in signal handlers
+//!   (async-signal-safe: no allocation, no locks, no panics); imports only `hot/` and
+//!   `sys/`;
+//! - `tramp/`: the pure trampoline code generator;
+//! - `control/`: the agent's own thread (may allocate, lock and do I/O).
 
-pub mod arena;
-pub mod block;
-pub mod callbacks;
-pub mod coalesce;
+mod control;
+mod hot;
+mod sys;
+mod tramp;
+
 /// An in-trampoline callback flavour (callbacks called from trampoline memory), kept
 /// as the test vehicle of the patcher's stress tests; the runtime uses `tramp` + `dispatch`.
 #[cfg(test)]
 #[allow(dead_code)]
 pub(crate) mod codegen;
-pub mod counters;
-pub mod demangle;
-pub mod dispatch;
-pub mod hold;
-pub mod init;
-pub mod link;
-mod log;
-pub mod patch;
-pub mod procfs;
-pub mod qs;
-pub mod ring;
-pub mod runtime;
-pub mod sigwrap;
-pub mod sites;
-pub mod stats;
-pub mod threads;
 /// Per-thread blocks of the `codegen` test flavour (the runtime uses `block`).
 #[cfg(test)]
 #[allow(dead_code)]
 pub(crate) mod tls;
-pub mod tramp;
-pub mod trap;
 
-pub use dispatch::{CallCtx, Callback};
-pub use init::{StartError, start};
+// The old flat module paths that `patch_tests.rs` (test-only, being replaced in
+// parallel) still names inline; they go with it.
+#[cfg(test)]
+use control::arena;
+#[cfg(test)]
+use hot::{block, trap};
+#[cfg(test)]
+#[path = "legacy_patch.rs"]
+mod patch;
+#[cfg(test)]
+mod dispatch {
+    pub(crate) use crate::sys::tid;
+}
+#[cfg(test)]
+mod qs {
+    pub(crate) use crate::control::observer::Observer;
+    pub(crate) use crate::hot::qs::{EPOCH, default_signal, install_signal, on_signal};
+}
+
+pub use control::init::{StartError, start};
+/// Site discovery (public for tests and tools: `agent/tests/sites.rs`, `dlopen.rs`).
+pub use control::sites;
+pub use hot::dispatch::{CallCtx, Callback};
+/// Counters of trampoline memory (public for tests and tools: the torture target
+/// reports them).
+pub use hot::stats;
+
+/// Public for tests and tools: the torture target reports how often a program signal
+/// handler interrupted trampoline code or a dispatch.
+pub mod sigwrap {
+    pub use crate::hot::sigwrap::INSIDE_RUNS;
+}
 
 /// Marks a quiescent point of the calling thread: it is outside every traced function
 /// and callback (QSBR style; the cheapest way to end grace periods).
 pub fn quiescent() {
-    qs::quiescent()
+    hot::qs::quiescent()
 }
 
 /// Registers a callback tools can attach by `name` (`patchbay attach --custom NAME`).
 pub fn register_callback(name: &str, f: Callback) {
-    callbacks::register(name, f)
+    control::callbacks::register(name, f)
 }
 
 /// Starts the agent when this library was preloaded (`LD_PRELOAD`): the constructor
@@ -60,7 +82,7 @@ extern "C" fn preload_constructor() {
     }
     // SAFETY: the constructor runs before `main` and before the agent's threads start;
     // nothing else touches the environment meanwhile.
-    let gate = unsafe { hold::Gate::take_from_env() };
+    let gate = unsafe { control::hold::Gate::take_from_env() };
     if std::env::var_os("PATCHBAY_DISABLE").is_some() {
         if let Some(g) = gate {
             g.close();
@@ -78,11 +100,13 @@ extern "C" fn preload_constructor() {
             if let Some(g) = gate {
                 g.close();
             }
-            log::warn(&format!("agent not started: {e}"));
+            control::log::warn(&format!("agent not started: {e}"));
         }
     }
 }
 
+// SAFETY: an `.init_array` entry is a plain `extern "C" fn()` the loader calls once,
+// before `main`; `preload_constructor` takes no arguments and does not unwind.
 #[used]
 #[unsafe(link_section = ".init_array")]
 static PRELOAD_CONSTRUCTOR: extern "C" fn() = preload_constructor;

@@ -4,8 +4,8 @@
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::arena::{Arena, Slot, Window};
 use crate::codegen::Code;
+use crate::control::arena::{Arena, Slot, Window};
 use crate::patch::Patcher;
 
 // Each fixture is used by one test only (tests run in parallel in one process).

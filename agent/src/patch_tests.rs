@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::fixtures::*;
 use super::*;
-use crate::arena::{self, Window};
 use crate::codegen::{self, Asm, CallCtx, Callback, Hook};
+use crate::control::arena::{self, Window};
 use crate::tls::{self, BlockAccess};
 
 fn site_of(f: *const ()) -> usize {

@@ -37,7 +37,10 @@
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::{block, dispatch, qs, trap};
+use super::block;
+use super::ranges::in_trampoline;
+use super::{qs, trap};
+use crate::sys::signal::real_sigaction;
 
 const NSIG: usize = 65;
 
@@ -49,50 +52,11 @@ static MASK: [AtomicU64; NSIG] = [const { AtomicU64::new(0) }; NSIG];
 /// The interposition's lock: 0 when free, else `pid << 32 | tid` of the holder (so a
 /// child forked while a parent thread held it can take it over).
 static LOCK: AtomicU64 = AtomicU64::new(0);
-/// libc's `sigaction` (resolved with `dlsym(RTLD_NEXT)`), 0 until resolved.
-static REAL: AtomicUsize = AtomicUsize::new(0);
 /// Program handler runs that interrupted trampoline code or a dispatch (the torture
 /// reports it).
 pub static INSIDE_RUNS: AtomicU64 = AtomicU64::new(0);
 
-type SigactionFn =
-    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
 type Handler3 = extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void);
-
-fn real() -> Option<SigactionFn> {
-    let mut f = REAL.load(Ordering::Acquire);
-    if f == 0 {
-        // SAFETY: dlsym with a valid NUL-terminated name; RTLD_NEXT finds the next
-        // definition after this object (libc's).
-        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"sigaction".as_ptr()) } as usize;
-        if f == 0 || f == sigaction as *const () as usize {
-            return None;
-        }
-        REAL.store(f, Ordering::Release);
-    }
-    // SAFETY: `f` is libc's sigaction, which has this signature.
-    Some(unsafe { std::mem::transmute::<usize, SigactionFn>(f) })
-}
-
-/// libc's `sigaction`, bypassing the interposition (for the agent's own handlers).
-///
-/// # Safety
-/// As `sigaction(2)`: `act` and `old` are null or valid.
-pub unsafe fn real_sigaction(
-    sig: c_int,
-    act: *const libc::sigaction,
-    old: *mut libc::sigaction,
-) -> c_int {
-    match real() {
-        // SAFETY: forwarded as given.
-        Some(f) => unsafe { f(sig, act, old) },
-        None => {
-            // SAFETY: setting errno of this thread.
-            unsafe { *libc::__errno_location() = libc::ENOSYS };
-            -1
-        }
-    }
-}
 
 /// Signals whose handlers are wrapped.
 fn wrapped(sig: c_int) -> bool {
@@ -122,7 +86,7 @@ fn lock() -> Locked {
     };
     // SAFETY: getpid and gettid have no preconditions.
     let pid = unsafe { libc::getpid() } as u64;
-    let me = (pid << 32) | dispatch::tid() as u64;
+    let me = (pid << 32) | crate::sys::tid() as u64;
     loop {
         match LOCK.compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed) {
             Ok(_) => break,
@@ -169,7 +133,7 @@ pub unsafe fn interposed(
     // The program's view of the current action, for `old`.
     // SAFETY: querying into a valid out pointer.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
+    // SAFETY: libc's sigaction with a null action and a valid out pointer only queries.
     if unsafe { real_sigaction(sig, std::ptr::null(), &mut cur) } != 0 {
         return -1;
     }
@@ -235,6 +199,7 @@ fn set_bits(set: &mut libc::sigset_t, bits: u64) {
 }
 
 /// Wraps the handlers installed before the agent started.
+/// Agent thread only (it may allocate or lock).
 pub fn wrap_existing() {
     for sig in 1..NSIG as c_int {
         if !wrapped(sig) {
@@ -255,7 +220,7 @@ pub fn wrap_existing() {
 /// Whether `pc` is trampoline code a thread must leave before it is quiescent.
 /// Async-signal-safe.
 fn inside(pc: u64) -> bool {
-    qs::in_trampoline(pc) || trap::sled_exit(pc as usize).is_some()
+    in_trampoline(pc) || trap::sled_exit(pc as usize).is_some()
 }
 
 /// The handler the kernel runs for every wrapped signal. Async-signal-safe.
@@ -309,7 +274,7 @@ extern "C" fn wrapper(sig: c_int, info: *mut libc::siginfo_t, uctx: *mut c_void)
 fn raise() -> Option<&'static block::Header> {
     INSIDE_RUNS.fetch_add(1, Ordering::Relaxed);
     block::NEST.with(|n| n.set(n.get() + 1));
-    let h = block::current_fast().or_else(|| block::claim(dispatch::tid()));
+    let h = block::current_fast().or_else(|| block::claim(crate::sys::tid()));
     if let Some(h) = h {
         h.seq.fetch_add(1, Ordering::AcqRel);
         h.nesting.fetch_add(1, Ordering::AcqRel);
@@ -334,6 +299,9 @@ fn lower(h: Option<&'static block::Header>) {
 ///
 /// # Safety
 /// As `sigaction(2)`.
+// SAFETY: exporting `sigaction` replaces libc's for the whole process: this one has
+// libc's signature and contract (same arguments, return value and errno), and reaches
+// libc's own through `dlsym(RTLD_NEXT)`, never itself.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sigaction(
     sig: c_int,
@@ -363,24 +331,32 @@ fn install_simple(sig: c_int, handler: usize, flags: c_int, mask_self: bool) -> 
 }
 
 /// `signal(3)` with glibc's (BSD) semantics, interposed.
+// SAFETY: exporting `signal` replaces libc's: same signature, and glibc's semantics
+// (SA_RESTART, the signal masked in its handler), built on the interposed `sigaction`.
 #[unsafe(no_mangle)]
 pub extern "C" fn signal(sig: c_int, handler: usize) -> usize {
     install_simple(sig, handler, libc::SA_RESTART, true)
 }
 
 /// `bsd_signal(3)`, interposed.
+// SAFETY: exporting `bsd_signal` replaces libc's: same signature and semantics as
+// glibc's `signal` (which is what glibc's `bsd_signal` is), through `sigaction` above.
 #[unsafe(no_mangle)]
 pub extern "C" fn bsd_signal(sig: c_int, handler: usize) -> usize {
     install_simple(sig, handler, libc::SA_RESTART, true)
 }
 
 /// `sysv_signal(3)` (one-shot, not masked, not restarted), interposed.
+// SAFETY: exporting `sysv_signal` replaces libc's: same signature and System V
+// semantics (SA_RESETHAND | SA_NODEFER, no SA_RESTART), through `sigaction` above.
 #[unsafe(no_mangle)]
 pub extern "C" fn sysv_signal(sig: c_int, handler: usize) -> usize {
     install_simple(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER, false)
 }
 
 /// `__sysv_signal`, glibc's name for [`sysv_signal`], interposed.
+// SAFETY: exporting `__sysv_signal` replaces glibc's internal alias of `sysv_signal`
+// (what `signal` compiles to under `_XOPEN_SOURCE`) with this same-signature forward.
 #[unsafe(no_mangle)]
 pub extern "C" fn __sysv_signal(sig: c_int, handler: usize) -> usize {
     sysv_signal(sig, handler)
@@ -461,8 +437,8 @@ mod tests {
             // An interrupted PC inside trampoline memory raises NEST and the block's
             // nesting for the handler's duration, and restores both after.
             block::refill(4).unwrap();
-            let h = block::claim(dispatch::tid()).expect("a block");
-            assert!(qs::add_range(0x1000, 0x2000));
+            let h = block::claim(crate::sys::tid()).expect("a block");
+            assert!(crate::hot::ranges::add_range(0x1000, 0x2000));
             let mut uc: libc::ucontext_t = std::mem::zeroed();
             uc.uc_mcontext.gregs[libc::REG_RIP as usize] = 0x1800;
             let n0 = h.nesting.load(Ordering::SeqCst);

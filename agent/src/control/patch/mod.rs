@@ -2,10 +2,10 @@
 //!
 //! Code is written with `pwrite` on `/proc/self/mem`, which writes through page
 //! protections (text pages are never made writable, nor ever non-executable); each
-//! step writes coalesced spans of nearby sites ([`crate::coalesce`]). For a
+//! step writes coalesced spans of nearby sites ([`coalesce`]). For a
 //! batch of single-instruction 5-byte sites:
 //!
-//! 1. publish each site's transition in the trap table ([`crate::trap`]);
+//! 1. publish each site's transition in the trap table ([`crate::hot::trap`]);
 //! 2. write `0xCC` at every site, serialize all cores;
 //! 3. write the 4 tail bytes, serialize;
 //! 4. write the first byte (`0xE8` for `call rel32`, `0x0F` for the nop), serialize;
@@ -37,18 +37,17 @@
 //! Cost: three membarriers per batch, and per step one `pwrite` per span (sites of one
 //! object within 4 KiB of each other share a span) plus a `pread` of its current bytes.
 
+pub(crate) mod coalesce;
+
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 
-use crate::coalesce;
-use crate::trap::{self, Transition};
+use crate::hot::trap::{self, Transition};
+use crate::sys::{self, procfs};
 
 /// The canonical 5-byte nop.
 pub const NOP5: [u8; 5] = [0x0F, 0x1F, 0x44, 0x00, 0x00];
-
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
 
 /// What a site's bytes are now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +110,8 @@ impl Op {
 
 /// A point of the protocol, reported to [`Patcher::apply_observed`]'s observer after
 /// the step and its core serialization.
+// The names say what was written (the tests match on them).
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     Int3Written,
@@ -179,7 +180,7 @@ fn with_mem<R>(f: impl FnOnce(&std::fs::File) -> std::io::Result<R>) -> std::io:
         let before = OPENED_IN.swap(pid, std::sync::atomic::Ordering::AcqRel);
         if before != 0 {
             // A forked child: membarrier registration is per process, register it too.
-            let _ = membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE);
+            let _ = sys::membarrier(sys::MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE);
         }
     }
     f(&g.as_ref().expect("opened above").1)
@@ -230,41 +231,22 @@ fn write_step<'a>(
     Ok(())
 }
 
-fn membarrier(cmd: libc::c_int) -> Result<(), i32> {
-    // SAFETY: membarrier takes (cmd, flags, cpu_id) and touches no user memory.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    Ok(())
-}
-
 /// Serializes every core running a thread of this process.
 pub fn sync_cores() -> Result<(), PatchError> {
-    membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE).map_err(|errno| PatchError::Membarrier {
-        what: "PRIVATE_EXPEDITED_SYNC_CORE",
-        errno,
+    sys::membarrier(sys::MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE).map_err(|errno| {
+        PatchError::Membarrier {
+            what: "PRIVATE_EXPEDITED_SYNC_CORE",
+            errno,
+        }
     })
 }
 
 /// Threads of this process that block SIGTRAP (from `/proc/self/task/*/status`).
 pub fn threads_blocking_sigtrap() -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(st) = std::fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        if status_blocks_sigtrap(&st) {
-            out.push(tid);
-        }
-    }
-    out
+    procfs::thread_ids()
+        .into_iter()
+        .filter(|&t| procfs::blocks_signal(t, libc::SIGTRAP))
+        .collect()
 }
 
 /// Fails if a thread blocks SIGTRAP for more than a moment. `pthread_create` blocks
@@ -279,27 +261,21 @@ fn check_no_thread_blocks_sigtrap() -> Result<(), PatchError> {
             return Err(PatchError::SigtrapBlocked { tid });
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
-        blockers.retain(|&t| {
-            std::fs::read_to_string(format!("/proc/self/task/{t}/status"))
-                .is_ok_and(|st| status_blocks_sigtrap(&st))
-        });
+        blockers.retain(|&t| procfs::blocks_signal(t, libc::SIGTRAP));
     }
     Ok(())
 }
 
 /// Whether a `/proc/.../status` text has SIGTRAP in its `SigBlk` mask.
+#[cfg(test)]
 pub fn status_blocks_sigtrap(status: &str) -> bool {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (libc::SIGTRAP - 1)) != 0)
+    procfs::status_has_signal(status, "SigBlk:", libc::SIGTRAP)
 }
 
 /// The process-wide patcher (one, because the trap table and handler are global).
 pub struct Patcher {
     /// Original nop bytes of sites patched so far.
-    originals: Mutex<HashMap<usize, [u8; 5]>>,
+    pub(crate) originals: Mutex<HashMap<usize, [u8; 5]>>,
 }
 
 static GLOBAL: OnceLock<Result<Patcher, PatchError>> = OnceLock::new();
@@ -319,7 +295,7 @@ impl Patcher {
             .get_or_init(|| {
                 with_mem(|_| Ok(()))
                     .map_err(|e| PatchError::Open(e.raw_os_error().unwrap_or(0)))?;
-                membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE).map_err(
+                sys::membarrier(sys::MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE).map_err(
                     |errno| PatchError::Membarrier {
                         what: "REGISTER_PRIVATE_EXPEDITED_SYNC_CORE",
                         errno,
@@ -358,7 +334,8 @@ impl Patcher {
             // SAFETY: sites come from site discovery (loaded text) or tests.
             let cur = unsafe { read_site(site) };
             if let Op::NopFentryGot { .. } = *op {
-                // SAFETY: as above; the instruction is 6 bytes long.
+                // SAFETY: a discovered `ff 15` site: loaded text, and its instruction is 6
+                // bytes long, so byte 5 is readable.
                 let sixth = unsafe { std::ptr::read_volatile((site + 5) as *const u8) };
                 let target = [0x0F, 0x1F, 0x44, 0x00, 0x00, 0x90];
                 let now = [cur[0], cur[1], cur[2], cur[3], cur[4], sixth];
@@ -428,7 +405,7 @@ impl Patcher {
         // The read-only mappings (see `coalesce`): taken once per batch, the patcher
         // being the only writer of read-only code.
         let ro = if plan.len() >= COALESCE_FROM {
-            std::fs::read_to_string("/proc/self/maps")
+            procfs::read_maps()
                 .map(|m| coalesce::readonly_mappings(&m))
                 .unwrap_or_default()
         } else {
@@ -499,7 +476,7 @@ impl Patcher {
         for &site in &plan {
             trap::set_transition(site, Transition::SledToNop);
         }
-        let ro = std::fs::read_to_string("/proc/self/maps")
+        let ro = procfs::read_maps()
             .map(|m| coalesce::readonly_mappings(&m))
             .unwrap_or_default();
         write_step(plan.iter().map(|&site| (site, &INT3[..])), &ro)?;
@@ -529,11 +506,3 @@ impl Patcher {
         Ok(report)
     }
 }
-
-#[cfg(test)]
-#[path = "patch_fixtures.rs"]
-pub(crate) mod fixtures;
-
-#[cfg(test)]
-#[path = "patch_tests.rs"]
-mod tests;

@@ -5,14 +5,14 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::procfs;
+use crate::sys::{self, procfs};
 
 /// Tids of the agent's own threads (the link thread). Fixed capacity, lock-free.
 static AGENT_TIDS: [AtomicU32; 4] = [const { AtomicU32::new(0) }; 4];
 
 /// Marks the calling thread as the agent's own.
 pub fn register_agent_thread() {
-    let me = procfs::gettid();
+    let me = sys::tid();
     for slot in &AGENT_TIDS {
         if slot
             .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
@@ -77,7 +77,7 @@ impl Threads {
     /// Whether `tid` is still a thread of this process (it may have exited since the
     /// last scan).
     pub fn alive(tid: u32) -> bool {
-        std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
+        procfs::thread_alive(tid)
     }
 }
 
@@ -108,11 +108,11 @@ mod tests {
     fn scan_sees_this_thread_but_not_agent_threads() {
         let mut t = Threads::new();
         t.scan();
-        assert!(t.known().contains(&procfs::gettid()));
+        assert!(t.known().contains(&sys::tid()));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             register_agent_thread();
-            tx.send(procfs::gettid()).unwrap();
+            tx.send(sys::tid()).unwrap();
         })
         .join()
         .unwrap();

@@ -7,10 +7,10 @@
 //! can still increment its indexes) its totals are folded into per-(tracer, site)
 //! totals and the indexes are zeroed and reused.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 
-use crate::block::{self, COUNTERS};
+use crate::hot::block::{self, COUNTERS};
 
 #[derive(Debug, thiserror::Error)]
 #[error("all {COUNTERS} counters are in use: detach some tracers")]
@@ -85,7 +85,3 @@ impl Counters {
         total
     }
 }
-
-/// Totals of (tracer, site) from freed trampolines.
-#[derive(Default)]
-pub struct Folded(pub BTreeMap<(u64, u64), u64>);

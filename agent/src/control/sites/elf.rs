@@ -12,7 +12,7 @@ use object::{
 };
 
 use super::{FunctionSite, NOT_INSTRUMENTED, SiteKind, SitesError};
-use crate::demangle::demangle;
+use crate::control::demangle::demangle;
 
 /// Names of the profiling hooks whose calls gcc records in `__mcount_loc`.
 const FENTRY_NAMES: &[&str] = &["__fentry__", "mcount", "_mcount", "__mcount"];

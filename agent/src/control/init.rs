@@ -6,8 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use std::time::{Duration, Instant};
 
-use crate::runtime::Runtime;
-use crate::{block, dispatch, link, log, qs, sigwrap, threads};
+use crate::control::runtime::Runtime;
+use crate::control::{link, log, threads};
+use crate::hot::{block, dispatch, qs, sigwrap};
 
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
 static STARTED: AtomicBool = AtomicBool::new(false);
@@ -167,7 +168,7 @@ extern "C" fn after_fork_parent() {
 extern "C" fn after_fork_child() {
     fork_unlock();
     // The child is a new process: a new agent, with the inherited trampolines.
-    dispatch::reset_tid();
+    crate::sys::reset_tid();
     threads::clear_agent_threads();
     if let Some(r) = runtime().as_mut() {
         r.forked_child();

@@ -107,7 +107,7 @@ pub fn run(socket: PathBuf, mut handler: impl Handler) {
     {
         Ok(rt) => rt,
         Err(e) => {
-            crate::log::warn(&format!("patchbay agent: no runtime ({e}); agent disabled"));
+            crate::control::log::warn(&format!("patchbay agent: no runtime ({e}); agent disabled"));
             return;
         }
     };
@@ -118,7 +118,7 @@ pub fn run(socket: PathBuf, mut handler: impl Handler) {
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(why) => {
                     handler.disconnected(&why);
-                    crate::log::debug(&format!("patchbay agent: {why}"));
+                    crate::control::log::debug(&format!("patchbay agent: {why}"));
                 }
             }
             // Keep ticking while waiting for a server.

@@ -11,9 +11,8 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use crate::block::{self, Header};
-use crate::qs;
-use crate::ring;
+use super::block::{self, Header};
+use super::{qs, ring, trap};
 
 /// `fs`-relative offset of [`block::NEST`], set once at agent start before any
 /// trampoline exists. Read by the stub.
@@ -37,6 +36,9 @@ pub struct Regs {
     pub rax: u64,
 }
 
+// The entry stub passes `rbp - 72` (its nine pushes) as `&Regs`.
+const _: () = assert!(std::mem::size_of::<Regs>() == 72);
+
 impl Regs {
     /// The integer argument registers in ABI order.
     pub fn args(&self) -> [u64; 6] {
@@ -59,6 +61,16 @@ pub struct CallCtx<'a> {
 /// unwind, and should not block (a blocked callback holds up grace periods).
 pub type Callback = fn(&CallCtx<'_>);
 
+/// A C callback: receives a pointer to the call's context.
+pub type CCallback = extern "C" fn(*const CallCtx<'static>);
+
+/// A registered callback.
+#[derive(Clone, Copy)]
+pub enum Registered {
+    Rust(Callback),
+    C(CCallback),
+}
+
 /// One tracer of a callback group, resolved for the hot path.
 pub enum Action {
     /// Bump counter `idx[site position]` of this thread.
@@ -71,7 +83,7 @@ pub enum Action {
         dropped_idx: u32,
     },
     /// A program-registered callback.
-    Custom { f: crate::callbacks::Registered },
+    Custom { f: Registered },
 }
 
 /// [`Descriptor::live`] of a descriptor in use.
@@ -87,7 +99,6 @@ pub struct Descriptor {
     /// was freed while the thread could still run in it (a premature free, reported
     /// loudly like an int3 in freed trampoline memory).
     pub live: AtomicU64,
-    pub trampoline_id: u64,
     /// Site addresses, sorted.
     pub sites: Box<[u64]>,
     pub actions: Box<[Action]>,
@@ -103,36 +114,12 @@ impl Descriptor {
     #[inline]
     fn check_live(&self) {
         if self.live.load(Ordering::Relaxed) != DESC_LIVE {
-            crate::trap::premature_free(
+            trap::premature_free(
                 b"used a freed trampoline descriptor",
                 self as *const Descriptor as usize,
             );
         }
     }
-}
-
-std::thread_local! {
-    static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// The calling thread's id, cached. Async-signal-safe.
-#[inline]
-pub fn tid() -> u32 {
-    TID.with(|t| {
-        let v = t.get();
-        if v != 0 {
-            return v;
-        }
-        // SAFETY: gettid has no preconditions.
-        let v = unsafe { libc::gettid() } as u32;
-        t.set(v);
-        v
-    })
-}
-
-/// Forgets the cached tid (in a forked child).
-pub fn reset_tid() {
-    TID.with(|t| t.set(0));
 }
 
 /// The generic entry stub, in one variant per vector register width: every argument
@@ -309,12 +296,11 @@ unsafe extern "C" {
     fn patchbay_generic_entry_avx();
     fn patchbay_generic_entry_avx512();
     fn patchbay_generic_entry_dyn512();
-    static patchbay_stubs_start: u8;
-    static patchbay_stubs_end: u8;
 }
 
 /// Address of the static entry stub (jumped to by trampolines): the variant that saves
 /// the widest vector registers this CPU and OS enable.
+/// Agent thread only (it may allocate or lock).
 pub fn generic_entry() -> u64 {
     static ENTRY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *ENTRY.get_or_init(|| {
@@ -339,16 +325,6 @@ pub fn generic_entry() -> u64 {
     })
 }
 
-/// The static stub's address range. Async-signal-safe.
-#[inline]
-pub fn stub_range() -> (u64, u64) {
-    // Taking the address of the stub's labels; never read through.
-    (
-        &raw const patchbay_stubs_start as u64,
-        &raw const patchbay_stubs_end as u64,
-    )
-}
-
 /// Called by the stub with the trampoline's descriptor, the saved registers, and the
 /// return address into the traced function (site + 5). Async-signal-safe.
 extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret: u64) {
@@ -359,7 +335,7 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     desc.check_live();
     // SAFETY: the stub passes a pointer to the registers it saved on this stack.
     let regs = unsafe { &*regs };
-    let Some(h) = block::current_fast().or_else(|| block::claim(tid())) else {
+    let Some(h) = block::current_fast().or_else(|| block::claim(crate::sys::tid())) else {
         // The pool is empty: count in the shared overflow block (atomically), so the
         // call is not lost; trace events have no ring here and count as dropped;
         // custom callbacks are skipped (see `run_overflow_actions`).
@@ -399,21 +375,21 @@ fn run_overflow_actions(o: &Header, desc: &Descriptor, pos: usize) {
     }
 }
 
-fn call_custom(f: &crate::callbacks::Registered, site: u64, regs: &Regs) {
+fn call_custom(f: &Registered, site: u64, regs: &Regs) {
     let args = regs.args();
     let ctx = CallCtx {
         site,
-        tid: tid(),
+        tid: crate::sys::tid(),
         args: &args,
     };
     match f {
-        crate::callbacks::Registered::Rust(f) => {
+        Registered::Rust(f) => {
             // A panicking callback must not unwind into the traced program.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx))).is_err() {
                 MISSED.fetch_add(1, Ordering::Relaxed);
             }
         }
-        crate::callbacks::Registered::C(f) => {
+        Registered::C(f) => {
             // SAFETY: the context outlives the call; C callbacks get a pointer valid
             // for the duration of the call only.
             let p = (&ctx as *const CallCtx<'_>).cast::<CallCtx<'static>>();
@@ -430,7 +406,8 @@ fn call_custom(f: &crate::callbacks::Registered, site: u64, regs: &Regs) {
 /// instruction on the memory operand: a signal handler on this thread (which may run
 /// a nested dispatch) sees the value before or after it, never a torn or lost update.
 /// Other threads read these fields only for a thread they found blocked in a system
-/// call (`qs::probe` around the read of `/proc/self/task/TID/syscall`); a thread is
+/// call (`control::observer`'s probe around the read of
+/// `/proc/self/task/TID/syscall`); a thread is
 /// switched out through the scheduler's full barriers, so its stores are visible by
 /// then, exactly as with the locked form. x86-64 stores are not reordered with older
 /// stores, so `seq` is visible no later than the `nesting` change after it.
@@ -478,7 +455,8 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                 // The block's owner is this thread: its tid without a TLS lookup.
                 let tid = h.tid.load(Ordering::Relaxed);
                 if !ring::push(h, *tracer, site, tid, &args, *nargs) {
-                    // SAFETY: as above.
+                    // SAFETY: `dropped_idx` < COUNTERS (allocated by `counters.rs`); only the
+                    // owner thread writes its counters.
                     unsafe {
                         let c = h.counters().add(*dropped_idx as usize);
                         c.write_volatile(c.read_volatile() + 1);

@@ -1,7 +1,7 @@
 //! The SIGTRAP handler that makes the int3 patching protocol safe, and the lock-free
 //! table of sites it reads.
 //!
-//! While a site is rewritten (see [`crate::patch`]) its first byte is `0xCC` for a
+//! While a site is rewritten (see `control::patch`) its first byte is `0xCC` for a
 //! while. A thread that executes it traps; the handler looks the site up and emulates
 //! the instruction the site is becoming:
 //! * becoming `call tramp`: push site + 5 on the interrupted stack, continue at `tramp`;
@@ -39,6 +39,10 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
+use super::ranges::in_trampoline;
+use super::stats;
+use crate::sys;
+
 /// `si_code` of a trap raised by an `int3` instruction.
 pub const SI_KERNEL: i32 = 0x80;
 
@@ -62,7 +66,7 @@ pub enum Transition {
     /// nop: skip all 6 bytes.
     ToNop6,
     /// Five 1-byte nops (gcc) becoming one 5-byte nop under a grace period (see
-    /// [`crate::patch::Patcher::convert_sleds`]): a trap at the first byte skips all 5,
+    /// `control::patch::Patcher::convert_sleds`): a trap at the first byte skips all 5,
     /// and a thread found *inside* the sled is moved past it ([`sled_exit`]).
     SledToNop,
 }
@@ -191,6 +195,7 @@ fn new_table(cap: usize) -> *mut Table {
 
 /// Publishes a site's state (inserting the site if new). The store is `Release` and
 /// precedes, in program order, every code write of the transition.
+/// Agent thread only (it may allocate or lock).
 pub fn set_transition(site: usize, t: Transition) {
     assert!(site != 0 && (site as u64) <= ADDR_MASK);
     let mut w = WRITER.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,7 +219,8 @@ pub fn set_transition(site: usize, t: Transition) {
         w.newest = t;
         w.used = 0;
     }
-    // SAFETY: as above; only writers (serialized) mutate the table's entries' keys.
+    // SAFETY: `newest` is a leaked, never-freed table; only writers (serialized by the
+    // WRITER mutex held here) mutate its entries' keys.
     let table = unsafe { &*w.newest };
     let mut i = hash(site, table.mask);
     while table.entries[i].site.load(Ordering::Relaxed) != 0 {
@@ -265,6 +271,7 @@ pub fn decide(si_code: i32, pc: usize, state: Option<Transition>, byte_now: u8) 
 }
 
 /// Counters of what the handler did.
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrapStats {
     pub emulated_calls: u64,
@@ -278,6 +285,7 @@ static EMULATED_NOPS: AtomicU64 = AtomicU64::new(0);
 static RESTARTED: AtomicU64 = AtomicU64::new(0);
 static CHAINED: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(test)]
 pub fn stats() -> TrapStats {
     TrapStats {
         emulated_calls: EMULATED_CALLS.load(Ordering::Relaxed),
@@ -314,7 +322,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mu
     } else {
         None
     };
-    if code == SI_KERNEL && state.is_none() && crate::qs::in_trampoline(pc.wrapping_sub(1) as u64) {
+    if code == SI_KERNEL && state.is_none() && in_trampoline(pc.wrapping_sub(1) as u64) {
         // An int3 in trampoline memory: the poison of a freed slot (nothing else there
         // is ever executed). Never resumable: report and die.
         premature_free(b"executed freed (int3-poisoned) trampoline memory", pc - 1);
@@ -364,7 +372,7 @@ pub const POISON_MARKER: &str = "patchbay-agent: FATAL: premature free:";
 ///
 /// Async-signal-safe: formats into a stack buffer, then `write`, `sigaction`, `tgkill`.
 pub fn premature_free(what: &[u8], addr: usize) {
-    crate::stats::bump(&crate::stats::POISON_TRAPS);
+    stats::bump(&stats::POISON_TRAPS);
     let mut buf = [0u8; 192];
     let mut n = 0;
     let mut put = |b: &[u8]| {
@@ -374,8 +382,7 @@ pub fn premature_free(what: &[u8], addr: usize) {
     };
     put(POISON_MARKER.as_bytes());
     put(b" thread ");
-    // SAFETY: gettid has no preconditions.
-    let (digits, first) = decimal(unsafe { libc::gettid() } as u64);
+    let (digits, first) = decimal(sys::tid_now() as u64);
     put(&digits[first..]);
     put(b" ");
     put(what);
@@ -421,11 +428,11 @@ fn die_by_default(sig: libc::c_int) {
     unsafe {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        crate::sigwrap::real_sigaction(sig, &dfl, std::ptr::null_mut());
+        sys::signal::real_sigaction(sig, &dfl, std::ptr::null_mut());
         libc::syscall(
             libc::SYS_tgkill,
             libc::getpid(),
-            libc::syscall(libc::SYS_gettid),
+            sys::tid_now() as libc::c_long,
             sig,
         );
     }
@@ -475,13 +482,14 @@ fn our_action() -> libc::sigaction {
 
 /// Installs the handler if it is not the current SIGTRAP action (first call, or the
 /// program replaced it since: the replacement becomes the handler we chain to).
+/// Agent thread only (it may allocate or lock).
 pub fn ensure_installed() -> Result<(), TrapError> {
     let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: querying the current action into a valid out pointer.
     let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { crate::sigwrap::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
-        return Err(TrapError::Sigaction(errno()));
+    // SAFETY: real_sigaction with a null action and a valid out pointer only queries.
+    if unsafe { sys::signal::real_sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
+        return Err(TrapError::Sigaction(sys::errno()));
     }
     if cur.sa_sigaction == on_sigtrap as *const () as usize {
         return Ok(());
@@ -490,14 +498,10 @@ pub fn ensure_installed() -> Result<(), TrapError> {
     PREV.store(Box::into_raw(Box::new(cur)), Ordering::Release);
     let sa = our_action();
     // SAFETY: installing a valid action for SIGTRAP.
-    if unsafe { crate::sigwrap::real_sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0 {
-        return Err(TrapError::Sigaction(errno()));
+    if unsafe { sys::signal::real_sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(TrapError::Sigaction(sys::errno()));
     }
     Ok(())
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -542,69 +546,6 @@ mod tests {
         assert_eq!(decide(SI_KERNEL, pc, None, 0), Action::Chain);
         // SIGTRAP sent with kill/tgkill: never ours.
         assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
-    }
-
-    /// A thread that executes freed (poisoned) trampoline memory is reported on stderr
-    /// and the process dies by SIGTRAP (run in a forked child).
-    #[test]
-    fn executing_a_freed_slot_is_reported_and_fatal() {
-        use crate::arena::{Arena, Window};
-        let arena = Arena::new();
-        let near = executing_a_freed_slot_is_reported_and_fatal as *const () as usize;
-        let slot = arena.alloc(Window::for_call_from(near), 64).unwrap();
-        // `ret`: a valid function until freed.
-        arena.write_and_seal(&slot, &[0xC3]).unwrap();
-        let addr = slot.addr();
-        arena.free(slot).unwrap();
-        assert!(crate::arena::is_poisoned(addr, 64));
-        for (s, e) in arena.chunk_ranges() {
-            assert!(crate::qs::add_range(s as u64, e as u64));
-        }
-        let mut fds = [0; 2];
-        // SAFETY: pipe with a valid out array.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: the child only calls async-signal-safe functions and our handler
-        // installation (sigaction, one allocation) before it dies.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // SAFETY: in the child: redirect stderr, install the handler, call the
-            // poisoned slot (it traps at once).
-            unsafe {
-                libc::dup2(fds[1], 2);
-                if ensure_installed().is_err() {
-                    libc::_exit(3);
-                }
-                let f: extern "C" fn() = std::mem::transmute(addr);
-                f();
-                libc::_exit(4);
-            }
-        }
-        // SAFETY: closing our copy of the write end; waiting for our child.
-        unsafe { libc::close(fds[1]) };
-        let mut status = 0;
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        let mut out = Vec::new();
-        let mut buf = [0u8; 512];
-        loop {
-            // SAFETY: reading into a valid buffer from our pipe.
-            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n as usize]);
-        }
-        let text = String::from_utf8_lossy(&out);
-        assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGTRAP,
-            "child status {status:#x}, stderr {text:?}"
-        );
-        assert!(text.starts_with(POISON_MARKER), "{text:?}");
-        assert!(
-            text.contains(&format!("trampoline memory at 0x{addr:016x}")),
-            "{text:?}"
-        );
     }
 
     #[test]

@@ -1,23 +1,14 @@
 //! Callbacks a program registers by name (attachable as `CALLBACK_KIND_CUSTOM`): Rust
 //! functions through [`register`], C functions through the exported
-//! `patchbay_register_callback`.
+//! `patchbay_register_callback`. The registry (agent side: it locks); the types the
+//! dispatcher calls through live in `hot::dispatch`.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dispatch::{CallCtx, Callback};
-
-/// A C callback: receives a pointer to the call's context.
-pub type CCallback = extern "C" fn(*const CallCtx<'static>);
-
-/// A registered callback.
-#[derive(Clone, Copy)]
-pub enum Registered {
-    Rust(Callback),
-    C(CCallback),
-}
+use crate::hot::dispatch::{CCallback, Callback, Registered};
 
 static REGISTRY: Mutex<BTreeMap<String, Registered>> = Mutex::new(BTreeMap::new());
 /// Bumped at every registration, so the agent announces changes to the server.
@@ -42,6 +33,8 @@ pub fn register(name: &str, f: Callback) {
 ///
 /// # Safety
 /// `name` must be null or a valid NUL-terminated string.
+// SAFETY: `patchbay_register_callback` is the agent's own C entry point (no libc or
+// program symbol of that name); its signature is the one the C header documents.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn patchbay_register_callback(name: *const c_char, f: CCallback) -> c_int {
     if name.is_null() {

@@ -29,7 +29,7 @@
 //! no saving; a thread executing them is inside trampoline memory for the quiescent-state
 //! check (its PC says so), like any trampoline code.
 
-use crate::block;
+use crate::hot::block::{self, Header};
 
 /// Offset of the generic stub in a slot.
 pub const GENERIC: usize = 16;
@@ -115,10 +115,21 @@ pub fn generate(layout: &Layout<'_>, descriptor: u64, entry: u64) -> Vec<u8> {
 }
 
 /// Offsets from a block's `counters[0]` (where the thread's TLS word points) of the
-/// fields the trace stub uses. Checked against `block.rs` below.
-const HDR_TID: i8 = -(block::HEADER_BYTES as i8);
-const HDR_RING_HEAD: i8 = HDR_TID + 32;
-const HDR_RING_TAIL: i8 = HDR_TID + 40;
+/// header fields the trace stub uses, from the header's own layout.
+const HDR_TID: i8 = from_counters(std::mem::offset_of!(Header, tid));
+const HDR_RING_HEAD: i8 = from_counters(std::mem::offset_of!(Header, ring_head));
+const HDR_RING_TAIL: i8 = from_counters(std::mem::offset_of!(Header, ring_tail));
+
+/// The displacement from `counters[0]` of the header field at offset `off` (the header
+/// sits just below the counters), checked at compile time to fit the stub's `disp8`.
+const fn from_counters(off: usize) -> i8 {
+    let d = off as isize - block::HEADER_BYTES as isize;
+    assert!(
+        d >= i8::MIN as isize && d < 0,
+        "header field out of disp8 reach"
+    );
+    d as i8
+}
 const RING_FROM_COUNTERS: u32 = (block::COUNTERS * 8) as u32;
 const _: () = {
     assert!(block::RING_SLOTS.is_power_of_two() && block::RING_SLOTS < 1 << 31);
@@ -128,7 +139,7 @@ const _: () = {
 
 /// The trace stub (position-independent; its slow path jumps to the slot's generic
 /// stub at [`GENERIC`], so it must sit at [`COUNT_BASE`]). The event layout is
-/// `ring.rs`'s: `[tsc, site, tracer, tid | nargs << 32, args[0..6]]`.
+/// `hot::ring`'s: `[tsc, site, tracer, tid | nargs << 32, args[0..6]]`.
 ///
 /// ```text
 ///        push r11
@@ -304,7 +315,12 @@ mod tests {
     // Runs the stub for real: a fake thread block behind this test thread's TLS word.
     mod exec {
         use super::super::*;
-        use crate::block;
+        use crate::hot::block;
+
+        /// Word indexes of the header fields the stub uses, in the fake block.
+        const TID: usize = std::mem::offset_of!(Header, tid) / 4;
+        const HEAD: usize = std::mem::offset_of!(Header, ring_head) / 8;
+        const TAIL: usize = std::mem::offset_of!(Header, ring_tail) / 8;
 
         std::arch::global_asm!(
             ".globl pb_tramp_test_entry",
@@ -388,15 +404,15 @@ mod tests {
             let base = blk.as_mut_ptr();
             // SAFETY: header words of the fake block (tid, ring_head, ring_tail).
             unsafe {
-                base.cast::<u32>().write(4242);
-                base.add(4).write(4094); // head
-                base.add(5).write(0); // tail
+                base.cast::<u32>().add(TID).write(4242);
+                base.add(HEAD).write(4094); // head
+                base.add(TAIL).write(0); // tail
             }
             // SAFETY: counters[0] of the fake block, which outlives the calls below.
             let counters = unsafe { base.add(block::HEADER_BYTES / 8) };
             block::TLS.with(|t| t.set(counters));
             let args = [11, 22, 33, 44, 55, 66];
-            let before = crate::ring::rdtsc();
+            let before = crate::hot::ring::rdtsc();
             let (regs, ra) = call(stub, args);
             assert_eq!(regs, [11, 22, 33, 44, 55, 66, 0xAAAA_0000, 0xBBBB_0000]);
             let ev = |slot: usize| {
@@ -417,20 +433,20 @@ mod tests {
             assert_eq!(&e[4..8], &[11, 22, 33, 44]);
             assert_eq!(&e[8..10], &[0, 0], "only nargs arguments are written");
             // SAFETY: header and counter words of the fake block.
-            let (head, dropped) = unsafe { (base.add(4).read(), counters.add(7).read()) };
+            let (head, dropped) = unsafe { (base.add(HEAD).read(), counters.add(7).read()) };
             assert_eq!((head, dropped), (4095, 0));
             // The ring wraps: slot 4095, then slot 0 once the consumer moved on.
             call(stub, [1, 2, 3, 4, 5, 6]);
-            // SAFETY: as above.
-            unsafe { base.add(5).write(1) };
+            // SAFETY: the tail word of the fake block's header, which outlives the calls.
+            unsafe { base.add(TAIL).write(1) };
             call(stub, [7, 8, 9, 10, 11, 12]);
             assert_eq!(&ev(4095)[4..8], &[1, 2, 3, 4]);
             assert_eq!(&ev(0)[4..8], &[7, 8, 9, 10]);
             // Full ring (head - tail == RING_SLOTS): the drop is counted, nothing written.
             let (regs, _) = call(stub, [0; 6]);
             assert_eq!(regs[6..], [0xAAAA_0000, 0xBBBB_0000]);
-            // SAFETY: as above.
-            let (head, dropped) = unsafe { (base.add(4).read(), counters.add(7).read()) };
+            // SAFETY: header and counter words of the fake block, which is still alive.
+            let (head, dropped) = unsafe { (base.add(HEAD).read(), counters.add(7).read()) };
             assert_eq!((head, dropped), (4097, 1));
             assert_eq!(&ev(1)[4..8], &[0, 0, 0, 0]);
             // No block: the generic stub pushes the descriptor and jumps to the entry.
@@ -439,8 +455,8 @@ mod tests {
             assert_eq!(regs[..6], [1, 2, 3, 4, 5, 6]);
             assert_eq!(regs[6], 0xD00D, "reached the entry with the descriptor");
             assert_eq!(regs[7], 0xBBBB_0000);
-            // SAFETY: as above.
-            assert_eq!(unsafe { base.add(4).read() }, 4097);
+            // SAFETY: the head word of the fake block's header (`blk` is dropped below).
+            assert_eq!(unsafe { base.add(HEAD).read() }, 4097);
             drop(blk);
         }
     }

@@ -13,6 +13,7 @@ use object::{Endianness, Object, elf};
 use super::elf::{analyze_link_time, rebase};
 use super::ffi::{self, LoadSegment, PhdrInfo};
 use super::{FunctionSite, SitesError};
+use crate::sys::procfs::{Mapping, read_maps};
 
 /// One object loaded in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +152,7 @@ impl Discoverer {
 
     /// Reads (or finds in the cache) the file of one loaded object and checks that it is
     /// the one in memory. Returns the key of its cached analysis.
-    fn scan_one(&mut self, info: &PhdrInfo, maps: &[MapEntry]) -> Result<FileKey, SitesError> {
+    fn scan_one(&mut self, info: &PhdrInfo, maps: &[Mapping]) -> Result<FileKey, SitesError> {
         let first = info
             .loads
             .first()
@@ -175,7 +176,7 @@ impl Discoverer {
                 _ => return Err(SitesError::NotFileBacked { bias: info.bias }),
             },
             None if info.name.is_empty() => {
-                let exe = std::fs::read_link("/proc/self/exe")
+                let exe = crate::sys::procfs::exe()
                     .map_err(|e| SitesError::MainExecutable(format!("/proc/self/exe: {e}")))?;
                 (exe, PathBuf::from("/proc/self/exe"))
             }
@@ -275,63 +276,6 @@ fn file_identity(
     Ok((loads, build_id))
 }
 
-/// One line of `/proc/self/maps`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MapEntry {
-    pub start: u64,
-    pub end: u64,
-    pub path: Option<String>,
-}
-
-fn read_maps() -> std::io::Result<Vec<MapEntry>> {
-    Ok(parse_maps(&std::fs::read_to_string("/proc/self/maps")?))
-}
-
-/// Parses `/proc/PID/maps`: `start-end perms offset dev inode   path`.
-pub(crate) fn parse_maps(text: &str) -> Vec<MapEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let mut rest = line;
-            let mut fields = [""; 5];
-            for f in &mut fields {
-                rest = rest.trim_start();
-                let end = rest.find(' ').unwrap_or(rest.len());
-                *f = &rest[..end];
-                rest = &rest[end..];
-            }
-            let (start, end) = fields[0].split_once('-')?;
-            let path = rest.trim_start();
-            Some(MapEntry {
-                start: u64::from_str_radix(start, 16).ok()?,
-                end: u64::from_str_radix(end, 16).ok()?,
-                path: (!path.is_empty()).then(|| path.to_owned()),
-            })
-        })
-        .collect()
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn maps_lines() {
-        let m = parse_maps(
-            "55d0c6a00000-55d0c6a02000 r--p 00000000 fe:00 1234   /usr/bin/my prog\n\
-             7ffd1c9f0000-7ffd1c9f2000 r-xp 00000000 00:00 0                          [vdso]\n\
-             7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \n\
-             7f0000002000-7f0000003000 r-xp 00001000 fe:00 99 /tmp/libx.so (deleted)\n",
-        );
-        assert_eq!(m.len(), 4);
-        assert_eq!(m[0].start, 0x55d0c6a00000);
-        assert_eq!(m[0].end, 0x55d0c6a02000);
-        assert_eq!(m[0].path.as_deref(), Some("/usr/bin/my prog"));
-        assert_eq!(m[1].path.as_deref(), Some("[vdso]"));
-        assert_eq!(m[2].path, None);
-        assert_eq!(m[3].path.as_deref(), Some("/tmp/libx.so (deleted)"));
-    }
 }

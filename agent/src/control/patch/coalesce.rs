@@ -16,6 +16,8 @@
 //! `/proc/self/maps` just before), and never spans a gap wider than [`MAX_GAP`]. A
 //! write outside such a mapping stays a write of its own.
 
+use crate::sys::procfs::Mapping;
+
 /// One write of a step: `bytes` at `addr`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Write<'a> {
@@ -43,19 +45,12 @@ pub const MAX_GAP: usize = 4096;
 /// Longest span.
 pub const MAX_SPAN: usize = 64 * 1024;
 
-/// Readable, non-writable mappings `[start, end)` of a `/proc/self/maps` text, sorted.
-pub fn readonly_mappings(maps: &str) -> Vec<(usize, usize)> {
+/// Readable, non-writable mappings `[start, end)` of `/proc/self/maps`, sorted.
+pub(crate) fn readonly_mappings(maps: &[Mapping]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = maps
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let range = f.next()?;
-            let perms = f.next()?.as_bytes();
-            let (a, b) = range.split_once('-')?;
-            let a = usize::from_str_radix(a, 16).ok()?;
-            let b = usize::from_str_radix(b, 16).ok()?;
-            (perms.len() >= 2 && perms[0] == b'r' && perms[1] == b'-' && a < b).then_some((a, b))
-        })
+        .iter()
+        .filter(|m| m.read_only() && m.start < m.end)
+        .map(|m| (m.start as usize, m.end as usize))
         .collect();
     out.sort_unstable();
     out
@@ -121,6 +116,7 @@ pub fn span_bytes(span: &Span, writes: &[Write<'_>], current: &[u8]) -> Vec<u8> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::procfs::parse_maps;
     use proptest::prelude::*;
 
     const MAPS: &str = "\
@@ -135,7 +131,7 @@ mod tests {
     #[test]
     fn readonly_mappings_keep_readable_non_writable_ones() {
         assert_eq!(
-            readonly_mappings(MAPS),
+            readonly_mappings(&parse_maps(MAPS)),
             vec![
                 (0x555555554000, 0x555555556000),
                 (0x555555556000, 0x55555555a000),
@@ -146,7 +142,7 @@ mod tests {
 
     #[test]
     fn close_sites_of_one_mapping_form_one_span() {
-        let ro = readonly_mappings(MAPS);
+        let ro = readonly_mappings(&parse_maps(MAPS));
         let cc = [0xCC];
         let mut w = vec![
             Write {
@@ -182,7 +178,7 @@ mod tests {
 
     #[test]
     fn writable_or_unknown_memory_and_mapping_borders_are_never_spanned() {
-        let ro = readonly_mappings(MAPS);
+        let ro = readonly_mappings(&parse_maps(MAPS));
         let t = [1, 2, 3, 4];
         let mut w = vec![
             // last bytes of the r-- mapping and first of the r-x one: two mappings.

@@ -25,7 +25,7 @@ pub const COUNTERS: usize = 1 << 16;
 /// Event slots of a thread's ring (single producer: the thread; single consumer: the
 /// agent thread).
 pub const RING_SLOTS: usize = 4096;
-/// Bytes of one event record in the ring (see `ring.rs`).
+/// Bytes of one event record in the ring (see `ring.rs`, `control/drain.rs`).
 pub const EVENT_BYTES: usize = 80;
 /// Bytes of one block: header + counters + ring.
 pub const BLOCK_BYTES: usize = HEADER_BYTES + COUNTERS * 8 + RING_SLOTS * EVENT_BYTES;
@@ -43,10 +43,9 @@ pub struct Header {
     /// Bumped at every dispatch entry: lets another thread check that no dispatch
     /// started or ended between two reads.
     pub seq: AtomicU64,
-    /// A quiescent observation was deferred (the thread was inside): the dispatch exit
-    /// stamps `qs_epoch` when `nesting` drops to 0.
-    pub deferred: AtomicU32,
-    _pad0: u32,
+    /// Unused (the deferred quiescent state is the thread-local [`DEFERRED`]): keeps
+    /// the offsets below, which generated code uses, where they are.
+    _reserved: u64,
     /// Highest epoch at which this thread was seen quiescent (explicit call, signal, or
     /// deferred exit).
     pub qs_epoch: AtomicU64,
@@ -86,6 +85,7 @@ pub fn fs_offset_of<T>(addr: *const T) -> i64 {
 
 /// The `fs`-relative offsets of [`TLS`] and [`NEST`], checked to be the same in this
 /// thread and in a fresh one (static TLS).
+/// Agent thread only (it may allocate or lock).
 pub fn tls_offsets() -> Option<(i32, i32)> {
     let here = (
         TLS.with(|t| fs_offset_of(t as *const _)),
@@ -124,6 +124,7 @@ fn offsets3() -> (i64, i64, i64) {
 
 /// Records the `fs`-relative offsets of the dispatcher's thread-locals when they are
 /// the same in this thread and in a fresh one (static TLS). Returns whether it did.
+/// Agent thread only (it may allocate or lock).
 pub fn init_fast_tls() -> bool {
     let here = offsets3();
     let Ok(there) = std::thread::spawn(offsets3).join() else {
@@ -193,8 +194,9 @@ pub fn take_deferred_fast() -> u64 {
     // SAFETY: `off` was recorded by init_fast_tls for DEFERRED (a `Cell<u64>`).
     let v = unsafe { fs_read(off) };
     if v != 0 {
-        // SAFETY: as above; only this thread (and its signal handler, which only sets
-        // it to 1, like the `Cell::replace` this replaces) writes it.
+        // SAFETY: `off` was recorded by init_fast_tls for DEFERRED (a `Cell<u64>`); only
+        // this thread (and its signal handler, which only sets it to 1, like the
+        // `Cell::replace` this replaces) writes it.
         unsafe {
             std::arch::asm!("mov qword ptr fs:[{o}], 0", o = in(reg) off,
                 options(nostack, preserves_flags))
@@ -269,6 +271,7 @@ static OVERFLOW: AtomicPtr<Header> = AtomicPtr::new(std::ptr::null_mut());
 /// empty (short-lived threads created faster than the agent thread recycles blocks)
 /// count there with atomic adds instead of losing their calls. It is never claimed by
 /// a thread, never released, and never looked up by tid.
+/// Agent thread only (it may allocate or lock).
 pub fn init_overflow() -> std::io::Result<()> {
     if !OVERFLOW.load(Ordering::Acquire).is_null() {
         return Ok(());
@@ -315,11 +318,13 @@ impl Header {
 }
 
 /// Number of free blocks in the pool.
+/// Agent thread only (it may allocate or lock).
 pub fn free_blocks() -> usize {
     all().filter(|h| h.tid.load(Ordering::Acquire) == 0).count()
 }
 
-/// Maps blocks until at least `want` are free (agent thread only).
+/// Maps blocks until at least `want` are free.
+/// Agent thread only (it may allocate or lock).
 pub fn refill(want: usize) -> std::io::Result<()> {
     let mut free = free_blocks();
     while free < want {
@@ -398,7 +403,6 @@ impl Header {
             self.reset_counter(i);
         }
         self.nesting.store(0, Ordering::Relaxed);
-        self.deferred.store(0, Ordering::Relaxed);
         self.qs_epoch.store(0, Ordering::Relaxed);
         self.seq.store(0, Ordering::Relaxed);
         self.ring_head.store(0, Ordering::Relaxed);

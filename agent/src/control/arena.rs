@@ -8,7 +8,7 @@
 //! W^X: a new chunk is mapped read-write and filled with `0xCC`; the first slot written
 //! into it is copied directly, then the chunk is made read-execute for good. Later
 //! slots of a read-execute chunk (and poisoning) are written through `/proc/self/mem`
-//! (see [`crate::patch::poke`]), which writes through page protections, so no page is
+//! (see [`crate::control::patch::poke`]), which writes through page protections, so no page is
 //! ever writable and executable at once, and no page that may be executing is ever
 //! made non-executable. A new slot is not reachable by any thread until a site is
 //! patched to call it, and the patching protocol serializes every core first.
@@ -18,6 +18,9 @@
 //! unmapped.
 
 use std::sync::Mutex;
+
+use crate::sys::errno;
+use crate::sys::procfs::{self, Mapping};
 
 #[cfg(test)]
 use crate::codegen::Code;
@@ -32,6 +35,7 @@ const TASK_TOP: usize = 0x7fff_ffff_f000;
 const STACK_KEEPOUT: usize = 256 << 20;
 
 /// Whether `disp = to - next_ip` fits a rel32.
+#[cfg(test)]
 pub fn rel32_reachable(next_ip: usize, to: usize) -> bool {
     i32::try_from((to as i64).wrapping_sub(next_ip as i64)).is_ok()
 }
@@ -91,14 +95,9 @@ impl Slot {
         self.addr
     }
     /// Length in bytes (whole granules).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn contains(&self, pc: usize) -> bool {
-        self.addr <= pc && pc < self.addr + self.len
     }
 }
 
@@ -161,10 +160,6 @@ pub struct Arena {
     chunks: Mutex<Vec<Chunk>>,
 }
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
 impl Arena {
     pub fn new() -> Self {
         Self::default()
@@ -180,7 +175,7 @@ impl Arena {
         for c in chunks.iter_mut() {
             if let Some(g) = c.find(n, w) {
                 c.set(g, n, true);
-                crate::stats::bump(&crate::stats::SLOTS_ALLOCATED);
+                crate::hot::stats::bump(&crate::hot::stats::SLOTS_ALLOCATED);
                 return Ok(Slot {
                     addr: c.base + g * GRANULE,
                     len: n * GRANULE,
@@ -198,7 +193,7 @@ impl Arena {
             .ok_or(ArenaError::NoSpaceNear { near: w.center() })?;
         c.set(g, n, true);
         chunks.push(c);
-        crate::stats::bump(&crate::stats::SLOTS_ALLOCATED);
+        crate::hot::stats::bump(&crate::hot::stats::SLOTS_ALLOCATED);
         Ok(Slot {
             addr: base + g * GRANULE,
             len: n * GRANULE,
@@ -211,7 +206,7 @@ impl Arena {
         let mut chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
         let c = chunk_of(&mut chunks, slot)?;
         if c.sealed {
-            crate::patch::poke(slot.addr, bytes).map_err(|e| ArenaError::Os {
+            crate::control::patch::poke(slot.addr, bytes).map_err(|e| ArenaError::Os {
                 op: "pwrite /proc/self/mem",
                 errno: e.raw_os_error().unwrap_or(0),
             })?;
@@ -264,7 +259,7 @@ impl Arena {
         let c = chunk_of(&mut chunks, &slot)?;
         let poison = vec![0xCCu8; slot.len];
         if c.sealed {
-            crate::patch::poke(slot.addr, &poison).map_err(|e| ArenaError::Os {
+            crate::control::patch::poke(slot.addr, &poison).map_err(|e| ArenaError::Os {
                 op: "pwrite /proc/self/mem",
                 errno: e.raw_os_error().unwrap_or(0),
             })?;
@@ -274,16 +269,8 @@ impl Arena {
         }
         let g = (slot.addr - c.base) / GRANULE;
         c.set(g, slot.len / GRANULE, false);
-        crate::stats::bump(&crate::stats::SLOTS_FREED);
+        crate::hot::stats::bump(&crate::hot::stats::SLOTS_FREED);
         Ok(())
-    }
-
-    /// Whether `pc` lies in this arena's memory.
-    pub fn contains(&self, pc: usize) -> bool {
-        let chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
-        chunks
-            .iter()
-            .any(|c| c.base <= pc && pc < c.base + CHUNK_BYTES)
     }
 
     /// Address ranges of every chunk mapped so far, in mapping order (chunks are never
@@ -297,6 +284,7 @@ impl Arena {
     }
 
     /// Number of chunks mapped.
+    #[cfg(test)]
     pub fn chunk_count(&self) -> usize {
         self.chunks.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -313,6 +301,7 @@ fn chunk_of<'a>(chunks: &'a mut [Chunk], slot: &Slot) -> Result<&'a mut Chunk, A
 }
 
 /// Whether `len` bytes at `addr` (readable memory) are all `0xCC`.
+#[cfg(test)]
 pub fn is_poisoned(addr: usize, len: usize) -> bool {
     (0..len).all(|i| {
         // SAFETY: the caller passes readable memory (an arena slot: never unmapped).
@@ -320,16 +309,13 @@ pub fn is_poisoned(addr: usize, len: usize) -> bool {
     })
 }
 
-/// Parses `/proc/self/maps` into sorted `(start, end, is_main_stack)` ranges.
-pub fn parse_maps(text: &str) -> Vec<(usize, usize, bool)> {
-    let mut v: Vec<(usize, usize, bool)> = text
-        .lines()
-        .filter_map(|l| {
-            let range = l.split_whitespace().next()?;
-            let (a, b) = range.split_once('-')?;
-            let a = usize::from_str_radix(a, 16).ok()?;
-            let b = usize::from_str_radix(b, 16).ok()?;
-            Some((a, b, l.ends_with("[stack]")))
+/// `/proc/self/maps` as sorted `(start, end, is_main_stack)` ranges.
+pub(crate) fn ranges_of(maps: &[Mapping]) -> Vec<(usize, usize, bool)> {
+    let mut v: Vec<(usize, usize, bool)> = maps
+        .iter()
+        .map(|m| {
+            let stack = m.path.as_deref().is_some_and(|p| p.ends_with("[stack]"));
+            (m.start as usize, m.end as usize, stack)
         })
         .collect();
     v.sort_unstable();
@@ -392,11 +378,11 @@ pub fn candidates(maps: &[(usize, usize, bool)], w: Window) -> Vec<usize> {
 
 fn map_chunk_in(w: Window) -> Result<usize, ArenaError> {
     for _attempt in 0..8 {
-        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| ArenaError::Os {
+        let maps = procfs::read_maps().map_err(|e| ArenaError::Os {
             op: "read /proc/self/maps",
             errno: e.raw_os_error().unwrap_or(0),
         })?;
-        let cands = candidates(&parse_maps(&maps), w);
+        let cands = candidates(&ranges_of(&maps), w);
         if cands.is_empty() {
             break;
         }
@@ -434,16 +420,9 @@ mod tests {
     use super::*;
 
     fn perms_of(addr: usize) -> String {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        for l in maps.lines() {
-            let mut it = l.split_whitespace();
-            let (a, b) = it.next().unwrap().split_once('-').unwrap();
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            );
-            if a <= addr && addr < b {
-                return it.next().unwrap().to_string();
+        for m in procfs::read_maps().unwrap() {
+            if m.start as usize <= addr && addr < m.end as usize {
+                return String::from_utf8_lossy(&m.perms).into_owned();
             }
         }
         panic!("{addr:#x} not mapped");
@@ -474,7 +453,7 @@ mod tests {
             // A second slot goes into the sealed chunk through /proc/self/mem.
             let slot2 = arena.install(w, &code).unwrap();
             assert_ne!(slot2.addr(), slot.addr());
-            // SAFETY: as above.
+            // SAFETY: the second slot holds the same `mov rax, 42; ret`, sealed executable.
             let f2: extern "C" fn() -> u64 = unsafe { std::mem::transmute(slot2.addr()) };
             assert_eq!(f2(), 42);
             let (addr, len) = (slot.addr(), slot.len());
@@ -508,11 +487,11 @@ mod tests {
         assert!(w.contains(0x5555_0000_0005 - (1 << 31)));
         assert!(!w.contains(0x5555_0000_0004 - (1 << 31)));
         assert!(Window::for_calls_from(&[0x1000_0000, 0x1_9000_0000]).is_none());
-        let maps = parse_maps(
+        let maps = ranges_of(&procfs::parse_maps(
             "555500000000-555500100000 r-xp 0 0:0 0 /bin/x\n\
              555500100000-555500200000 rw-p 0 0:0 0 [heap]\n\
              7ffff0000000-7ffff0021000 rw-p 0 0:0 0 [stack]\n",
-        );
+        ));
         let c = candidates(&maps, w);
         assert_eq!(c[0], 0x5555_0000_0000 - CHUNK_BYTES, "closest below first");
         assert!(c.iter().all(|&b| w.contains(b) && b % CHUNK_BYTES == 0));
@@ -529,5 +508,69 @@ mod tests {
             big.alloc(w, CHUNK_BYTES + 1),
             Err(ArenaError::TooLarge(_))
         ));
+    }
+
+    /// A thread that executes freed (poisoned) trampoline memory is reported on stderr
+    /// and the process dies by SIGTRAP (run in a forked child): the trap
+    /// handler (`hot::trap`) recognizes the arena's poison.
+    #[test]
+    fn executing_a_freed_slot_is_reported_and_fatal() {
+        use crate::hot::trap::{POISON_MARKER, ensure_installed};
+        let arena = Arena::new();
+        let near = executing_a_freed_slot_is_reported_and_fatal as *const () as usize;
+        let slot = arena.alloc(Window::for_call_from(near), 64).unwrap();
+        // `ret`: a valid function until freed.
+        arena.write_and_seal(&slot, &[0xC3]).unwrap();
+        let addr = slot.addr();
+        arena.free(slot).unwrap();
+        assert!(is_poisoned(addr, 64));
+        for (s, e) in arena.chunk_ranges() {
+            assert!(crate::hot::ranges::add_range(s as u64, e as u64));
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe with a valid out array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls async-signal-safe functions and our handler
+        // installation (sigaction, one allocation) before it dies.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child: redirect stderr, install the handler, call the
+            // poisoned slot (it traps at once).
+            unsafe {
+                libc::dup2(fds[1], 2);
+                if ensure_installed().is_err() {
+                    libc::_exit(3);
+                }
+                let f: extern "C" fn() = std::mem::transmute(addr);
+                f();
+                libc::_exit(4);
+            }
+        }
+        // SAFETY: closing our copy of the write end; waiting for our child.
+        unsafe { libc::close(fds[1]) };
+        let mut status = 0;
+        // SAFETY: waiting for our own child, with a valid status out pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            // SAFETY: reading into a valid buffer from our pipe.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGTRAP,
+            "child status {status:#x}, stderr {text:?}"
+        );
+        assert!(text.starts_with(POISON_MARKER), "{text:?}");
+        assert!(
+            text.contains(&format!("trampoline memory at 0x{addr:016x}")),
+            "{text:?}"
+        );
     }
 }

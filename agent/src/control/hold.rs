@@ -73,14 +73,13 @@ impl Gate {
             let wait = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(ms);
             // SAFETY: one valid pollfd.
             let rc = unsafe { libc::poll(&mut pfd, 1, wait) };
-            let interrupted =
-                rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+            let interrupted = rc < 0 && crate::sys::errno() == libc::EINTR;
             if !interrupted || left.is_zero() {
                 break;
             }
         }
         if std::time::Instant::now() >= deadline {
-            crate::log::warn(&format!(
+            crate::control::log::warn(&format!(
                 "the launcher did not release the program within {:?}: starting it anyway",
                 self.timeout
             ));
@@ -136,7 +135,7 @@ mod tests {
         assert!(waited >= Duration::from_millis(100), "{waited:?}");
         assert!(waited < Duration::from_secs(5), "{waited:?}");
         // Nobody closes: the bound ends the wait.
-        // SAFETY: as above.
+        // SAFETY: pipe with a valid out array of two descriptors.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         let t = std::time::Instant::now();
         Gate {
@@ -145,7 +144,7 @@ mod tests {
         }
         .wait();
         assert!(t.elapsed() >= Duration::from_millis(150));
-        // SAFETY: as above.
+        // SAFETY: closing the write end of the pipe this test created.
         unsafe { libc::close(fds[1]) };
     }
 }

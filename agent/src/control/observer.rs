@@ -1,198 +1,17 @@
-//! Quiescent states: the agent's epoch, and the four ways a thread is seen outside
-//! every trampoline and callback (DESIGN.md, "Quiescent states"):
-//!
-//! 1. explicit: [`quiescent`], called by the program (QSBR style);
-//! 2. blocked: `/proc/self/task/TID/syscall` shows the thread blocked in a system call
-//!    at a PC outside trampolines, with no dispatch in progress — seen without
-//!    disturbing it (threads blocked in a syscall are never signalled: `nanosleep`,
-//!    `poll`, `epoll_wait` would fail with EINTR even under SA_RESTART);
-//! 3. interrupted: running threads get a real-time signal; the handler reads the
-//!    interrupted PC from the `ucontext` and the thread's dispatch depth; inside a
-//!    dispatch it defers, and the outermost dispatch stamps on its way out; a thread
-//!    between two nops of a sled being converted is first moved past the sled;
-//! 4. exit: an exited thread is quiescent for ever (reported by the thread scan).
-//!
-//! Every observation is stamped with the epoch read *before* the observation, so a
-//! stamp `>= e` proves the thread was seen outside after epoch `e` began (the epoch is
-//! bumped only after an unpatch completed and all cores were serialized).
-//!
-//! Remaining race, documented: a thread may block in a system call between our read of
-//! its `syscall` file ("running") and the signal's arrival; the signal then interrupts
-//! that system call. The window is the few microseconds between the read and
-//! `tgkill`; `Observer::signals` counts the signals sent so tests can measure it.
+//! The agent thread's side of quiescent-state detection (`hot::qs` is the program
+//! threads' side): decides, for each thread, how to observe it (its block's stamp,
+//! blocked in a system call outside trampolines, or a signal), collects the stamps to
+//! report, and keeps the threads holding up grace periods (stalls).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::block::{self, Header};
-use crate::dispatch;
-use crate::procfs::{self, SyscallState};
-
-/// The agent's epoch. Bumped after every completed unpatch (and every barrier).
-pub static EPOCH: AtomicU64 = AtomicU64::new(1);
-
-/// The real-time signal used to observe running threads (0: not installed).
-static SIGNAL: AtomicI32 = AtomicI32::new(0);
-static INSTALLED: AtomicBool = AtomicBool::new(false);
-
-/// Lock-free table of trampoline address ranges, for the signal handler.
-const RANGES: usize = 1024;
-static RANGE_START: [AtomicU64; RANGES] = [const { AtomicU64::new(0) }; RANGES];
-static RANGE_END: [AtomicU64; RANGES] = [const { AtomicU64::new(0) }; RANGES];
-
-/// Records a region of trampoline memory (never removed: regions are never unmapped).
-pub fn add_range(start: u64, end: u64) -> bool {
-    for i in 0..RANGES {
-        if RANGE_START[i]
-            .compare_exchange(0, start, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            RANGE_END[i].store(end, Ordering::Release);
-            return true;
-        }
-    }
-    false
-}
-
-/// Whether `pc` is in trampoline memory or in the static entry stub.
-/// Async-signal-safe.
-#[inline]
-pub fn in_trampoline(pc: u64) -> bool {
-    let (s, e) = dispatch::stub_range();
-    if pc >= s && pc < e {
-        return true;
-    }
-    for i in 0..RANGES {
-        let start = RANGE_START[i].load(Ordering::Acquire);
-        if start == 0 {
-            return false;
-        }
-        let end = RANGE_END[i].load(Ordering::Acquire);
-        // A range being added has end 0 for an instant: treat it as covering
-        // everything after start (conservative).
-        if pc >= start && (end == 0 || pc < end) {
-            return true;
-        }
-    }
-    false
-}
-
-/// Stamps a quiescent state of the calling thread (owner-only write).
-/// Async-signal-safe.
-#[inline]
-pub fn stamp(h: &Header) {
-    let e = EPOCH.load(Ordering::Acquire);
-    if h.qs_epoch.load(Ordering::Relaxed) < e {
-        h.qs_epoch.store(e, Ordering::Release);
-    }
-}
-
-/// Explicit quiescent state: the calling thread says it is outside every traced
-/// function and callback. Cheap (a TLS load and a store); does nothing inside a
-/// callback.
-pub fn quiescent() {
-    if block::NEST.with(|n| n.get()) != 0 {
-        return;
-    }
-    if let Some(h) = block::current().or_else(|| block::claim(dispatch::tid())) {
-        stamp(h);
-    }
-}
-
-/// The quiescent-state signal handler. Async-signal-safe: reads the epoch, the
-/// interrupted PC and this thread's TLS; writes this thread's block.
-pub(crate) extern "C" fn on_signal(
-    _sig: libc::c_int,
-    _info: *mut libc::siginfo_t,
-    uctx: *mut libc::c_void,
-) {
-    let e = EPOCH.load(Ordering::Acquire);
-    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
-    let pc = unsafe { (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
-        as u64;
-    if block::NEST.with(|n| n.get()) > 0 {
-        // Inside a dispatch: its outermost level stamps on the way out.
-        block::DEFERRED.with(|d| d.set(1));
-        return;
-    }
-    if let Some(next) = crate::trap::sled_exit(pc as usize) {
-        // Between two 1-byte nops of a sled being converted: skip the remaining nops
-        // (exactly what executing them does), so the thread is outside the bytes about
-        // to be replaced and may be stamped.
-        // SAFETY: the kernel passes a valid, writable ucontext_t; the new PC is the
-        // next instruction boundary of the code the thread was executing.
-        unsafe {
-            (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] =
-                next as i64;
-        }
-        crate::stats::bump(&crate::stats::SLED_EXITS);
-    }
-    if in_trampoline(pc) {
-        // In a trampoline's own few instructions (e.g. a count fast path): it will be
-        // out in nanoseconds; the agent looks again.
-        return;
-    }
-    if let Some(h) = block::current().or_else(|| block::claim(dispatch::tid()))
-        && h.qs_epoch.load(Ordering::Relaxed) < e
-    {
-        h.qs_epoch.store(e, Ordering::Release);
-    }
-}
-
-/// Installs the handler for real-time signal `SIGRTMIN + offset` (once).
-pub fn install_signal(signal: i32) -> std::io::Result<()> {
-    if INSTALLED.swap(true, Ordering::AcqRel) {
-        return Ok(());
-    }
-    // SAFETY: a zeroed sigaction is a valid starting point; we set the handler, flags
-    // and a full mask: no program handler may run nested in ours (it would see our
-    // handler's PC, not the trampoline PC ours interrupted; see `sigwrap`).
-    let rc = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-        libc::sigfillset(&mut sa.sa_mask);
-        crate::sigwrap::real_sigaction(signal, &sa, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        INSTALLED.store(false, Ordering::Release);
-        return Err(std::io::Error::last_os_error());
-    }
-    SIGNAL.store(signal, Ordering::Release);
-    Ok(())
-}
-
-/// The quiescent-state signal, once installed (0 before).
-pub fn signal() -> i32 {
-    SIGNAL.load(Ordering::Acquire)
-}
-
-/// The default quiescent-state signal: SIGRTMIN + 3.
-pub fn default_signal() -> i32 {
-    libc::SIGRTMIN() + 3
-}
-
-/// Whether thread `tid` blocks signal `sig` (from its `status` file).
-pub fn blocks_signal(tid: u32, sig: i32) -> bool {
-    status_mask_has(tid, "SigBlk:", sig)
-}
-
-/// Whether signal `sig` is pending for thread `tid` itself (sent with `tgkill` and not
-/// yet handled, e.g. because the thread blocks it).
-pub fn signal_pending(tid: u32, sig: i32) -> bool {
-    status_mask_has(tid, "SigPnd:", sig)
-}
-
-fn status_mask_has(tid: u32, field: &str, sig: i32) -> bool {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
-        return false;
-    };
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
-}
+use crate::hot::block::{self, Header};
+use crate::hot::qs::{EPOCH, SIGNAL};
+use crate::hot::ranges::in_trampoline;
+use crate::hot::trap;
+use crate::sys::procfs::{self, SyscallState};
 
 /// A snapshot of a thread's dispatch state read from another thread.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -286,7 +105,7 @@ impl Observer {
                     SyscallState::Blocked { nr, pc, .. }
                         if nr != libc::SYS_gettid
                             && !in_trampoline(pc)
-                            && crate::trap::sled_exit(pc as usize).is_none()
+                            && trap::sled_exit(pc as usize).is_none()
                             && before == after
                             && matches!(
                                 before,
@@ -307,7 +126,7 @@ impl Observer {
                         // Real-time signals queue: a thread that blocks ours (or has not
                         // run since) would pile them up against the user's
                         // RLIMIT_SIGPENDING. Keep at most one pending per thread.
-                        let pending = due && last.is_some() && signal_pending(tid, signal);
+                        let pending = due && last.is_some() && procfs::signal_pending(tid, signal);
                         if signal != 0 && due && !pending {
                             // SAFETY: tgkill to a thread of our own process with a
                             // signal whose handler we installed.
@@ -350,7 +169,7 @@ impl Observer {
             h.pc = pc;
         }
         if sig != 0 && now.duration_since(h.since) > Duration::from_millis(50) {
-            h.blocks_signal = blocks_signal(tid, sig);
+            h.blocks_signal = procfs::blocks_signal(tid, sig);
         }
     }
 
@@ -368,6 +187,7 @@ impl Observer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hot::qs::{default_signal, install_signal, quiescent};
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
@@ -383,7 +203,7 @@ mod tests {
         let t1 = {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                tx.send(dispatch::tid()).unwrap();
+                tx.send(crate::sys::tid()).unwrap();
                 while !s.load(Ordering::Relaxed) {
                     std::hint::spin_loop();
                 }
@@ -393,7 +213,7 @@ mod tests {
         let t2 = {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                tx.send(dispatch::tid()).unwrap();
+                tx.send(crate::sys::tid()).unwrap();
                 let _ = brx.recv();
             })
         };
@@ -401,7 +221,7 @@ mod tests {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 quiescent();
-                tx.send(dispatch::tid()).unwrap();
+                tx.send(crate::sys::tid()).unwrap();
             })
         };
         let tids: BTreeSet<u32> = (0..3).map(|_| rx.recv().unwrap()).collect();

@@ -1,0 +1,209 @@
+//! The function catalogue: every function site discovered in the objects loaded in
+//! this process (the first discovery, then objects `dlopen`ed since), answered to the
+//! server's `ListFunctions`, and looked up by address when installing and reporting.
+
+use std::collections::HashMap;
+
+use patchbay_proto as pb;
+
+use crate::control::log;
+use crate::control::patch::{Op, Patcher};
+use crate::control::sites::{self, Discoverer, FunctionSite, SiteKind};
+use crate::hot::ranges;
+
+/// The functions of this process.
+pub(crate) struct Catalogue {
+    discoverer: Discoverer,
+    functions: Vec<FunctionSite>,
+    by_addr: HashMap<u64, usize>,
+    discovered: bool,
+    /// `sites::load_generation()` read before the last discovery.
+    load_seen: (u64, u64),
+    /// Functions discovered in objects loaded after the first discovery and not yet
+    /// announced to the server (`FunctionsAdded`).
+    unannounced: u32,
+}
+
+impl Catalogue {
+    pub(crate) fn new() -> Catalogue {
+        Catalogue {
+            discoverer: Discoverer::new(),
+            functions: Vec::new(),
+            by_addr: HashMap::new(),
+            discovered: false,
+            load_seen: (0, 0),
+            unannounced: 0,
+        }
+    }
+
+    /// Discovers every loaded object's functions (the first time) or those of objects
+    /// loaded since (later). `call __fentry__` sites become nops at once.
+    pub(crate) fn discover(&mut self) {
+        // Read first: an object loaded during the scan is seen by the next one.
+        self.load_seen = sites::load_generation();
+        let later = self.discovered;
+        let new = if self.discovered {
+            self.discoverer.discover_new()
+        } else {
+            self.discovered = true;
+            self.discoverer.discover_all()
+        };
+        match new {
+            Ok(list) => {
+                if later {
+                    self.unannounced = self
+                        .unannounced
+                        .saturating_add(u32::try_from(list.len()).unwrap_or(u32::MAX));
+                }
+                let mut neutralize = Vec::new();
+                for mut f in list {
+                    if f.name.starts_with("patchbay_agent::") {
+                        f.patchable = false;
+                        f.reason = Some("the agent's own code is never traced".into());
+                    }
+                    if f.patchable && matches!(f.kind, SiteKind::Fentry) {
+                        neutralize.push(Op::Nop {
+                            site: f.address as usize,
+                        });
+                    }
+                    if f.patchable && f.kind == SiteKind::FentryGot {
+                        neutralize.push(Op::NopFentryGot {
+                            site: f.address as usize,
+                        });
+                    }
+                    self.by_addr.insert(f.address, self.functions.len());
+                    self.functions.push(f);
+                }
+                // `call __fentry__` sites become nops now, once: cheaper untraced calls,
+                // and the form every later patch starts from.
+                if !neutralize.is_empty() {
+                    match Patcher::global().and_then(|p| p.apply(&neutralize)) {
+                        Ok(r) => {
+                            log::debug(&format!("{} fentry calls turned into nops", r.changed))
+                        }
+                        Err(e) => {
+                            log::warn(&format!("cannot neutralize fentry calls: {e}"));
+                            for op in neutralize {
+                                if let Some(&i) = self.by_addr.get(&(op.site() as u64)) {
+                                    self.functions[i].patchable = false;
+                                    self.functions[i].reason = Some(format!("cannot patch: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => log::warn(&format!("site discovery failed: {e}")),
+        }
+    }
+
+    /// The first discovery, if it has not happened yet.
+    pub(crate) fn discover_if_needed(&mut self) {
+        if !self.discovered {
+            self.discover();
+        }
+    }
+
+    /// Discovers the objects loaded (`dlopen`) since the last discovery, if any.
+    pub(crate) fn discover_loaded_since(&mut self) {
+        if self.discovered && sites::load_generation() != self.load_seen {
+            self.discover();
+        }
+    }
+
+    /// How many functions were discovered since the last call (in objects loaded after
+    /// the first discovery), to announce in a `FunctionsAdded`.
+    pub(crate) fn take_unannounced(&mut self) -> u32 {
+        std::mem::take(&mut self.unannounced)
+    }
+
+    /// The function whose patch site is `site`.
+    pub(crate) fn get(&self, site: u64) -> Option<&FunctionSite> {
+        self.by_addr.get(&site).map(|&i| &self.functions[i])
+    }
+
+    /// The demangled name of the function whose site is `site` ("" if unknown).
+    pub(crate) fn name_of(&self, site: u64) -> String {
+        self.get(site).map(|f| f.name.clone()).unwrap_or_default()
+    }
+
+    /// `site` with its function's name.
+    pub(crate) fn site(&self, site: u64) -> pb::Site {
+        pb::Site {
+            address: site,
+            name: self.name_of(site),
+        }
+    }
+
+    /// The function containing `pc` (`<trampoline>` in trampoline memory, "" unknown).
+    pub(crate) fn symbol(&self, pc: u64) -> String {
+        if pc == 0 {
+            return String::new();
+        }
+        if ranges::in_trampoline(pc) {
+            return "<trampoline>".into();
+        }
+        self.functions
+            .iter()
+            .find(|f| f.function_address <= pc && pc < f.function_address + f.size.max(1))
+            .map(|f| f.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// The answer to `ListFunctions` (discovering first).
+    pub(crate) fn list(&mut self, l: pb::ListFunctions) -> pb::FunctionList {
+        self.discover();
+        match sites::filter(&self.functions, &l.pattern) {
+            Ok(found) => {
+                // Attaching needs only patchable functions; when none matches, a few
+                // unpatchable ones go along so the server can say why.
+                let any_patchable = found.iter().any(|f| f.patchable);
+                let mut examples = 0;
+                let keep: Vec<&FunctionSite> = found
+                    .iter()
+                    .copied()
+                    .filter(|f| {
+                        if f.patchable || !l.patchable_only {
+                            return true;
+                        }
+                        examples += 1;
+                        !any_patchable && examples <= 5
+                    })
+                    .collect();
+                let unpatchable_matches = if l.patchable_only {
+                    (found.len() - keep.len()) as u32
+                } else {
+                    0
+                };
+                pb::FunctionList {
+                    request_id: l.request_id,
+                    unpatchable_matches,
+                    functions: keep
+                        .into_iter()
+                        .map(|f| pb::Function {
+                            name: f.name.clone(),
+                            mangled: f.mangled.clone(),
+                            address: f.address,
+                            object: f.object.display().to_string(),
+                            patchable: f.patchable,
+                            site_kind: match f.kind {
+                                SiteKind::Fentry | SiteKind::FentryGot => pb::SiteKind::Fentry,
+                                SiteKind::Nop5 => pb::SiteKind::Nop5,
+                                SiteKind::NopSled => pb::SiteKind::NopSled,
+                                SiteKind::None => pb::SiteKind::Unspecified,
+                            } as i32,
+                            reason: f.reason.clone().unwrap_or_default(),
+                        })
+                        .collect(),
+                    error: String::new(),
+                }
+            }
+            Err(e) => pb::FunctionList {
+                request_id: l.request_id,
+                functions: vec![],
+                error: e.to_string(),
+                unpatchable_matches: 0,
+            },
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Reporting what the program did: count snapshots per tracer (only those that
+//! changed), event batches drained from the per-thread rings (bounded while the server
+//! does not read, losses counted), and the totals of freed trampolines.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use patchbay_proto as pb;
+use pb::agent_message::Body as FromAgent;
+
+use super::catalogue::Catalogue;
+use super::installer::{Freed, Installer};
+use crate::control::drain::{self, Clock};
+use crate::control::link;
+use crate::hot::block;
+
+/// Events buffered per tracer while the server is away or does not read; more are
+/// dropped and counted (`PATCHBAY_EVENT_BUFFER` overrides it).
+const EVENT_BUFFER: usize = 1 << 16;
+/// Bytes queued for the server and not yet taken by the transport above which counts
+/// and events are held back (in the bounded buffer above) until it reads again.
+const LINK_BACKLOG: u64 = 1 << 20;
+/// Records per event batch.
+const EVENTS_PER_BATCH: usize = 4096;
+
+/// Counts and events on their way to the server.
+pub(crate) struct Reporter {
+    /// Final counts of freed trampolines per (tracer, site).
+    folded: BTreeMap<(u64, u64), u64>,
+    /// Drops of freed trampolines per tracer.
+    folded_drops: BTreeMap<u64, u64>,
+    /// Tracers whose folded counts changed since the last flush (or since the last
+    /// hello): a flush reports these and the tracers of live trampolines, not every
+    /// tracer ever seen (the server keeps the last report of each).
+    folded_dirty: BTreeSet<u64>,
+    clock: Clock,
+    /// Per tracer: packed records waiting to be sent, their count, and drops.
+    events: BTreeMap<u64, (Vec<u8>, u32)>,
+    lost_events: BTreeMap<u64, u64>,
+    /// Events buffered per tracer at most.
+    event_buffer: usize,
+    last_flush: Instant,
+    /// Most events a drain of the last tick took from one thread's ring: when rings
+    /// fill fast, the agent ticks faster so that fewer events are dropped.
+    ring_peak: usize,
+    /// Count totals last sent per tracer (reports are full snapshots; an unchanged
+    /// snapshot is not sent again). Cleared at every hello: a new connection gets
+    /// everything.
+    sent_counts: BTreeMap<u64, BTreeMap<u64, u64>>,
+}
+
+impl Reporter {
+    pub(crate) fn new() -> Reporter {
+        Reporter {
+            folded: BTreeMap::new(),
+            folded_drops: BTreeMap::new(),
+            folded_dirty: BTreeSet::new(),
+            clock: Clock::new(),
+            events: BTreeMap::new(),
+            lost_events: BTreeMap::new(),
+            event_buffer: std::env::var("PATCHBAY_EVENT_BUFFER")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(EVENT_BUFFER),
+            last_flush: Instant::now(),
+            ring_peak: 0,
+            sent_counts: BTreeMap::new(),
+        }
+    }
+
+    /// A new session: report every tracer's counts again.
+    pub(crate) fn new_session(&mut self) {
+        self.folded_dirty = self.folded.keys().map(|(tracer, _)| *tracer).collect();
+        self.sent_counts.clear();
+    }
+
+    /// In a forked child: this process has counted nothing and traced nothing yet.
+    pub(crate) fn forked_child(&mut self) {
+        self.folded.clear();
+        self.folded_drops.clear();
+        self.folded_dirty.clear();
+        self.events.clear();
+        self.lost_events.clear();
+    }
+
+    /// Keeps the final totals of a freed trampoline.
+    pub(crate) fn fold(&mut self, freed: Freed) {
+        for (tracer, site, n) in freed.counts {
+            *self.folded.entry((tracer, site)).or_insert(0) += n;
+            self.folded_dirty.insert(tracer);
+        }
+        for (tracer, n) in freed.drops {
+            *self.folded_drops.entry(tracer).or_insert(0) += n;
+        }
+    }
+
+    /// A tick begins: the ring peak is measured afresh.
+    pub(crate) fn start_tick(&mut self) {
+        self.ring_peak = 0;
+    }
+
+    /// Whether events came in fast during the last tick (tick faster to drain them).
+    pub(crate) fn events_fast(&self) -> bool {
+        self.ring_peak >= block::RING_SLOTS / 8
+    }
+
+    /// Takes the events of every thread's ring into the per-tracer buffers.
+    pub(crate) fn drain_rings(&mut self) {
+        self.clock.recalibrate();
+        let clock = self.clock;
+        let events = &mut self.events;
+        let lost = &mut self.lost_events;
+        let event_buffer = self.event_buffer;
+        let mut peak = 0;
+        for h in block::all() {
+            if h.tid.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let n = drain::drain(h, |r| {
+                let (buf, n) = events.entry(r.tracer).or_default();
+                if *n as usize >= event_buffer {
+                    *lost.entry(r.tracer).or_insert(0) += 1;
+                    return;
+                }
+                let nargs = (r.nargs as usize).min(r.args.len());
+                pb::events::encode(buf, clock.to_ns(r.tsc), r.site, r.tid, &r.args[..nargs]);
+                *n += 1;
+            });
+            peak = peak.max(n);
+        }
+        // The most of any drain of this tick (a later drain in the same tick finds
+        // the rings nearly empty).
+        self.ring_peak = self.ring_peak.max(peak);
+    }
+
+    fn dropped(&self, tracer: u64, installer: &Installer) -> u64 {
+        let mut d = self.folded_drops.get(&tracer).copied().unwrap_or(0)
+            + self.lost_events.get(&tracer).copied().unwrap_or(0);
+        for (tr, idx) in installer.drops() {
+            if tr == tracer {
+                d += installer.counters().total(idx);
+            }
+        }
+        d
+    }
+
+    /// Sends the count snapshots that changed and every buffered event.
+    pub(crate) fn flush(
+        &mut self,
+        installer: &Installer,
+        catalogue: &Catalogue,
+        out: &mut Vec<FromAgent>,
+    ) {
+        // Counts: cumulative per (tracer, site) over live and freed trampolines.
+        let mut totals: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
+        let mut report: BTreeSet<u64> = std::mem::take(&mut self.folded_dirty);
+        report.extend(installer.counts().map(|(tracer, _, _)| tracer));
+        for &tracer in &report {
+            for ((_, site), n) in self.folded.range((tracer, 0)..=(tracer, u64::MAX)) {
+                *totals.entry(tracer).or_default().entry(*site).or_insert(0) += n;
+            }
+        }
+        for (tracer, site, idx) in installer.counts() {
+            *totals.entry(tracer).or_default().entry(site).or_insert(0) +=
+                installer.counters().total(idx);
+        }
+        self.sent_counts.retain(|t, _| totals.contains_key(t));
+        for (tracer, sites) in totals {
+            if self.sent_counts.get(&tracer) == Some(&sites) {
+                continue;
+            }
+            self.sent_counts.insert(tracer, sites.clone());
+            out.push(FromAgent::Counts(pb::CountReport {
+                tracer_id: tracer,
+                counts: sites
+                    .into_iter()
+                    .map(|(s, count)| pb::SiteCount {
+                        site: Some(catalogue.site(s)),
+                        count,
+                    })
+                    .collect(),
+            }));
+        }
+        self.drain_rings();
+        let tracers: Vec<u64> = self.events.keys().copied().collect();
+        for tracer in tracers {
+            let dropped = self.dropped(tracer, installer);
+            let (buf, n) = self.events.remove(&tracer).unwrap_or_default();
+            if n == 0 {
+                continue;
+            }
+            // Split into batches on record boundaries (the records were written by
+            // `encode` just above: they always cut).
+            for (data, record_count) in
+                pb::events::Batches::new(&buf, n, EVENTS_PER_BATCH as u32).flatten()
+            {
+                out.push(FromAgent::Events(pb::EventBatch {
+                    tracer_id: tracer,
+                    data: data.to_vec(),
+                    record_count,
+                    dropped,
+                }));
+            }
+        }
+    }
+
+    /// The periodic flush (every `every`, or at once when a full batch of events is
+    /// waiting). A server that does not read (stopped, hung, or slower than the
+    /// program) must not make the agent queue without bound: counts are held
+    /// (cumulative, nothing is lost) and events buffered (bounded, losses counted)
+    /// until it reads.
+    pub(crate) fn tick(
+        &mut self,
+        connected: bool,
+        every: Duration,
+        installer: &Installer,
+        catalogue: &Catalogue,
+        out: &mut Vec<FromAgent>,
+    ) {
+        // A full batch of events goes out at once rather than at the next interval.
+        let full_batch = self
+            .events
+            .values()
+            .any(|(_, n)| *n as usize >= EVENTS_PER_BATCH);
+        if self.last_flush.elapsed() >= every || (connected && full_batch) {
+            self.last_flush = Instant::now();
+            if connected && link::backlog_bytes() <= LINK_BACKLOG {
+                self.flush(installer, catalogue, out);
+            } else {
+                self.drain_rings();
+            }
+        }
+    }
+}
