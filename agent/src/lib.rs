@@ -8,11 +8,6 @@ pub mod arena;
 pub mod block;
 pub mod callbacks;
 pub mod coalesce;
-/// An in-trampoline callback flavour (callbacks called from trampoline memory), kept
-/// as the test vehicle of the patcher's stress tests; the runtime uses `tramp` + `dispatch`.
-#[cfg(test)]
-#[allow(dead_code)]
-pub(crate) mod codegen;
 pub mod counters;
 pub mod demangle;
 pub mod dispatch;
@@ -29,10 +24,6 @@ pub mod sigwrap;
 pub mod sites;
 pub mod stats;
 pub mod threads;
-/// Per-thread blocks of the `codegen` test flavour (the runtime uses `block`).
-#[cfg(test)]
-#[allow(dead_code)]
-pub(crate) mod tls;
 pub mod tramp;
 pub mod trap;
 

@@ -1,12 +1,22 @@
 //! Test fixtures: functions with patchable entries, defined in assembly so their first
-//! bytes are exactly known, and a shared test set-up.
+//! bytes are exactly known, and the shared set-up of the patcher's tests. Trampolines
+//! here are the production ones: `tramp::generate` code in the `arena`, a `dispatch`
+//! descriptor, the static entry stub and dispatcher, laid out and freed the way
+//! `Runtime::try_install` / `Runtime::authorize_free` do it.
 
-use std::sync::Once;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard, Once, OnceLock};
+use std::time::{Duration, Instant};
 
-use crate::arena::{Arena, Slot, Window};
-use crate::codegen::Code;
-use crate::patch::Patcher;
+use crate::arena::{self, Arena, Slot, Window};
+use crate::block;
+use crate::callbacks::Registered;
+use crate::counters::Counters;
+use crate::dispatch::{self, Action, Callback, DESC_DEAD, DESC_LIVE, Descriptor};
+use crate::patch::{Op, Patcher};
+use crate::qs::{self, EPOCH, Observer};
+use crate::tramp::{self, Layout};
 
 // Each fixture is used by one test only (tests run in parallel in one process).
 std::arch::global_asm!(
@@ -36,6 +46,13 @@ std::arch::global_asm!(
     ".p2align 4",
     ".globl patchbay_fx_exit",
     "patchbay_fx_exit:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + 1]",
+    "ret",
+    // Same, called through a dead descriptor (premature-free detection).
+    ".p2align 4",
+    ".globl patchbay_fx_dead",
+    "patchbay_fx_dead:",
     ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
     "lea rax, [rdi + 1]",
     "ret",
@@ -81,7 +98,22 @@ std::arch::global_asm!(
     "movups [rip + patchbay_fx_regs_out + 176], xmm6",
     "movups [rip + patchbay_fx_regs_out + 192], xmm7",
     "ret",
-    // fn(u64) -> u64 { x + 2 }, for the list dispatcher and the helper-mode tests.
+    // Stores ymm0-7 in full into patchbay_fx_ymm_out (AVX CPUs only): vector arguments
+    // survive callbacks that end with `vzeroupper`.
+    ".p2align 4",
+    ".globl patchbay_fx_ymm",
+    "patchbay_fx_ymm:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 0], ymm0",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 32], ymm1",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 64], ymm2",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 96], ymm3",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 128], ymm4",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 160], ymm5",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 192], ymm6",
+    "vmovdqu [rip + patchbay_fx_ymm_out + 224], ymm7",
+    "ret",
+    // fn(u64) -> u64 { x + 2 }, for the group-order and the exact-count tests.
     ".p2align 4",
     ".globl patchbay_fx_list",
     "patchbay_fx_list:",
@@ -89,8 +121,8 @@ std::arch::global_asm!(
     "lea rax, [rdi + 2]",
     "ret",
     ".p2align 4",
-    ".globl patchbay_fx_helper",
-    "patchbay_fx_helper:",
+    ".globl patchbay_fx_exact",
+    "patchbay_fx_exact:",
     ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
     "lea rax, [rdi + 2]",
     "ret",
@@ -147,24 +179,31 @@ std::arch::global_asm!(
     "patchbay_fx_int3:",
     "int3",
     "ret",
-    // Callback (ctx, data: *mut u64): stores rsp % 16 at entry (8 when the caller
-    // aligned the stack to 16 before its call).
+    // A C callback (ctx): stores rsp % 16 at entry into patchbay_fx_align_out (8 when
+    // the caller aligned the stack to 16 before its call).
     ".p2align 4",
     ".globl patchbay_fx_align_cb",
     "patchbay_fx_align_cb:",
     "mov rax, rsp",
     "and rax, 15",
-    "mov [rsi], rax",
+    "mov [rip + patchbay_fx_align_out], rax",
     "ret",
     ".popsection",
     ".pushsection .data.patchbay_fixtures,\"aw\",@progbits",
-    ".p2align 4",
+    ".p2align 5",
     ".globl patchbay_fx_regs_out",
     "patchbay_fx_regs_out:",
     ".zero 208",
+    ".p2align 5",
+    ".globl patchbay_fx_ymm_out",
+    "patchbay_fx_ymm_out:",
+    ".zero 256",
     ".globl patchbay_fx_fentry_hits",
     "patchbay_fx_fentry_hits:",
     ".quad 0",
+    ".globl patchbay_fx_align_out",
+    "patchbay_fx_align_out:",
+    ".quad 99",
     ".popsection",
 );
 
@@ -173,10 +212,12 @@ unsafe extern "C" {
     pub fn patchbay_fx_emul(x: u64) -> u64;
     pub fn patchbay_fx_bench(x: u64) -> u64;
     pub fn patchbay_fx_exit(x: u64) -> u64;
+    pub fn patchbay_fx_dead(x: u64) -> u64;
     pub fn patchbay_fx_args(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64, x: f64) -> u64;
     pub fn patchbay_fx_regs();
+    pub fn patchbay_fx_ymm();
     pub fn patchbay_fx_list(x: u64) -> u64;
-    pub fn patchbay_fx_helper(x: u64) -> u64;
+    pub fn patchbay_fx_exact(x: u64) -> u64;
     pub fn patchbay_fx_recurse(x: u64) -> u64;
     pub fn patchbay_fx_fentry(x: u64) -> u64;
     pub fn patchbay_fx_sled();
@@ -184,13 +225,20 @@ unsafe extern "C" {
     pub fn patchbay_fx_sled_ctx();
     pub fn patchbay_fx_int3();
     pub fn patchbay_fx_many(x: u64) -> u64;
-    pub fn patchbay_fx_align_cb(ctx: *const crate::codegen::CallCtx, data: usize);
+    /// Safe: it reads no memory and writes only its own output word.
+    pub safe fn patchbay_fx_align_cb(ctx: *const dispatch::CallCtx<'static>);
     pub static patchbay_fx_regs_out: [u64; 26];
+    pub static patchbay_fx_ymm_out: [u64; 32];
     pub static patchbay_fx_fentry_hits: AtomicU64;
+    pub static patchbay_fx_align_out: AtomicU64;
 }
 
 /// Number of functions at `patchbay_fx_many` (16 bytes apart).
 pub const MANY_SITES: usize = 10_000;
+
+/// Sites per trampoline slot, as in `Runtime::try_install` (a slot of count stubs must
+/// fit in an arena chunk).
+pub const SITES_PER_SLOT: usize = 1000;
 
 /// Address of a fixture function.
 pub fn addr(f: *const ()) -> usize {
@@ -204,7 +252,13 @@ extern "C" fn prev_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _uc: 
     PREV_HANDLER_HITS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Installs a "program" SIGTRAP handler, then the patcher (which chains to it).
+/// `fs`-relative offset of `block::TLS` (what count and trace stubs read).
+static TLS_OFFSET: OnceLock<i32> = OnceLock::new();
+
+/// Prepares the process as `init::start` does (without the agent thread): installs a
+/// "program" SIGTRAP handler first (the patcher chains to it), the dispatcher's TLS
+/// offsets, a pool of thread blocks and the overflow block, the quiescent-state signal
+/// handler; returns the patcher.
 pub fn patcher() -> &'static Patcher {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -216,20 +270,242 @@ pub fn patcher() -> &'static Patcher {
             libc::sigemptyset(&mut sa.sa_mask);
             assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()), 0);
         }
+        let (tls, nest) = block::tls_offsets().expect("static TLS in the test binary");
+        dispatch::PATCHBAY_NEST_OFFSET.store(nest as i64, Ordering::Release);
+        assert!(block::init_fast_tls(), "static TLS in the test binary");
+        TLS_OFFSET.set(tls).expect("set once");
+        block::refill(64).expect("thread blocks");
+        block::init_overflow().expect("overflow block");
+        qs::install_signal(qs::default_signal()).expect("quiescent-state signal");
     });
-    crate::tls::init().expect("tls init");
     Patcher::global().expect("patcher")
 }
 
 /// One arena for all tests.
 pub fn arena() -> &'static Arena {
-    static A: std::sync::OnceLock<Arena> = std::sync::OnceLock::new();
+    static A: OnceLock<Arena> = OnceLock::new();
     A.get_or_init(Arena::new)
 }
 
-/// Installs `code` in a slot reachable from `site`.
-pub fn install_for(site: usize, code: &Code) -> Slot {
-    arena()
-        .install(Window::for_call_from(site), code)
-        .expect("install trampoline")
+/// Counter indexes of all tests (the runtime's allocator and totals).
+pub fn counters() -> MutexGuard<'static, Counters> {
+    static C: LazyLock<Mutex<Counters>> = LazyLock::new(|| Mutex::new(Counters::new()));
+    C.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A fresh counter index.
+pub fn alloc_counter() -> u32 {
+    counters().alloc().expect("counter index")
+}
+
+/// Total of counter `idx` over every thread, live and exited (as the agent reports it).
+pub fn counter_total(idx: u32) -> u64 {
+    counters().total(idx)
+}
+
+/// The calling thread's value of counter `idx` (0 before it has a block).
+pub fn thread_counter(idx: u32) -> u64 {
+    block::current().map_or(0, |h| h.counter(idx))
+}
+
+/// A custom (program-registered) callback action.
+pub fn custom(f: Callback) -> Action {
+    Action::Custom {
+        f: Registered::Rust(f),
+    }
+}
+
+/// Records the arena's new chunks in the quiescent-state range table, as
+/// `Runtime::register_ranges` does before patching: a thread whose PC is in one is not
+/// quiescent, and an int3 there is the poison of a freed slot.
+fn register_ranges() {
+    static REGISTERED: Mutex<usize> = Mutex::new(0);
+    let mut done = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+    let ranges = arena().chunk_ranges();
+    for &(s, e) in &ranges[(*done).min(ranges.len())..] {
+        assert!(qs::add_range(s as u64, e as u64), "range table full");
+    }
+    *done = ranges.len();
+}
+
+/// A production trampoline for some fixture sites.
+pub struct Tramp {
+    sites: Vec<usize>,
+    /// What each site calls.
+    entries: Vec<usize>,
+    slots: Vec<Slot>,
+    desc: Box<Descriptor>,
+}
+
+impl Tramp {
+    /// Builds a trampoline running `actions` for `sites` (sorted, distinct), as
+    /// `Runtime::try_install` does: slots of at most [`SITES_PER_SLOT`] sites; with
+    /// `stubs` (the runtime's static-TLS case) a group of one count action gets count
+    /// stubs and a group of one trace action a trace stub; any other group, or any
+    /// group without `stubs`, goes through the generic stub and the dispatcher.
+    pub fn new(sites: &[usize], actions: Vec<Action>, stubs: bool) -> Tramp {
+        patcher();
+        assert!(sites.windows(2).all(|w| w[0] < w[1]), "sorted, distinct sites");
+        let tls = stubs.then(|| *TLS_OFFSET.get().expect("set by patcher()"));
+        let count_idx: Option<Vec<u32>> = match actions.as_slice() {
+            [Action::Count { idx }] => Some(idx.to_vec()),
+            _ => None,
+        };
+        let trace = match actions.as_slice() {
+            [
+                Action::Trace {
+                    tracer,
+                    nargs,
+                    dropped_idx,
+                },
+            ] => Some((*tracer, *nargs, *dropped_idx)),
+            _ => None,
+        };
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let desc = Box::new(Descriptor {
+            live: AtomicU64::new(DESC_LIVE),
+            trampoline_id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            sites: sites.iter().map(|&s| s as u64).collect(),
+            actions: actions.into(),
+        });
+        let desc_ptr = &*desc as *const Descriptor as u64;
+        let mut slots = Vec::new();
+        let mut entries = Vec::with_capacity(sites.len());
+        for (c, chunk) in sites.chunks(SITES_PER_SLOT).enumerate() {
+            let idx = count_idx
+                .as_ref()
+                .map(|v| &v[c * SITES_PER_SLOT..c * SITES_PER_SLOT + chunk.len()]);
+            let layout = match (idx, trace, tls) {
+                (Some(idx), _, Some(tls_offset)) => Layout::Count { idx, tls_offset },
+                (_, Some((tracer, nargs, dropped_idx)), Some(tls_offset)) => Layout::Trace {
+                    tracer,
+                    nargs,
+                    dropped_idx,
+                    tls_offset,
+                },
+                _ => Layout::Generic,
+            };
+            let window = Window::for_calls_from(chunk).expect("fixture sites share a window");
+            let code = tramp::generate(&layout, desc_ptr, dispatch::generic_entry());
+            let slot = arena().alloc(window, code.len()).expect("trampoline memory");
+            arena()
+                .write_and_seal(&slot, &code)
+                .expect("write trampoline");
+            entries.extend((0..chunk.len()).map(|k| slot.addr() + tramp::site_entry(&layout, k)));
+            slots.push(slot);
+        }
+        register_ranges();
+        Tramp {
+            sites: sites.to_vec(),
+            entries,
+            slots,
+            desc,
+        }
+    }
+
+    /// What `site` must call.
+    pub fn entry(&self, site: usize) -> usize {
+        let i = self.sites.binary_search(&site).expect("a site of this trampoline");
+        self.entries[i]
+    }
+
+    /// The batch that makes every site call this trampoline.
+    pub fn call_ops(&self) -> Vec<Op> {
+        self.sites
+            .iter()
+            .zip(&self.entries)
+            .map(|(&site, &target)| Op::Call { site, target })
+            .collect()
+    }
+
+    /// The batch that makes every site a nop again.
+    pub fn nop_ops(&self) -> Vec<Op> {
+        self.sites.iter().map(|&site| Op::Nop { site }).collect()
+    }
+
+    /// Marks the descriptor dead without freeing anything (the premature-free test).
+    pub fn kill_descriptor(&self) {
+        self.desc.live.store(DESC_DEAD, Ordering::Relaxed);
+    }
+
+    /// Frees the trampoline as `Runtime::authorize_free` does; the caller guarantees
+    /// that no thread can run in it any more (a grace period, or every caller joined).
+    /// Its slots are poisoned (checked) and its descriptor marked dead. The
+    /// descriptor's memory is kept (leaked, a few bytes per test), so a thread that
+    /// wrongly still uses it reads `DESC_DEAD` and dies with a premature-free report,
+    /// instead of reading freed memory that may look live.
+    pub fn free(self) {
+        for s in self.slots {
+            let (a, l) = (s.addr(), s.len());
+            arena().free(s).expect("free slot");
+            assert!(arena::is_poisoned(a, l), "freed trampoline is all int3");
+        }
+        self.desc.live.store(DESC_DEAD, Ordering::Relaxed);
+        Box::leak(self.desc);
+    }
+}
+
+/// A grace period over `tids`, as the agent runs one after an unpatch: bumps the epoch
+/// (the caller's unpatch batch completed, every core serialized) and observes the
+/// threads (blocked in a system call, or signalled) until each has a quiescent stamp at
+/// the new epoch. Fails after 10 s.
+pub fn grace_period(obs: &mut Observer, tids: &BTreeSet<u32>) -> Result<(), String> {
+    let e = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        obs.round(tids, e, true);
+        if tids.iter().all(|t| obs.reported(*t) >= e) {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            return Err(format!("grace period at epoch {e} not over in 10 s"));
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+const CHILD_ENV: &str = "PATCHBAY_PATCH_TEST_CHILD";
+
+/// Runs test `name` (of `patch::tests`) alone in a child process: `None` in that child
+/// (run the test's body), the child's output in the parent. Stress tests run this way,
+/// so that a premature free (which kills the process with SIGTRAP) fails that test with
+/// its report instead of killing the whole test binary, and so that no other test
+/// competes for thread blocks meanwhile.
+pub fn in_child(name: &str) -> Option<std::process::Output> {
+    if std::env::var(CHILD_ENV).is_ok_and(|v| v == name) {
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: setting a resource limit of this (child) process.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+        return None;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            &format!("patch::tests::{name}"),
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, name)
+        .output()
+        .expect("run the test binary");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    Some(out)
+}
+
+/// [`in_child`] for a test that must pass: true in the parent (after checking that the
+/// child passed), false in the child.
+pub fn passes_in_child(name: &str) -> bool {
+    let Some(out) = in_child(name) else {
+        return false;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} failed in its child process ({:?}); stdout:\n{stdout}",
+        out.status
+    );
+    true
 }
