@@ -16,6 +16,7 @@ use crate::counters::Counters;
 use crate::dispatch::{self, Action, Callback, DESC_DEAD, DESC_LIVE, Descriptor};
 use crate::patch::{Op, Patcher};
 use crate::qs::{self, EPOCH, Observer};
+use crate::threads::Threads;
 use crate::tramp::{self, Layout};
 
 // Each fixture is used by one test only (tests run in parallel in one process).
@@ -448,13 +449,16 @@ impl Tramp {
 /// A grace period over `tids`, as the agent runs one after an unpatch: bumps the epoch
 /// (the caller's unpatch batch completed, every core serialized) and observes the
 /// threads (blocked in a system call, or signalled) until each has a quiescent stamp at
-/// the new epoch. Fails after 10 s.
+/// the new epoch or has exited. Fails after 10 s.
 pub fn grace_period(obs: &mut Observer, tids: &BTreeSet<u32>) -> Result<(), String> {
     let e = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         obs.round(tids, e, true);
-        if tids.iter().all(|t| obs.reported(*t) >= e) {
+        if tids
+            .iter()
+            .all(|&t| obs.reported(t) >= e || !Threads::alive(t))
+        {
             return Ok(());
         }
         if Instant::now() > end {

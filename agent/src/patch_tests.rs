@@ -76,9 +76,10 @@ thread_local! {
 }
 
 /// The stress group's custom callback: checks what it is given, counts its runs, and
-/// yields the CPU every 4th run, so that threads are often descheduled inside a
-/// dispatch (a free that does not wait for them is then caught by the descriptor check
-/// after the callback).
+/// every 4th run yields the CPU three times (a callback that sleeps): threads are often
+/// descheduled inside a dispatch, also after a quiescent-state signal was handled there
+/// (a free that does not wait for them is then caught by the descriptor check after
+/// the callback).
 fn stress_custom(ctx: &CallCtx<'_>) {
     let site = site_of(patchbay_fx_stress as *const ());
     if ctx.site != site as u64
@@ -95,7 +96,9 @@ fn stress_custom(ctx: &CallCtx<'_>) {
     let n = CUSTOM_RUNS.get() + 1;
     CUSTOM_RUNS.set(n);
     if n % 4 == 0 {
-        std::thread::yield_now();
+        for _ in 0..3 {
+            std::thread::yield_now();
+        }
     }
 }
 
