@@ -4,8 +4,9 @@
 //! descriptor, the static entry stub and dispatcher, laid out and freed the way
 //! `Runtime::try_install` / `Runtime::authorize_free` do it.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard, Once, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -246,11 +247,110 @@ pub fn addr(f: *const ()) -> usize {
     f as usize
 }
 
-/// SIGTRAPs seen by the handler installed before the agent's (chaining test).
+/// SIGTRAPs from `int3` seen by the handler installed before the agent's (chaining
+/// test).
 pub static PREV_HANDLER_HITS: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn prev_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
-    PREV_HANDLER_HITS.fetch_add(1, Ordering::Relaxed);
+/// `si_code` of a single-step trap (the trap flag).
+const TRAP_TRACE: i32 = 2;
+/// The trap flag in RFLAGS.
+const TF: i64 = 0x100;
+
+/// The nop sled that single-stepping threads stop in (0: none), see [`call_stopping`].
+pub static STEP_SLED: AtomicUsize = AtomicUsize::new(0);
+/// How long a stepping thread stays stopped between two nops of [`STEP_SLED`].
+pub const STEP_HOLD: Duration = Duration::from_micros(200);
+/// Times a stepping thread was held between two nops of the sled.
+pub static STEP_HOLDS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Offset (1..=4) in [`STEP_SLED`] at which this thread stops.
+    static STEP_AT: Cell<usize> = const { Cell::new(1) };
+}
+
+/// The "program's" SIGTRAP handler, installed before the agent's, which chains the
+/// traps that are not its own to it: counts `int3`s ([`PREV_HANDLER_HITS`]); for a
+/// single-step trap (see [`call_stepping`]) it keeps the thread stepping until it
+/// reaches its stop inside [`STEP_SLED`], then clears the trap flag and sends the
+/// thread SIGUSR1, delivered as soon as this handler returns, with the thread at its
+/// stop: [`hold_handler`] holds it there (not this handler: a thread in a SIGTRAP
+/// handler blocks SIGTRAP, and the patcher rightly refuses to patch meanwhile).
+extern "C" fn prev_handler(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // SAFETY: the kernel (through the agent's chaining handler) passes valid siginfo
+    // and ucontext pointers to an SA_SIGINFO handler.
+    let (code, uc) = unsafe { ((*info).si_code, &mut *uc.cast::<libc::ucontext_t>()) };
+    if code != TRAP_TRACE {
+        PREV_HANDLER_HITS.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+    let site = STEP_SLED.load(Ordering::Relaxed);
+    let stop = site + STEP_AT.with(|s| s.get());
+    if site != 0 && (site..stop).contains(&pc) {
+        return; // one more step
+    }
+    if site != 0 && pc == stop {
+        // SAFETY: a signal to this very thread, whose handler the test installed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::syscall(libc::SYS_gettid),
+                libc::SIGUSR1,
+            )
+        };
+    }
+    uc.uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF;
+}
+
+/// A program's SIGUSR1 handler (wrapped by the agent's `sigwrap` like any) that holds
+/// the thread it interrupted for [`STEP_HOLD`], spinning (as a preemption would, or a
+/// long handler).
+extern "C" fn hold_handler(_sig: libc::c_int) {
+    STEP_HOLDS.fetch_add(1, Ordering::Relaxed);
+    let t = Instant::now();
+    while t.elapsed() < STEP_HOLD {
+        std::hint::spin_loop();
+    }
+}
+
+/// Installs [`hold_handler`] for SIGUSR1 (through the agent's interposition).
+pub fn install_hold_handler() {
+    // SAFETY: installing a plain handler with a valid action.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = hold_handler as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+}
+
+/// Calls `f(x)` (the fixture of [`STEP_SLED`]) with the trap flag set: the thread
+/// single-steps into the function, stops between nops `stop - 1` and `stop` of the sled
+/// (if it is still a sled) for [`STEP_HOLD`] in [`hold_handler`] (installed by the
+/// caller), then runs on normally.
+pub fn call_stepping(f: unsafe extern "C" fn(u64) -> u64, x: u64, stop: usize) -> u64 {
+    assert!((1..5).contains(&stop));
+    STEP_AT.with(|s| s.set(stop));
+    let r: u64;
+    // SAFETY: sets the trap flag right before the call (the first trap comes after the
+    // `call`, at the function's entry); the SIGTRAP handler clears it on the way out of
+    // the sled. `f` is a fixture of one u64 argument; caller-saved registers are
+    // declared clobbered.
+    unsafe {
+        std::arch::asm!(
+            "pushfq",
+            "or qword ptr [rsp], 0x100",
+            "popfq",
+            "call {f}",
+            f = in(reg) f as usize,
+            inlateout("rdi") x => _,
+            out("rax") r,
+            clobber_abi("C"),
+        );
+    }
+    r
 }
 
 /// `fs`-relative offset of `block::TLS` (what count and trace stubs read).

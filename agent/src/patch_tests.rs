@@ -1079,33 +1079,49 @@ fn restore_sled(p: &Patcher, site: usize) {
     trap::set_transition(site, Transition::Idle);
 }
 
-/// gcc's five 1-byte nops converted to one 5-byte nop, hundreds of times, while 4
-/// threads run through the sled and check every result: the grace period (the real
-/// `Observer`, signals and all) must see each thread outside the sled, the signal
-/// handler moving a thread found between two nops past them. Without that move, or
-/// without the grace period, a thread resumes in the middle of `1f 44 00 00` and dies
-/// (SIGILL) or computes garbage. A thread that never reports makes the conversion fail
-/// and leaves the sled as it was.
+/// gcc's five 1-byte nops converted to one 5-byte nop, `CYCLES` times, while 4 threads
+/// run through the sled and check every result; one call in 16 single-steps into the
+/// sled and is held for 200 us between two nops by a program signal handler (see
+/// `fixtures::call_stepping`), as a preempted thread would be: nearly always some
+/// thread is inside the sled. The grace period (the real `Observer`, signals and all)
+/// must see each thread outside the sled: the agent's signal stays blocked while the
+/// program's handler runs (sigwrap) and is delivered when it returns, and its handler
+/// moves a thread found between two nops past them. Without the grace period (or without that
+/// move), a thread resumes in the middle of `1f 44 00 00` and dies (SIGILL, SIGSEGV) or
+/// computes garbage. A thread that never reports makes the conversion fail and leaves
+/// the sled as it was. Runs in a child process. Sized to ~1 s (the old test made 280 M
+/// calls in 300 cycles without ever finding a thread inside the sled).
 #[test]
 fn sled_conversion_while_threads_run_through_it() {
+    if passes_in_child("sled_conversion_while_threads_run_through_it") {
+        return;
+    }
     const THREADS: usize = 4;
-    const CYCLES: usize = 300;
+    const CYCLES: usize = 40;
     static STOP: AtomicBool = AtomicBool::new(false);
     static BAD: AtomicU64 = AtomicU64::new(0);
     let p = patcher();
     block::refill(THREADS + 4).unwrap();
     let site = site_of(patchbay_fx_sled_stress as *const ());
     assert_eq!(bytes_at(site), [0x90; 5]);
+    STEP_SLED.store(site, Ordering::Relaxed);
+    install_hold_handler();
     let (tx, rx) = std::sync::mpsc::channel();
     let workers: Vec<_> = (0..THREADS)
         .map(|_| {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                tx.send(crate::dispatch::tid()).unwrap();
+                tx.send(dispatch::tid()).unwrap();
                 let mut calls = 0u64;
                 while !STOP.load(Ordering::Relaxed) {
-                    // SAFETY: the fixture is `fn(u64) -> u64 { x + 1 }`.
-                    if unsafe { patchbay_fx_sled_stress(black_box(calls)) } != calls + 1 {
+                    let r = if calls % 16 == 0 {
+                        let stop = 1 + (calls / 16 % 4) as usize;
+                        call_stepping(patchbay_fx_sled_stress, black_box(calls), stop)
+                    } else {
+                        // SAFETY: the fixture is `fn(u64) -> u64 { x + 1 }`.
+                        unsafe { patchbay_fx_sled_stress(black_box(calls)) }
+                    };
+                    if r != calls + 1 {
                         BAD.fetch_add(1, Ordering::Relaxed);
                     }
                     calls += 1;
@@ -1114,7 +1130,8 @@ fn sled_conversion_while_threads_run_through_it() {
             })
         })
         .collect();
-    let tids: std::collections::BTreeSet<u32> = (0..THREADS).map(|_| rx.recv().unwrap()).collect();
+    let tids: BTreeSet<u32> = (0..THREADS).map(|_| rx.recv().unwrap()).collect();
+    let holds_before = STEP_HOLDS.load(Ordering::Relaxed);
     let exits_before = crate::stats::snapshot().sled_exits;
     let mut obs = Observer::new();
     let mut worst = Duration::ZERO;
@@ -1134,6 +1151,7 @@ fn sled_conversion_while_threads_run_through_it() {
         );
         restore_sled(p, site);
         assert_eq!(bytes_at(site), [0x90; 5]);
+        assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
     }
     // A grace period that fails leaves the sled as it was.
     let err = p
@@ -1148,12 +1166,15 @@ fn sled_conversion_while_threads_run_through_it() {
     let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
     let moved = crate::stats::snapshot().sled_exits - exits_before;
+    let holds = STEP_HOLDS.load(Ordering::Relaxed) - holds_before;
     eprintln!(
-        "{CYCLES} sled conversions while {THREADS} threads made {calls} calls: worst {worst:?}, \
-         {moved} threads moved out of the sled by the signal handler, {} signals",
+        "{CYCLES} sled conversions while {THREADS} threads made {calls} calls, {holds} held \
+         inside the sled: worst {worst:?}, {moved} threads moved out of the sled by the \
+         quiescent-state handler, {} quiescent-state signals",
         obs.signals
     );
     assert!(calls > 0);
+    assert!(moved > 0, "no thread was found inside the sled in conversion");
 }
 
 /// The quiescent-state handler, given an interrupted context inside a sled being
