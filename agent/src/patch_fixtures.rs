@@ -446,7 +446,10 @@ impl Tramp {
     /// group without `stubs`, goes through the generic stub and the dispatcher.
     pub fn new(sites: &[usize], actions: Vec<Action>, stubs: bool) -> Tramp {
         patcher();
-        assert!(sites.windows(2).all(|w| w[0] < w[1]), "sorted, distinct sites");
+        assert!(
+            sites.windows(2).all(|w| w[0] < w[1]),
+            "sorted, distinct sites"
+        );
         let tls = stubs.then(|| *TLS_OFFSET.get().expect("set by patcher()"));
         let count_idx: Option<Vec<u32>> = match actions.as_slice() {
             [Action::Count { idx }] => Some(idx.to_vec()),
@@ -488,7 +491,9 @@ impl Tramp {
             };
             let window = Window::for_calls_from(chunk).expect("fixture sites share a window");
             let code = tramp::generate(&layout, desc_ptr, dispatch::generic_entry());
-            let slot = arena().alloc(window, code.len()).expect("trampoline memory");
+            let slot = arena()
+                .alloc(window, code.len())
+                .expect("trampoline memory");
             arena()
                 .write_and_seal(&slot, &code)
                 .expect("write trampoline");
@@ -506,7 +511,10 @@ impl Tramp {
 
     /// What `site` must call.
     pub fn entry(&self, site: usize) -> usize {
-        let i = self.sites.binary_search(&site).expect("a site of this trampoline");
+        let i = self
+            .sites
+            .binary_search(&site)
+            .expect("a site of this trampoline");
         self.entries[i]
     }
 

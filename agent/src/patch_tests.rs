@@ -82,20 +82,15 @@ thread_local! {
 /// the callback).
 fn stress_custom(ctx: &CallCtx<'_>) {
     let site = site_of(patchbay_fx_stress as *const ());
-    if ctx.site != site as u64
-        || ctx.args[0] != EXPECT_ARG.get()
-        || ctx.tid != dispatch::tid()
-    {
+    if ctx.site != site as u64 || ctx.args[0] != EXPECT_ARG.get() || ctx.tid != dispatch::tid() {
         stress_fail(format!(
             "custom callback saw site {:#x} arg {} tid {}",
-            ctx.site,
-            ctx.args[0],
-            ctx.tid
+            ctx.site, ctx.args[0], ctx.tid
         ));
     }
     let n = CUSTOM_RUNS.get() + 1;
     CUSTOM_RUNS.set(n);
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         for _ in 0..3 {
             std::thread::yield_now();
         }
@@ -323,10 +318,17 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
         traps.restarted - traps_before.restarted,
         obs.signals,
     );
-    assert_eq!(total, counted, "global count equals the sum of per-call deltas");
+    assert_eq!(
+        total, counted,
+        "global count equals the sum of per-call deltas"
+    );
     assert_eq!(counter_total(dropped_idx), 0, "no event dropped");
     assert!(events > 0 && stable > 0);
-    assert_eq!(bytes_at(site), original, "unpatched site has its original nop");
+    assert_eq!(
+        bytes_at(site),
+        original,
+        "unpatched site has its original nop"
+    );
 }
 
 /// Executes the site at every stage of the protocol, while it holds `0xCC`: the trap
@@ -345,13 +347,7 @@ fn int3_emulation_at_every_stage() {
         let (a0, b0) = (thread_counter(a), thread_counter(b));
         // SAFETY: plain fixture function.
         let r = unsafe { patchbay_fx_emul(black_box(41)) };
-        seen.push((
-            st,
-            first,
-            thread_counter(a) - a0,
-            thread_counter(b) - b0,
-            r,
-        ));
+        seen.push((st, first, thread_counter(a) - a0, thread_counter(b) - b0, r));
     };
     p.apply_observed(&ta.call_ops(), &mut probe).unwrap();
     p.apply_observed(&tb.call_ops(), &mut probe).unwrap();
@@ -545,7 +541,12 @@ fn trampolines_preserve_registers_and_callbacks_see_args() {
     ring::drain(h, |e| events.push(e));
     assert_eq!(events.len(), 1);
     assert_eq!(
-        (events[0].site, events[0].tracer, events[0].tid, events[0].args),
+        (
+            events[0].site,
+            events[0].tracer,
+            events[0].tid,
+            events[0].args
+        ),
         (site as u64, 77, dispatch::tid(), [1, 2, 3, 4, 5, 6])
     );
     assert_eq!(h.nesting.load(Ordering::Relaxed), 0);
@@ -954,7 +955,11 @@ fn counts_of_exited_threads_are_kept() {
             .collect();
         let gone: BTreeSet<u32> = hs.into_iter().map(|h| h.join().unwrap()).collect();
         expected += (0..4).map(|t| 100 * round + t).sum::<u64>();
-        assert_eq!(counter_total(idx), expected, "round {round}, before folding");
+        assert_eq!(
+            counter_total(idx),
+            expected,
+            "round {round}, before folding"
+        );
         let mut c = counters();
         for h in block::all() {
             if gone.contains(&h.tid.load(Ordering::Acquire)) {
@@ -963,7 +968,11 @@ fn counts_of_exited_threads_are_kept() {
         }
         drop(c);
         assert_eq!(counter_total(idx), expected, "round {round}, after folding");
-        assert_eq!(block::free_blocks(), free, "every block came back to the pool");
+        assert_eq!(
+            block::free_blocks(),
+            free,
+            "every block came back to the pool"
+        );
     }
     p.apply(&t.nop_ops()).unwrap();
     t.free();
@@ -1042,7 +1051,13 @@ fn batch_of_10000_sites() {
     let base = site_of(patchbay_fx_many as *const ());
     let sites: Vec<usize> = (0..MANY_SITES).map(|i| base + 16 * i).collect();
     let idx: Vec<u32> = (0..MANY_SITES).map(|_| alloc_counter()).collect();
-    let t = Tramp::new(&sites, vec![Action::Count { idx: idx.clone().into() }], true);
+    let t = Tramp::new(
+        &sites,
+        vec![Action::Count {
+            idx: idx.clone().into(),
+        }],
+        true,
+    );
     let tm = Instant::now();
     assert_eq!(p.apply(&t.call_ops()).unwrap().changed, MANY_SITES);
     let patch_ms = tm.elapsed().as_secs_f64() * 1e3;
@@ -1127,7 +1142,7 @@ fn sled_conversion_while_threads_run_through_it() {
                 tx.send(dispatch::tid()).unwrap();
                 let mut calls = 0u64;
                 while !STOP.load(Ordering::Relaxed) {
-                    let r = if calls % 16 == 0 {
+                    let r = if calls.is_multiple_of(16) {
                         let stop = 1 + (calls / 16 % 4) as usize;
                         call_stepping(patchbay_fx_sled_stress, black_box(calls), stop)
                     } else {
@@ -1150,9 +1165,7 @@ fn sled_conversion_while_threads_run_through_it() {
     let mut worst = Duration::ZERO;
     for cycle in 0..CYCLES {
         let t = Instant::now();
-        let mut grace = || {
-            grace_period(&mut obs, &tids).map_err(|e| format!("cycle {cycle}: {e}"))
-        };
+        let mut grace = || grace_period(&mut obs, &tids).map_err(|e| format!("cycle {cycle}: {e}"));
         let r = p.convert_sleds(&[site], &mut grace).unwrap();
         worst = worst.max(t.elapsed());
         assert_eq!(r.changed, 1);
@@ -1187,7 +1200,10 @@ fn sled_conversion_while_threads_run_through_it() {
         obs.signals
     );
     assert!(calls > 0);
-    assert!(moved > 0, "no thread was found inside the sled in conversion");
+    assert!(
+        moved > 0,
+        "no thread was found inside the sled in conversion"
+    );
 }
 
 /// The quiescent-state handler, given an interrupted context inside a sled being
