@@ -359,7 +359,7 @@ static TLS_OFFSET: OnceLock<i32> = OnceLock::new();
 /// Prepares the process as `init::start` does (without the agent thread): installs a
 /// "program" SIGTRAP handler first (the patcher chains to it), the dispatcher's TLS
 /// offsets, a pool of thread blocks and the overflow block, the quiescent-state signal
-/// handler; returns the patcher.
+/// handler; then keeps at least 16 blocks free; returns the patcher.
 pub fn patcher() -> &'static Patcher {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -375,11 +375,20 @@ pub fn patcher() -> &'static Patcher {
         dispatch::PATCHBAY_NEST_OFFSET.store(nest as i64, Ordering::Release);
         assert!(block::init_fast_tls(), "static TLS in the test binary");
         TLS_OFFSET.set(tls).expect("set once");
-        block::refill(64).expect("thread blocks");
+        refill_blocks(64);
         block::init_overflow().expect("overflow block");
         qs::install_signal(qs::default_signal()).expect("quiescent-state signal");
     });
+    refill_blocks(16);
     Patcher::global().expect("patcher")
+}
+
+/// Makes sure at least `n` thread blocks are free in the pool. `block::refill` is the
+/// agent thread's (it is not safe to run twice at once): the fixtures take turns.
+pub fn refill_blocks(n: usize) {
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    block::refill(n).expect("thread blocks");
 }
 
 /// One arena for all tests.

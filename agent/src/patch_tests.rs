@@ -115,12 +115,13 @@ fn stress_custom(ctx: &CallCtx<'_>) {
 /// carries the right site, tracer, tid and argument. Totals: the counter's total is
 /// the sum of the deltas; no event was dropped.
 ///
-/// Guards: the int3 protocol (a thread executing a half-written site dies or computes
-/// garbage), the trap handler's emulation (in 60 cycles the workers hit sites in
-/// transition dozens of times), the stubs' and the dispatcher's exact effects, and
-/// freeing only after a grace period (NEST raised by the entry stub, deferred stamps,
-/// trampoline ranges known to the signal handler): each of these broken by hand was
-/// caught, most within a few cycles. Not caught: skipping the core serialization
+/// Guards: freeing only after a grace period (NEST raised by the entry stub, deferred
+/// stamps, trampoline ranges known to the signal handler) and the int3 protocol (a
+/// thread executing a half-written site dies or computes garbage): broken by hand, each
+/// was caught in every run, within a second; the stubs' and the dispatcher's exact
+/// effects; the trap handler's emulation (also checked deterministically by
+/// `int3_emulation_at_every_stage`; here the workers hit sites in transition dozens of
+/// times in 60 cycles, a few times in 20). Not caught: skipping the core serialization
 /// (`membarrier`), which this hardware does not need in practice. Sized to 60 cycles
 /// or 3 s (at least 20 cycles) on the 2-core VM; the old test made 80 M calls.
 #[test]
@@ -139,7 +140,7 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
     static STABLE_CALLS: AtomicU64 = AtomicU64::new(0);
 
     let p = patcher();
-    block::refill(THREADS + 8).unwrap();
+    refill_blocks(THREADS + 8);
     let site = site_of(patchbay_fx_stress as *const ());
     let original = bytes_at(site);
     let count_idx = alloc_counter();
@@ -684,7 +685,7 @@ fn counts_through_stubs_and_dispatcher_are_exact_across_threads() {
     let p = patcher();
     let site = site_of(patchbay_fx_exact as *const ());
     for stubs in [true, false] {
-        block::refill(8).unwrap();
+        refill_blocks(8);
         let (idx, t) = count_tramp(site, stubs);
         p.apply(&t.call_ops()).unwrap();
         let hs: Vec<_> = (0..4)
@@ -938,7 +939,7 @@ fn counts_of_exited_threads_are_kept() {
     let site = site_of(patchbay_fx_exit as *const ());
     let (idx, t) = count_tramp(site, true);
     p.apply(&t.call_ops()).unwrap();
-    block::refill(8).unwrap();
+    refill_blocks(8);
     let free = block::free_blocks();
     let mut expected = 0;
     for round in 0..5u64 {
@@ -982,6 +983,7 @@ fn counts_of_exited_threads_are_kept() {
 fn ns_per_call(n: u64, threads: usize) -> f64 {
     let mut best = f64::MAX;
     for _ in 0..3 {
+        refill_blocks(threads + 2);
         let barrier = std::sync::Barrier::new(threads);
         let ns = std::thread::scope(|s| {
             let hs: Vec<_> = (0..threads)
@@ -1019,7 +1021,7 @@ fn bench_count_ns_per_call() {
     let n = 200_000;
     let mut line = String::new();
     for threads in [1, 2] {
-        block::refill(threads + 4).unwrap();
+        refill_blocks(threads + 4);
         let untraced = ns_per_call(n, threads);
         let measure = |stubs: bool| {
             let (idx, t) = count_tramp(site, stubs);
@@ -1129,7 +1131,7 @@ fn sled_conversion_while_threads_run_through_it() {
     static STOP: AtomicBool = AtomicBool::new(false);
     static BAD: AtomicU64 = AtomicU64::new(0);
     let p = patcher();
-    block::refill(THREADS + 4).unwrap();
+    refill_blocks(THREADS + 4);
     let site = site_of(patchbay_fx_sled_stress as *const ());
     assert_eq!(bytes_at(site), [0x90; 5]);
     STEP_SLED.store(site, Ordering::Relaxed);
@@ -1212,7 +1214,7 @@ fn sled_conversion_while_threads_run_through_it() {
 /// the tail is written.
 #[test]
 fn qs_handler_moves_a_thread_out_of_a_sled_in_conversion() {
-    crate::block::refill(4).unwrap();
+    refill_blocks(4);
     let site = site_of(patchbay_fx_sled_ctx as *const ());
     assert_eq!(bytes_at(site), [0x90; 5]);
     let run = |pc: usize| -> usize {
