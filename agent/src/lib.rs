@@ -18,35 +18,6 @@ mod hot;
 mod sys;
 mod tramp;
 
-/// An in-trampoline callback flavour (callbacks called from trampoline memory), kept
-/// as the test vehicle of the patcher's stress tests; the runtime uses `tramp` + `dispatch`.
-#[cfg(test)]
-#[allow(dead_code)]
-pub(crate) mod codegen;
-/// Per-thread blocks of the `codegen` test flavour (the runtime uses `block`).
-#[cfg(test)]
-#[allow(dead_code)]
-pub(crate) mod tls;
-
-// The old flat module paths that `patch_tests.rs` (test-only, being replaced in
-// parallel) still names inline; they go with it.
-#[cfg(test)]
-use control::arena;
-#[cfg(test)]
-use hot::{block, trap};
-#[cfg(test)]
-#[path = "legacy_patch.rs"]
-mod patch;
-#[cfg(test)]
-mod dispatch {
-    pub(crate) use crate::sys::tid;
-}
-#[cfg(test)]
-mod qs {
-    pub(crate) use crate::control::observer::Observer;
-    pub(crate) use crate::hot::qs::{EPOCH, default_signal, install_signal, on_signal};
-}
-
 pub use control::init::{StartError, start};
 /// Site discovery (public for tests and tools: `agent/tests/sites.rs`, `dlopen.rs`).
 pub use control::sites;

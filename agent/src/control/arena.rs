@@ -22,9 +22,6 @@ use std::sync::Mutex;
 use crate::sys::errno;
 use crate::sys::procfs::{self, Mapping};
 
-#[cfg(test)]
-use crate::codegen::Code;
-
 /// Size of one chunk of trampoline memory.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Allocation unit (and slot alignment).
@@ -112,9 +109,6 @@ pub enum ArenaError {
     Os { op: &'static str, errno: i32 },
     #[error("slot {addr:#x}+{len} does not belong to this arena")]
     NotOurs { addr: usize, len: usize },
-    #[error(transparent)]
-    #[cfg(test)]
-    Codegen(#[from] crate::codegen::CodegenError),
 }
 
 struct Chunk {
@@ -233,23 +227,6 @@ impl Arena {
             c.sealed = true;
         }
         Ok(())
-    }
-
-    #[cfg(test)]
-    /// Allocates a slot in `w`, links `code` against it, writes it and seals it.
-    pub fn install(&self, w: Window, code: &Code) -> Result<Slot, ArenaError> {
-        let slot = self.alloc(w, code.len())?;
-        let res = code
-            .link(slot.addr)
-            .map_err(ArenaError::from)
-            .and_then(|bytes| self.write_and_seal(&slot, &bytes));
-        match res {
-            Ok(()) => Ok(slot),
-            Err(e) => {
-                let _ = self.free(slot);
-                Err(e)
-            }
-        }
     }
 
     /// Poisons `slot` with `0xCC` and returns it to the free space. The caller
@@ -439,11 +416,13 @@ mod tests {
         for near in [some_code(), libc::getpid as *const () as usize] {
             let w = Window::for_call_from(near);
             // mov eax, 42; ret
-            let mut a = crate::codegen::Asm::new();
-            a.mov_imm64(0, 42);
-            a.ret();
-            let code = a.finish();
-            let slot = arena.install(w, &code).unwrap();
+            let code = [0xB8, 42, 0, 0, 0, 0xC3];
+            let install = || {
+                let slot = arena.alloc(w, code.len()).unwrap();
+                arena.write_and_seal(&slot, &code).unwrap();
+                slot
+            };
+            let slot = install();
             assert!(rel32_reachable(near + 5, slot.addr()));
             assert_eq!(slot.addr() % GRANULE, 0);
             assert_eq!(perms_of(slot.addr()), "r-xp", "W^X: sealed chunk is r-x");
@@ -451,7 +430,7 @@ mod tests {
             let f: extern "C" fn() -> u64 = unsafe { std::mem::transmute(slot.addr()) };
             assert_eq!(f(), 42);
             // A second slot goes into the sealed chunk through /proc/self/mem.
-            let slot2 = arena.install(w, &code).unwrap();
+            let slot2 = install();
             assert_ne!(slot2.addr(), slot.addr());
             // SAFETY: the second slot holds the same `mov rax, 42; ret`, sealed executable.
             let f2: extern "C" fn() -> u64 = unsafe { std::mem::transmute(slot2.addr()) };

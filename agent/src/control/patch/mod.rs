@@ -38,6 +38,10 @@
 //! object within 4 KiB of each other share a span) plus a `pread` of its current bytes.
 
 pub(crate) mod coalesce;
+#[cfg(test)]
+pub(crate) mod fixtures;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;

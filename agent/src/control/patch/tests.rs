@@ -1,0 +1,1240 @@
+//! In-process tests of patching, the trap handler and trampolines: every trampoline
+//! here is a production one (count stubs, trace stub, or the generic stub through the
+//! static entry stub and the dispatcher; see `fixtures::Tramp`), really executed
+//! through a patched fixture function.
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::hint::black_box;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::fixtures::*;
+use super::*;
+use crate::hot::block;
+use crate::hot::dispatch::{Action, CallCtx};
+use crate::control::observer::Observer;
+use crate::hot::qs::EPOCH;
+use crate::control::drain as ring;
+
+fn site_of(f: *const ()) -> usize {
+    addr(f)
+}
+
+fn bytes_at(site: usize) -> [u8; 5] {
+    // SAFETY: fixture functions are mapped text.
+    unsafe { read_site(site) }
+}
+
+fn deadline(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
+
+/// A count trampoline of one site: count stubs (`stubs`) or the generic stub.
+fn count_tramp(site: usize, stubs: bool) -> (u32, Tramp) {
+    let idx = alloc_counter();
+    let t = Tramp::new(&[site], vec![Action::Count { idx: [idx].into() }], stubs);
+    (idx, t)
+}
+
+// ---------------------------------------------------------------- the stress test
+
+/// What the stress test's site calls, in its phase word.
+const UNPATCHED: u64 = 0;
+const COUNT_STUB: u64 = 1;
+const TRACE_STUB: u64 = 2;
+const GENERIC: u64 = 3;
+
+/// What one call through the stress site does for each target: (count increments,
+/// events written, custom callback runs).
+fn effect(kind: u64) -> (u64, u64, u64) {
+    match kind {
+        UNPATCHED => (0, 0, 0),
+        COUNT_STUB => (1, 0, 0),
+        TRACE_STUB => (0, 1, 0),
+        _ => (1, 1, 1),
+    }
+}
+
+/// Phase word: `seq << 5 | stable << 4 | from << 2 | to`.
+fn phase(seq: u64, from: u64, to: u64) -> u64 {
+    seq << 5 | u64::from(from == to) << 4 | from << 2 | to
+}
+
+static STRESS_FAILED: Mutex<Option<String>> = Mutex::new(None);
+static STRESS_STOP: AtomicBool = AtomicBool::new(false);
+
+fn stress_fail(msg: String) {
+    STRESS_FAILED.lock().unwrap().get_or_insert(msg);
+    STRESS_STOP.store(true, Ordering::SeqCst);
+}
+
+thread_local! {
+    /// The argument of the call in progress on this thread (stress workers).
+    static EXPECT_ARG: Cell<u64> = const { Cell::new(0) };
+    static CUSTOM_RUNS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The stress group's custom callback: checks what it is given, counts its runs, and
+/// every 4th run yields the CPU three times (a callback that sleeps): threads are often
+/// descheduled inside a dispatch, also after a quiescent-state signal was handled there
+/// (a free that does not wait for them is then caught by the descriptor check after
+/// the callback).
+fn stress_custom(ctx: &CallCtx<'_>) {
+    let site = site_of(patchbay_fx_stress as *const ());
+    if ctx.site != site as u64 || ctx.args[0] != EXPECT_ARG.get() || ctx.tid != crate::sys::tid() {
+        stress_fail(format!(
+            "custom callback saw site {:#x} arg {} tid {}",
+            ctx.site, ctx.args[0], ctx.tid
+        ));
+    }
+    let n = CUSTOM_RUNS.get() + 1;
+    CUSTOM_RUNS.set(n);
+    if n.is_multiple_of(4) {
+        for _ in 0..3 {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The patcher, the trap handler, the three kinds of trampolines and their life cycle,
+/// under fire. 4 threads (twice the cores of the reference VM, so they are often
+/// preempted mid-call) call one fixture in a loop while the main thread, for
+/// `CYCLES` cycles, patches the site to a fresh trampoline, retargets it to a fresh
+/// one of another kind (call to call), and unpatches it; the kinds rotate through
+/// count stub, trace stub and generic stub (a count + trace + custom group through
+/// the dispatcher). Each trampoline that lost its sites is retired like the runtime
+/// does it: epoch bump, a real grace period (the `Observer`, signals and all), then
+/// freed (slots poisoned, descriptor dead), and the memory is reused only after every
+/// thread has completed a call since (so a thread wrongly left inside runs into the
+/// poison or the dead descriptor: FATAL premature free).
+///
+/// Each thread checks every call: the result; what the call did (counter delta,
+/// events in its own ring, custom runs) is exactly one target's effect, the current
+/// one in a stable phase and the old or the new one in a transition; every event
+/// carries the right site, tracer, tid and argument. Totals: the counter's total is
+/// the sum of the deltas; no event was dropped.
+///
+/// Guards: freeing only after a grace period (NEST raised by the entry stub, deferred
+/// stamps, trampoline ranges known to the signal handler) and the int3 protocol (a
+/// thread executing a half-written site dies or computes garbage): broken by hand, each
+/// was caught in every run, within a second; the stubs' and the dispatcher's exact
+/// effects; the trap handler's emulation (also checked deterministically by
+/// `int3_emulation_at_every_stage`; here the workers hit sites in transition dozens of
+/// times in 60 cycles, a few times in 20). Not caught: skipping the core serialization
+/// (`membarrier`), which this hardware does not need in practice. Sized to 60 cycles
+/// or 3 s (at least 20 cycles) on the 2-core VM; the old test made 80 M calls.
+#[test]
+fn stress_patch_retarget_unpatch_free_while_threads_call() {
+    if passes_in_child("stress_patch_retarget_unpatch_free_while_threads_call") {
+        return;
+    }
+    const THREADS: usize = 4;
+    // 60 cycles, or fewer (at least 20) past 3 s on a loaded machine.
+    const CYCLES: usize = 60;
+    const MIN_CYCLES: usize = 20;
+    const BUDGET: Duration = Duration::from_secs(3);
+    const TRACER: u64 = 0x7ace;
+    static PHASE: AtomicU64 = AtomicU64::new(0);
+    static CALLS: [AtomicU64; THREADS] = [const { AtomicU64::new(0) }; THREADS];
+    static STABLE_CALLS: AtomicU64 = AtomicU64::new(0);
+
+    let p = patcher();
+    refill_blocks(THREADS + 8);
+    let site = site_of(patchbay_fx_stress as *const ());
+    let original = bytes_at(site);
+    let count_idx = alloc_counter();
+    let dropped_idx = alloc_counter();
+    let traps_before = crate::hot::trap::stats();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let tid = crate::sys::tid();
+                let h = block::claim(tid).expect("a free thread block");
+                tx.send(tid).unwrap();
+                let (mut counted, mut events, mut stable, mut ambiguous) = (0u64, 0u64, 0u64, 0u64);
+                let mut x = t as u64;
+                while !STRESS_STOP.load(Ordering::Relaxed) {
+                    let p1 = PHASE.load(Ordering::SeqCst);
+                    let (c1, u1) = (h.counter(count_idx), CUSTOM_RUNS.get());
+                    EXPECT_ARG.set(x);
+                    // SAFETY: the fixture is a plain function of one u64.
+                    let r = unsafe { patchbay_fx_stress(black_box(x)) };
+                    let p2 = PHASE.load(Ordering::SeqCst);
+                    let dc = h.counter(count_idx).wrapping_sub(c1);
+                    let du = CUSTOM_RUNS.get() - u1;
+                    let mut de = 0;
+                    let mut bad_event = None;
+                    ring::drain(h, |e| {
+                        de += 1;
+                        if e.site != site as u64
+                            || e.tracer != TRACER
+                            || e.tid != tid
+                            || e.nargs != 1
+                            || e.args[0] != x
+                        {
+                            bad_event = Some(e);
+                        }
+                    });
+                    let got = (dc, de, du);
+                    let valid = [UNPATCHED, COUNT_STUB, TRACE_STUB, GENERIC].map(effect);
+                    let bad = if r != x + 1 {
+                        Some(format!("wrong result {r} for {x}"))
+                    } else if let Some(e) = bad_event {
+                        Some(format!("bad event {e:?} for {x}"))
+                    } else if !valid.contains(&got) {
+                        Some(format!("one call did {got:?} (phases {p1:#x}..{p2:#x})"))
+                    } else if p1 == p2 && p1 & 16 != 0 && got != effect(p1 & 3) {
+                        Some(format!("call in stable phase {p1:#x} did {got:?}"))
+                    } else if p1 == p2 && got != effect(p1 & 3) && got != effect(p1 >> 2 & 3) {
+                        Some(format!("call in transition {p1:#x} did {got:?}"))
+                    } else {
+                        None
+                    };
+                    if let Some(msg) = bad {
+                        stress_fail(format!("thread {t}: {msg}"));
+                        break;
+                    }
+                    if p1 == p2 && p1 & 16 != 0 {
+                        stable += 1;
+                        STABLE_CALLS.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        ambiguous += 1;
+                    }
+                    counted += dc;
+                    events += de;
+                    CALLS[t].fetch_add(1, Ordering::Release);
+                    x = x.wrapping_add(1) & 0xffff_ffff;
+                }
+                (counted, events, stable, ambiguous)
+            })
+        })
+        .collect();
+    let tids: BTreeSet<u32> = (0..THREADS).map(|_| rx.recv().unwrap()).collect();
+
+    let end = deadline(60);
+    // Some calls land in the current phase, and after a free every thread completes
+    // at least two calls (so none is still inside code that was freed before).
+    let wait_progress = |freed: bool| {
+        let start: Vec<u64> = CALLS.iter().map(|c| c.load(Ordering::Acquire)).collect();
+        let stable = STABLE_CALLS.load(Ordering::Relaxed);
+        while freed
+            && CALLS
+                .iter()
+                .zip(&start)
+                .any(|(c, s)| c.load(Ordering::Acquire) < s + 2)
+            || STABLE_CALLS.load(Ordering::Relaxed) < stable + 8
+        {
+            if STRESS_STOP.load(Ordering::SeqCst) {
+                return;
+            }
+            assert!(Instant::now() < end, "no progress before the deadline");
+            std::thread::yield_now();
+        }
+    };
+    let build = |kind: u64| {
+        let count = || Action::Count {
+            idx: [count_idx].into(),
+        };
+        let trace = || Action::Trace {
+            tracer: TRACER,
+            nargs: 1,
+            dropped_idx,
+        };
+        let actions = match kind {
+            COUNT_STUB => vec![count()],
+            TRACE_STUB => vec![trace()],
+            _ => vec![count(), trace(), custom(stress_custom)],
+        };
+        Tramp::new(&[site], actions, kind != GENERIC)
+    };
+    let mut obs = Observer::new();
+    let mut current: Option<(u64, Tramp)> = None;
+    let mut seq = 0;
+    let mut worst_grace = Duration::ZERO;
+    let kinds = [COUNT_STUB, TRACE_STUB, GENERIC];
+    let started = Instant::now();
+    let mut cycles = 0;
+    'cycles: for i in 0..CYCLES {
+        if i >= MIN_CYCLES && started.elapsed() > BUDGET {
+            break;
+        }
+        cycles += 1;
+        for next in [Some(kinds[i % 3]), Some(kinds[(i + 1) % 3]), None] {
+            if STRESS_STOP.load(Ordering::SeqCst) {
+                break 'cycles;
+            }
+            let from = current.as_ref().map_or(UNPATCHED, |c| c.0);
+            let to = next.unwrap_or(UNPATCHED);
+            let new = next.map(build);
+            seq += 1;
+            PHASE.store(phase(seq, from, to), Ordering::SeqCst);
+            let op = match &new {
+                Some(t) => Op::Call {
+                    site,
+                    target: t.entry(site),
+                },
+                None => Op::Nop { site },
+            };
+            assert_eq!(p.apply(&[op]).unwrap().changed, 1);
+            PHASE.store(phase(seq, to, to), Ordering::SeqCst);
+            let freed = current.is_some();
+            if let Some((_, old)) = current.take() {
+                let t = Instant::now();
+                if let Err(e) = grace_period(&mut obs, &tids) {
+                    stress_fail(e);
+                    break 'cycles;
+                }
+                worst_grace = worst_grace.max(t.elapsed());
+                old.free();
+            }
+            current = new.map(|t| (to, t));
+            wait_progress(freed);
+        }
+    }
+    STRESS_STOP.store(true, Ordering::SeqCst);
+    let results: Vec<_> = workers.into_iter().map(|h| h.join().unwrap()).collect();
+    if let Some(msg) = STRESS_FAILED.lock().unwrap().take() {
+        panic!("{msg}");
+    }
+    if let Some((_, t)) = current.take() {
+        p.apply(&t.nop_ops()).unwrap();
+        t.free(); // every caller has been joined
+    }
+    let counted: u64 = results.iter().map(|r| r.0).sum();
+    let events: u64 = results.iter().map(|r| r.1).sum();
+    let stable: u64 = results.iter().map(|r| r.2).sum();
+    let ambiguous: u64 = results.iter().map(|r| r.3).sum();
+    let total = counter_total(count_idx);
+    let traps = crate::hot::trap::stats();
+    eprintln!(
+        "stress: {cycles} cycles (patch, retarget, unpatch, 2 grace periods and frees; worst \
+         grace period {worst_grace:?}): counted {total} = observed {counted}, {events} \
+         events; {stable} calls in stable phases, {ambiguous} ambiguous; traps emulated: \
+         {} calls, {} nops, {} restarts; {} signals",
+        traps.emulated_calls - traps_before.emulated_calls,
+        traps.emulated_nops - traps_before.emulated_nops,
+        traps.restarted - traps_before.restarted,
+        obs.signals,
+    );
+    assert_eq!(
+        total, counted,
+        "global count equals the sum of per-call deltas"
+    );
+    assert_eq!(counter_total(dropped_idx), 0, "no event dropped");
+    assert!(events > 0 && stable > 0);
+    assert_eq!(
+        bytes_at(site),
+        original,
+        "unpatched site has its original nop"
+    );
+}
+
+/// Executes the site at every stage of the protocol, while it holds `0xCC`: the trap
+/// handler emulates the call (patching, and retargeting from a count-stub trampoline
+/// to a generic one) or the nop (unpatching).
+#[test]
+fn int3_emulation_at_every_stage() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_emul as *const ());
+    let (a, ta) = count_tramp(site, true);
+    let (b, tb) = count_tramp(site, false);
+    let before = crate::hot::trap::stats();
+    let mut seen = Vec::new();
+    let mut probe = |st: Stage| {
+        let first = bytes_at(site)[0];
+        let (a0, b0) = (thread_counter(a), thread_counter(b));
+        // SAFETY: plain fixture function.
+        let r = unsafe { patchbay_fx_emul(black_box(41)) };
+        seen.push((st, first, thread_counter(a) - a0, thread_counter(b) - b0, r));
+    };
+    p.apply_observed(&ta.call_ops(), &mut probe).unwrap();
+    p.apply_observed(&tb.call_ops(), &mut probe).unwrap();
+    p.apply_observed(&tb.nop_ops(), &mut probe).unwrap();
+    use Stage::*;
+    assert_eq!(
+        seen,
+        vec![
+            (Int3Written, 0xCC, 1, 0, 42),
+            (TailWritten, 0xCC, 1, 0, 42),
+            (FirstByteWritten, 0xE8, 1, 0, 42),
+            (Int3Written, 0xCC, 0, 1, 42),
+            (TailWritten, 0xCC, 0, 1, 42),
+            (FirstByteWritten, 0xE8, 0, 1, 42),
+            (Int3Written, 0xCC, 0, 0, 42),
+            (TailWritten, 0xCC, 0, 0, 42),
+            (FirstByteWritten, 0x0F, 0, 0, 42),
+        ]
+    );
+    let after = crate::hot::trap::stats();
+    assert!(after.emulated_calls >= before.emulated_calls + 4);
+    assert!(after.emulated_nops >= before.emulated_nops + 2);
+    assert_eq!(
+        crate::hot::trap::transition(site),
+        Some(crate::hot::trap::Transition::Idle)
+    );
+    assert_eq!((counter_total(a), counter_total(b)), (3, 3));
+    ta.free();
+    tb.free();
+}
+
+// ------------------------------------------------- the generic stub and the dispatcher
+
+/// What the recording callback saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Seen {
+    args: [u64; 6],
+    site: u64,
+    tid: u32,
+    nesting: u32,
+    nest: u64,
+}
+static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
+
+fn record(ctx: &CallCtx<'_>) {
+    SEEN.lock().unwrap().push(Seen {
+        args: *ctx.args,
+        site: ctx.site,
+        tid: ctx.tid,
+        nesting: block::current().map_or(0, |h| h.nesting.load(Ordering::Relaxed)),
+        nest: block::NEST.with(|n| n.get()),
+    });
+}
+
+/// Clobbers every register a SysV callee may clobber, and the upper halves of the
+/// vector registers (`vzeroupper`, as glibc's AVX2 string functions end).
+fn trash(_ctx: &CallCtx<'_>) {
+    // SAFETY: only caller-saved registers are written, declared via clobber_abi.
+    unsafe {
+        std::arch::asm!(
+            "mov rdi, -1",
+            "mov rsi, -1",
+            "mov rdx, -1",
+            "mov rcx, -1",
+            "mov r8, -1",
+            "mov r9, -1",
+            "mov rax, -1",
+            "mov r10, -1",
+            "mov r11, -1",
+            "pcmpeqd xmm0, xmm0",
+            "pcmpeqd xmm1, xmm1",
+            "pcmpeqd xmm2, xmm2",
+            "pcmpeqd xmm3, xmm3",
+            "pcmpeqd xmm4, xmm4",
+            "pcmpeqd xmm5, xmm5",
+            "pcmpeqd xmm6, xmm6",
+            "pcmpeqd xmm7, xmm7",
+            "pcmpeqd xmm8, xmm8",
+            "pcmpeqd xmm15, xmm15",
+            clobber_abi("C"),
+        );
+    }
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is available; vzeroupper only clears caller-saved vector state.
+        unsafe { std::arch::asm!("vzeroupper", clobber_abi("C")) };
+    }
+}
+
+/// Calls `patchbay_fx_regs` with chosen values in every register it stores.
+fn call_regs() -> [u64; 26] {
+    use std::arch::x86_64::_mm_set_epi64x;
+    // SAFETY: calls the fixture with chosen register values; the fixture only writes
+    // its output area; all caller-saved registers are declared clobbered.
+    unsafe {
+        std::arch::asm!(
+            "call {f}",
+            f = in(reg) patchbay_fx_regs as *const () as usize,
+            in("rdi") 0x11u64, in("rsi") 0x22u64, in("rdx") 0x33u64, in("rcx") 0x44u64,
+            in("r8") 0x55u64, in("r9") 0x66u64, in("rax") 0x77u64, in("r10") 0x88u64,
+            in("r11") 0x99u64,
+            in("xmm0") _mm_set_epi64x(0x101, 0x100), in("xmm1") _mm_set_epi64x(0x111, 0x110),
+            in("xmm2") _mm_set_epi64x(0x121, 0x120), in("xmm3") _mm_set_epi64x(0x131, 0x130),
+            in("xmm4") _mm_set_epi64x(0x141, 0x140), in("xmm5") _mm_set_epi64x(0x151, 0x150),
+            in("xmm6") _mm_set_epi64x(0x161, 0x160), in("xmm7") _mm_set_epi64x(0x171, 0x170),
+            clobber_abi("C"),
+        );
+        std::ptr::read_volatile(&raw const patchbay_fx_regs_out)
+    }
+}
+
+/// Calls `patchbay_fx_ymm` with chosen values in all of ymm0-7 (AVX CPUs only).
+fn call_ymm() -> [u64; 32] {
+    let src: [u64; 32] = std::array::from_fn(|i| 0x1000 + i as u64);
+    // SAFETY: the caller checked AVX; loads ymm0-7 from `src` and calls the fixture,
+    // which only writes its output area; all caller-saved registers are declared
+    // clobbered (clobber_abi covers the full vector registers).
+    unsafe {
+        std::arch::asm!(
+            "vmovdqu ymm0, [{s}]",
+            "vmovdqu ymm1, [{s} + 32]",
+            "vmovdqu ymm2, [{s} + 64]",
+            "vmovdqu ymm3, [{s} + 96]",
+            "vmovdqu ymm4, [{s} + 128]",
+            "vmovdqu ymm5, [{s} + 160]",
+            "vmovdqu ymm6, [{s} + 192]",
+            "vmovdqu ymm7, [{s} + 224]",
+            "call {f}",
+            s = in(reg) src.as_ptr(),
+            f = in(reg) patchbay_fx_ymm as *const () as usize,
+            clobber_abi("C"),
+        );
+        std::ptr::read_volatile(&raw const patchbay_fx_ymm_out)
+    }
+}
+
+/// The generic stub and the dispatcher pass the arguments, site and tid to callbacks,
+/// with the thread's nesting and `NEST` raised and the stack aligned; every register
+/// the traced function may read (argument registers, rax, r10, r11, xmm0-7, and ymm0-7
+/// in full on AVX CPUs) survives callbacks that clobber them, through each kind of
+/// trampoline (count stub, trace stub, generic stub).
+#[test]
+fn trampolines_preserve_registers_and_callbacks_see_args() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_args as *const ());
+    let idx = alloc_counter();
+    let dropped_idx = alloc_counter();
+    let group = |sites: usize| {
+        vec![
+            custom(record),
+            custom(trash),
+            Action::Custom {
+                f: crate::hot::dispatch::Registered::C(patchbay_fx_align_cb),
+            },
+            Action::Count {
+                idx: vec![idx; sites].into(),
+            },
+            Action::Trace {
+                tracer: 77,
+                nargs: 6,
+                dropped_idx,
+            },
+        ]
+    };
+    let t = Tramp::new(&[site], group(1), true);
+    SEEN.lock().unwrap().clear();
+    p.apply(&t.call_ops()).unwrap();
+    // SAFETY: plain fixture function.
+    let r = unsafe { patchbay_fx_args(1, 2, 3, 4, 5, 6, black_box(7.9)) };
+    p.apply(&t.nop_ops()).unwrap();
+    assert_eq!(r, 1 + 4 + 9 + 16 + 25 + 36 + 49);
+    let seen = SEEN.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![Seen {
+            args: [1, 2, 3, 4, 5, 6],
+            site: site as u64,
+            tid: crate::sys::tid(),
+            nesting: 1,
+            nest: 1,
+        }]
+    );
+    assert_eq!(
+        // SAFETY: the fixture's output word, only accessed atomically.
+        unsafe { patchbay_fx_align_out.load(Ordering::SeqCst) },
+        8,
+        "rsp % 16 == 8 at callback entry"
+    );
+    assert_eq!(thread_counter(idx), 1);
+    let h = block::current().expect("the dispatcher gave this thread a block");
+    let mut events = Vec::new();
+    ring::drain(h, |e| events.push(e));
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (
+            events[0].site,
+            events[0].tracer,
+            events[0].tid,
+            events[0].args
+        ),
+        (site as u64, 77, crate::sys::tid(), [1, 2, 3, 4, 5, 6])
+    );
+    assert_eq!(h.nesting.load(Ordering::Relaxed), 0);
+    assert_eq!(block::NEST.with(|n| n.get()), 0);
+    t.free();
+
+    // Every register the function may read survives each kind of trampoline.
+    let want: Vec<u64> = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0]
+        .into_iter()
+        .chain((0..8).flat_map(|i| [0x100 + 0x10 * i, 0x101 + 0x10 * i]))
+        .collect();
+    assert_eq!(call_regs().to_vec(), want, "untraced");
+    let avx = std::arch::is_x86_feature_detected!("avx");
+    let ymm_want: Vec<u64> = (0..32).map(|i| 0x1000 + i).collect();
+    if avx {
+        assert_eq!(call_ymm().to_vec(), ymm_want, "untraced");
+    }
+    let rsite = site_of(patchbay_fx_regs as *const ());
+    let ysite = site_of(patchbay_fx_ymm as *const ());
+    let count_group = || {
+        vec![Action::Count {
+            idx: [idx, idx].into(),
+        }]
+    };
+    let trace_group = || {
+        vec![Action::Trace {
+            tracer: 78,
+            nargs: 6,
+            dropped_idx,
+        }]
+    };
+    let calls = if avx { 2 } else { 1 };
+    for (name, actions) in [
+        ("count stub", count_group()),
+        ("trace stub", trace_group()),
+        ("generic stub", group(2)),
+    ] {
+        let t = Tramp::new(&[rsite.min(ysite), rsite.max(ysite)], actions, true);
+        p.apply(&t.call_ops()).unwrap();
+        SEEN.lock().unwrap().clear();
+        let c0 = thread_counter(idx);
+        let traced = call_regs();
+        let ymm = avx.then(call_ymm);
+        p.apply(&t.nop_ops()).unwrap();
+        t.free();
+        let mut events = 0;
+        ring::drain(h, |_| events += 1);
+        let ran = match name {
+            "count stub" => thread_counter(idx) - c0,
+            "trace stub" => events,
+            _ => SEEN.lock().unwrap().len() as u64,
+        };
+        assert_eq!(ran, calls, "{name}: the trampoline ran");
+        assert_eq!(traced.to_vec(), want, "{name}");
+        if let Some(ymm) = ymm {
+            assert_eq!(ymm.to_vec(), ymm_want, "{name}: ymm0-7 in full");
+        }
+    }
+    assert_eq!(counter_total(dropped_idx), 0);
+}
+
+/// The group-order test's counter and fixture site.
+static ORDER_IDX: AtomicU32 = AtomicU32::new(0);
+/// (callback, this thread's counter, its ring head) at each custom callback.
+static ORDER: Mutex<Vec<(usize, u64, u64)>> = Mutex::new(Vec::new());
+
+fn push_order<const N: usize>(_ctx: &CallCtx<'_>) {
+    let h = block::current().expect("inside a dispatch");
+    ORDER.lock().unwrap().push((
+        N,
+        h.counter(ORDER_IDX.load(Ordering::Relaxed)),
+        h.ring_head.load(Ordering::Relaxed),
+    ));
+}
+
+/// The dispatcher runs a group's actions in order, whatever their kinds, and a
+/// callback that clobbers registers in the middle changes nothing for the others or
+/// for the traced function.
+#[test]
+fn dispatcher_runs_a_group_in_order() {
+    let p = patcher();
+    let idx = alloc_counter();
+    let dropped_idx = alloc_counter();
+    ORDER_IDX.store(idx, Ordering::Relaxed);
+    let site = site_of(patchbay_fx_list as *const ());
+    let t = Tramp::new(
+        &[site],
+        vec![
+            custom(push_order::<0>),
+            custom(push_order::<1>),
+            Action::Count { idx: [idx].into() },
+            custom(push_order::<2>),
+            custom(trash),
+            Action::Trace {
+                tracer: 5,
+                nargs: 1,
+                dropped_idx,
+            },
+            custom(push_order::<4>),
+            custom(push_order::<5>),
+        ],
+        true,
+    );
+    p.apply(&t.call_ops()).unwrap();
+    ORDER.lock().unwrap().clear();
+    // SAFETY: plain fixture function.
+    let r = unsafe { patchbay_fx_list(black_box(40)) };
+    p.apply(&t.nop_ops()).unwrap();
+    t.free();
+    assert_eq!(r, 42);
+    let h = block::current().expect("the dispatcher gave this thread a block");
+    let head = h.ring_head.load(Ordering::Relaxed);
+    let order = ORDER.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        vec![
+            (0, 0, head - 1),
+            (1, 0, head - 1),
+            (2, 1, head - 1),
+            (4, 1, head),
+            (5, 1, head),
+        ]
+    );
+    let mut events = Vec::new();
+    ring::drain(h, |e| events.push((e.tracer, e.args[0])));
+    assert_eq!(events, vec![(5, 40)]);
+}
+
+/// Counts are exact whatever the path, from threads that have no block yet (their
+/// first call takes a count stub's slow path into the generic stub, where the
+/// dispatcher claims a block): count stubs, and a count through the generic stub (the
+/// runtime's choice when the agent's TLS is not static).
+#[test]
+fn counts_through_stubs_and_dispatcher_are_exact_across_threads() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_exact as *const ());
+    for stubs in [true, false] {
+        refill_blocks(8);
+        let (idx, t) = count_tramp(site, stubs);
+        p.apply(&t.call_ops()).unwrap();
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    assert!(block::current().is_none(), "a new thread has no block");
+                    for i in 0..1000 * (t + 1) {
+                        // SAFETY: plain fixture function.
+                        assert_eq!(unsafe { patchbay_fx_exact(black_box(i)) }, i + 2);
+                    }
+                    assert_eq!(block::NEST.with(|n| n.get()), 0);
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        p.apply(&t.nop_ops()).unwrap();
+        t.free();
+        assert_eq!(
+            counter_total(idx),
+            1000 + 2000 + 3000 + 4000,
+            "stubs: {stubs}"
+        );
+    }
+}
+
+static RECURSE_CALLS: AtomicU64 = AtomicU64::new(0);
+/// (nesting, NEST, this thread's stamp) seen by the callback at each depth, and the
+/// stamp after the nested call returned.
+static RECURSE_SEEN: Mutex<Vec<(u32, u64, u64)>> = Mutex::new(Vec::new());
+
+fn recurse(_ctx: &CallCtx<'_>) {
+    let h = block::current().expect("inside a dispatch");
+    let depth = RECURSE_CALLS.fetch_add(1, Ordering::SeqCst);
+    RECURSE_SEEN.lock().unwrap().push((
+        h.nesting.load(Ordering::Relaxed),
+        block::NEST.with(|n| n.get()),
+        h.qs_epoch.load(Ordering::Relaxed),
+    ));
+    if depth == 0 {
+        // The quiescent-state signal lands now: inside a dispatch, it is deferred.
+        // SAFETY: a zeroed ucontext_t is a valid value; the handler only reads its RIP.
+        let mut uc: libc::ucontext_t = unsafe { std::mem::zeroed() };
+        crate::hot::qs::on_signal(0, std::ptr::null_mut(), (&raw mut uc).cast());
+        // SAFETY: plain fixture function (traced: a nested dispatch).
+        let r = unsafe { patchbay_fx_recurse(black_box(1)) };
+        assert_eq!(r, 3);
+        RECURSE_SEEN.lock().unwrap().push((
+            h.nesting.load(Ordering::Relaxed),
+            block::NEST.with(|n| n.get()),
+            h.qs_epoch.load(Ordering::Relaxed),
+        ));
+    }
+}
+
+/// A callback that calls a traced function gets a nested dispatch (the production
+/// dispatcher has no recursion guard: the nested call runs the group again, at depth
+/// 2). A quiescent-state signal deferred inside is stamped only when the outermost
+/// dispatch leaves, not when the nested one does.
+#[test]
+fn nested_dispatch_from_a_callback_stamps_only_at_the_outermost_exit() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_recurse as *const ());
+    let idx = alloc_counter();
+    let t = Tramp::new(
+        &[site],
+        vec![custom(recurse), Action::Count { idx: [idx].into() }],
+        true,
+    );
+    p.apply(&t.call_ops()).unwrap();
+    // A thread with a block, not stamped at the new epoch yet.
+    let h = block::current()
+        .or_else(|| block::claim(crate::sys::tid()))
+        .expect("a thread block");
+    let e = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+    let before = h.qs_epoch.load(Ordering::Relaxed);
+    assert!(before < e);
+    // SAFETY: plain fixture function.
+    let r = unsafe { patchbay_fx_recurse(black_box(5)) };
+    p.apply(&t.nop_ops()).unwrap();
+    t.free();
+    assert_eq!(r, 7);
+    assert_eq!(RECURSE_CALLS.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *RECURSE_SEEN.lock().unwrap(),
+        vec![(1, 1, before), (2, 2, before), (1, 1, before)],
+        "nested depth 2; no stamp before the outermost dispatch left"
+    );
+    assert!(
+        h.qs_epoch.load(Ordering::Relaxed) >= e,
+        "stamped on the way out"
+    );
+    assert_eq!(block::DEFERRED.with(|d| d.get()), 0);
+    assert_eq!(block::NEST.with(|n| n.get()), 0);
+    assert_eq!(h.nesting.load(Ordering::Relaxed), 0);
+    assert_eq!(counter_total(idx), 2);
+}
+
+/// A dispatch through a descriptor whose trampoline was freed (its live word says
+/// dead) is a premature free: reported on stderr, and the process dies by SIGTRAP.
+/// Runs in a child process.
+#[test]
+fn dispatch_through_a_dead_descriptor_is_a_fatal_premature_free() {
+    use std::os::unix::process::ExitStatusExt;
+    let name = "dispatch_through_a_dead_descriptor_is_a_fatal_premature_free";
+    let Some(out) = in_child(name) else {
+        let p = patcher();
+        let site = site_of(patchbay_fx_dead as *const ());
+        let (_, t) = count_tramp(site, false);
+        p.apply(&t.call_ops()).unwrap();
+        // SAFETY: plain fixture function: it runs through the trampoline.
+        assert_eq!(unsafe { patchbay_fx_dead(black_box(1)) }, 2);
+        t.kill_descriptor();
+        // SAFETY: as above; the dispatcher finds the descriptor dead and kills us.
+        unsafe { patchbay_fx_dead(black_box(1)) };
+        std::process::exit(3);
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGTRAP),
+        "child status {:?}, stderr: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains(crate::hot::trap::POISON_MARKER)
+            && stderr.contains("used a freed trampoline descriptor"),
+        "{stderr}"
+    );
+}
+
+/// `call __fentry__` sites become nops with the same protocol, can be traced, and bad
+/// batches are refused without changing anything.
+#[test]
+fn fentry_call_becomes_nop_and_bad_batches_change_nothing() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_fentry as *const ());
+    let sled = site_of(patchbay_fx_sled as *const ());
+    let int3 = site_of(patchbay_fx_int3 as *const ());
+    let hits = || {
+        // SAFETY: the fixture's counter, only accessed atomically.
+        unsafe { patchbay_fx_fentry_hits.load(Ordering::SeqCst) }
+    };
+    let call = |x| {
+        // SAFETY: plain fixture function.
+        unsafe { patchbay_fx_fentry(black_box(x)) }
+    };
+    let original = bytes_at(site);
+    assert!(matches!(
+        classify_bytes(site, original),
+        SiteKind::Call { .. }
+    ));
+    let h0 = hits();
+    assert_eq!(call(1), 4);
+    assert_eq!(hits(), h0 + 1);
+
+    // Refused batches: nothing written.
+    assert_eq!(
+        p.apply(&[
+            Op::Nop { site },
+            Op::Call {
+                site: sled,
+                target: site
+            }
+        ]),
+        Err(PatchError::Unsupported { site: sled })
+    );
+    assert_eq!(
+        p.apply(&[Op::Nop { site }, Op::Nop { site }]),
+        Err(PatchError::Duplicate { site })
+    );
+    assert!(matches!(
+        p.apply(&[Op::Nop { site }, Op::Nop { site: int3 }]),
+        Err(PatchError::NotASite { .. })
+    ));
+    assert_eq!(
+        p.apply(&[Op::Call {
+            site,
+            target: site + (3 << 30)
+        }]),
+        Err(PatchError::OutOfReach {
+            site,
+            target: site + (3 << 30)
+        })
+    );
+    assert_eq!(bytes_at(site), original);
+    assert_eq!(call(1), 4);
+    assert_eq!(hits(), h0 + 2);
+
+    // Turn the fentry call into a nop.
+    assert_eq!(p.apply(&[Op::Nop { site }]).unwrap().changed, 1);
+    assert_eq!(bytes_at(site), NOP5);
+    assert_eq!(call(2), 5);
+    assert_eq!(hits(), h0 + 2);
+    assert_eq!(p.apply(&[Op::Nop { site }]).unwrap().unchanged, 1);
+
+    // Trace it (count stub), then detach.
+    let (idx, t) = count_tramp(site, true);
+    p.apply(&t.call_ops()).unwrap();
+    for i in 0..10 {
+        assert_eq!(call(i), i + 3);
+    }
+    p.apply(&t.nop_ops()).unwrap();
+    t.free();
+    assert_eq!(bytes_at(site), NOP5);
+    assert_eq!(counter_total(idx), 10);
+    assert_eq!(hits(), h0 + 2);
+}
+
+/// A foreign int3 (not a site) reaches the handler that was installed before ours.
+#[test]
+fn foreign_int3_is_chained_to_previous_handler() {
+    patcher();
+    let before = PREV_HANDLER_HITS.load(Ordering::SeqCst);
+    // SAFETY: `int3; ret`: the previous handler counts and returns past the int3.
+    unsafe { patchbay_fx_int3() };
+    assert_eq!(PREV_HANDLER_HITS.load(Ordering::SeqCst), before + 1);
+}
+
+/// With no earlier handler (SIG_DFL), a foreign int3 still kills the process with
+/// SIGTRAP. Runs itself in a child process.
+#[test]
+fn foreign_int3_with_default_action_kills_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(out) = in_child("foreign_int3_with_default_action_kills_the_process") else {
+        Patcher::global().unwrap();
+        // SAFETY: `int3; ret` with the default action: the process dies here.
+        unsafe { patchbay_fx_int3() };
+        std::process::exit(3);
+    };
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGTRAP),
+        "child status {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Counts of threads that exited are kept, through block recycling: each round's
+/// threads exit, their blocks' counts are folded and the blocks returned to the pool
+/// (what `Runtime::scan_threads` does for threads that are gone), and the next round's
+/// threads take them again. Runs in a child process (exact pool accounting).
+#[test]
+fn counts_of_exited_threads_are_kept() {
+    if passes_in_child("counts_of_exited_threads_are_kept") {
+        return;
+    }
+    let p = patcher();
+    let site = site_of(patchbay_fx_exit as *const ());
+    let (idx, t) = count_tramp(site, true);
+    p.apply(&t.call_ops()).unwrap();
+    refill_blocks(8);
+    let free = block::free_blocks();
+    let mut expected = 0;
+    for round in 0..5u64 {
+        let hs: Vec<_> = (0..4u64)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..(100 * round + t) {
+                        // SAFETY: plain fixture function.
+                        unsafe { patchbay_fx_exit(black_box(i)) };
+                    }
+                    crate::sys::tid()
+                })
+            })
+            .collect();
+        let gone: BTreeSet<u32> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        expected += (0..4).map(|t| 100 * round + t).sum::<u64>();
+        assert_eq!(
+            counter_total(idx),
+            expected,
+            "round {round}, before folding"
+        );
+        let mut c = counters();
+        for h in block::all() {
+            if gone.contains(&h.tid.load(Ordering::Acquire)) {
+                c.fold_exited_block(h);
+            }
+        }
+        drop(c);
+        assert_eq!(counter_total(idx), expected, "round {round}, after folding");
+        assert_eq!(
+            block::free_blocks(),
+            free,
+            "every block came back to the pool"
+        );
+    }
+    p.apply(&t.nop_ops()).unwrap();
+    t.free();
+}
+
+/// Best of 3 runs of `n` calls on each of `threads` threads at once, in ns per call.
+fn ns_per_call(n: u64, threads: usize) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        refill_blocks(threads + 2);
+        let barrier = std::sync::Barrier::new(threads);
+        let ns = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let t = Instant::now();
+                        let mut x = 0u64;
+                        for _ in 0..n {
+                            // SAFETY: plain fixture function.
+                            x = unsafe { patchbay_fx_bench(black_box(x)) };
+                        }
+                        black_box(x);
+                        t.elapsed().as_nanos() as f64 / n as f64
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .fold(0.0, f64::max)
+        });
+        best = best.min(ns);
+    }
+    best
+}
+
+/// Prints ns/call untraced, through a count stub and through the generic stub and the
+/// dispatcher (run with `--nocapture`; best of 3; in this debug build the dispatcher is
+/// unoptimized: the release figures are the README's Performance tables), and checks
+/// that every count is exact with one and two threads calling at once.
+#[test]
+fn bench_count_ns_per_call() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_bench as *const ());
+    let n = 200_000;
+    let mut line = String::new();
+    for threads in [1, 2] {
+        refill_blocks(threads + 4);
+        let untraced = ns_per_call(n, threads);
+        let measure = |stubs: bool| {
+            let (idx, t) = count_tramp(site, stubs);
+            p.apply(&t.call_ops()).unwrap();
+            let ns = ns_per_call(n, threads);
+            p.apply(&t.nop_ops()).unwrap();
+            t.free();
+            assert_eq!(counter_total(idx), 3 * n * threads as u64, "stubs: {stubs}");
+            ns
+        };
+        let stub = measure(true);
+        let generic = measure(false);
+        line += &format!(
+            "\n  {threads} thread(s): untraced {untraced:.2}; count stub {stub:.2} (+{:.2}); \
+             count through the dispatcher {generic:.2} (+{:.2})",
+            stub - untraced,
+            generic - untraced,
+        );
+    }
+    eprintln!("ns/call, best of 3:{line}");
+}
+
+/// 10,000 sites patched and unpatched in one batch each (DESIGN target: < 50 ms),
+/// with count stubs in slots of 1,000 sites as the runtime lays them out; each site
+/// counts in its own counter.
+#[test]
+fn batch_of_10000_sites() {
+    let p = patcher();
+    let base = site_of(patchbay_fx_many as *const ());
+    let sites: Vec<usize> = (0..MANY_SITES).map(|i| base + 16 * i).collect();
+    let idx: Vec<u32> = (0..MANY_SITES).map(|_| alloc_counter()).collect();
+    let t = Tramp::new(
+        &sites,
+        vec![Action::Count {
+            idx: idx.clone().into(),
+        }],
+        true,
+    );
+    let tm = Instant::now();
+    assert_eq!(p.apply(&t.call_ops()).unwrap().changed, MANY_SITES);
+    let patch_ms = tm.elapsed().as_secs_f64() * 1e3;
+    for (k, &site) in sites.iter().enumerate() {
+        // SAFETY: each site starts a fixture function of one u64.
+        let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(site) };
+        for _ in 0..k % 3 {
+            assert_eq!(f(black_box(1)), 2);
+        }
+    }
+    let tm = Instant::now();
+    assert_eq!(p.apply(&t.nop_ops()).unwrap().changed, MANY_SITES);
+    let unpatch_ms = tm.elapsed().as_secs_f64() * 1e3;
+    assert!(sites.iter().all(|&s| bytes_at(s) == NOP5));
+    t.free();
+    let mut c = counters();
+    for (k, &i) in idx.iter().enumerate() {
+        assert_eq!(c.free(i), (k % 3) as u64, "site {k}");
+    }
+    drop(c);
+    eprintln!("{MANY_SITES} sites: patch {patch_ms:.1} ms, unpatch {unpatch_ms:.1} ms");
+}
+
+#[test]
+fn sigblk_parsing() {
+    let st = "Name:\tx\nSigPnd:\t0000000000000000\nSigBlk:\t0000000000000010\n";
+    assert!(status_blocks_sigtrap(st));
+    assert!(!status_blocks_sigtrap("SigBlk:\tfffffffffffeffef\n"));
+    assert!(status_blocks_sigtrap("SigBlk:\tffffffffffffffff\n"));
+    assert!(!status_blocks_sigtrap("Name: x\n"));
+    // The test threads block nothing.
+    assert!(threads_blocking_sigtrap().is_empty());
+}
+
+/// Puts a converted sled back (test only): `0f 1f 44 00 00` → five `90`s with the int3
+/// protocol. No grace period is needed this way round: nobody can be inside a single
+/// 5-byte nop.
+fn restore_sled(p: &Patcher, site: usize) {
+    let _g = p.originals.lock().unwrap().remove(&site);
+    trap::set_transition(site, Transition::ToNop);
+    poke(site, &[0xCC]).unwrap();
+    sync_cores().unwrap();
+    poke(site + 1, &[0x90; 4]).unwrap();
+    sync_cores().unwrap();
+    poke(site, &[0x90]).unwrap();
+    sync_cores().unwrap();
+    trap::set_transition(site, Transition::Idle);
+}
+
+/// gcc's five 1-byte nops converted to one 5-byte nop, `CYCLES` times, while 4 threads
+/// run through the sled and check every result; one call in 16 single-steps into the
+/// sled and is held for 200 us between two nops by a program signal handler (see
+/// `fixtures::call_stepping`), as a preempted thread would be: nearly always some
+/// thread is inside the sled. The grace period (the real `Observer`, signals and all)
+/// must see each thread outside the sled: the agent's signal stays blocked while the
+/// program's handler runs (sigwrap) and is delivered when it returns, and its handler
+/// moves a thread found between two nops past them. Without the grace period (or without that
+/// move), a thread resumes in the middle of `1f 44 00 00` and dies (SIGILL, SIGSEGV) or
+/// computes garbage. A thread that never reports makes the conversion fail and leaves
+/// the sled as it was. Runs in a child process. Sized to ~1 s (the old test made 280 M
+/// calls in 300 cycles without ever finding a thread inside the sled).
+#[test]
+fn sled_conversion_while_threads_run_through_it() {
+    if passes_in_child("sled_conversion_while_threads_run_through_it") {
+        return;
+    }
+    const THREADS: usize = 4;
+    const CYCLES: usize = 40;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static BAD: AtomicU64 = AtomicU64::new(0);
+    let p = patcher();
+    refill_blocks(THREADS + 4);
+    let site = site_of(patchbay_fx_sled_stress as *const ());
+    assert_eq!(bytes_at(site), [0x90; 5]);
+    STEP_SLED.store(site, Ordering::Relaxed);
+    install_hold_handler();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                tx.send(crate::sys::tid()).unwrap();
+                let mut calls = 0u64;
+                while !STOP.load(Ordering::Relaxed) {
+                    let r = if calls.is_multiple_of(16) {
+                        let stop = 1 + (calls / 16 % 4) as usize;
+                        call_stepping(patchbay_fx_sled_stress, black_box(calls), stop)
+                    } else {
+                        // SAFETY: the fixture is `fn(u64) -> u64 { x + 1 }`.
+                        unsafe { patchbay_fx_sled_stress(black_box(calls)) }
+                    };
+                    if r != calls + 1 {
+                        BAD.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let tids: BTreeSet<u32> = (0..THREADS).map(|_| rx.recv().unwrap()).collect();
+    let holds_before = STEP_HOLDS.load(Ordering::Relaxed);
+    let exits_before = crate::hot::stats::snapshot().sled_exits;
+    let mut obs = Observer::new();
+    let mut worst = Duration::ZERO;
+    for cycle in 0..CYCLES {
+        let t = Instant::now();
+        let mut grace = || grace_period(&mut obs, &tids).map_err(|e| format!("cycle {cycle}: {e}"));
+        let r = p.convert_sleds(&[site], &mut grace).unwrap();
+        worst = worst.max(t.elapsed());
+        assert_eq!(r.changed, 1);
+        assert_eq!(bytes_at(site), NOP5);
+        // Converted: an ordinary site now (a second conversion changes nothing).
+        assert_eq!(
+            p.convert_sleds(&[site], &mut || Ok(())).unwrap().unchanged,
+            1
+        );
+        restore_sled(p, site);
+        assert_eq!(bytes_at(site), [0x90; 5]);
+        assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
+    }
+    // A grace period that fails leaves the sled as it was.
+    let err = p
+        .convert_sleds(&[site], &mut || Err("a holdout".into()))
+        .unwrap_err();
+    assert!(
+        matches!(err, PatchError::GracePeriod { sites: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(bytes_at(site), [0x90; 5]);
+    STOP.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
+    let moved = crate::hot::stats::snapshot().sled_exits - exits_before;
+    let holds = STEP_HOLDS.load(Ordering::Relaxed) - holds_before;
+    eprintln!(
+        "{CYCLES} sled conversions while {THREADS} threads made {calls} calls, {holds} held \
+         inside the sled: worst {worst:?}, {moved} threads moved out of the sled by the \
+         quiescent-state handler, {} quiescent-state signals",
+        obs.signals
+    );
+    assert!(calls > 0);
+    assert!(
+        moved > 0,
+        "no thread was found inside the sled in conversion"
+    );
+}
+
+/// The quiescent-state handler, given an interrupted context inside a sled being
+/// converted, moves its PC past the sled (and only then); deterministic counterpart of
+/// the stress test above, where such a thread usually leaves the sled by itself before
+/// the tail is written.
+#[test]
+fn qs_handler_moves_a_thread_out_of_a_sled_in_conversion() {
+    refill_blocks(4);
+    let site = site_of(patchbay_fx_sled_ctx as *const ());
+    assert_eq!(bytes_at(site), [0x90; 5]);
+    let run = |pc: usize| -> usize {
+        // SAFETY: a zeroed ucontext_t is a valid value; the handler only reads and
+        // writes its RIP.
+        let mut uc: libc::ucontext_t = unsafe { std::mem::zeroed() };
+        uc.uc_mcontext.gregs[libc::REG_RIP as usize] = pc as i64;
+        crate::hot::qs::on_signal(0, std::ptr::null_mut(), (&raw mut uc).cast());
+        uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize
+    };
+    // Not in conversion: nothing moves.
+    assert_eq!(run(site + 2), site + 2);
+    trap::set_transition(site, Transition::SledToNop);
+    for k in 1..5 {
+        assert_eq!(run(site + k), site + 5, "pc at sled byte {k}");
+    }
+    // At the first byte (it traps on the int3) or past the sled: unchanged.
+    assert_eq!(run(site), site);
+    assert_eq!(run(site + 5), site + 5);
+    trap::set_transition(site, Transition::Idle);
+    assert_eq!(run(site + 3), site + 3);
+}
