@@ -43,13 +43,7 @@ impl Registry {
             errors: BTreeMap::new(),
         });
         for a in targets {
-            self.request_functions(
-                a,
-                Request::Attach {
-                    tracer: id,
-                    op: Some(op),
-                },
-            );
+            self.request_functions(a, id, Some(op));
         }
         self.check_attach(op);
         Ok(op)
@@ -122,25 +116,18 @@ impl Registry {
             .map(|t| t.id)
             .collect();
         for tr in wanted {
-            self.request_functions(
-                id,
-                Request::Attach {
-                    tracer: tr,
-                    op: None,
-                },
-            );
+            self.request_functions(id, tr, None);
         }
     }
 
-    /// Asks agent `agent` for the patchable functions of an attach's pattern.
-    fn request_functions(&mut self, agent: AgentId, req: Request) {
+    /// Asks agent `agent` for the patchable functions of `tracer`'s pattern, for
+    /// attach op `op` (`None`: a re-attach no client waits for).
+    fn request_functions(&mut self, agent: AgentId, tracer: TracerId, op: Option<OpId>) {
         let rid = self.next_request;
         self.next_request += 1;
-        self.requests.insert(rid, (agent, req));
-        let pattern = match req {
-            Request::Attach { tracer, .. } => self.tracers[&tracer].spec.pattern.clone(),
-            Request::Functions { .. } => unreachable!("list_functions sends its own"),
-        };
+        self.requests
+            .insert(rid, (agent, Request::Attach { tracer, op }));
+        let pattern = self.tracers[&tracer].spec.pattern.clone();
         self.send(
             agent,
             ToAgent::ListFunctions(pb::ListFunctions {
@@ -350,6 +337,24 @@ impl Registry {
             .collect();
         for op in ops {
             self.attach_agent_result(op, id, Err(CoreError::AgentLost { pid }));
+        }
+    }
+
+    /// `tracer` was detached: its pending attach ops end now, with an error.
+    pub(super) fn attach_detached(&mut self, tracer: TracerId) {
+        let attach_ops: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| matches!(o, Op::Attach { tracer: t, .. } if *t == tracer))
+            .map(|(o, _)| *o)
+            .collect();
+        for op in attach_ops {
+            self.reply(
+                op,
+                Reply::Attach(Err(CoreError::Invalid(format!(
+                    "tracer {tracer} was detached while attaching"
+                )))),
+            );
         }
     }
 

@@ -52,21 +52,7 @@ impl Registry {
                 trampoline_id: *t,
             })
             .collect();
-        // Pending attach ops of this tracer end now.
-        let attach_ops: Vec<OpId> = self
-            .ops
-            .iter()
-            .filter(|(_, o)| matches!(o, Op::Attach { tracer: t, .. } if *t == tracer))
-            .map(|(o, _)| *o)
-            .collect();
-        for op in attach_ops {
-            self.reply(
-                op,
-                Reply::Attach(Err(CoreError::Invalid(format!(
-                    "tracer {tracer} was detached while attaching"
-                )))),
-            );
-        }
+        self.attach_detached(tracer);
         let op = self.new_op(Op::Detach { waiting, retired });
         if !req.wait {
             self.finish_detach(op, false);
@@ -78,7 +64,7 @@ impl Registry {
     }
 
     /// Whether trampoline `t` of agent `a` is authorized for freeing, freed or gone.
-    pub(super) fn trampoline_settled(&self, a: AgentId, t: TrampolineId) -> bool {
+    fn trampoline_settled(&self, a: AgentId, t: TrampolineId) -> bool {
         match self.agents.get(&a).and_then(|x| x.trampolines.get(&t)) {
             None => true,
             Some(t) => matches!(t.state, TState::FreeAuthorized | TState::Freed),

@@ -146,10 +146,6 @@ impl Registry {
         self.tracers.get(&id)
     }
 
-    fn agent_mut(&mut self, id: AgentId) -> Result<&mut Agent, CoreError> {
-        self.agents.get_mut(&id).ok_or(CoreError::UnknownAgent(id))
-    }
-
     /// The connected agent of `pid`, if `caller` may trace it.
     fn agent_by_pid(&self, caller: Caller, pid: u32) -> Result<AgentId, CoreError> {
         let found = self

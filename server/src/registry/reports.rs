@@ -10,11 +10,15 @@ use patchbay_proto as pb;
 use pb::agent_message::Body as FromAgent;
 
 use super::Registry;
-use super::model::{AgentId, Effect, TracerId};
+use super::model::{Agent, AgentId, Effect, TracerId};
 use crate::error::CoreError;
 use crate::grace::Tid;
 
 impl Registry {
+    fn agent_mut(&mut self, id: AgentId) -> Result<&mut Agent, CoreError> {
+        self.agents.get_mut(&id).ok_or(CoreError::UnknownAgent(id))
+    }
+
     /// One message of an agent's stream (after its hello). `Err` says precisely why
     /// the message was rejected; a rejected message changes nothing. Messages that are
     /// stale but possible in a correct agent (a stamp of a thread that exited, counts

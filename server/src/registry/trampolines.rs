@@ -31,10 +31,7 @@ impl Registry {
         now: Instant,
     ) -> Result<(), CoreError> {
         let tramp = r.trampoline_id;
-        let agent = self
-            .agents
-            .get_mut(&id)
-            .ok_or(CoreError::UnknownAgent(id))?;
+        let agent = self.agents.get(&id).ok_or(CoreError::UnknownAgent(id))?;
         if !agent.trampolines.contains_key(&tramp) {
             return Err(CoreError::Protocol(format!(
                 "report about unknown trampoline {tramp}"
