@@ -11,6 +11,7 @@ use crate::error::CoreError;
 use crate::grace::{Purpose, Tid};
 
 impl Registry {
+    /// Control.ListAgents: the agents the caller may see, connected or not.
     pub fn list_agents(&self, caller: Caller) -> Vec<pb::AgentInfo> {
         self.agents
             .values()
@@ -65,6 +66,7 @@ impl Registry {
         })
     }
 
+    /// Control.ListTracers: the tracers the caller owns (root: all).
     pub fn list_tracers(&self, caller: Caller) -> Vec<pb::Tracer> {
         self.tracers
             .values()
@@ -73,11 +75,13 @@ impl Registry {
             .collect()
     }
 
-    /// Checks that `caller` may watch tracer `id`.
+    /// Checks that `caller` may watch tracer `id` (Control.WatchEvents).
     pub fn check_tracer(&self, caller: Caller, id: TracerId) -> Result<(), CoreError> {
         self.visible_tracer(caller, id).map(|_| ())
     }
 
+    /// Control.ListTrampolines: the trampolines of the visible agents (of one pid
+    /// when given), freed ones only on request.
     pub fn list_trampolines(
         &self,
         caller: Caller,
@@ -116,6 +120,8 @@ impl Registry {
         out
     }
 
+    /// Control.GracePeriods: the pending grace periods of the visible agents with
+    /// their holdout threads and stalls.
     pub fn grace_periods(&self, caller: Caller, now: Instant) -> Vec<pb::GracePeriodInfo> {
         let mut out = Vec::new();
         for a in self.agents.values().filter(|a| caller.may_see(a.hello.uid)) {
