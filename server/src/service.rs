@@ -1,5 +1,5 @@
 //! The tonic services: thin shells over the [`Engine`]. They authenticate the peer,
-//! decode requests, call the registry, and map [`CoreError`]s to statuses.
+//! decode requests, call the registry, and map [`CoreError`](crate::error::CoreError)s to statuses.
 
 use std::pin::Pin;
 use std::sync::Arc;

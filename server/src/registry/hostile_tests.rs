@@ -9,8 +9,12 @@
 //! - queries show a client only what its uid owns (root sees everything).
 
 use super::*;
+use pb::agent_message::Body as FromAgent;
 use proptest::prelude::*;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Instant;
+
+use crate::grace::Tid;
 use std::fmt::Write as _;
 
 const FUNCS: [&str; 5] = ["alpha", "beta", "gamma", "alpine", "bet"];

@@ -6,7 +6,10 @@
 
 use super::*;
 use proptest::prelude::*;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Instant;
+
+use crate::grace::Tid;
 
 use pb::agent_message::Body as FromAgent;
 

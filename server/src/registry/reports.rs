@@ -1,0 +1,203 @@
+//! The entry of every agent message after the hello ([`Registry::agent_message`]) and
+//! the plain reports: thread births and exits, quiescent stamps, stalls, counts,
+//! events, registered callbacks and errors. Function lists, trampoline reports and
+//! barrier answers have their own modules (`functions`, `trampolines`, `sync`).
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use patchbay_proto as pb;
+use pb::agent_message::Body as FromAgent;
+
+use super::Registry;
+use super::model::{Agent, AgentId, Effect, TracerId};
+use crate::error::CoreError;
+use crate::grace::Tid;
+
+impl Registry {
+    fn agent_mut(&mut self, id: AgentId) -> Result<&mut Agent, CoreError> {
+        self.agents.get_mut(&id).ok_or(CoreError::UnknownAgent(id))
+    }
+
+    /// One message of an agent's stream (after its hello). `Err` says precisely why
+    /// the message was rejected; a rejected message changes nothing. Messages that are
+    /// stale but possible in a correct agent (a stamp of a thread that exited, counts
+    /// of a tracer an inherited trampoline still calls) are accepted and ignored.
+    pub fn agent_message(
+        &mut self,
+        id: AgentId,
+        body: Option<FromAgent>,
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        if !self.agents.get(&id).is_some_and(|a| a.connected) {
+            return Err(CoreError::UnknownAgent(id));
+        }
+        let Some(body) = body else {
+            return Err(CoreError::Protocol("empty agent message".into()));
+        };
+        match body {
+            FromAgent::Hello(_) => Err(CoreError::Protocol(
+                "second Hello on one session: an agent says hello once per connection".into(),
+            )),
+            FromAgent::ThreadsBorn(t) => self.threads_born(id, &t.tids),
+            FromAgent::ThreadsExited(t) => self.threads_exited(id, &t.tids, now),
+            FromAgent::Quiescent(q) => self.quiescent(id, &q.reports, now),
+            FromAgent::FunctionList(l) => self.function_list(id, l, now),
+            FromAgent::Trampoline(t) => self.trampoline_report(id, t, now),
+            FromAgent::Stalls(s) => self.stalls(id, s.stalls, now),
+            FromAgent::Events(e) => self.events(id, e),
+            FromAgent::Counts(c) => self.count_report(id, c),
+            FromAgent::Error(e) => {
+                self.agent_error(id, &e.message);
+                Ok(())
+            }
+            FromAgent::Barrier(b) => self.barrier_report(id, b, now),
+            FromAgent::Callbacks(c) => self.callbacks_changed(id, c.names),
+            // New objects were loaded: the tracers meant for the agent cover them too.
+            FromAgent::FunctionsAdded(_) => {
+                self.attach_targeting_tracers(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Threads were created. A tid already known alive is left as it is (the kernel
+    /// never reuses the tid of a live thread, so it is the same thread).
+    pub fn threads_born(&mut self, id: AgentId, tids: &[Tid]) -> Result<(), CoreError> {
+        if tids.contains(&0) {
+            return Err(CoreError::Protocol("thread birth of tid 0".into()));
+        }
+        let a = self.agent_mut(id)?;
+        for t in tids {
+            a.grace.thread_born(*t);
+        }
+        Ok(())
+    }
+
+    /// Threads exited. Exits of threads not known alive are ignored.
+    pub fn threads_exited(
+        &mut self,
+        id: AgentId,
+        tids: &[Tid],
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        let a = self.agent_mut(id)?;
+        let mut done = Vec::new();
+        for t in tids {
+            a.stalls.remove(t);
+            done.extend(a.grace.thread_exited(*t));
+        }
+        for gp in done {
+            self.grace_done(id, gp, now);
+        }
+        Ok(())
+    }
+
+    /// Quiescent stamps. Stamps of threads not known alive are ignored (see `grace.rs`).
+    pub fn quiescent(
+        &mut self,
+        id: AgentId,
+        reports: &[pb::Quiescent],
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        let a = self.agent_mut(id)?;
+        let mut done = Vec::new();
+        for q in reports {
+            a.stalls.remove(&q.tid);
+            done.extend(a.grace.quiescent(q.tid, q.epoch));
+        }
+        for gp in done {
+            self.grace_done(id, gp, now);
+        }
+        Ok(())
+    }
+
+    /// Stall reports. Reports about threads not known alive are ignored.
+    pub fn stalls(
+        &mut self,
+        id: AgentId,
+        stalls: Vec<pb::Stall>,
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        let a = self.agent_mut(id)?;
+        let alive: BTreeSet<Tid> = a.grace.threads().collect();
+        for s in stalls {
+            if alive.contains(&s.tid) {
+                a.stalls.insert(s.tid, (s, now));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn count_report(&mut self, id: AgentId, report: pb::CountReport) -> Result<(), CoreError> {
+        if !self.agents.contains_key(&id) {
+            return Err(CoreError::UnknownAgent(id));
+        }
+        if !self.tracer_applies(report.tracer_id, id) {
+            // E.g. a forked child still running its parent's inherited trampoline
+            // until reconcile removes it: its calls are not the tracer's.
+            return Ok(());
+        }
+        let a = self.agent_mut(id)?;
+        for c in &report.counts {
+            if let Some(site) = &c.site
+                && !site.name.is_empty()
+            {
+                a.site_names.insert(site.address, site.name.clone());
+            }
+        }
+        a.counts.insert(report.tracer_id, report.counts);
+        Ok(())
+    }
+
+    /// Whether tracer `tracer` exists and is meant for agent `id`.
+    fn tracer_applies(&self, tracer: TracerId, id: AgentId) -> bool {
+        match (self.tracers.get(&tracer), self.agents.get(&id)) {
+            (Some(t), Some(a)) => t.targets(a),
+            _ => false,
+        }
+    }
+
+    /// Decodes an event batch. A malformed batch is rejected whole.
+    pub fn events(&mut self, id: AgentId, batch: pb::EventBatch) -> Result<(), CoreError> {
+        if !self.agents.contains_key(&id) {
+            return Err(CoreError::UnknownAgent(id));
+        }
+        if !self.tracer_applies(batch.tracer_id, id) {
+            return Ok(());
+        }
+        let a = self.agent_mut(id)?;
+        let events = pb::events::decode(&batch.data, batch.record_count)
+            .map_err(|e| CoreError::Invalid(e.to_string()))?;
+        let prev = a.dropped.entry(batch.tracer_id).or_insert(0);
+        *prev = (*prev).max(batch.dropped);
+        let view = pb::EventBatchView {
+            agent_id: id,
+            pid: a.hello.pid,
+            tracer_id: batch.tracer_id,
+            events: events
+                .into_iter()
+                .map(|mut e| {
+                    e.function = a.name_of(e.address);
+                    e
+                })
+                .collect(),
+            dropped: batch.dropped,
+        };
+        self.effects.push(Effect::Events(batch.tracer_id, view));
+        Ok(())
+    }
+
+    /// The program registered callbacks after its hello.
+    pub fn callbacks_changed(&mut self, id: AgentId, names: Vec<String>) -> Result<(), CoreError> {
+        self.agent_mut(id)?.hello.callbacks = names;
+        Ok(())
+    }
+
+    pub fn agent_error(&mut self, id: AgentId, message: &str) {
+        tracing::warn!(agent = id, "agent reported: {message}");
+        if let Some(a) = self.agents.get_mut(&id) {
+            a.last_error = Some(message.to_string());
+        }
+    }
+}
