@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard, Once, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::{Op, Patcher};
 use crate::control::arena::{self, Arena, Slot, Window};
+use crate::control::counters::Counters;
+use crate::control::observer::Observer;
+use crate::control::threads::Threads;
 use crate::hot::block;
 use crate::hot::dispatch::Registered;
-use crate::control::counters::Counters;
 use crate::hot::dispatch::{self, Action, Callback, DESC_DEAD, DESC_LIVE, Descriptor};
-use super::{Op, Patcher};
-use crate::control::observer::Observer;
 use crate::hot::qs::{self, EPOCH};
-use crate::control::threads::Threads;
 use crate::tramp::{self, Layout};
 
 // Each fixture is used by one test only (tests run in parallel in one process).
@@ -434,7 +434,10 @@ fn register_ranges() {
     let mut done = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
     let ranges = arena().chunk_ranges();
     for &(s, e) in &ranges[(*done).min(ranges.len())..] {
-        assert!(crate::hot::ranges::add_range(s as u64, e as u64), "range table full");
+        assert!(
+            crate::hot::ranges::add_range(s as u64, e as u64),
+            "range table full"
+        );
     }
     *done = ranges.len();
 }

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use super::fixtures::*;
 use super::*;
+use crate::control::drain as ring;
+use crate::control::observer::Observer;
 use crate::hot::block;
 use crate::hot::dispatch::{Action, CallCtx};
-use crate::control::observer::Observer;
 use crate::hot::qs::EPOCH;
-use crate::control::drain as ring;
 
 fn site_of(f: *const ()) -> usize {
     addr(f)
