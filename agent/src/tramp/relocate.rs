@@ -1,0 +1,312 @@
+//! Prologue relocation for functions built without instrumentation: which first
+//! instructions of a function can be moved into a trampoline (so that a 5-byte `jmp`
+//! can take their place), and their re-encoding at the trampoline's address, followed
+//! by a jump back. Pure: it reads the bytes it is given and nothing else; no process
+//! state, no I/O. It never guesses: whatever it cannot prove safe is a [`Refusal`]
+//! with a precise reason.
+//!
+//! Safe means: after the first `len` bytes at `patch_at` are replaced by a `jmp`, no
+//! path of the function (nor any known landing pad) reaches bytes `patch_at+1 ..
+//! patch_at+len`, the moved instructions compute the same thing at their new address
+//! (RIP-relative operands and relative branches re-targeted by iced-x86's block
+//! encoder), and no moved instruction leaves a return address inside the moved bytes
+//! (a `call` among them is refused: the return would land in trampoline memory).
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Formatter,
+    Instruction, InstructionBlock, IntelFormatter, OpKind, Register,
+};
+
+/// Bytes of the jump that replaces the prologue (`e9 rel32`).
+pub const JMP_LEN: u32 = 5;
+
+/// `endbr64`: kept at the entry (indirect calls under CET land on it); the jump goes after it.
+pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
+/// Why a function's prologue cannot be relocated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "function is {size} bytes after its entry marker, shorter than the {JMP_LEN}-byte jump"
+    )]
+    TooShort { size: u32 },
+    #[error("cannot decode the instruction at +{offset:#x}: refusing rather than guessing")]
+    Undecodable { offset: u32 },
+    #[error("the instruction at +{offset:#x} runs past the function's end (+{size:#x})")]
+    PastEnd { offset: u32, size: u32 },
+    #[error("a jump at +{from:#x} targets +{to:#x}, inside the bytes the patch replaces")]
+    BranchIntoPatch { from: u32, to: u32 },
+    #[error("a jump at +{from:#x} goes back to the entry: it would be counted as a call")]
+    BranchToEntry { from: u32 },
+    #[error(
+        "indirect jump at +{offset:#x} (a jump table or computed goto): its targets are unknown"
+    )]
+    IndirectJump { offset: u32 },
+    #[error("`{text}` at +{offset:#x} cannot be moved: {why}")]
+    Unmovable {
+        offset: u32,
+        text: String,
+        why: &'static str,
+    },
+    #[error("an instruction at +{from:#x} reads or writes the replaced bytes (+{to:#x})")]
+    TouchesPatch { from: u32, to: u32 },
+    #[error("a landing pad or known entry at +{offset:#x} is inside the replaced bytes")]
+    TargetInPatch { offset: u32 },
+    #[error("re-encoding at {at:#x} failed: {why}")]
+    Encode { at: u64, why: String },
+}
+
+/// The relocatable prologue of one function.
+#[derive(Debug, Clone)]
+pub struct Prologue {
+    /// The function's entry (its symbol address).
+    pub entry: u64,
+    /// Where the jump is written: the entry, or just after an `endbr64`.
+    pub patch_at: u64,
+    /// Bytes replaced at `patch_at`: whole instructions, at least [`JMP_LEN`].
+    pub len: u32,
+    /// The moved instructions, decoded at their original addresses.
+    moved: Vec<Instruction>,
+}
+
+/// A prologue re-encoded at a new address, ending with a jump back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relocated {
+    /// Address the code was encoded for.
+    pub at: u64,
+    pub code: Vec<u8>,
+    /// For each moved instruction: (offset from `patch_at`, offset in `code`). A thread
+    /// stopped at an original instruction boundary resumes at the matching one.
+    pub boundaries: Vec<(u32, u32)>,
+}
+
+fn offset(entry: u64, ip: u64) -> u32 {
+    ip.wrapping_sub(entry) as u32
+}
+
+fn text(i: &Instruction) -> String {
+    let mut s = String::new();
+    IntelFormatter::new().format(i, &mut s);
+    s
+}
+
+/// Analyzes the function `code` (its whole body, as long as its symbol says) loaded at
+/// `entry`. `known_targets` are other addresses control may reach in the function
+/// (exception landing pads, symbols or `.eh_frame` starts inside it): one inside the
+/// replaced bytes refuses.
+pub fn analyze(code: &[u8], entry: u64, known_targets: &[u64]) -> Result<Prologue, Refusal> {
+    let size = code.len() as u32;
+    let skip = if code.starts_with(&ENDBR64) { 4 } else { 0 };
+    if size < skip + JMP_LEN {
+        return Err(Refusal::TooShort { size: size - skip });
+    }
+    let patch_at = entry + skip as u64;
+    // Decode the whole body, linearly: code built by compilers for x86_64 keeps data
+    // out of .text; anything that does not decode cleanly is refused.
+    let mut body = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let i = decoder.decode();
+        if i.is_invalid() {
+            let off = offset(entry, i.ip());
+            return Err(
+                if decoder.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                    Refusal::PastEnd { offset: off, size }
+                } else {
+                    Refusal::Undecodable { offset: off }
+                },
+            );
+        }
+        body.push(i);
+    }
+    // The moved instructions: whole instructions from patch_at covering JMP_LEN bytes.
+    let mut len = 0u32;
+    let mut moved = Vec::new();
+    for i in body.iter().filter(|i| i.ip() >= patch_at) {
+        if len >= JMP_LEN {
+            break;
+        }
+        moved.push(*i);
+        len += i.len() as u32;
+    }
+    if len < JMP_LEN {
+        return Err(Refusal::TooShort { size: size - skip });
+    }
+    let patch_end = patch_at + len as u64;
+    for i in &moved {
+        check_movable(entry, i)?;
+        // A moved instruction that ends the function's flow (ret, jmp) leaves the
+        // bytes after it unreachable from it; those must still not be targets: checked below.
+    }
+    let inside = |a: u64| a > patch_at && a < patch_end;
+    let moved_ip = |ip: u64| ip >= patch_at && ip < patch_end;
+    for i in &body {
+        let from = offset(entry, i.ip());
+        // A branch among the moved instructions to another of them is re-targeted
+        // inside the copy by the block encoder; one to the entry (or into endbr64)
+        // would pass the jump again and count a call that did not happen.
+        if moved_ip(i.ip()) && is_near_branch(i) && moved_ip(i.near_branch_target()) {
+            continue;
+        }
+        match i.flow_control() {
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                if is_near_branch(i) {
+                    let t = i.near_branch_target();
+                    if inside(t) {
+                        return Err(Refusal::BranchIntoPatch {
+                            from,
+                            to: offset(entry, t),
+                        });
+                    }
+                    if t >= entry && t <= patch_at {
+                        return Err(Refusal::BranchToEntry { from });
+                    }
+                } else if i.flow_control() == FlowControl::UnconditionalBranch {
+                    // far jumps: nothing compilers emit in user code.
+                    return Err(Refusal::Unmovable {
+                        offset: from,
+                        text: text(i),
+                        why: "far jump",
+                    });
+                }
+            }
+            FlowControl::Call if is_near_branch(i) && inside(i.near_branch_target()) => {
+                return Err(Refusal::BranchIntoPatch {
+                    from,
+                    to: offset(entry, i.near_branch_target()),
+                });
+            }
+            FlowControl::IndirectBranch => {
+                // `jmp [rip+x]` is a tail call through a GOT slot: its target is a
+                // function's entry, never bytes inside another function's prologue.
+                // Anything else (a register, an indexed table) may be a jump table.
+                let got_tail_call = i.op0_kind() == OpKind::Memory
+                    && i.memory_base() == Register::RIP
+                    && i.memory_index() == Register::None;
+                if !got_tail_call {
+                    return Err(Refusal::IndirectJump { offset: from });
+                }
+            }
+            FlowControl::XbeginXabortXend
+                if i.code() == Code::Xbegin_rel32 || i.code() == Code::Xbegin_rel16 =>
+            {
+                let t = i.near_branch_target();
+                if inside(t) || (t >= entry && t <= patch_at) {
+                    return Err(Refusal::BranchIntoPatch {
+                        from,
+                        to: offset(entry, t),
+                    });
+                }
+            }
+            _ => {}
+        }
+        if i.is_ip_rel_memory_operand() {
+            let a = i.ip_rel_memory_address();
+            if a >= patch_at && a < patch_end {
+                return Err(Refusal::TouchesPatch {
+                    from,
+                    to: offset(entry, a),
+                });
+            }
+        }
+    }
+    if let Some(t) = known_targets.iter().find(|t| inside(**t)) {
+        return Err(Refusal::TargetInPatch {
+            offset: offset(entry, *t),
+        });
+    }
+    Ok(Prologue {
+        entry,
+        patch_at,
+        len,
+        moved,
+    })
+}
+
+fn is_near_branch(i: &Instruction) -> bool {
+    matches!(
+        i.op0_kind(),
+        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+    )
+}
+
+fn check_movable(entry: u64, i: &Instruction) -> Result<(), Refusal> {
+    let why = match i.flow_control() {
+        FlowControl::Call | FlowControl::IndirectCall => {
+            Some("a call there would return into the trampoline")
+        }
+        FlowControl::Interrupt => Some("a trap there would report the trampoline's address"),
+        FlowControl::XbeginXabortXend => Some("transactional regions are not moved"),
+        FlowControl::Exception => Some("an undefined instruction is not moved"),
+        _ => None,
+    };
+    match why {
+        Some(why) => Err(Refusal::Unmovable {
+            offset: offset(entry, i.ip()),
+            text: text(i),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+impl Prologue {
+    /// Offsets (from `patch_at`) of the moved instructions.
+    pub fn boundaries(&self) -> impl Iterator<Item = u32> + '_ {
+        self.moved.iter().map(|i| offset(self.patch_at, i.ip()))
+    }
+
+    /// The moved instructions re-encoded to run at `at`, then a jump back to
+    /// `patch_at + len`. `at` must be within ±2 GiB of every RIP-relative operand.
+    pub fn relocate(&self, at: u64) -> Result<Relocated, Refusal> {
+        let back = self.patch_at + self.len as u64;
+        let mut block = self.moved.clone();
+        let jmp =
+            Instruction::with_branch(Code::Jmp_rel32_64, back).map_err(|e| Refusal::Encode {
+                at,
+                why: e.to_string(),
+            })?;
+        block.push(jmp);
+        let r = BlockEncoder::encode(
+            64,
+            InstructionBlock::new(&block, at),
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .map_err(|e| Refusal::Encode {
+            at,
+            why: e.to_string(),
+        })?;
+        let mut boundaries = Vec::with_capacity(self.moved.len());
+        for (i, new) in self.moved.iter().zip(&r.new_instruction_offsets) {
+            if *new == u32::MAX {
+                // Rewritten into several instructions: no single point to resume at.
+                return Err(Refusal::Encode {
+                    at,
+                    why: format!("`{}` had to be rewritten", text(i)),
+                });
+            }
+            boundaries.push((offset(self.patch_at, i.ip()), *new));
+        }
+        Ok(Relocated {
+            at,
+            code: r.code_buffer,
+            boundaries,
+        })
+    }
+}
+
+impl Relocated {
+    /// Where a thread stopped at original address `pc` (inside the replaced bytes of
+    /// `p`) resumes in the relocated copy; `None` if `pc` is not an instruction boundary
+    /// of the moved bytes (`patch_at` itself maps to the copy's start).
+    pub fn map_pc(&self, p: &Prologue, pc: u64) -> Option<u64> {
+        let off = pc.checked_sub(p.patch_at)?;
+        self.boundaries
+            .iter()
+            .find(|(old, _)| *old as u64 == off)
+            .map(|(_, new)| self.at + *new as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests;
