@@ -234,3 +234,40 @@ pub fn shared_object() -> PathBuf {
         })
         .clone()
 }
+
+/// The program `fixtures/qs_target.c` (its own handler on the agent's default
+/// quiescent-state signal, four busy threads calling `work`), built once per test
+/// process with [`Build::Nop5`]'s flags. Its first argument says how it installs the
+/// handler: `sigaction`, `signal` or `raw` (an `rt_sigaction` system call).
+pub fn qs_target() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = cache_dir();
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+            let src = source_dir().join("qs_target.c");
+            let obj = dir.join("qs_target.o");
+            let out = dir.join("qs_target");
+            let tmp = dir.join("qs_target.tmp");
+            let mut cc = Command::new("gcc");
+            cc.args(Build::Nop5.cflags())
+                .args(["-Wall", "-Wextra", "-Werror", "-c"])
+                .arg(&src)
+                .arg("-o")
+                .arg(&obj);
+            run(cc, &format!("qs_target (compile {})", src.display()));
+            let mut ld = Command::new("gcc");
+            ld.args(Build::Nop5.ldflags())
+                .arg(&obj)
+                .arg("-o")
+                .arg(&tmp)
+                .arg("-lpthread");
+            run(ld, "qs_target (link)");
+            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
+                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
+            });
+            out
+        })
+        .clone()
+}

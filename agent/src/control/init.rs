@@ -59,9 +59,9 @@ fn start_inner() -> Result<(), StartError> {
         .and_then(|s| s.parse::<i32>().ok())
         .map(|o| libc::SIGRTMIN() + o)
         .unwrap_or_else(qs::default_signal);
-    qs::install_signal(signal).map_err(StartError::Signal)?;
+    sigwrap::install_qs_signal(signal).map_err(StartError::Signal)?;
     // Program handlers installed so far go behind the wrapper, with the signal masked.
-    sigwrap::wrap_existing();
+    sigwrap::reclaim();
     *runtime() = Some(Runtime::new(Some(tls)));
     spawn_link()?;
     // SAFETY: registering plain extern "C" functions with no preconditions.

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::hot::block::{self, Header};
-use crate::hot::qs::{EPOCH, SIGNAL};
+use crate::hot::qs::{self, EPOCH, SIGNAL};
 use crate::hot::ranges::in_trampoline;
 use crate::hot::trap;
 use crate::sys::procfs::{self, SyscallState};
@@ -53,6 +53,8 @@ pub struct Observer {
     pub signals: u64,
     /// Quiescent states found through the blocked-in-syscall path.
     pub blocked_seen: u64,
+    /// Rounds in which a running thread was not signalled because it blocks the signal.
+    pub blocked_skipped: u64,
 }
 
 impl Observer {
@@ -123,22 +125,12 @@ impl Observer {
                         let last = self.signalled.get(&tid).copied();
                         let due = last
                             .is_none_or(|t| now.duration_since(t) >= Duration::from_micros(200));
-                        // Real-time signals queue: a thread that blocks ours (or has not
-                        // run since) would pile them up against the user's
-                        // RLIMIT_SIGPENDING. Keep at most one pending per thread.
-                        let pending = due && last.is_some() && procfs::signal_pending(tid, signal);
-                        if signal != 0 && due && !pending {
-                            // SAFETY: tgkill to a thread of our own process with a
-                            // signal whose handler we installed.
-                            unsafe {
-                                libc::syscall(
-                                    libc::SYS_tgkill,
-                                    libc::getpid(),
-                                    tid as libc::c_int,
-                                    signal,
-                                );
+                        if signal != 0 && due && self.may_signal(tid, signal, last.is_some()) {
+                            // A failure (the thread just exited, or RLIMIT_SIGPENDING
+                            // reached) is retried at the next round.
+                            if qs::send(tid).is_ok() {
+                                self.signals += 1;
                             }
-                            self.signals += 1;
                             self.signalled.insert(tid, now);
                         }
                     }
@@ -155,6 +147,27 @@ impl Observer {
         }
         self.holdouts.retain(|t, _| threads.contains(t));
         out
+    }
+
+    /// Whether `tid` may get the agent's signal now. Not when it blocks the signal
+    /// (`sigprocmask`/`pthread_sigmask`): the signal would stay pending in the program's
+    /// view (`sigpending`, `sigwaitinfo`); such a thread is seen by the blocked-in-a-
+    /// system-call probe only, and is a stall only while it holds a grace period. Nor,
+    /// after a first signal, while one is still pending: real-time signals queue, and a
+    /// thread that has not run since would pile them up against the user's
+    /// RLIMIT_SIGPENDING. One read of the thread's `status` answers both.
+    fn may_signal(&mut self, tid: u32, signal: i32, signalled_before: bool) -> bool {
+        let Some(status) = procfs::thread_status(tid) else {
+            return false;
+        };
+        if procfs::status_has_signal(&status, "SigBlk:", signal) {
+            self.blocked_skipped += 1;
+            if let Some(h) = self.holdouts.get_mut(&tid) {
+                h.blocks_signal = true;
+            }
+            return false;
+        }
+        !(signalled_before && procfs::status_has_signal(&status, "SigPnd:", signal))
     }
 
     fn note_holdout(&mut self, tid: u32, now: Instant, pc: u64) {
@@ -187,7 +200,8 @@ impl Observer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hot::qs::{default_signal, install_signal, quiescent};
+    use crate::hot::qs::{default_signal, quiescent};
+    use crate::hot::sigwrap::install_qs_signal as install_signal;
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
@@ -242,5 +256,72 @@ mod tests {
         drop(btx);
         t1.join().unwrap();
         t2.join().unwrap();
+    }
+
+    /// A running thread that blocks the agent's signal is not signalled (nothing would
+    /// pend in its `sigpending`); it holds the grace period while it runs (a stall with
+    /// `blocks_signal`), and is seen by the probe as soon as it blocks in a system call;
+    /// then it is no stall any more.
+    #[test]
+    fn a_thread_blocking_the_signal_is_probed_not_signalled() {
+        block::refill(8).unwrap();
+        install_signal(default_signal()).unwrap();
+        let sig = SIGNAL.load(Ordering::Acquire);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (btx, brx) = std::sync::mpsc::channel::<()>();
+        let s = stop.clone();
+        let t = std::thread::spawn(move || {
+            // SAFETY: blocking one signal in this thread's mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, sig);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            tx.send(crate::sys::tid()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+            let _ = brx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let tids: BTreeSet<u32> = [tid].into();
+        let need = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut obs = Observer::new();
+        // Running with the signal blocked: never signalled, never stamped.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(80) {
+            assert!(obs.round(&tids, need, true).is_empty());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(obs.signals, 0);
+        assert!(obs.blocked_skipped > 0);
+        let stalls = obs.stalls(Duration::from_millis(50));
+        assert_eq!(stalls.len(), 1, "{stalls:?}");
+        assert!(stalls[0].blocks_signal);
+        assert!(!procfs::status_has_signal(
+            &procfs::thread_status(tid).unwrap(),
+            "SigPnd:",
+            sig
+        ));
+        // Blocked in a system call: seen by the probe; no stall left.
+        stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if obs
+                .round(&tids, need, true)
+                .iter()
+                .any(|&(t, e)| t == tid && e >= need)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never seen blocked");
+            std::thread::yield_now();
+        }
+        assert_eq!(obs.signals, 0);
+        assert!(obs.stalls(Duration::ZERO).is_empty());
+        drop(btx);
+        t.join().unwrap();
     }
 }

@@ -60,13 +60,79 @@ pub fn quiescent() {
     }
 }
 
-/// The quiescent-state signal handler. Async-signal-safe: reads the epoch, the
-/// interrupted PC and this thread's TLS; writes this thread's block.
-pub(crate) extern "C" fn on_signal(
-    _sig: libc::c_int,
-    _info: *mut libc::siginfo_t,
-    uctx: *mut libc::c_void,
-) {
+/// The agent's mark on its own quiescent-state signals: `si_code == SI_QUEUE`, `si_pid`
+/// = this process and this value in `si_value` ([`send`]). Any other instance of the
+/// signal is the program's (`sigwrap` runs the program's action for it).
+pub(crate) const MAGIC: u64 = 0x7062_6173_5153_6967; // "pbasQSig"
+
+/// The real-time-signal members of a `siginfo_t` (x86-64 layout, 128 bytes), which the
+/// `libc` crate does not expose as fields.
+#[repr(C)]
+pub(crate) struct QueueInfo {
+    pub signo: i32,
+    pub errno: i32,
+    pub code: i32,
+    _pad: i32,
+    pub pid: i32,
+    pub uid: u32,
+    pub value: u64,
+    _rest: [u64; 12],
+}
+
+const _: () = assert!(std::mem::size_of::<QueueInfo>() == std::mem::size_of::<libc::siginfo_t>());
+
+/// Whether `info` is one of the agent's own signals ([`send`]). Async-signal-safe.
+///
+/// # Safety
+/// `info` is null or the `siginfo_t` the kernel passed to an `SA_SIGINFO` handler.
+pub(crate) unsafe fn is_agents(info: *const libc::siginfo_t) -> bool {
+    if info.is_null() {
+        return false;
+    }
+    // SAFETY: the caller passes the kernel's siginfo_t, which has QueueInfo's size and
+    // layout.
+    let q = unsafe { &*info.cast::<QueueInfo>() };
+    // SAFETY: getpid has no preconditions.
+    q.code == libc::SI_QUEUE && q.value == MAGIC && q.pid == unsafe { libc::getpid() }
+}
+
+/// Sends the agent's quiescent-state signal to thread `tid` of this process with
+/// `rt_tgsigqueueinfo`, marked as the agent's ([`is_agents`]). Async-signal-safe.
+pub(crate) fn send(tid: u32) -> Result<(), i32> {
+    let sig = signal();
+    // SAFETY: getpid and getuid have no preconditions.
+    let (pid, uid) = unsafe { (libc::getpid(), libc::getuid()) };
+    let info = QueueInfo {
+        signo: sig,
+        errno: 0,
+        code: libc::SI_QUEUE,
+        _pad: 0,
+        pid,
+        uid,
+        value: MAGIC,
+        _rest: [0; 12],
+    };
+    // SAFETY: rt_tgsigqueueinfo(tgid, tid, sig, info) to a thread of this process, with
+    // a fully initialized siginfo_t-sized buffer; the kernel copies it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            pid,
+            tid as libc::c_int,
+            sig,
+            &raw const info,
+        )
+    };
+    if rc != 0 {
+        return Err(crate::sys::errno());
+    }
+    Ok(())
+}
+
+/// The agent's part of the quiescent-state signal handler (`sigwrap` calls it for the
+/// agent's own signals). Async-signal-safe: reads the epoch, the interrupted PC and
+/// this thread's TLS; writes this thread's block.
+pub(crate) fn on_signal(uctx: *mut libc::c_void) {
     let e = EPOCH.load(Ordering::Acquire);
     // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
     let pc = unsafe { (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
@@ -100,28 +166,20 @@ pub(crate) extern "C" fn on_signal(
     }
 }
 
-/// Installs the handler for real-time signal `SIGRTMIN + offset` (once).
-/// Agent thread only (it may allocate or lock).
-pub fn install_signal(signal: i32) -> std::io::Result<()> {
+/// Claims `signal` as the quiescent-state signal (once; `sigwrap::install_qs_signal`
+/// installs the handler). Returns false if a signal was already claimed.
+pub(crate) fn claim_signal(signal: i32) -> bool {
     if INSTALLED.swap(true, Ordering::AcqRel) {
-        return Ok(());
-    }
-    // SAFETY: a zeroed sigaction is a valid starting point; we set the handler, flags
-    // and a full mask: no program handler may run nested in ours (it would see our
-    // handler's PC, not the trampoline PC ours interrupted; see `sigwrap`).
-    let rc = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-        libc::sigfillset(&mut sa.sa_mask);
-        crate::sys::signal::real_sigaction(signal, &sa, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        INSTALLED.store(false, Ordering::Release);
-        return Err(std::io::Error::last_os_error());
+        return false;
     }
     SIGNAL.store(signal, Ordering::Release);
-    Ok(())
+    true
+}
+
+/// Undoes [`claim_signal`] (installing the handler failed).
+pub(crate) fn unclaim_signal() {
+    SIGNAL.store(0, Ordering::Release);
+    INSTALLED.store(false, Ordering::Release);
 }
 
 /// The quiescent-state signal, once installed (0 before).

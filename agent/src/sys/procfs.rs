@@ -116,12 +116,6 @@ pub(crate) fn blocks_signal(tid: u32, sig: i32) -> bool {
     thread_status(tid).is_some_and(|s| status_has_signal(&s, "SigBlk:", sig))
 }
 
-/// Whether signal `sig` is pending for thread `tid` itself (`SigPnd`: sent with
-/// `tgkill` and not yet handled, e.g. because the thread blocks it).
-pub(crate) fn signal_pending(tid: u32, sig: i32) -> bool {
-    thread_status(tid).is_some_and(|s| status_has_signal(&s, "SigPnd:", sig))
-}
-
 /// This process's executable (`/proc/self/exe`).
 pub(crate) fn exe() -> std::io::Result<std::path::PathBuf> {
     std::fs::read_link("/proc/self/exe")

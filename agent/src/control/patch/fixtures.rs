@@ -378,7 +378,8 @@ pub fn patcher() -> &'static Patcher {
         TLS_OFFSET.set(tls).expect("set once");
         refill_blocks(64);
         block::init_overflow().expect("overflow block");
-        qs::install_signal(qs::default_signal()).expect("quiescent-state signal");
+        crate::hot::sigwrap::install_qs_signal(qs::default_signal())
+            .expect("quiescent-state signal");
     });
     refill_blocks(16);
     Patcher::global().expect("patcher")

@@ -731,7 +731,7 @@ fn recurse(_ctx: &CallCtx<'_>) {
         // The quiescent-state signal lands now: inside a dispatch, it is deferred.
         // SAFETY: a zeroed ucontext_t is a valid value; the handler only reads its RIP.
         let mut uc: libc::ucontext_t = unsafe { std::mem::zeroed() };
-        crate::hot::qs::on_signal(0, std::ptr::null_mut(), (&raw mut uc).cast());
+        crate::hot::qs::on_signal((&raw mut uc).cast());
         // SAFETY: plain fixture function (traced: a nested dispatch).
         let r = unsafe { patchbay_fx_recurse(black_box(1)) };
         assert_eq!(r, 3);
@@ -1223,7 +1223,7 @@ fn qs_handler_moves_a_thread_out_of_a_sled_in_conversion() {
         // writes its RIP.
         let mut uc: libc::ucontext_t = unsafe { std::mem::zeroed() };
         uc.uc_mcontext.gregs[libc::REG_RIP as usize] = pc as i64;
-        crate::hot::qs::on_signal(0, std::ptr::null_mut(), (&raw mut uc).cast());
+        crate::hot::qs::on_signal((&raw mut uc).cast());
         uc.uc_mcontext.gregs[libc::REG_RIP as usize] as usize
     };
     // Not in conversion: nothing moves.

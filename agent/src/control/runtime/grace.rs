@@ -15,7 +15,7 @@ use crate::control::log;
 use crate::control::observer::Observer;
 use crate::control::threads::Threads;
 use crate::hot::qs::EPOCH;
-use crate::hot::{block, dispatch};
+use crate::hot::{block, dispatch, sigwrap};
 
 /// Bound on the grace period of a nop-sled conversion.
 const LOCAL_GRACE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,6 +35,8 @@ pub(crate) struct Grace {
     /// `dispatch::MISSED` as last seen.
     missed_seen: u64,
     last_stall_report: Instant,
+    /// When a tick last checked the signal actions ([`reclaim_signals`]).
+    last_reclaim: Instant,
 }
 
 /// Reports new `(tid, epoch)` quiescent stamps, if any, in one batch.
@@ -49,6 +51,25 @@ fn push_quiescent(stamps: Vec<(u32, u64)>, out: &mut Vec<FromAgent>) {
     }
 }
 
+/// Ticks check the signal actions at most this often: a check queries the kernel's 64
+/// actions (~27 µs, release build), and ticks come every 0.5 ms during grace periods.
+pub(crate) const RECLAIM_EVERY: Duration = Duration::from_millis(10);
+
+/// Takes back the signal actions installed behind the interposition's back (a raw
+/// `rt_sigaction`): called before each grace period starts and from ticks (at most
+/// every [`RECLAIM_EVERY`]), so that a
+/// foreign handler on the quiescent-state signal never sees the agent's signals of a
+/// grace period, and a foreign handler of another signal is wrapped before a grace
+/// period could trust a stamp taken while it ran on a trampoline frame.
+pub(crate) fn reclaim_signals() {
+    let found = sigwrap::reclaim();
+    if found > 0 {
+        log::debug(&format!(
+            "{found} signal action(s) installed with a raw rt_sigaction taken back"
+        ));
+    }
+}
+
 impl Grace {
     pub(crate) fn new() -> Grace {
         Grace {
@@ -58,6 +79,15 @@ impl Grace {
             spare_blocks: SPARE_BLOCKS,
             missed_seen: 0,
             last_stall_report: Instant::now(),
+            last_reclaim: Instant::now(),
+        }
+    }
+
+    /// A tick's check of the signal actions, at most every [`RECLAIM_EVERY`].
+    pub(crate) fn tick_reclaim(&mut self) {
+        if self.last_reclaim.elapsed() >= RECLAIM_EVERY {
+            reclaim_signals();
+            self.last_reclaim = Instant::now();
         }
     }
 
@@ -142,6 +172,7 @@ impl Grace {
 
     /// Starts a barrier: a new epoch every thread known now must reach. Reports it.
     pub(crate) fn barrier(&mut self, barrier_id: u64, out: &mut Vec<FromAgent>) {
+        reclaim_signals();
         let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
         self.scan_and_report(out);
         self.barriers.push(epoch);
@@ -206,6 +237,7 @@ impl Grace {
     /// ways (the stamps also go to the server, as valid as any). Blocks the agent
     /// thread meanwhile: typically a few milliseconds.
     pub(crate) fn local_grace(&mut self, out: &mut Vec<FromAgent>) -> Result<(), String> {
+        reclaim_signals();
         let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
         let start = Instant::now();
         loop {

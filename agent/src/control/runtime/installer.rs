@@ -545,6 +545,7 @@ impl Installer {
         }
         self.pending_removes.remove(&id);
         // The unpatch is complete and every core serialized: a new epoch begins.
+        super::grace::reclaim_signals();
         let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
         // Births and deaths since the last scan go out before the report, so that the
         // server never waits for a thread whose exit it was not told about.

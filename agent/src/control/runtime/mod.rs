@@ -175,6 +175,7 @@ impl link::Handler for Runtime {
         if let Some(names) = self.session.callbacks_changed() {
             out.push(FromAgent::Callbacks(pb::Callbacks { names }));
         }
+        self.grace.tick_reclaim();
         self.scan_threads(out);
         self.installer.retry_removes(&mut self.grace, out);
         self.observe(out);

@@ -566,7 +566,14 @@ async fn finish(sh: &Shared, c: &mut Control) -> anyhow::Result<()> {
         .iter()
         .filter(|t| t.pid == sh.pid && integration_tests::ops::state(t) != TrampolineState::Freed)
         .count() as u64;
+    let quiet = sh.cmd("qsquiet").await?;
     let stats = sh.cmd("stats").await?;
+    let qs_field = |k: &str| -> anyhow::Result<u64> {
+        integration_tests::target::field(&quiet, k)
+            .ok_or_else(|| anyhow!("qsquiet without {k}="))?
+            .parse()
+            .with_context(|| format!("bad {k}= in {quiet:?}"))
+    };
     let field = |k: &str| -> anyhow::Result<u64> {
         integration_tests::target::field(&stats, k)
             .ok_or_else(|| anyhow!("stats without {k}="))?
@@ -590,6 +597,17 @@ async fn finish(sh: &Shared, c: &mut Control) -> anyhow::Result<()> {
     r.signals_over_trampolines = field("signals_inside")?;
     if r.program_signals == 0 {
         r.error("the target's SIGUSR1 handler never ran".to_string());
+    }
+    r.program_qs_sent = qs_field("sent")?;
+    r.program_qs_received = qs_field("received")?;
+    if r.program_qs_sent == 0 {
+        r.error("the target never raised SIGRTMIN+3".to_string());
+    }
+    let (qs_sent, qs_received) = (r.program_qs_sent, r.program_qs_received);
+    if qs_received != qs_sent {
+        r.error(format!(
+            "the target's own SIGRTMIN+3 handler ran {qs_received} times for {qs_sent} raised (the agent's signals must never reach it, nor the program's get lost)"
+        ));
     }
     r.finished = true;
     Ok(())

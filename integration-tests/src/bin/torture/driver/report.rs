@@ -41,6 +41,10 @@ pub struct Report {
     /// trampoline code or a dispatch (the agent's `sigwrap` counter).
     pub program_signals: u64,
     pub signals_over_trampolines: u64,
+    /// SIGRTMIN+3 (the agent's default quiescent-state signal) raised by the target
+    /// itself, and its own handler's runs (equal when the agent keeps to its own).
+    pub program_qs_sent: u64,
+    pub program_qs_received: u64,
     pub errors: u64,
     pub error_messages: Vec<String>,
     /// The final checks ran (the target survived to the end).
@@ -170,6 +174,10 @@ impl Report {
             "  program signal handlers run     {} ({} over trampoline code or a dispatch)",
             self.program_signals, self.signals_over_trampolines
         );
+        println!(
+            "  program's own SIGRTMIN+3        {} raised, {} handled",
+            self.program_qs_sent, self.program_qs_received
+        );
         println!("  errors                          {}", self.errors);
         for m in &self.error_messages {
             println!("    - {m}");
@@ -213,6 +221,8 @@ impl Report {
             "bad_args": self.bad_args,
             "program_signals": self.program_signals,
             "signals_over_trampolines": self.signals_over_trampolines,
+            "program_qs_sent": self.program_qs_sent,
+            "program_qs_received": self.program_qs_received,
             "errors": self.errors,
             "error_messages": self.error_messages,
             "finished": self.finished,
