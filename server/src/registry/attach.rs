@@ -254,6 +254,7 @@ impl Registry {
         {
             // Nothing was installed for a pid target that failed: undo the tracer.
             self.drop_tracer_everywhere(tracer);
+            self.release_tracer_id(tracer);
             self.reply(op, Reply::Attach(Err(err)));
             return;
         }
@@ -262,6 +263,21 @@ impl Registry {
             op,
             Reply::Attach(Ok(pb::AttachResponse { tracer: t, results })),
         );
+    }
+
+    /// A failed attach gives its tracer's id back, so that a failed attach consumes
+    /// no id: only when it is the last id handed out (no attach started since), the
+    /// tracer is gone and no trampoline names it (no agent was ever asked to install
+    /// it: its id never reached an agent's counters). Its watchers, if any, end with it.
+    fn release_tracer_id(&mut self, tracer: TracerId) {
+        let named = self.agents.values().any(|a| {
+            a.trampolines
+                .values()
+                .any(|t| t.group_ids().contains(&tracer))
+        });
+        if tracer + 1 == self.next_tracer && !self.tracers.contains_key(&tracer) && !named {
+            self.next_tracer = tracer;
+        }
     }
 
     /// The attach ops waiting for trampoline `tramp` of agent `id` to go live.

@@ -445,6 +445,48 @@ fn restart(reg: &mut Registry, sim: &mut Sim) -> Result<(), String> {
     Ok(())
 }
 
+/// A failed attach (a pattern that matches nothing) consumes no tracer id: the next
+/// attach gets the id it would have had; an attach overlapping the failed one keeps
+/// the failed id spent (it was handed out before it).
+#[test]
+fn a_failed_attach_consumes_no_tracer_id() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("alpha")).unwrap();
+    let first = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    reg.attach(Caller::ROOT, spec("zzz*")).unwrap();
+    let replies = settle(&mut reg, &mut sim).unwrap();
+    assert!(
+        matches!(
+            &replies[..],
+            [(_, Reply::Attach(Err(CoreError::NoMatch { .. })))]
+        ),
+        "{replies:?}"
+    );
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    let second = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    assert_eq!(second, first + 1, "the failed attach consumed an id");
+
+    // Overlapping: the failed attach's id was handed out before the good one's, so it
+    // stays spent (never reused while it could have been seen).
+    reg.attach(Caller::ROOT, spec("zzz*")).unwrap();
+    reg.attach(Caller::ROOT, spec("alpha")).unwrap();
+    let replies = settle(&mut reg, &mut sim).unwrap();
+    let ok: Vec<TracerId> = replies
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Reply::Attach(Ok(r)) => Some(r.tracer.as_ref().unwrap().tracer_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ok, vec![second + 2], "{replies:?}");
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    let next = attached_id(&settle(&mut reg, &mut sim).unwrap());
+    assert_eq!(next, second + 3);
+    assert!(reg.check_invariants().is_ok());
+}
+
 fn attached_id(replies: &[(OpId, Reply)]) -> TracerId {
     match replies {
         [(_, Reply::Attach(Ok(r)))] => r.tracer.as_ref().unwrap().tracer_id,
