@@ -228,6 +228,28 @@ async fn pattern_without_patchable_function_is_not_found() {
     assert!(!l.functions[0].patchable, "{l:?}");
 }
 
+/// A failed attach consumes no tracer id (issue 16): attaches with bad patterns (one
+/// refused at once, one that matches nothing in the process), then a good one: its id
+/// follows the last good attach's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attach_consumes_no_tracer_id() {
+    let (_server, mut c, agent, first) = setup().await;
+    let r = try_attach(&mut c, spec_pid(agent.pid(), "foo[", CallbackKind::Count)).await;
+    assert_status(r, Code::InvalidArgument, &[]);
+    let r = try_attach(
+        &mut c,
+        spec_pid(agent.pid(), "nothing*", CallbackKind::Count),
+    )
+    .await;
+    assert_status(r, Code::NotFound, &[]);
+    let (second, _) = attach(&mut c, spec_pid(agent.pid(), "bar", CallbackKind::Count)).await;
+    assert_eq!(
+        second,
+        first + 1,
+        "tracer ids not consecutive across failed attaches"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_functions_filters_and_limits() {
     let (_server, mut c, agent, _) = setup().await;
