@@ -190,6 +190,7 @@ impl Catalogue {
                                 SiteKind::Fentry | SiteKind::FentryGot => pb::SiteKind::Fentry,
                                 SiteKind::Nop5 => pb::SiteKind::Nop5,
                                 SiteKind::NopSled => pb::SiteKind::NopSled,
+                                SiteKind::Relocated => pb::SiteKind::Relocated,
                                 SiteKind::None => pb::SiteKind::Unspecified,
                             } as i32,
                             reason: f.reason.clone().unwrap_or_default(),

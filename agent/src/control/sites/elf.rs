@@ -399,6 +399,7 @@ impl<'d> Image<'d> {
                 bytes,
                 patchable,
                 reason,
+                known_targets: Vec::new(),
             });
         }
 
@@ -428,6 +429,7 @@ impl<'d> Image<'d> {
                 bytes: Vec::new(),
                 patchable: false,
                 reason: Some(reason),
+                known_targets: Vec::new(),
             });
         }
         out.sort_by_key(|s| (s.address, s.function_address));

@@ -16,7 +16,7 @@
 //! | gcc `… -mnop-mcount` | `0f 1f 44 00 00` | `__mcount_loc` | `Nop5` |
 //! | clang/rustc `-fpatchable-function-entry=5` | `0f 1f 44 00 xx` | `__patchable_function_entries` | `Nop5` |
 //! | gcc `-fpatchable-function-entry=5` | `90 90 90 90 90` | `__patchable_function_entries` | `NopSled` |
-//! | nothing | the function's own code | — | `None` (not patchable yet) |
+//! | nothing | the function's own code | `.symtab`/`.dynsym` (sized `FUNC`), `.eh_frame` | `Relocated` when its prologue can be moved, else `None` with the refusal |
 
 mod elf;
 mod ffi;
@@ -57,7 +57,13 @@ pub enum SiteKind {
     /// between two of them, so it needs the grace-period-guarded protocol; never patch
     /// it like a [`SiteKind::Nop5`].
     NopSled,
-    /// No instrumentation at the entry.
+    /// No instrumentation at the entry, and the prologue can be relocated (issue 11):
+    /// whole instructions covering at least 5 bytes at `address` (after an `endbr64`)
+    /// are moved into the trampoline and replaced by `jmp rel32` to it. `bytes` holds
+    /// the replaced bytes as found in the file (their count is the prologue length).
+    /// Several instructions are replaced, so it needs the grace-period-guarded protocol.
+    Relocated,
+    /// No instrumentation at the entry and not relocatable (`reason` says why).
     None,
 }
 
@@ -67,6 +73,8 @@ impl SiteKind {
         match self {
             SiteKind::Fentry | SiteKind::Nop5 | SiteKind::NopSled => 5,
             SiteKind::FentryGot => 6,
+            // The jump; the replaced prologue is `FunctionSite::bytes` (>= 5).
+            SiteKind::Relocated => 5,
             SiteKind::None => 0,
         }
     }
@@ -79,7 +87,10 @@ impl SiteKind {
     /// Whether replacing the site's bytes needs a grace period after the int3 step
     /// (several instructions are replaced, and a thread may be stopped inside them).
     pub fn needs_grace_period(self) -> bool {
-        matches!(self, SiteKind::NopSled | SiteKind::None)
+        matches!(
+            self,
+            SiteKind::NopSled | SiteKind::Relocated | SiteKind::None
+        )
     }
 
     /// Whether the site must be rewritten once at agent start (a call to `__fentry__`
@@ -95,6 +106,7 @@ impl SiteKind {
             SiteKind::FentryGot => "fentry-got",
             SiteKind::Nop5 => "nop5",
             SiteKind::NopSled => "nop-sled",
+            SiteKind::Relocated => "relocated",
             SiteKind::None => "none",
         }
     }
@@ -135,6 +147,13 @@ pub struct FunctionSite {
     pub patchable: bool,
     /// Why the site is not patchable, or a caveat for one that is (a nop sled).
     pub reason: Option<String>,
+    /// For [`SiteKind::Relocated`] (and refused uninstrumented functions): run-time
+    /// addresses strictly inside `[function_address, function_address + size)` where
+    /// control may arrive other than through the entry (other symbols, `.eh_frame`
+    /// starts, exception landing pads, jump-table targets), sorted. The installer passes
+    /// them to `tramp::relocate::analyze` again when it reads the code from memory.
+    /// Empty for instrumented kinds.
+    pub known_targets: Vec<u64>,
 }
 
 impl FunctionSite {
@@ -224,6 +243,7 @@ mod tests {
             bytes: vec![0x0f, 0x1f, 0x44, 0x00, 0x00],
             patchable: true,
             reason: None,
+            known_targets: Vec::new(),
         }
     }
 
