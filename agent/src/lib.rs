@@ -15,6 +15,7 @@
 
 mod control;
 mod hot;
+mod interpose;
 mod sys;
 mod tramp;
 

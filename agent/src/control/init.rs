@@ -113,6 +113,9 @@ impl link::Handler for Shared {
     ) {
         step(|r| link::Handler::message(r, msg, out))
     }
+    fn loaded(&mut self, out: &mut Vec<patchbay_proto::agent_message::Body>) {
+        step(|r| link::Handler::loaded(r, out))
+    }
     fn tick(&mut self, connected: bool, out: &mut Vec<patchbay_proto::agent_message::Body>) {
         step(|r| link::Handler::tick(r, connected, out))
     }

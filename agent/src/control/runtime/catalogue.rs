@@ -22,7 +22,15 @@ pub(crate) struct Catalogue {
     /// Functions discovered in objects loaded after the first discovery and not yet
     /// announced to the server (`FunctionsAdded`).
     unannounced: u32,
+    /// Recent patterns' matches: (how many of `functions` were matched, the indices
+    /// of the matching ones). `functions` only grows, so a pattern asked again (each
+    /// `FunctionsAdded` re-lists every tracer's) matches only the new functions: a
+    /// `dlopen` waiting for its coverage does not pay for the whole catalogue.
+    matches: HashMap<String, (usize, Vec<usize>)>,
 }
+
+/// Patterns whose matches are kept (the cache is emptied when it would grow beyond).
+const MATCHES_KEPT: usize = 32;
 
 impl Catalogue {
     pub(crate) fn new() -> Catalogue {
@@ -33,6 +41,7 @@ impl Catalogue {
             discovered: false,
             load_seen: (0, 0),
             unannounced: 0,
+            matches: HashMap::new(),
         }
     }
 
@@ -150,10 +159,28 @@ impl Catalogue {
             .unwrap_or_default()
     }
 
+    /// The functions whose names match `pattern`, in discovery order.
+    fn matching(&mut self, pattern: &str) -> Result<Vec<&FunctionSite>, sites::PatternError> {
+        if !self.matches.contains_key(pattern) && self.matches.len() >= MATCHES_KEPT {
+            self.matches.clear();
+        }
+        let (seen, mut found) = self.matches.remove(pattern).unwrap_or_default();
+        let pat = sites::compile_pattern(pattern)?;
+        for (i, f) in self.functions.iter().enumerate().skip(seen) {
+            if f.names().any(|n| pat.matches(n)) {
+                found.push(i);
+            }
+        }
+        self.matches
+            .insert(pattern.to_owned(), (self.functions.len(), found));
+        let (_, idx) = &self.matches[pattern];
+        Ok(idx.iter().map(|&i| &self.functions[i]).collect())
+    }
+
     /// The answer to `ListFunctions` (discovering first).
     pub(crate) fn list(&mut self, l: pb::ListFunctions) -> pb::FunctionList {
         self.discover();
-        match sites::filter(&self.functions, &l.pattern) {
+        match self.matching(&l.pattern) {
             Ok(found) => {
                 // Attaching needs only patchable functions; when none matches, a few
                 // unpatchable ones go along so the server can say why.
