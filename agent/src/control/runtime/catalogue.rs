@@ -177,9 +177,11 @@ impl Catalogue {
         Ok(idx.iter().map(|&i| &self.functions[i]).collect())
     }
 
-    /// The answer to `ListFunctions` (discovering first).
+    /// The answer to `ListFunctions` (discovering first: everything the first time,
+    /// then the objects loaded since, if the loader's counters moved).
     pub(crate) fn list(&mut self, l: pb::ListFunctions) -> pb::FunctionList {
-        self.discover();
+        self.discover_if_needed();
+        self.discover_loaded_since();
         match self.matching(&l.pattern) {
             Ok(found) => {
                 // Attaching needs only patchable functions; when none matches, a few
