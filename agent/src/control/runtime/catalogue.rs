@@ -236,3 +236,60 @@ impl Catalogue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn add(c: &mut Catalogue, name: &str) {
+        let address = 0x1000 * (c.functions.len() as u64 + 1);
+        c.by_addr.insert(address, c.functions.len());
+        c.functions.push(FunctionSite {
+            name: name.into(),
+            mangled: name.into(),
+            aliases: vec![],
+            address,
+            function_address: address,
+            size: 16,
+            object: Arc::from(Path::new("/x.so")),
+            kind: SiteKind::Nop5,
+            bytes: vec![0x0f, 0x1f, 0x44, 0x00, 0x00],
+            patchable: true,
+            reason: None,
+        });
+    }
+
+    fn names(c: &mut Catalogue, pattern: &str) -> Vec<String> {
+        c.matching(pattern)
+            .expect("a valid pattern")
+            .iter()
+            .map(|f| f.name.clone())
+            .collect()
+    }
+
+    /// A pattern asked again is matched only against functions discovered since, and
+    /// the answer is the same as a full match, in discovery order; the cache stays
+    /// bounded.
+    #[test]
+    fn repeated_patterns_match_new_functions_exactly() {
+        let mut c = Catalogue::new();
+        add(&mut c, "alpha");
+        add(&mut c, "beta");
+        assert_eq!(names(&mut c, "a*"), ["alpha"]);
+        add(&mut c, "apple");
+        add(&mut c, "gamma");
+        add(&mut c, "ant");
+        assert_eq!(names(&mut c, "a*"), ["alpha", "apple", "ant"]);
+        assert_eq!(c.matches["a*"].0, 5, "matched up to the end");
+        assert_eq!(names(&mut c, "*a"), ["alpha", "beta", "gamma"]);
+        for i in 0..2 * MATCHES_KEPT {
+            names(&mut c, &format!("p{i}*"));
+            assert!(c.matches.len() <= MATCHES_KEPT);
+        }
+        add(&mut c, "avocado");
+        assert_eq!(names(&mut c, "a*"), ["alpha", "apple", "ant", "avocado"]);
+        assert!(c.matching("[").is_err(), "a malformed pattern");
+    }
+}
