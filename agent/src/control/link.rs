@@ -65,9 +65,18 @@ pub fn send_from_any_thread(msgs: Vec<FromAgent>) -> bool {
     true
 }
 
+/// Whether a session is open: a lock-free flag, since program threads read it (in
+/// `dlopen`) and a forked child must not find it locked.
+static CONNECTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Whether a session is open (a program thread may wait for the server's answers).
 pub fn connected() -> bool {
-    OUTBOX.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    CONNECTED.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// In a forked child: the parent's session is not the child's.
+pub fn forked_child() {
+    CONNECTED.store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// Waits (bounded) until the transport took every queued message.
@@ -170,12 +179,14 @@ async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String
     };
     send(FromAgent::Hello(handler.hello()));
     *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+    CONNECTED.store(true, std::sync::atomic::Ordering::Release);
     let outbound = UnboundedReceiverStream::new(rx).map(|m| {
         taken(&m);
         m
     });
     let result = run_session(&mut client, outbound, handler, &send).await;
     *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    CONNECTED.store(false, std::sync::atomic::Ordering::Release);
     // Nobody waits for markers of a session that ended.
     crate::control::loads::session_ended();
     // What the ended session did not take is gone with its channel: no backlog.

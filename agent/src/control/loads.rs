@@ -98,6 +98,25 @@ pub(crate) fn session_ended() {
     COVERED.notify_all();
 }
 
+thread_local! {
+    /// The state's lock, held by the forking thread across `fork` (so that a child
+    /// never inherits it locked by a thread it does not have).
+    static HELD: std::cell::RefCell<Option<MutexGuard<'static, State>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before `fork` (after the runtime's fork lock: the agent thread takes them in that
+/// order too).
+pub(crate) fn before_fork() {
+    let g = state();
+    HELD.with(|h| *h.borrow_mut() = Some(g));
+}
+
+/// After `fork`, in the parent and in the child (on the forking thread).
+pub(crate) fn after_fork() {
+    HELD.with(|h| h.borrow_mut().take());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
