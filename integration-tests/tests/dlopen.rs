@@ -130,3 +130,64 @@ async fn a_tracer_attached_before_dlopen_covers_the_loaded_object() {
     assert!(d.complete, "{d:?}");
     assert!(t.quit().await.success());
 }
+
+/// `dlopen` is interposed: a tracer attached before covers a newly loaded object
+/// *before* `dlopen` returns, so a program calling into it right away is counted from
+/// the first call. The target loads `K` distinct copies of the object one after the
+/// other (each a new load) and calls `dl_work` `N` times right after each `dlopen`;
+/// the tracer's count equals the program's own. Prints the median `dlopen` time with
+/// the agent connected, without and with the tracer attached.
+#[tokio::test]
+async fn a_dlopened_object_is_covered_before_dlopen_returns() {
+    const K: usize = 100;
+    const N: u64 = 50;
+    let server = TestServer::start();
+    let mut c = server.control().await;
+    let lib = shared_object();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copies = |tag: &str| {
+        for k in 0..K {
+            std::fs::copy(&lib, dir.path().join(format!("{tag}{k}.so"))).expect("copy");
+        }
+        dir.path().join(tag).display().to_string()
+    };
+    let untraced = copies("u");
+    let traced = copies("t");
+    let mut t = Target::start(Build::Nop5, server.socket_path()).await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+
+    // No tracer wants these functions: the server answers at once.
+    let a = t
+        .expect(&format!("dlmany {untraced} {K} {N}"), "dlmany")
+        .await;
+    // `*work` matches `work` now and every copy's `dl_work` once loaded.
+    let (id, resp) = attach(&mut c, spec_pid(pid, "*work", CallbackKind::Count)).await;
+    assert_eq!(resp.results[0].sites_patched, 1 + K as u32, "{resp:?}");
+    let b = t
+        .cmd_within(
+            &format!("dlmany {traced} {K} {N}"),
+            Duration::from_secs(120),
+        )
+        .await;
+    let expected = format!("dlmany loaded={K} calls={}", K as u64 * N);
+    assert!(b.starts_with(&expected), "{b}");
+    eprintln!("dlopen latency, agent connected: no tracer [{a}], count tracer [{b}]");
+
+    // Counted from the first call after each dlopen: exactly what the program made in
+    // the copies loaded after the attach (the earlier ones were covered by the attach
+    // and were not called since).
+    let r = wait_total(&c, id, K as u64 * N).await;
+    let dl: u64 = r
+        .counts
+        .iter()
+        .filter(|x| x.function == "dl_work")
+        .map(|x| x.count)
+        .sum();
+    assert_eq!(dl, K as u64 * N, "{r:?}");
+    let d = try_detach(&mut c, id, true, Duration::from_secs(20).as_millis() as u32)
+        .await
+        .expect("detach(wait)");
+    assert!(d.complete, "{d:?}");
+    assert!(t.quit().await.success());
+}

@@ -12,6 +12,7 @@ pub(crate) mod drain;
 pub(crate) mod hold;
 pub(crate) mod init;
 pub(crate) mod link;
+pub(crate) mod loads;
 pub(crate) mod log;
 pub(crate) mod observer;
 pub(crate) mod patch;

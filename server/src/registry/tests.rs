@@ -92,7 +92,10 @@ impl Sim {
     /// Handles one server message like a real agent would.
     fn process(&mut self, msg: ToAgent) -> Result<(), String> {
         match msg {
-            ToAgent::Welcome(_) | ToAgent::Expedite(_) | ToAgent::Shutdown(_) => {}
+            ToAgent::Welcome(_)
+            | ToAgent::Expedite(_)
+            | ToAgent::Shutdown(_)
+            | ToAgent::Covered(_) => {}
             ToAgent::ListFunctions(l) => {
                 let pat = glob::Pattern::new(&l.pattern).unwrap();
                 let functions = FUNCS
@@ -876,4 +879,84 @@ proptest! {
             prop_assert!(false, "{e}");
         }
     }
+}
+
+/// `FunctionsAdded{sequence}` is answered with `Covered{sequence}` only after the
+/// function listings it caused (and earlier ones) were answered and their installs
+/// sent; without such listings at once; a sequence that does not increase is refused.
+#[test]
+fn covered_follows_the_installs_of_functions_added() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    reg.agent_message(
+        sim.id,
+        Some(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 1,
+            sequence: 1,
+        })),
+        Instant::now(),
+    )
+    .unwrap();
+    route(&mut reg, &mut sim, true);
+    let kinds = |q: &VecDeque<ToAgent>| -> Vec<&'static str> {
+        q.iter()
+            .map(|m| match m {
+                ToAgent::ListFunctions(_) => "list",
+                ToAgent::Install(_) => "install",
+                ToAgent::Covered(_) => "covered",
+                _ => "other",
+            })
+            .collect()
+    };
+    assert_eq!(
+        kinds(&sim.inq),
+        ["list"],
+        "no marker before the listing is answered"
+    );
+    // Answer the listing; what the server sends next ends with the marker.
+    let list = sim.inq.pop_front().unwrap();
+    sim.process(list).unwrap();
+    while let Some(m) = sim.outq.pop_front() {
+        deliver(&mut reg, sim.id, m).unwrap();
+    }
+    route(&mut reg, &mut sim, true);
+    assert_eq!(kinds(&sim.inq).last(), Some(&"covered"), "{:?}", sim.inq);
+    assert!(
+        matches!(sim.inq.back(), Some(ToAgent::Covered(c)) if c.sequence == 1),
+        "{:?}",
+        sim.inq
+    );
+    settle(&mut reg, &mut sim).unwrap();
+
+    // Nothing new and no listing outstanding: the marker comes at once.
+    reg.agent_message(
+        sim.id,
+        Some(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 0,
+            sequence: 2,
+        })),
+        Instant::now(),
+    )
+    .unwrap();
+    route(&mut reg, &mut sim, true);
+    assert!(
+        matches!(&sim.inq.iter().collect::<Vec<_>>()[..], [ToAgent::Covered(c)] if c.sequence == 2),
+        "{:?}",
+        sim.inq
+    );
+    sim.inq.clear();
+    // Sequences increase within a session.
+    let r = reg.agent_message(
+        sim.id,
+        Some(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 1,
+            sequence: 2,
+        })),
+        Instant::now(),
+    );
+    assert!(matches!(r, Err(CoreError::Protocol(_))), "{r:?}");
+    assert!(route(&mut reg, &mut sim, true).is_empty() && sim.inq.is_empty());
 }

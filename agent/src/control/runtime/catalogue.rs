@@ -22,7 +22,15 @@ pub(crate) struct Catalogue {
     /// Functions discovered in objects loaded after the first discovery and not yet
     /// announced to the server (`FunctionsAdded`).
     unannounced: u32,
+    /// Recent patterns' matches: (how many of `functions` were matched, the indices
+    /// of the matching ones). `functions` only grows, so a pattern asked again (each
+    /// `FunctionsAdded` re-lists every tracer's) matches only the new functions: a
+    /// `dlopen` waiting for its coverage does not pay for the whole catalogue.
+    matches: HashMap<String, (usize, Vec<usize>)>,
 }
+
+/// Patterns whose matches are kept (the cache is emptied when it would grow beyond).
+const MATCHES_KEPT: usize = 32;
 
 impl Catalogue {
     pub(crate) fn new() -> Catalogue {
@@ -33,6 +41,7 @@ impl Catalogue {
             discovered: false,
             load_seen: (0, 0),
             unannounced: 0,
+            matches: HashMap::new(),
         }
     }
 
@@ -150,10 +159,30 @@ impl Catalogue {
             .unwrap_or_default()
     }
 
-    /// The answer to `ListFunctions` (discovering first).
+    /// The functions whose names match `pattern`, in discovery order.
+    fn matching(&mut self, pattern: &str) -> Result<Vec<&FunctionSite>, sites::PatternError> {
+        if !self.matches.contains_key(pattern) && self.matches.len() >= MATCHES_KEPT {
+            self.matches.clear();
+        }
+        let (seen, mut found) = self.matches.remove(pattern).unwrap_or_default();
+        let pat = sites::compile_pattern(pattern)?;
+        for (i, f) in self.functions.iter().enumerate().skip(seen) {
+            if f.names().any(|n| pat.matches(n)) {
+                found.push(i);
+            }
+        }
+        self.matches
+            .insert(pattern.to_owned(), (self.functions.len(), found));
+        let (_, idx) = &self.matches[pattern];
+        Ok(idx.iter().map(|&i| &self.functions[i]).collect())
+    }
+
+    /// The answer to `ListFunctions` (discovering first: everything the first time,
+    /// then the objects loaded since, if the loader's counters moved).
     pub(crate) fn list(&mut self, l: pb::ListFunctions) -> pb::FunctionList {
-        self.discover();
-        match sites::filter(&self.functions, &l.pattern) {
+        self.discover_if_needed();
+        self.discover_loaded_since();
+        match self.matching(&l.pattern) {
             Ok(found) => {
                 // Attaching needs only patchable functions; when none matches, a few
                 // unpatchable ones go along so the server can say why.
@@ -206,5 +235,63 @@ impl Catalogue {
                 unpatchable_matches: 0,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn add(c: &mut Catalogue, name: &str) {
+        let address = 0x1000 * (c.functions.len() as u64 + 1);
+        c.by_addr.insert(address, c.functions.len());
+        c.functions.push(FunctionSite {
+            name: name.into(),
+            mangled: name.into(),
+            aliases: vec![],
+            address,
+            function_address: address,
+            size: 16,
+            object: Arc::from(Path::new("/x.so")),
+            kind: SiteKind::Nop5,
+            bytes: vec![0x0f, 0x1f, 0x44, 0x00, 0x00],
+            patchable: true,
+            reason: None,
+            known_targets: Vec::new(),
+        });
+    }
+
+    fn names(c: &mut Catalogue, pattern: &str) -> Vec<String> {
+        c.matching(pattern)
+            .expect("a valid pattern")
+            .iter()
+            .map(|f| f.name.clone())
+            .collect()
+    }
+
+    /// A pattern asked again is matched only against functions discovered since, and
+    /// the answer is the same as a full match, in discovery order; the cache stays
+    /// bounded.
+    #[test]
+    fn repeated_patterns_match_new_functions_exactly() {
+        let mut c = Catalogue::new();
+        add(&mut c, "alpha");
+        add(&mut c, "beta");
+        assert_eq!(names(&mut c, "a*"), ["alpha"]);
+        add(&mut c, "apple");
+        add(&mut c, "gamma");
+        add(&mut c, "ant");
+        assert_eq!(names(&mut c, "a*"), ["alpha", "apple", "ant"]);
+        assert_eq!(c.matches["a*"].0, 5, "matched up to the end");
+        assert_eq!(names(&mut c, "*a"), ["alpha", "beta", "gamma"]);
+        for i in 0..2 * MATCHES_KEPT {
+            names(&mut c, &format!("p{i}*"));
+            assert!(c.matches.len() <= MATCHES_KEPT);
+        }
+        add(&mut c, "avocado");
+        assert_eq!(names(&mut c, "a*"), ["alpha", "apple", "ant", "avocado"]);
+        assert!(c.matching("[").is_err(), "a malformed pattern");
     }
 }
