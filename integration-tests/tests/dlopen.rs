@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use integration_tests::fixtures::{Build, shared_object};
+use integration_tests::fixtures::{Build, runpath_program, shared_object};
 use integration_tests::ops::*;
 use integration_tests::proto::*;
 use integration_tests::target::*;
@@ -189,5 +189,34 @@ async fn a_dlopened_object_is_covered_before_dlopen_returns() {
         .await
         .expect("detach(wait)");
     assert!(d.complete, "{d:?}");
+    assert!(t.quit().await.success());
+}
+
+/// What `fixtures/runpath/main.c`'s `load` prints when the loader sees the program (and
+/// the plugin, for its own dlopens) as the caller.
+const RUNPATH_LOAD: &str = "missing=null|libpb-nonexistent.so: cannot open shared object \
+     file: No such file or directory;plugin=7 sibling=11 ctor=11 ns=0;newlm=7 \
+     new_namespace=yes";
+
+/// The interposed `dlopen`/`dlmopen` keep the program as the loader's caller: a program
+/// that finds its plugin by bare name only through its own `DT_RUNPATH` (and a plugin
+/// that finds its sibling through *its* `DT_RUNPATH`, from its constructor, a nested
+/// dlopen, and later) loads exactly as without the agent, in the base namespace and
+/// in a new one (`dlmopen(LM_ID_NEWLM)`); a failed `dlopen` leaves the same `dlerror()`
+/// text.
+#[tokio::test]
+async fn dlopen_keeps_the_program_as_the_loaders_caller() {
+    let exe = runpath_program();
+    let mut plain = Target::start_program(&exe, None, &[]).await;
+    let without = plain.cmd("load").await;
+    assert!(plain.quit().await.success());
+    assert_eq!(without, RUNPATH_LOAD, "without the agent");
+
+    let server = TestServer::start();
+    let c = server.control().await;
+    let mut t = Target::start_program(&exe, Some(server.socket_path()), &[]).await;
+    wait_agent(&c, t.pid()).await;
+    let with = t.cmd("load").await;
+    assert_eq!(with, without, "under the agent\n{}", t.stderr());
     assert!(t.quit().await.success());
 }

@@ -62,6 +62,9 @@ fn start_inner() -> Result<(), StartError> {
     sigwrap::install_qs_signal(signal).map_err(StartError::Signal)?;
     // Program handlers installed so far go behind the wrapper, with the signal masked.
     sigwrap::reclaim();
+    // libc's dlopen/dlmopen/dlclose, for the interposed ones (never a `dlsym` later,
+    // which would clear a program's `dlerror()` state).
+    crate::sys::dl::resolve();
     *runtime() = Some(Runtime::new(Some(tls)));
     spawn_link()?;
     // SAFETY: registering plain extern "C" functions with no preconditions.
