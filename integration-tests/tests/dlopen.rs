@@ -220,3 +220,62 @@ async fn dlopen_keeps_the_program_as_the_loaders_caller() {
     assert_eq!(with, without, "under the agent\n{}", t.stderr());
     assert!(t.quit().await.success());
 }
+
+/// `dlclose` is interposed: an object unloaded while a tracer covers it is never
+/// written again (its sites leave the agent's trampolines and the server's plan,
+/// `FunctionsRemoved`), and loaded again, at the same address or elsewhere, it is
+/// covered again before `dlopen` returns. `K` cycles of dlopen → `N` calls → dlclose
+/// with a count tracer attached before: no crash, the count equals the program's own,
+/// and `detach --wait` completes.
+#[tokio::test]
+async fn dlclose_and_reopen_in_a_loop_under_a_tracer() {
+    const K: u64 = 40;
+    const N: u64 = 100;
+    let server = TestServer::start();
+    let mut c = server.control().await;
+    let lib = shared_object();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spacer = dir.path().join("spacer.so");
+    std::fs::copy(&lib, &spacer).expect("copy");
+    let mut t = Target::start(Build::Nop5, server.socket_path()).await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+
+    let (id, resp) = attach(&mut c, spec_pid(pid, "*work", CallbackKind::Count)).await;
+    assert_eq!(resp.results[0].sites_patched, 1, "{resp:?}");
+    let b = t
+        .cmd_within(
+            &format!("dlcycle {} {} {K} {N}", lib.display(), spacer.display()),
+            Duration::from_secs(120),
+        )
+        .await;
+    let expected = format!("dlcycled loaded={K} calls={}", K * N);
+    assert!(b.starts_with(&expected), "{b}");
+    assert_eq!(field(&b, "unloaded"), Some(K.to_string().as_str()), "{b}");
+    assert_ne!(field(&b, "moved"), Some("0"), "never mapped elsewhere: {b}");
+    // The spacer's `dl_work` is matched too, but never called.
+    let r = wait_total(&c, id, K * N).await;
+    let dl: u64 = r
+        .counts
+        .iter()
+        .filter(|x| x.function == "dl_work")
+        .map(|x| x.count)
+        .sum();
+    assert_eq!(dl, K * N, "{r:?}");
+    t.run(1, 300).await;
+    wait_total(&c, id, K * N + 300).await;
+    let d = try_detach(&mut c, id, true, Duration::from_secs(20).as_millis() as u32)
+        .await
+        .expect("detach(wait)");
+    assert!(d.complete, "{d:?}");
+    let left = trampolines_of(&mut c, pid, true).await;
+    assert!(
+        left.iter().all(|x| matches!(
+            state(x),
+            TrampolineState::FreeAuthorized | TrampolineState::Freed
+        )),
+        "trampolines still in use after detach: {left:?}"
+    );
+    assert!(t.alive(), "the target died");
+    assert!(t.quit().await.success());
+}

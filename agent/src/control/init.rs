@@ -166,14 +166,17 @@ fn fork_unlock() {
 extern "C" fn before_fork() {
     fork_lock();
     loads::before_fork();
+    crate::control::unmapped::before_fork();
 }
 
 extern "C" fn after_fork_parent() {
+    crate::control::unmapped::after_fork();
     loads::after_fork();
     fork_unlock();
 }
 
 extern "C" fn after_fork_child() {
+    crate::control::unmapped::after_fork();
     loads::after_fork();
     link::forked_child();
     fork_unlock();

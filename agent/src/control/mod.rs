@@ -19,3 +19,4 @@ pub(crate) mod patch;
 pub(crate) mod runtime;
 pub mod sites;
 pub(crate) mod threads;
+pub(crate) mod unmapped;

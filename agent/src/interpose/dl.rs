@@ -21,13 +21,19 @@
 //!
 //! No wait when no session is open, from the agent's own threads, inside a dispatch
 //! (a callback calling `dlopen`), or for a nested `dlopen` (a constructor of the
-//! loaded object calling it: the loader lock is held then). The periodic poll of the load counters stays
-//! the fallback.
+//! loaded object calling it, or a destructor run by `dlclose`: the loader lock or
+//! the patcher's unmap lock is held then). The periodic poll of the load counters
+//! stays the fallback.
+//!
+//! `dlclose` is interposed too (a plain wrapper: libc's does not look at its caller):
+//! libc's runs with the patcher held off, and the objects it unmapped are recorded so
+//! that their sites are never written again (`control::unmapped`); the agent thread
+//! is woken to forget them and tell the server.
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void};
 
-use crate::control::{link, loads, sites, threads};
+use crate::control::{link, loads, sites, threads, unmapped};
 use crate::hot::block;
 use crate::sys;
 
@@ -214,4 +220,26 @@ pub unsafe extern "C" fn dlmopen(
         plain = sym plain_dlmopen,
         leave = sym leave_open,
     )
+}
+
+/// As `dlclose(3)`.
+// SAFETY: exporting `dlclose` replaces libc's for the whole process: same signature and
+// contract (the result, `dlerror` and errno as libc's left them), reaching libc's own
+// through `dlsym(RTLD_NEXT)` (resolved at start), never itself.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
+    // A `dlopen` from a destructor run by this call is nested: it must not wait for the
+    // agent thread, whose patcher this call holds off.
+    DEPTH.with(|d| d.set(d.get() + 1));
+    let before = sites::load_generation();
+    // SAFETY: forwarded as given.
+    let r = unmapped::closing(|| unsafe { sys::dl::real_dlclose(handle) });
+    DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    if sites::load_generation().1 != before.1 {
+        let errno = sys::errno();
+        // The agent thread forgets the unmapped objects' sites and tells the server.
+        loads::WAKE.notify_one();
+        sys::set_errno(errno);
+    }
+    r
 }

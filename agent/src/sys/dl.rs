@@ -20,13 +20,15 @@ fn next(slot: &AtomicUsize, name: &CStr) -> usize {
 
 static DLOPEN: AtomicUsize = AtomicUsize::new(0);
 static DLMOPEN: AtomicUsize = AtomicUsize::new(0);
+static DLCLOSE: AtomicUsize = AtomicUsize::new(0);
 
-/// Resolves libc's `dlopen` and `dlmopen` now (at agent start), so that the
+/// Resolves libc's `dlopen`, `dlmopen` and `dlclose` now (at agent start), so that the
 /// interposed calls never call `dlsym` themselves: a `dlsym` clears the error a
 /// program's failed `dlopen` left for its `dlerror()`.
 pub(crate) fn resolve() {
     next(&DLOPEN, c"dlopen");
     next(&DLMOPEN, c"dlmopen");
+    next(&DLCLOSE, c"dlclose");
 }
 
 /// The address of libc's `dlopen` (0: not resolvable; libc without `dlopen` cannot
@@ -38,6 +40,67 @@ pub(crate) fn real_dlopen() -> usize {
 /// The address of libc's `dlmopen` (0: not resolvable).
 pub(crate) fn real_dlmopen() -> usize {
     next(&DLMOPEN, c"dlmopen")
+}
+
+type DlcloseFn = unsafe extern "C" fn(*mut c_void) -> c_int;
+
+/// libc's `dlclose` (-1 when it cannot be resolved, as for a bad handle).
+///
+/// # Safety
+/// As `dlclose(3)`: `handle` came from `dlopen`/`dlmopen` and is closed once.
+pub(crate) unsafe fn real_dlclose(handle: *mut c_void) -> c_int {
+    match next(&DLCLOSE, c"dlclose") {
+        0 => -1,
+        // SAFETY: `f` is libc's dlclose, which has this signature; forwarded as given.
+        f => unsafe { std::mem::transmute::<usize, DlcloseFn>(f)(handle) },
+    }
+}
+
+/// The address span of one loaded object: its load bias and the lowest and highest
+/// addresses of its `PT_LOAD` segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub bias: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The span of every loaded object, in the loader's order (allocates: not for signal
+/// handlers).
+pub(crate) fn spans() -> Vec<Span> {
+    let mut out: Vec<Span> = Vec::new();
+    // SAFETY: `spans_callback` matches the signature dl_iterate_phdr expects, and `data`
+    // points to `out`, used only by the callback during the call, on this thread.
+    unsafe {
+        libc::dl_iterate_phdr(Some(spans_callback), (&raw mut out).cast::<c_void>());
+    }
+    out
+}
+
+unsafe extern "C" fn spans_callback(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut c_void,
+) -> c_int {
+    // SAFETY: `data` is the `&mut Vec<Span>` of `spans`; the loader passes a valid
+    // `dl_phdr_info` whose `dlpi_phdr` array has `dlpi_phnum` entries.
+    unsafe {
+        let out = &mut *data.cast::<Vec<Span>>();
+        let info = &*info;
+        let phdrs = std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum));
+        let bias = info.dlpi_addr;
+        let loads = phdrs.iter().filter(|p| p.p_type == PT_LOAD);
+        let start = loads.clone().map(|p| p.p_vaddr).min();
+        let end = loads.map(|p| p.p_vaddr + p.p_memsz).max();
+        if let (Some(start), Some(end)) = (start, end) {
+            out.push(Span {
+                bias,
+                start: bias.wrapping_add(start),
+                end: bias.wrapping_add(end),
+            });
+        }
+    }
+    0
 }
 
 const PT_LOAD: u32 = 1;

@@ -54,6 +54,10 @@ impl Registry {
             FromAgent::Barrier(b) => self.barrier_report(id, b, now),
             FromAgent::Callbacks(c) => self.callbacks_changed(id, c.names),
             FromAgent::FunctionsAdded(f) => self.functions_added(id, f),
+            FromAgent::FunctionsRemoved(r) => {
+                self.sites_removed(id, &r.sites, now);
+                Ok(())
+            }
         }
     }
 

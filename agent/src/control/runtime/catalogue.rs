@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use patchbay_proto as pb;
 
-use crate::control::log;
 use crate::control::patch::{Op, Patcher};
 use crate::control::sites::{self, Discoverer, FunctionSite, SiteKind};
+use crate::control::{log, unmapped};
 use crate::hot::ranges;
+use crate::sys::dl::Span;
 
 /// The functions of this process.
 pub(crate) struct Catalogue {
@@ -23,10 +24,12 @@ pub(crate) struct Catalogue {
     /// announced to the server (`FunctionsAdded`).
     unannounced: u32,
     /// Recent patterns' matches: (how many of `functions` were matched, the indices
-    /// of the matching ones). `functions` only grows, so a pattern asked again (each
+    /// of the matching ones). `functions` only grows (but for objects unloaded: then it is emptied), so a pattern asked again (each
     /// `FunctionsAdded` re-lists every tracer's) matches only the new functions: a
     /// `dlopen` waiting for its coverage does not pay for the whole catalogue.
     matches: HashMap<String, (usize, Vec<usize>)>,
+    /// Sites of functions of objects unloaded (`dlclose`) and not yet reported.
+    removed: Vec<u64>,
 }
 
 /// Patterns whose matches are kept (the cache is emptied when it would grow beyond).
@@ -42,6 +45,7 @@ impl Catalogue {
             load_seen: (0, 0),
             unannounced: 0,
             matches: HashMap::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -51,12 +55,24 @@ impl Catalogue {
         // Read first: an object loaded during the scan is seen by the next one.
         self.load_seen = sites::load_generation();
         let later = self.discovered;
-        let new = if self.discovered {
-            self.discoverer.discover_new()
-        } else {
-            self.discovered = true;
-            self.discoverer.discover_all()
-        };
+        self.discovered = true;
+        let discoverer = &mut self.discoverer;
+        // Objects unmapped since (`dlclose`), taken with the snapshot: an object mapped
+        // at their addresses since is discovered by this scan, after their functions
+        // are forgotten.
+        let (gone, new) = unmapped::drain(|gone| {
+            for s in gone {
+                discoverer.forget(s.bias);
+            }
+            if later {
+                discoverer.discover_new()
+            } else {
+                discoverer.discover_all()
+            }
+        });
+        if !gone.is_empty() {
+            self.forget(&gone);
+        }
         match new {
             Ok(list) => {
                 if later {
@@ -104,6 +120,38 @@ impl Catalogue {
             }
             Err(e) => log::warn(&format!("site discovery failed: {e}")),
         }
+    }
+
+    /// Drops the functions of objects unmapped since (their sites are reported by
+    /// [`Self::take_removed`]) and the patcher's record of their original bytes.
+    fn forget(&mut self, gone: &[Span]) {
+        let inside = |a: u64| gone.iter().any(|s| s.start <= a && a < s.end);
+        let removed = &mut self.removed;
+        self.functions.retain(|f| {
+            let keep = !inside(f.address);
+            if !keep {
+                removed.push(f.address);
+            }
+            keep
+        });
+        self.by_addr = self
+            .functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.address, i))
+            .collect();
+        // Indices moved: patterns are matched afresh.
+        self.matches.clear();
+        if let Ok(p) = Patcher::global() {
+            for s in gone {
+                p.forget_range(s.start as usize, s.end as usize);
+            }
+        }
+    }
+
+    /// Sites of functions of objects unloaded since the last call.
+    pub(crate) fn take_removed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.removed)
     }
 
     /// The first discovery, if it has not happened yet.

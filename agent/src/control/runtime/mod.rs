@@ -120,6 +120,7 @@ impl Runtime {
     fn announce_loaded(&mut self, out: &mut Vec<FromAgent>) {
         let asked = loads::asked();
         self.catalogue.discover_loaded_since();
+        self.removed(out);
         let count = self.catalogue.take_unannounced();
         let sequence = if asked > self.sequence_sent { asked } else { 0 };
         if count > 0 || sequence > 0 {
@@ -129,6 +130,17 @@ impl Runtime {
                 sequence,
             }));
         }
+    }
+
+    /// The sites of objects unloaded since (`dlclose`): the installer forgets them and
+    /// the server is told (`FunctionsRemoved`).
+    fn removed(&mut self, out: &mut Vec<FromAgent>) {
+        let sites = self.catalogue.take_removed();
+        if sites.is_empty() {
+            return;
+        }
+        self.installer.forget_sites(&sites);
+        out.push(FromAgent::FunctionsRemoved(pb::FunctionsRemoved { sites }));
     }
 
     /// Final flush at exit: counts and events still in rings.
@@ -163,7 +175,11 @@ impl link::Handler for Runtime {
     fn message(&mut self, msg: ToAgent, out: &mut Vec<FromAgent>) {
         match msg {
             ToAgent::ListFunctions(l) => {
-                out.push(FromAgent::FunctionList(self.catalogue.list(l)));
+                let list = self.catalogue.list(l);
+                // Sites of unloaded objects go first: the list may name an object
+                // mapped at their addresses since.
+                self.removed(out);
+                out.push(FromAgent::FunctionList(list));
             }
             ToAgent::Install(i) => {
                 self.catalogue.discover_if_needed();
@@ -213,6 +229,7 @@ impl link::Handler for Runtime {
             self.announce_loaded(out);
         } else {
             self.catalogue.discover_loaded_since();
+            self.removed(out);
         }
         let every = self.session.flush_interval();
         self.reporter

@@ -86,6 +86,13 @@ impl Discoverer {
         self.scan(false)
     }
 
+    /// Forgets the load at `bias` (its object was unloaded): an object loaded there
+    /// again is new to the next [`Self::discover_new`], even if no scan saw it absent.
+    pub fn forget(&mut self, bias: u64) {
+        self.scanned.retain(|(_, b)| *b != bias);
+        self.unbacked.remove(&bias);
+    }
+
     /// The objects whose sites the last call returned.
     pub fn loaded(&self) -> &[LoadedObject] {
         &self.loaded
