@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use integration_tests::fixtures::{Build, runpath_program, shared_object};
+use integration_tests::fixtures::{Build, fixture, runpath_program, shared_object};
 use integration_tests::ops::*;
 use integration_tests::proto::*;
 use integration_tests::target::*;
@@ -135,8 +135,9 @@ async fn a_tracer_attached_before_dlopen_covers_the_loaded_object() {
 /// *before* `dlopen` returns, so a program calling into it right away is counted from
 /// the first call. The target loads `K` distinct copies of the object one after the
 /// other (each a new load) and calls `dl_work` `N` times right after each `dlopen`;
-/// the tracer's count equals the program's own. Prints the median `dlopen` time with
-/// the agent connected, without and with the tracer attached.
+/// the tracer's count equals the program's own. Prints the median `dlopen` time
+/// without the agent, with the agent and a tracer that matches nothing in the new
+/// objects, and with a count tracer that matches their `dl_work`.
 #[tokio::test]
 async fn a_dlopened_object_is_covered_before_dlopen_returns() {
     const K: usize = 100;
@@ -151,28 +152,45 @@ async fn a_dlopened_object_is_covered_before_dlopen_returns() {
         }
         dir.path().join(tag).display().to_string()
     };
+    let bare = copies("b");
     let untraced = copies("u");
     let traced = copies("t");
+    let dlmany = |prefix: &str| format!("dlmany {prefix} {K} {N}");
+    let median = |line: &str| -> f64 {
+        let ns: f64 = field(line, "median_ns")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no median in {line}"));
+        ns / 1e6
+    };
+
+    let mut plain = Target::start_program(&fixture(Build::Nop5), None, &[]).await;
+    let without = plain.expect(&dlmany(&bare), "dlmany").await;
+    assert!(plain.quit().await.success());
+
     let mut t = Target::start(Build::Nop5, server.socket_path()).await;
     let pid = t.pid();
     wait_agent(&c, pid).await;
-
-    // No tracer wants these functions: the server answers at once.
+    // A tracer that matches nothing in the new objects: each dlopen is discovered,
+    // announced and answered, nothing to install.
+    let (other, _) = attach(&mut c, spec_pid(pid, "work", CallbackKind::Count)).await;
     let a = t
-        .expect(&format!("dlmany {untraced} {K} {N}"), "dlmany")
+        .cmd_within(&dlmany(&untraced), Duration::from_secs(120))
         .await;
     // `*work` matches `work` now and every copy's `dl_work` once loaded.
     let (id, resp) = attach(&mut c, spec_pid(pid, "*work", CallbackKind::Count)).await;
     assert_eq!(resp.results[0].sites_patched, 1 + K as u32, "{resp:?}");
     let b = t
-        .cmd_within(
-            &format!("dlmany {traced} {K} {N}"),
-            Duration::from_secs(120),
-        )
+        .cmd_within(&dlmany(&traced), Duration::from_secs(120))
         .await;
     let expected = format!("dlmany loaded={K} calls={}", K as u64 * N);
     assert!(b.starts_with(&expected), "{b}");
-    eprintln!("dlopen latency, agent connected: no tracer [{a}], count tracer [{b}]");
+    eprintln!(
+        "dlopen median over {K} new objects: without the agent {:.3} ms; agent connected, \
+         no matching tracer {:.3} ms; a count tracer matching the new object {:.3} ms",
+        median(&without),
+        median(&a),
+        median(&b)
+    );
 
     // Counted from the first call after each dlopen: exactly what the program made in
     // the copies loaded after the attach (the earlier ones were covered by the attach
@@ -185,10 +203,17 @@ async fn a_dlopened_object_is_covered_before_dlopen_returns() {
         .map(|x| x.count)
         .sum();
     assert_eq!(dl, K as u64 * N, "{r:?}");
-    let d = try_detach(&mut c, id, true, Duration::from_secs(20).as_millis() as u32)
+    for tracer in [id, other] {
+        let d = try_detach(
+            &mut c,
+            tracer,
+            true,
+            Duration::from_secs(20).as_millis() as u32,
+        )
         .await
         .expect("detach(wait)");
-    assert!(d.complete, "{d:?}");
+        assert!(d.complete, "{d:?}");
+    }
     assert!(t.quit().await.success());
 }
 

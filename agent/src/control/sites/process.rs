@@ -63,6 +63,12 @@ pub struct Discoverer {
     unbacked: HashSet<u64>,
     loaded: Vec<LoadedObject>,
     skipped: Vec<SkippedObject>,
+    /// The file of every load scanned by the last call, by (bias, loader's name), and
+    /// the loader's unload counter then: while nothing was unloaded since, a load
+    /// seen before is the same object and its file is not opened again (a `dlopen`
+    /// reads only the new objects).
+    known: HashMap<(u64, Vec<u8>), FileKey>,
+    subs_seen: Option<u64>,
 }
 
 impl Discoverer {
@@ -91,6 +97,7 @@ impl Discoverer {
     pub fn forget(&mut self, bias: u64) {
         self.scanned.retain(|(_, b)| *b != bias);
         self.unbacked.remove(&bias);
+        self.known.retain(|(b, _), _| *b != bias);
     }
 
     /// The objects whose sites the last call returned.
@@ -106,7 +113,12 @@ impl Discoverer {
     fn scan(&mut self, all: bool) -> Result<Vec<FunctionSite>, SitesError> {
         self.loaded.clear();
         self.skipped.clear();
-        let maps = read_maps().unwrap_or_default();
+        // Nothing unloaded since the last call: loads seen then are the same objects.
+        let subs = ffi::load_counts().1;
+        let reuse = !all && self.subs_seen == Some(subs);
+        let mut known = HashMap::new();
+        // Read only when an object is new.
+        let mut maps: Option<Vec<Mapping>> = None;
         let mut current = HashSet::new();
         let mut current_unbacked = HashSet::new();
         let mut out = Vec::new();
@@ -117,8 +129,20 @@ impl Discoverer {
             } else {
                 String::from_utf8_lossy(&info.name).into_owned()
             };
-            match self.scan_one(&info, &maps) {
+            let id = (info.bias, info.name.clone());
+            if reuse && let Some(key) = self.known.get(&id) {
+                current.insert((key.clone(), info.bias));
+                known.insert(id, key.clone());
+                continue;
+            }
+            if reuse && self.unbacked.contains(&info.bias) {
+                current_unbacked.insert(info.bias);
+                continue;
+            }
+            let maps = maps.get_or_insert_with(|| read_maps().unwrap_or_default());
+            match self.scan_one(&info, maps) {
                 Ok(key) => {
+                    known.insert(id, key.clone());
                     let load = (key, info.bias);
                     let fresh = all || !self.scanned.contains(&load);
                     current.insert(load.clone());
@@ -153,6 +177,8 @@ impl Discoverer {
         }
         self.scanned = current;
         self.unbacked = current_unbacked;
+        self.known = known;
+        self.subs_seen = Some(subs);
         out.sort_by_key(|s| s.address);
         Ok(out)
     }
