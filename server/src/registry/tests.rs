@@ -960,3 +960,60 @@ fn covered_follows_the_installs_of_functions_added() {
     assert!(matches!(r, Err(CoreError::Protocol(_))), "{r:?}");
     assert!(route(&mut reg, &mut sim, true).is_empty() && sim.inq.is_empty());
 }
+
+#[test]
+fn sites_of_an_unloaded_object_leave_the_plan_and_come_back_when_it_is_loaded_again() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    // "alpha" and "alpine", on one trampoline.
+    let (alpha, alpine) = (addr(0), addr(4));
+    let tramp = sim.owner[&alpha];
+    assert_eq!(sim.owner.get(&alpine), Some(&tramp));
+    let removed = |reg: &mut Registry, sim: &mut Sim, sites: Vec<u64>| {
+        deliver(
+            reg,
+            sim.id,
+            FromAgent::FunctionsRemoved(pb::FunctionsRemoved { sites }),
+        )
+        .unwrap();
+        route(reg, sim, true);
+    };
+    // One site gone (and one the plan never held): the trampoline keeps the other.
+    removed(&mut reg, &mut sim, vec![alpine, 0xdead]);
+    assert!(sim.inq.is_empty(), "{:?}", sim.inq);
+    reg.check_invariants().unwrap();
+    // The last one gone: the trampoline is retired, then freed as usual.
+    sim.owner.remove(&alpine);
+    removed(&mut reg, &mut sim, vec![alpha]);
+    assert!(
+        matches!(&sim.inq.iter().collect::<Vec<_>>()[..], [ToAgent::Remove(r)] if r.trampoline_id == tramp),
+        "{:?}",
+        sim.inq
+    );
+    sim.owner.remove(&alpha);
+    settle(&mut reg, &mut sim).unwrap();
+    sim.observe(1);
+    settle(&mut reg, &mut sim).unwrap();
+    reg.check_invariants().unwrap();
+    assert!(sim.tramps.is_empty(), "freed in the agent");
+    // Loaded again at the same addresses: the tracer covers them again.
+    deliver(
+        &mut reg,
+        sim.id,
+        FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 2,
+            sequence: 1,
+        }),
+    )
+    .unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    assert!(
+        sim.owner.contains_key(&alpha) && sim.owner.contains_key(&alpine),
+        "{:?}",
+        sim.owner
+    );
+    reg.check_invariants().unwrap();
+}
