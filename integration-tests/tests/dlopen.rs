@@ -140,8 +140,8 @@ async fn a_tracer_attached_before_dlopen_covers_the_loaded_object() {
 /// objects, and with a count tracer that matches their `dl_work`.
 #[tokio::test]
 async fn a_dlopened_object_is_covered_before_dlopen_returns() {
-    const K: usize = 100;
-    const N: u64 = 50;
+    const K: usize = 300;
+    const N: u64 = 20;
     let server = TestServer::start();
     let mut c = server.control().await;
     let lib = shared_object();

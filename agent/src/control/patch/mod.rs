@@ -34,6 +34,11 @@
 //! SIGTRAP blocked. It also re-installs the trap handler if the program replaced it
 //! (chaining to the replacement).
 //!
+//! Every batch holds `control::unmapped`'s lock (the interposed `dlclose` holds it
+//! around libc's): no object is unmapped during a batch, and the sites of objects
+//! unmapped since the agent thread last drained them are skipped unread (counted as
+//! unchanged).
+//!
 //! Cost: three membarriers per batch, and per step one `pwrite` per span (sites of one
 //! object within 4 KiB of each other share a span) plus a `pread` of its current bytes.
 
