@@ -13,7 +13,7 @@ use object::{Endianness, Object, elf};
 use super::elf::{analyze_link_time, rebase};
 use super::ffi::{self, LoadSegment, PhdrInfo};
 use super::{FunctionSite, SitesError};
-use crate::sys::procfs::{Mapping, read_maps};
+use crate::sys::procfs::{Mapping, read_maps_containing};
 
 /// One object loaded in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,12 +117,26 @@ impl Discoverer {
         let subs = ffi::load_counts().1;
         let reuse = !all && self.subs_seen == Some(subs);
         let mut known = HashMap::new();
-        // Read only when an object is new.
-        let mut maps: Option<Vec<Mapping>> = None;
+        let objects = ffi::loaded_objects();
+        // Only the mappings of the objects to read are looked up.
+        let mut probes: Vec<u64> = objects
+            .iter()
+            .filter(|o| {
+                !(reuse
+                    && (self.known.contains_key(&(o.bias, o.name.clone()))
+                        || self.unbacked.contains(&o.bias)))
+            })
+            .filter_map(|o| o.loads.first().map(|l| o.bias.wrapping_add(l.vaddr)))
+            .collect();
+        let maps = if probes.is_empty() {
+            Vec::new()
+        } else {
+            read_maps_containing(&mut probes).unwrap_or_default()
+        };
         let mut current = HashSet::new();
         let mut current_unbacked = HashSet::new();
         let mut out = Vec::new();
-        for (i, info) in ffi::loaded_objects().into_iter().enumerate() {
+        for (i, info) in objects.into_iter().enumerate() {
             let is_main = i == 0;
             let display = if info.name.is_empty() {
                 "<main>".to_owned()
@@ -139,8 +153,7 @@ impl Discoverer {
                 current_unbacked.insert(info.bias);
                 continue;
             }
-            let maps = maps.get_or_insert_with(|| read_maps().unwrap_or_default());
-            match self.scan_one(&info, maps) {
+            match self.scan_one(&info, &maps) {
                 Ok(key) => {
                     known.insert(id, key.clone());
                     let load = (key, info.bias);
