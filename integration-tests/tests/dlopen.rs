@@ -11,8 +11,14 @@ use integration_tests::proto::*;
 use integration_tests::target::*;
 use integration_tests::{Target, TestServer};
 
+/// Tests of this file run one at a time: each starts a process whose first discovery
+/// reads every loaded object, and three load hundreds of objects; run together on a
+/// small machine they miss the attach deadline.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn functions_of_a_dlopened_object_are_found_and_traced_exactly() {
+    let _serial = SERIAL.lock().await;
     let server = TestServer::start();
     let mut c = server.control().await;
     let lib = shared_object();
@@ -81,6 +87,7 @@ async fn functions_of_a_dlopened_object_are_found_and_traced_exactly() {
 /// sites the pattern matches. Counts of the new function are then exact.
 #[tokio::test]
 async fn a_tracer_attached_before_dlopen_covers_the_loaded_object() {
+    let _serial = SERIAL.lock().await;
     let server = TestServer::start();
     let mut c = server.control().await;
     let lib = shared_object();
@@ -140,6 +147,7 @@ async fn a_tracer_attached_before_dlopen_covers_the_loaded_object() {
 /// objects, and with a count tracer that matches their `dl_work`.
 #[tokio::test]
 async fn a_dlopened_object_is_covered_before_dlopen_returns() {
+    let _serial = SERIAL.lock().await;
     const K: usize = 300;
     const N: u64 = 20;
     let server = TestServer::start();
@@ -231,6 +239,7 @@ const RUNPATH_LOAD: &str = "missing=null|libpb-nonexistent.so: cannot open share
 /// text.
 #[tokio::test]
 async fn dlopen_keeps_the_program_as_the_loaders_caller() {
+    let _serial = SERIAL.lock().await;
     let exe = runpath_program();
     let mut plain = Target::start_program(&exe, None, &[]).await;
     let without = plain.cmd("load").await;
@@ -254,6 +263,7 @@ async fn dlopen_keeps_the_program_as_the_loaders_caller() {
 /// and `detach --wait` completes.
 #[tokio::test]
 async fn dlclose_and_reopen_in_a_loop_under_a_tracer() {
+    let _serial = SERIAL.lock().await;
     const K: u64 = 40;
     const N: u64 = 100;
     let server = TestServer::start();
