@@ -11,10 +11,13 @@
 //!   (async-signal-safe: no allocation, no locks, no panics); imports only `hot/` and
 //!   `sys/`;
 //! - `tramp/`: the pure trampoline code generator;
+//! - `interpose/`: libc functions interposed that run on program threads outside
+//!   signal handlers (`dlopen`): they may lock and wait (bounded) for the agent thread;
 //! - `control/`: the agent's own thread (may allocate, lock and do I/O).
 
 mod control;
 mod hot;
+mod interpose;
 mod sys;
 mod tramp;
 

@@ -271,3 +271,54 @@ pub fn qs_target() -> PathBuf {
         })
         .clone()
 }
+
+/// The program `fixtures/runpath/main.c`, built once per test process into
+/// `runpath/runpath_target` with `DT_RUNPATH` `$ORIGIN/lib` (the only way it finds its
+/// plugin `lib/libpbplugin.so` by bare name), the plugin with `DT_RUNPATH`
+/// `$ORIGIN/sub` (the only way it finds `lib/sub/libpbsibling.so`).
+pub fn runpath_program() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = cache_dir().join("runpath");
+            let sub = dir.join("lib").join("sub");
+            std::fs::create_dir_all(&sub)
+                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", sub.display()));
+            let src = source_dir().join("runpath");
+            let gcc = |what: &str, args: &[&str], source: &str, out: &Path| {
+                let tmp = out.with_extension("tmp");
+                let mut cc = Command::new("gcc");
+                cc.args(["-O2", "-Wall", "-Wextra", "-Werror"])
+                    .args(args)
+                    .arg(src.join(source))
+                    .arg("-o")
+                    .arg(&tmp);
+                run(cc, what);
+                std::fs::rename(&tmp, out).unwrap_or_else(|e| {
+                    panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
+                });
+            };
+            let shared = ["-fPIC", "-shared"];
+            gcc(
+                "runpath sibling",
+                &shared,
+                "sibling.c",
+                &sub.join("libpbsibling.so"),
+            );
+            gcc(
+                "runpath plugin",
+                &[&shared[..], &["-Wl,-rpath,$ORIGIN/sub,--enable-new-dtags"]].concat(),
+                "plugin.c",
+                &dir.join("lib").join("libpbplugin.so"),
+            );
+            let exe = dir.join("runpath_target");
+            gcc(
+                "runpath program",
+                &["-Wl,-rpath,$ORIGIN/lib,--enable-new-dtags"],
+                "main.c",
+                &exe,
+            );
+            exe
+        })
+        .clone()
+}

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::control::runtime::Runtime;
-use crate::control::{link, log, threads};
+use crate::control::{link, loads, log, threads};
 use crate::hot::{block, dispatch, qs, sigwrap};
 
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
@@ -62,6 +62,9 @@ fn start_inner() -> Result<(), StartError> {
     sigwrap::install_qs_signal(signal).map_err(StartError::Signal)?;
     // Program handlers installed so far go behind the wrapper, with the signal masked.
     sigwrap::reclaim();
+    // libc's dlopen/dlmopen/dlclose, for the interposed ones (never a `dlsym` later,
+    // which would clear a program's `dlerror()` state).
+    crate::sys::dl::resolve();
     *runtime() = Some(Runtime::new(Some(tls)));
     spawn_link()?;
     // SAFETY: registering plain extern "C" functions with no preconditions.
@@ -113,6 +116,9 @@ impl link::Handler for Shared {
     ) {
         step(|r| link::Handler::message(r, msg, out))
     }
+    fn loaded(&mut self, out: &mut Vec<patchbay_proto::agent_message::Body>) {
+        step(|r| link::Handler::loaded(r, out))
+    }
     fn tick(&mut self, connected: bool, out: &mut Vec<patchbay_proto::agent_message::Body>) {
         step(|r| link::Handler::tick(r, connected, out))
     }
@@ -159,13 +165,20 @@ fn fork_unlock() {
 
 extern "C" fn before_fork() {
     fork_lock();
+    loads::before_fork();
+    crate::control::unmapped::before_fork();
 }
 
 extern "C" fn after_fork_parent() {
+    crate::control::unmapped::after_fork();
+    loads::after_fork();
     fork_unlock();
 }
 
 extern "C" fn after_fork_child() {
+    crate::control::unmapped::after_fork();
+    loads::after_fork();
+    link::forked_child();
     fork_unlock();
     // The child is a new process: a new agent, with the inherited trampolines.
     crate::sys::reset_tid();

@@ -65,6 +65,20 @@ pub fn send_from_any_thread(msgs: Vec<FromAgent>) -> bool {
     true
 }
 
+/// Whether a session is open: a lock-free flag, since program threads read it (in
+/// `dlopen`) and a forked child must not find it locked.
+static CONNECTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a session is open (a program thread may wait for the server's answers).
+pub fn connected() -> bool {
+    CONNECTED.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// In a forked child: the parent's session is not the child's.
+pub fn forked_child() {
+    CONNECTED.store(false, std::sync::atomic::Ordering::Release);
+}
+
 /// Waits (bounded) until the transport took every queued message.
 pub fn wait_taken(deadline: std::time::Instant) -> bool {
     use std::sync::atomic::Ordering;
@@ -89,6 +103,9 @@ pub trait Handler {
     fn welcome(&mut self, w: &pb::Welcome);
     /// A message from the server; answers go to `out`.
     fn message(&mut self, msg: ToAgent, out: &mut Vec<FromAgent>);
+    /// A program thread waits in `dlopen` for what it loaded to be covered
+    /// (`control::loads`): discover now and tell the server.
+    fn loaded(&mut self, out: &mut Vec<FromAgent>);
     /// Periodic work (thread scan, quiescent detection, flushing counts and events).
     /// `connected` is false while there is no server: the handler keeps the program
     /// safe and buffers within its bounds.
@@ -162,12 +179,16 @@ async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String
     };
     send(FromAgent::Hello(handler.hello()));
     *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+    CONNECTED.store(true, std::sync::atomic::Ordering::Release);
     let outbound = UnboundedReceiverStream::new(rx).map(|m| {
         taken(&m);
         m
     });
     let result = run_session(&mut client, outbound, handler, &send).await;
     *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    CONNECTED.store(false, std::sync::atomic::Ordering::Release);
+    // Nobody waits for markers of a session that ended.
+    crate::control::loads::session_ended();
     // What the ended session did not take is gone with its channel: no backlog.
     use std::sync::atomic::Ordering;
     TAKEN.store(QUEUED.load(Ordering::Acquire), Ordering::Release);
@@ -208,6 +229,7 @@ async fn run_session(
                 Some(Err(s)) => return Err(format!("session failed: {}", s.message())),
                 None => return Err("server closed the session".into()),
             },
+            _ = crate::control::loads::WAKE.notified() => handler.loaded(&mut out),
             _ = tick => {
                 handler.tick(true, &mut out);
                 next_tick = tokio::time::Instant::now() + handler.tick_interval();

@@ -6,6 +6,7 @@
 //! are async-signal-safe (no allocation, no lock); the [`procfs`] readers allocate and
 //! are for the agent thread only (their parsers are pure).
 
+pub(crate) mod dl;
 pub(crate) mod procfs;
 pub(crate) mod signal;
 

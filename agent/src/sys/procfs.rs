@@ -171,9 +171,66 @@ pub(crate) fn read_maps() -> std::io::Result<Vec<Mapping>> {
     Ok(parse_maps(&std::fs::read_to_string("/proc/self/maps")?))
 }
 
+/// The mappings of `text` (as `/proc/self/maps`) that contain one of `addrs` (sorted
+/// here); only their lines are parsed in full (a process with hundreds of objects has
+/// thousands of lines, and a `dlopen` needs one or two).
+pub(crate) fn maps_containing(text: &str, addrs: &mut [u64]) -> Vec<Mapping> {
+    addrs.sort_unstable();
+    text.lines()
+        .filter(|line| {
+            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+            let Some((start, end)) = range else {
+                return false;
+            };
+            let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            else {
+                return false;
+            };
+            let i = addrs.partition_point(|&a| a < start);
+            addrs.get(i).is_some_and(|&a| a < end)
+        })
+        .flat_map(parse_maps)
+        .collect()
+}
+
+/// [`maps_containing`] of this process's `/proc/self/maps`.
+pub(crate) fn read_maps_containing(addrs: &mut [u64]) -> std::io::Result<Vec<Mapping>> {
+    Ok(maps_containing(
+        &std::fs::read_to_string("/proc/self/maps")?,
+        addrs,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_mappings_containing_the_addresses_are_parsed() {
+        let text = "00400000-00401000 r--p 00000000 08:01 42 /bin/a\n\
+                    00401000-00402000 r-xp 00001000 08:01 42 /bin/a\n\
+                    7f0000000000-7f0000001000 r--p 00000000 08:01 7 /lib/b.so (deleted)\n\
+                    7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n";
+        let found = maps_containing(text, &mut [0x7f00_0000_0fff, 0x400000, 0x1234]);
+        let got: Vec<(u64, Option<&str>)> =
+            found.iter().map(|m| (m.start, m.path.as_deref())).collect();
+        assert_eq!(
+            got,
+            [
+                (0x400000, Some("/bin/a")),
+                (0x7f00_0000_0000, Some("/lib/b.so (deleted)"))
+            ]
+        );
+        assert_eq!(
+            found,
+            parse_maps(text)
+                .into_iter()
+                .filter(|m| m.start != 0x401000 && m.start != 0x7ffd00000000)
+                .collect::<Vec<_>>()
+        );
+        assert!(maps_containing(text, &mut []).is_empty());
+    }
 
     #[test]
     fn parses_syscall_lines() {

@@ -451,6 +451,10 @@ impl Agent {
                 out("expedite");
                 Ok(())
             }
+            S::Covered(c) => {
+                out(format!("covered seq={}", c.sequence));
+                Ok(())
+            }
             S::AuthorizeFree(af) => {
                 let mut r = Ok(());
                 for id in af.trampoline_ids {

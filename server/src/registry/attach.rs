@@ -104,6 +104,61 @@ impl Registry {
         Ok((pid_target, pid_start_time))
     }
 
+    /// New objects were loaded (`count` > 0): the tracers meant for the agent cover them
+    /// too. With a `sequence`, a program thread waits in `dlopen`: `Covered{sequence}`
+    /// goes out once the installs of every listing asked for so far were sent.
+    pub(super) fn functions_added(
+        &mut self,
+        id: AgentId,
+        f: pb::FunctionsAdded,
+    ) -> Result<(), CoreError> {
+        let last = self.agents[&id].last_cover;
+        if f.sequence != 0 && f.sequence <= last {
+            return Err(CoreError::Protocol(format!(
+                "FunctionsAdded sequence {} after {last}: sequences increase within a session",
+                f.sequence
+            )));
+        }
+        if f.count > 0 {
+            self.attach_targeting_tracers(id);
+        }
+        if f.sequence != 0 {
+            let listings: BTreeSet<u64> = self
+                .requests
+                .iter()
+                .filter(|(_, (a, r))| *a == id && matches!(r, Request::Attach { .. }))
+                .map(|(rid, _)| *rid)
+                .collect();
+            let a = self.agents.get_mut(&id).expect("checked above");
+            a.last_cover = f.sequence;
+            a.covering.push_back((f.sequence, listings));
+            self.send_covered(id);
+        }
+        Ok(())
+    }
+
+    /// Function listing `rid` of agent `id` was answered (its installs sent, if any):
+    /// `Covered` markers waiting only for it go out.
+    pub(super) fn listing_answered(&mut self, id: AgentId, rid: u64) {
+        if let Some(a) = self.agents.get_mut(&id) {
+            for (_, waiting) in a.covering.iter_mut() {
+                waiting.remove(&rid);
+            }
+        }
+        self.send_covered(id);
+    }
+
+    /// Sends the `Covered` markers at the front of agent `id`'s queue whose listings
+    /// were all answered, in order.
+    fn send_covered(&mut self, id: AgentId) {
+        while let Some(a) = self.agents.get_mut(&id)
+            && a.covering.front().is_some_and(|(_, w)| w.is_empty())
+        {
+            let (sequence, _) = a.covering.pop_front().expect("checked above");
+            self.send(id, ToAgent::Covered(pb::Covered { sequence }));
+        }
+    }
+
     /// Attaches every active tracer meant for the agent again: the agent lists the
     /// functions each pattern matches, and only sites whose group lacks the tracer are
     /// patched (after a reconnect, or when the agent discovered new functions).

@@ -83,7 +83,11 @@ impl Registry {
         }
         match req {
             Request::Functions { op, limit } => self.functions_listed(op, limit, pid, list),
-            Request::Attach { tracer, op } => self.attach_listed(id, pid, tracer, op, list, now),
+            Request::Attach { tracer, op } => {
+                let rid = list.request_id;
+                self.attach_listed(id, pid, tracer, op, list, now);
+                self.listing_answered(id, rid);
+            }
         }
         Ok(())
     }

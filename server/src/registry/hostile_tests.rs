@@ -666,7 +666,10 @@ impl World {
                     tids: v.threads.iter().copied().collect(),
                 }));
             }
-            ToAgent::Welcome(_) | ToAgent::Expedite(_) | ToAgent::Shutdown(_) => {}
+            ToAgent::Welcome(_)
+            | ToAgent::Expedite(_)
+            | ToAgent::Shutdown(_)
+            | ToAgent::Covered(_) => {}
         }
         for mut m in out {
             match (lie, &mut m) {

@@ -1,7 +1,7 @@
 //! The registry's data model: ids, the caller, settings, effects and replies, and
 //! the records of agents, trampolines, tracers and waiting client operations.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use patchbay_proto as pb;
@@ -140,6 +140,11 @@ pub struct Agent {
     pub(super) dropped: BTreeMap<TracerId, u64>,
     /// The last failure the agent reported (`AgentError`), for messages to people.
     pub(super) last_error: Option<String>,
+    /// `Covered` markers owed to the agent, in order: each with the function listings
+    /// (request ids) whose installs must be sent first (`FunctionsAdded{sequence}`).
+    pub(super) covering: VecDeque<(u64, BTreeSet<u64>)>,
+    /// The last `FunctionsAdded` sequence of this session (they increase).
+    pub(super) last_cover: u64,
 }
 
 impl Agent {
@@ -160,6 +165,8 @@ impl Agent {
             counts: BTreeMap::new(),
             dropped: BTreeMap::new(),
             last_error: None,
+            covering: VecDeque::new(),
+            last_cover: 0,
         }
     }
     pub(super) fn live_trampolines(&self) -> usize {

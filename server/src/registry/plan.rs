@@ -145,6 +145,32 @@ impl Registry {
         created
     }
 
+    /// Sites of objects the agent unloaded (`FunctionsRemoved`): they leave the plan
+    /// (an object mapped at their addresses later is new), and the active trampolines
+    /// left with no site are retired. Sites the plan does not hold are ignored (never
+    /// patched, or already moved away).
+    pub(super) fn sites_removed(&mut self, id: AgentId, sites: &[u64], now: Instant) {
+        let agent = self.agents.get_mut(&id).expect("caller checked");
+        let mut touched = BTreeSet::new();
+        for s in sites {
+            if let Some(t) = agent.site_owner.remove(s) {
+                if let Some(tr) = agent.trampolines.get_mut(&t) {
+                    tr.sites.remove(s);
+                }
+                touched.insert(t);
+            }
+        }
+        for t in touched {
+            let empty = self.agents[&id]
+                .trampolines
+                .get(&t)
+                .is_some_and(|t| t.sites.is_empty() && t.state.active());
+            if empty {
+                self.retire(id, t, now);
+            }
+        }
+    }
+
     /// Retires an active trampoline: its sites go back to untraced and the agent is
     /// told to remove it (it answers `Retired`).
     pub(super) fn retire(&mut self, id: AgentId, tramp: TrampolineId, now: Instant) {

@@ -53,9 +53,9 @@ impl Registry {
             }
             FromAgent::Barrier(b) => self.barrier_report(id, b, now),
             FromAgent::Callbacks(c) => self.callbacks_changed(id, c.names),
-            // New objects were loaded: the tracers meant for the agent cover them too.
-            FromAgent::FunctionsAdded(_) => {
-                self.attach_targeting_tracers(id);
+            FromAgent::FunctionsAdded(f) => self.functions_added(id, f),
+            FromAgent::FunctionsRemoved(r) => {
+                self.sites_removed(id, &r.sites, now);
                 Ok(())
             }
         }

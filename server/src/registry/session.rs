@@ -166,6 +166,9 @@ impl Registry {
             return;
         };
         agent.connected = false;
+        // Nobody waits for markers of a session that ended.
+        agent.covering.clear();
+        agent.last_cover = 0;
         let pid = agent.hello.pid;
         // Syncs cannot observe a disconnected agent: drop it from them.
         let syncs: Vec<u64> = agent

@@ -92,7 +92,10 @@ impl Sim {
     /// Handles one server message like a real agent would.
     fn process(&mut self, msg: ToAgent) -> Result<(), String> {
         match msg {
-            ToAgent::Welcome(_) | ToAgent::Expedite(_) | ToAgent::Shutdown(_) => {}
+            ToAgent::Welcome(_)
+            | ToAgent::Expedite(_)
+            | ToAgent::Shutdown(_)
+            | ToAgent::Covered(_) => {}
             ToAgent::ListFunctions(l) => {
                 let pat = glob::Pattern::new(&l.pattern).unwrap();
                 let functions = FUNCS
@@ -876,4 +879,141 @@ proptest! {
             prop_assert!(false, "{e}");
         }
     }
+}
+
+/// `FunctionsAdded{sequence}` is answered with `Covered{sequence}` only after the
+/// function listings it caused (and earlier ones) were answered and their installs
+/// sent; without such listings at once; a sequence that does not increase is refused.
+#[test]
+fn covered_follows_the_installs_of_functions_added() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    reg.agent_message(
+        sim.id,
+        Some(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 1,
+            sequence: 1,
+        })),
+        Instant::now(),
+    )
+    .unwrap();
+    route(&mut reg, &mut sim, true);
+    let kinds = |q: &VecDeque<ToAgent>| -> Vec<&'static str> {
+        q.iter()
+            .map(|m| match m {
+                ToAgent::ListFunctions(_) => "list",
+                ToAgent::Install(_) => "install",
+                ToAgent::Covered(_) => "covered",
+                _ => "other",
+            })
+            .collect()
+    };
+    assert_eq!(
+        kinds(&sim.inq),
+        ["list"],
+        "no marker before the listing is answered"
+    );
+    // Answer the listing; what the server sends next ends with the marker.
+    let list = sim.inq.pop_front().unwrap();
+    sim.process(list).unwrap();
+    while let Some(m) = sim.outq.pop_front() {
+        deliver(&mut reg, sim.id, m).unwrap();
+    }
+    route(&mut reg, &mut sim, true);
+    assert_eq!(kinds(&sim.inq).last(), Some(&"covered"), "{:?}", sim.inq);
+    assert!(
+        matches!(sim.inq.back(), Some(ToAgent::Covered(c)) if c.sequence == 1),
+        "{:?}",
+        sim.inq
+    );
+    settle(&mut reg, &mut sim).unwrap();
+
+    // Nothing new and no listing outstanding: the marker comes at once.
+    reg.agent_message(
+        sim.id,
+        Some(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 0,
+            sequence: 2,
+        })),
+        Instant::now(),
+    )
+    .unwrap();
+    route(&mut reg, &mut sim, true);
+    assert!(
+        matches!(&sim.inq.iter().collect::<Vec<_>>()[..], [ToAgent::Covered(c)] if c.sequence == 2),
+        "{:?}",
+        sim.inq
+    );
+    sim.inq.clear();
+    // Sequences increase within a session.
+    let r = reg.agent_message(
+        sim.id,
+        Some(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 1,
+            sequence: 2,
+        })),
+        Instant::now(),
+    );
+    assert!(matches!(r, Err(CoreError::Protocol(_))), "{r:?}");
+    assert!(route(&mut reg, &mut sim, true).is_empty() && sim.inq.is_empty());
+}
+
+#[test]
+fn sites_of_an_unloaded_object_leave_the_plan_and_come_back_when_it_is_loaded_again() {
+    let mut reg = Registry::new(Settings::default());
+    let mut sim = new_sim(1);
+    connect(&mut reg, &mut sim);
+    reg.attach(Caller::ROOT, spec("al*")).unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    // "alpha" and "alpine", on one trampoline.
+    let (alpha, alpine) = (addr(0), addr(4));
+    let tramp = sim.owner[&alpha];
+    assert_eq!(sim.owner.get(&alpine), Some(&tramp));
+    let removed = |reg: &mut Registry, sim: &mut Sim, sites: Vec<u64>| {
+        deliver(
+            reg,
+            sim.id,
+            FromAgent::FunctionsRemoved(pb::FunctionsRemoved { sites }),
+        )
+        .unwrap();
+        route(reg, sim, true);
+    };
+    // One site gone (and one the plan never held): the trampoline keeps the other.
+    removed(&mut reg, &mut sim, vec![alpine, 0xdead]);
+    assert!(sim.inq.is_empty(), "{:?}", sim.inq);
+    reg.check_invariants().unwrap();
+    // The last one gone: the trampoline is retired, then freed as usual.
+    sim.owner.remove(&alpine);
+    removed(&mut reg, &mut sim, vec![alpha]);
+    assert!(
+        matches!(&sim.inq.iter().collect::<Vec<_>>()[..], [ToAgent::Remove(r)] if r.trampoline_id == tramp),
+        "{:?}",
+        sim.inq
+    );
+    sim.owner.remove(&alpha);
+    settle(&mut reg, &mut sim).unwrap();
+    sim.observe(1);
+    settle(&mut reg, &mut sim).unwrap();
+    reg.check_invariants().unwrap();
+    assert!(sim.tramps.is_empty(), "freed in the agent");
+    // Loaded again at the same addresses: the tracer covers them again.
+    deliver(
+        &mut reg,
+        sim.id,
+        FromAgent::FunctionsAdded(pb::FunctionsAdded {
+            count: 2,
+            sequence: 1,
+        }),
+    )
+    .unwrap();
+    settle(&mut reg, &mut sim).unwrap();
+    assert!(
+        sim.owner.contains_key(&alpha) && sim.owner.contains_key(&alpine),
+        "{:?}",
+        sim.owner
+    );
+    reg.check_invariants().unwrap();
 }

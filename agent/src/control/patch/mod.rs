@@ -34,6 +34,11 @@
 //! SIGTRAP blocked. It also re-installs the trap handler if the program replaced it
 //! (chaining to the replacement).
 //!
+//! Every batch holds `control::unmapped`'s lock (the interposed `dlclose` holds it
+//! around libc's): no object is unmapped during a batch, and the sites of objects
+//! unmapped since the agent thread last drained them are skipped unread (counted as
+//! unchanged).
+//!
 //! Cost: three membarriers per batch, and per step one `pwrite` per span (sites of one
 //! object within 4 KiB of each other share a span) plus a `pread` of its current bytes.
 
@@ -47,6 +52,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 
+use crate::control::unmapped;
 use crate::hot::trap::{self, Transition};
 use crate::sys::{self, procfs};
 
@@ -314,6 +320,13 @@ impl Patcher {
             .map_err(Clone::clone)
     }
 
+    /// Forgets the original bytes of sites in `[start, end)` (an unmapped object's: a
+    /// later object mapped there has its own).
+    pub fn forget_range(&self, start: usize, end: usize) {
+        let mut originals = self.originals.lock().unwrap_or_else(|e| e.into_inner());
+        originals.retain(|&site, _| !(start <= site && site < end));
+    }
+
     /// Applies a batch.
     pub fn apply(&self, ops: &[Op]) -> Result<BatchReport, PatchError> {
         self.apply_observed(ops, &mut |_| {})
@@ -327,6 +340,8 @@ impl Patcher {
         observer: &mut dyn FnMut(Stage),
     ) -> Result<BatchReport, PatchError> {
         let mut originals = self.originals.lock().unwrap_or_else(|e| e.into_inner());
+        // No object is unmapped (`dlclose`) during the batch (`control::unmapped`).
+        let held = unmapped::hold();
         let mut report = BatchReport::default();
         let mut seen = HashSet::with_capacity(ops.len());
         let mut plan = Vec::with_capacity(ops.len());
@@ -334,6 +349,11 @@ impl Patcher {
             let site = op.site();
             if !seen.insert(site) {
                 return Err(PatchError::Duplicate { site });
+            }
+            if held.gone(site) {
+                // Its object was unmapped: never read nor written again.
+                report.unchanged += 1;
+                continue;
             }
             // SAFETY: sites come from site discovery (loaded text) or tests.
             let cur = unsafe { read_site(site) };
@@ -457,12 +477,17 @@ impl Patcher {
         grace: &mut dyn FnMut() -> Result<(), String>,
     ) -> Result<BatchReport, PatchError> {
         let mut originals = self.originals.lock().unwrap_or_else(|e| e.into_inner());
+        let held = unmapped::hold();
         let mut report = BatchReport::default();
         let mut seen = HashSet::with_capacity(sites.len());
         let mut plan = Vec::with_capacity(sites.len());
         for &site in sites {
             if !seen.insert(site) {
                 return Err(PatchError::Duplicate { site });
+            }
+            if held.gone(site) {
+                report.unchanged += 1;
+                continue;
             }
             // SAFETY: sites come from site discovery (loaded text) or tests.
             let cur = unsafe { read_site(site) };

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use patchbay_proto as pb;
 
-use crate::control::log;
 use crate::control::patch::{Op, Patcher};
 use crate::control::sites::{self, Discoverer, FunctionSite, SiteKind};
+use crate::control::{log, unmapped};
 use crate::hot::ranges;
+use crate::sys::dl::Span;
 
 /// The functions of this process.
 pub(crate) struct Catalogue {
@@ -22,7 +23,17 @@ pub(crate) struct Catalogue {
     /// Functions discovered in objects loaded after the first discovery and not yet
     /// announced to the server (`FunctionsAdded`).
     unannounced: u32,
+    /// Recent patterns' matches: (how many of `functions` were matched, the indices
+    /// of the matching ones). `functions` only grows (but for objects unloaded: then it is emptied), so a pattern asked again (each
+    /// `FunctionsAdded` re-lists every tracer's) matches only the new functions: a
+    /// `dlopen` waiting for its coverage does not pay for the whole catalogue.
+    matches: HashMap<String, (usize, Vec<usize>)>,
+    /// Sites of functions of objects unloaded (`dlclose`) and not yet reported.
+    removed: Vec<u64>,
 }
+
+/// Patterns whose matches are kept (the cache is emptied when it would grow beyond).
+const MATCHES_KEPT: usize = 32;
 
 impl Catalogue {
     pub(crate) fn new() -> Catalogue {
@@ -33,6 +44,8 @@ impl Catalogue {
             discovered: false,
             load_seen: (0, 0),
             unannounced: 0,
+            matches: HashMap::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -42,12 +55,24 @@ impl Catalogue {
         // Read first: an object loaded during the scan is seen by the next one.
         self.load_seen = sites::load_generation();
         let later = self.discovered;
-        let new = if self.discovered {
-            self.discoverer.discover_new()
-        } else {
-            self.discovered = true;
-            self.discoverer.discover_all()
-        };
+        self.discovered = true;
+        let discoverer = &mut self.discoverer;
+        // Objects unmapped since (`dlclose`), taken with the snapshot: an object mapped
+        // at their addresses since is discovered by this scan, after their functions
+        // are forgotten.
+        let (gone, new) = unmapped::drain(|gone| {
+            for s in gone {
+                discoverer.forget(s.bias);
+            }
+            if later {
+                discoverer.discover_new()
+            } else {
+                discoverer.discover_all()
+            }
+        });
+        if !gone.is_empty() {
+            self.forget(&gone);
+        }
         match new {
             Ok(list) => {
                 if later {
@@ -95,6 +120,38 @@ impl Catalogue {
             }
             Err(e) => log::warn(&format!("site discovery failed: {e}")),
         }
+    }
+
+    /// Drops the functions of objects unmapped since (their sites are reported by
+    /// [`Self::take_removed`]) and the patcher's record of their original bytes.
+    fn forget(&mut self, gone: &[Span]) {
+        let inside = |a: u64| gone.iter().any(|s| s.start <= a && a < s.end);
+        let removed = &mut self.removed;
+        self.functions.retain(|f| {
+            let keep = !inside(f.address);
+            if !keep {
+                removed.push(f.address);
+            }
+            keep
+        });
+        self.by_addr = self
+            .functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.address, i))
+            .collect();
+        // Indices moved: patterns are matched afresh.
+        self.matches.clear();
+        if let Ok(p) = Patcher::global() {
+            for s in gone {
+                p.forget_range(s.start as usize, s.end as usize);
+            }
+        }
+    }
+
+    /// Sites of functions of objects unloaded since the last call.
+    pub(crate) fn take_removed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.removed)
     }
 
     /// The first discovery, if it has not happened yet.
@@ -150,10 +207,30 @@ impl Catalogue {
             .unwrap_or_default()
     }
 
-    /// The answer to `ListFunctions` (discovering first).
+    /// The functions whose names match `pattern`, in discovery order.
+    fn matching(&mut self, pattern: &str) -> Result<Vec<&FunctionSite>, sites::PatternError> {
+        if !self.matches.contains_key(pattern) && self.matches.len() >= MATCHES_KEPT {
+            self.matches.clear();
+        }
+        let (seen, mut found) = self.matches.remove(pattern).unwrap_or_default();
+        let pat = sites::compile_pattern(pattern)?;
+        for (i, f) in self.functions.iter().enumerate().skip(seen) {
+            if f.names().any(|n| pat.matches(n)) {
+                found.push(i);
+            }
+        }
+        self.matches
+            .insert(pattern.to_owned(), (self.functions.len(), found));
+        let (_, idx) = &self.matches[pattern];
+        Ok(idx.iter().map(|&i| &self.functions[i]).collect())
+    }
+
+    /// The answer to `ListFunctions` (discovering first: everything the first time,
+    /// then the objects loaded since, if the loader's counters moved).
     pub(crate) fn list(&mut self, l: pb::ListFunctions) -> pb::FunctionList {
-        self.discover();
-        match sites::filter(&self.functions, &l.pattern) {
+        self.discover_if_needed();
+        self.discover_loaded_since();
+        match self.matching(&l.pattern) {
             Ok(found) => {
                 // Attaching needs only patchable functions; when none matches, a few
                 // unpatchable ones go along so the server can say why.
@@ -206,5 +283,63 @@ impl Catalogue {
                 unpatchable_matches: 0,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn add(c: &mut Catalogue, name: &str) {
+        let address = 0x1000 * (c.functions.len() as u64 + 1);
+        c.by_addr.insert(address, c.functions.len());
+        c.functions.push(FunctionSite {
+            name: name.into(),
+            mangled: name.into(),
+            aliases: vec![],
+            address,
+            function_address: address,
+            size: 16,
+            object: Arc::from(Path::new("/x.so")),
+            kind: SiteKind::Nop5,
+            bytes: vec![0x0f, 0x1f, 0x44, 0x00, 0x00],
+            patchable: true,
+            reason: None,
+            known_targets: Vec::new(),
+        });
+    }
+
+    fn names(c: &mut Catalogue, pattern: &str) -> Vec<String> {
+        c.matching(pattern)
+            .expect("a valid pattern")
+            .iter()
+            .map(|f| f.name.clone())
+            .collect()
+    }
+
+    /// A pattern asked again is matched only against functions discovered since, and
+    /// the answer is the same as a full match, in discovery order; the cache stays
+    /// bounded.
+    #[test]
+    fn repeated_patterns_match_new_functions_exactly() {
+        let mut c = Catalogue::new();
+        add(&mut c, "alpha");
+        add(&mut c, "beta");
+        assert_eq!(names(&mut c, "a*"), ["alpha"]);
+        add(&mut c, "apple");
+        add(&mut c, "gamma");
+        add(&mut c, "ant");
+        assert_eq!(names(&mut c, "a*"), ["alpha", "apple", "ant"]);
+        assert_eq!(c.matches["a*"].0, 5, "matched up to the end");
+        assert_eq!(names(&mut c, "*a"), ["alpha", "beta", "gamma"]);
+        for i in 0..2 * MATCHES_KEPT {
+            names(&mut c, &format!("p{i}*"));
+            assert!(c.matches.len() <= MATCHES_KEPT);
+        }
+        add(&mut c, "avocado");
+        assert_eq!(names(&mut c, "a*"), ["alpha", "apple", "ant", "avocado"]);
+        assert!(c.matching("[").is_err(), "a malformed pattern");
     }
 }

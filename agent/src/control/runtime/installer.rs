@@ -481,6 +481,19 @@ impl Installer {
         self.ranges_registered = ranges.len();
     }
 
+    /// Drops `sites` (of unloaded objects: never written again) from the trampolines
+    /// that patched them; the trampolines themselves live on until removed and freed
+    /// as usual.
+    pub(crate) fn forget_sites(&mut self, sites: &[u64]) {
+        for s in sites {
+            if let Some(id) = self.owner.remove(s)
+                && let Some(t) = self.tramps.get_mut(&id)
+            {
+                t.sites.remove(s);
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- remove
 
     /// Unpatches trampoline `r.trampoline_id` and reports it retired.

@@ -31,7 +31,7 @@ use patchbay_proto as pb;
 use pb::agent_message::Body as FromAgent;
 use pb::server_message::Body as ToAgent;
 
-use crate::control::{link, log};
+use crate::control::{link, loads, log};
 use catalogue::Catalogue;
 use grace::Grace;
 use installer::Installer;
@@ -45,6 +45,8 @@ pub(crate) struct Runtime {
     reporter: Reporter,
     grace: Grace,
     session: Session,
+    /// The last `FunctionsAdded` sequence sent (`control::loads`).
+    sequence_sent: u64,
 }
 
 impl Runtime {
@@ -57,6 +59,7 @@ impl Runtime {
             reporter: Reporter::new(),
             grace: Grace::new(),
             session: Session::new(),
+            sequence_sent: 0,
         }
     }
 
@@ -110,6 +113,36 @@ impl Runtime {
         self.session.hello(tids, trampolines)
     }
 
+    /// Discovers the objects loaded since the last discovery and tells the server:
+    /// `FunctionsAdded` when there are new functions or a program thread waits in
+    /// `dlopen` (its sequence, taken before the discovery, so the objects of every
+    /// waiter up to it are included or were announced before).
+    fn announce_loaded(&mut self, out: &mut Vec<FromAgent>) {
+        let asked = loads::asked();
+        self.catalogue.discover_loaded_since();
+        self.removed(out);
+        let count = self.catalogue.take_unannounced();
+        let sequence = if asked > self.sequence_sent { asked } else { 0 };
+        if count > 0 || sequence > 0 {
+            self.sequence_sent = self.sequence_sent.max(sequence);
+            out.push(FromAgent::FunctionsAdded(pb::FunctionsAdded {
+                count,
+                sequence,
+            }));
+        }
+    }
+
+    /// The sites of objects unloaded since (`dlclose`): the installer forgets them and
+    /// the server is told (`FunctionsRemoved`).
+    fn removed(&mut self, out: &mut Vec<FromAgent>) {
+        let sites = self.catalogue.take_removed();
+        if sites.is_empty() {
+            return;
+        }
+        self.installer.forget_sites(&sites);
+        out.push(FromAgent::FunctionsRemoved(pb::FunctionsRemoved { sites }));
+    }
+
     /// Final flush at exit: counts and events still in rings.
     pub(crate) fn final_flush(&mut self) -> Vec<FromAgent> {
         let mut out = Vec::new();
@@ -142,7 +175,11 @@ impl link::Handler for Runtime {
     fn message(&mut self, msg: ToAgent, out: &mut Vec<FromAgent>) {
         match msg {
             ToAgent::ListFunctions(l) => {
-                out.push(FromAgent::FunctionList(self.catalogue.list(l)));
+                let list = self.catalogue.list(l);
+                // Sites of unloaded objects go first: the list may name an object
+                // mapped at their addresses since.
+                self.removed(out);
+                out.push(FromAgent::FunctionList(list));
             }
             ToAgent::Install(i) => {
                 self.catalogue.discover_if_needed();
@@ -166,8 +203,14 @@ impl link::Handler for Runtime {
                 self.observe(out);
             }
             ToAgent::Expedite(_) => self.observe(out),
+            // Every install before it was applied (stream order): wake the waiters.
+            ToAgent::Covered(c) => loads::covered(c.sequence),
             ToAgent::Welcome(_) | ToAgent::Shutdown(_) => {}
         }
+    }
+
+    fn loaded(&mut self, out: &mut Vec<FromAgent>) {
+        self.announce_loaded(out);
     }
 
     fn tick(&mut self, connected: bool, out: &mut Vec<FromAgent>) {
@@ -180,13 +223,13 @@ impl link::Handler for Runtime {
         self.installer.retry_removes(&mut self.grace, out);
         self.observe(out);
         // Objects loaded (dlopen) since the last discovery: discover them, and have the
-        // server extend the tracers meant for this process to their functions.
-        self.catalogue.discover_loaded_since();
+        // server extend the tracers meant for this process to their functions (the
+        // fallback when `dlopen` is not interposed, or was called by the agent).
         if connected {
-            let count = self.catalogue.take_unannounced();
-            if count > 0 {
-                out.push(FromAgent::FunctionsAdded(pb::FunctionsAdded { count }));
-            }
+            self.announce_loaded(out);
+        } else {
+            self.catalogue.discover_loaded_since();
+            self.removed(out);
         }
         let every = self.session.flush_interval();
         self.reporter

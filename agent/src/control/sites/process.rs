@@ -13,7 +13,7 @@ use object::{Endianness, Object, elf};
 use super::elf::{analyze_link_time, rebase};
 use super::ffi::{self, LoadSegment, PhdrInfo};
 use super::{FunctionSite, SitesError};
-use crate::sys::procfs::{Mapping, read_maps};
+use crate::sys::procfs::{Mapping, read_maps_containing};
 
 /// One object loaded in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,12 @@ pub struct Discoverer {
     unbacked: HashSet<u64>,
     loaded: Vec<LoadedObject>,
     skipped: Vec<SkippedObject>,
+    /// The file of every load scanned by the last call, by (bias, loader's name), and
+    /// the loader's unload counter then: while nothing was unloaded since, a load
+    /// seen before is the same object and its file is not opened again (a `dlopen`
+    /// reads only the new objects).
+    known: HashMap<(u64, Vec<u8>), FileKey>,
+    subs_seen: Option<u64>,
 }
 
 impl Discoverer {
@@ -86,6 +92,14 @@ impl Discoverer {
         self.scan(false)
     }
 
+    /// Forgets the load at `bias` (its object was unloaded): an object loaded there
+    /// again is new to the next [`Self::discover_new`], even if no scan saw it absent.
+    pub fn forget(&mut self, bias: u64) {
+        self.scanned.retain(|(_, b)| *b != bias);
+        self.unbacked.remove(&bias);
+        self.known.retain(|(b, _), _| *b != bias);
+    }
+
     /// The objects whose sites the last call returned.
     pub fn loaded(&self) -> &[LoadedObject] {
         &self.loaded
@@ -99,19 +113,49 @@ impl Discoverer {
     fn scan(&mut self, all: bool) -> Result<Vec<FunctionSite>, SitesError> {
         self.loaded.clear();
         self.skipped.clear();
-        let maps = read_maps().unwrap_or_default();
+        // Nothing unloaded since the last call: loads seen then are the same objects.
+        let subs = ffi::load_counts().1;
+        let reuse = !all && self.subs_seen == Some(subs);
+        let mut known = HashMap::new();
+        let objects = ffi::loaded_objects();
+        // Only the mappings of the objects to read are looked up.
+        let mut probes: Vec<u64> = objects
+            .iter()
+            .filter(|o| {
+                !(reuse
+                    && (self.known.contains_key(&(o.bias, o.name.clone()))
+                        || self.unbacked.contains(&o.bias)))
+            })
+            .filter_map(|o| o.loads.first().map(|l| o.bias.wrapping_add(l.vaddr)))
+            .collect();
+        let maps = if probes.is_empty() {
+            Vec::new()
+        } else {
+            read_maps_containing(&mut probes).unwrap_or_default()
+        };
         let mut current = HashSet::new();
         let mut current_unbacked = HashSet::new();
         let mut out = Vec::new();
-        for (i, info) in ffi::loaded_objects().into_iter().enumerate() {
+        for (i, info) in objects.into_iter().enumerate() {
             let is_main = i == 0;
             let display = if info.name.is_empty() {
                 "<main>".to_owned()
             } else {
                 String::from_utf8_lossy(&info.name).into_owned()
             };
+            let id = (info.bias, info.name.clone());
+            if reuse && let Some(key) = self.known.get(&id) {
+                current.insert((key.clone(), info.bias));
+                known.insert(id, key.clone());
+                continue;
+            }
+            if reuse && self.unbacked.contains(&info.bias) {
+                current_unbacked.insert(info.bias);
+                continue;
+            }
             match self.scan_one(&info, &maps) {
                 Ok(key) => {
+                    known.insert(id, key.clone());
                     let load = (key, info.bias);
                     let fresh = all || !self.scanned.contains(&load);
                     current.insert(load.clone());
@@ -146,6 +190,8 @@ impl Discoverer {
         }
         self.scanned = current;
         self.unbacked = current_unbacked;
+        self.known = known;
+        self.subs_seen = Some(subs);
         out.sort_by_key(|s| s.address);
         Ok(out)
     }

@@ -1,0 +1,10 @@
+//! Interpositions of libc functions that run on program threads *outside* signal
+//! handlers and traced calls: unlike `hot/`, code here may allocate, lock and wait
+//! (bounded), as the functions it wraps do; unlike `control/`, it runs on the
+//! program's threads, never on the agent's. Imports `control/` (to hand work to the
+//! agent thread) and `sys/`.
+//!
+//! - [`dl`]: `dlopen`/`dlmopen`, so that a newly loaded object is covered by the
+//!   tracers meant for the process before `dlopen` returns.
+
+pub(crate) mod dl;
