@@ -54,7 +54,53 @@ pub enum Refusal {
     TargetInPatch { offset: u32 },
     #[error("re-encoding at {at:#x} failed: {why}")]
     Encode { at: u64, why: String },
+    #[error(
+        "the jump table at {table:#x} used by the indirect jump at +{offset:#x} cannot be read: {why}"
+    )]
+    JumpTable {
+        offset: u32,
+        table: u64,
+        why: String,
+    },
+    #[error("the unwind information cannot be read ({why}): landing pads unknown")]
+    UnwindInfo { why: String },
 }
+
+/// How the entries of a [`JumpTable`] give their targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableForm {
+    /// Signed 32-bit offsets from the table's own address (PIC: `lea rX,[rip+T];
+    /// movsxd rY,dword [rX+rZ*4]; add rY,rX; jmp rY`).
+    Rel32,
+    /// Absolute 64-bit addresses (non-PIC: `jmp qword [T+rZ*8]`).
+    Abs64,
+}
+
+/// A jump table recognized at an indirect `jmp`: the index is bounded by a dominating
+/// `cmp rZ,N; ja default`, so the table has exactly `entries = N + 1` entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JumpTable {
+    /// Address of the indirect `jmp`.
+    pub jump: u64,
+    /// Link-time or run-time address of the table (as the code computes it).
+    pub table: u64,
+    /// Number of entries.
+    pub entries: u32,
+    pub form: TableForm,
+}
+
+impl JumpTable {
+    /// Bytes per entry.
+    pub fn entry_size(&self) -> usize {
+        match self.form {
+            TableForm::Rel32 => 4,
+            TableForm::Abs64 => 8,
+        }
+    }
+}
+
+/// Largest switch bound accepted in a recognized jump table.
+const MAX_TABLE_ENTRIES: u64 = 1 << 16;
 
 /// The relocatable prologue of one function.
 #[derive(Debug, Clone)]
@@ -92,9 +138,27 @@ fn text(i: &Instruction) -> String {
 
 /// Analyzes the function `code` (its whole body, as long as its symbol says) loaded at
 /// `entry`. `known_targets` are other addresses control may reach in the function
-/// (exception landing pads, symbols or `.eh_frame` starts inside it): one inside the
-/// replaced bytes refuses.
+/// (exception landing pads, symbols or `.eh_frame` starts inside it, targets of its
+/// jump tables): one inside the replaced bytes refuses.
+///
+/// An indirect `jmp` is accepted only where it is a recognized jump table (see
+/// [`JumpTable`]); this function does not read tables, so the caller must include every
+/// target of every recognized table that lies inside the function in `known_targets`
+/// ([`analyze_with_tables`] reads them and returns them).
 pub fn analyze(code: &[u8], entry: u64, known_targets: &[u64]) -> Result<Prologue, Refusal> {
+    analyze_with_tables(code, entry, known_targets, &mut |_| Ok(Vec::new())).map(|(p, _)| p)
+}
+
+/// [`analyze`], reading the targets of each recognized jump table with `read_table`
+/// (a [`Refusal::JumpTable`] when it cannot). Returns the prologue and the sorted
+/// table targets strictly inside the function (after the entry), which are to be
+/// passed as known targets to [`analyze`] later to reach the same answer.
+pub fn analyze_with_tables(
+    code: &[u8],
+    entry: u64,
+    known_targets: &[u64],
+    read_table: &mut dyn FnMut(&JumpTable) -> Result<Vec<u64>, Refusal>,
+) -> Result<(Prologue, Vec<u64>), Refusal> {
     let size = code.len() as u32;
     let skip = if code.starts_with(&ENDBR64) { 4 } else { 0 };
     if size < skip + JMP_LEN {
@@ -140,6 +204,63 @@ pub fn analyze(code: &[u8], entry: u64, known_targets: &[u64]) -> Result<Prologu
     }
     let inside = |a: u64| a > patch_at && a < patch_end;
     let moved_ip = |ip: u64| ip >= patch_at && ip < patch_end;
+    let end = entry + size as u64;
+    // Every address control may reach other than by falling through: direct branch
+    // targets, the known targets, then the targets of the jump tables found.
+    let mut targets: Vec<u64> = body
+        .iter()
+        .filter(|i| is_near_branch(i))
+        .map(|i| i.near_branch_target())
+        .chain(known_targets.iter().copied())
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let mut tables = Vec::new();
+    for k in 0..body.len() {
+        if body[k].flow_control() == FlowControl::IndirectBranch && !is_got_tail_call(&body[k]) {
+            let Some(t) = jump_table(&body, k, &targets) else {
+                return Err(Refusal::IndirectJump {
+                    offset: offset(entry, body[k].ip()),
+                });
+            };
+            tables.push(t);
+        }
+    }
+    let mut table_targets = Vec::new();
+    for t in &tables {
+        for a in read_table(t)? {
+            let from = offset(entry, t.jump);
+            if inside(a) {
+                return Err(Refusal::BranchIntoPatch {
+                    from,
+                    to: offset(entry, a),
+                });
+            }
+            if a >= entry && a <= patch_at {
+                return Err(Refusal::BranchToEntry { from });
+            }
+            if a > patch_at && a < end {
+                table_targets.push(a);
+            }
+        }
+    }
+    table_targets.sort_unstable();
+    table_targets.dedup();
+    if !table_targets.is_empty() {
+        // A table's target may land inside another table's dispatch: recognize again
+        // with every target known, as `analyze` will with them among `known_targets`.
+        targets.extend(&table_targets);
+        targets.sort_unstable();
+        targets.dedup();
+        for t in &tables {
+            let k = body.iter().position(|i| i.ip() == t.jump).unwrap_or(0);
+            if jump_table(&body, k, &targets).as_ref() != Some(t) {
+                return Err(Refusal::IndirectJump {
+                    offset: offset(entry, t.jump),
+                });
+            }
+        }
+    }
     for i in &body {
         let from = offset(entry, i.ip());
         // A branch among the moved instructions to another of them is re-targeted
@@ -176,17 +297,7 @@ pub fn analyze(code: &[u8], entry: u64, known_targets: &[u64]) -> Result<Prologu
                     to: offset(entry, i.near_branch_target()),
                 });
             }
-            FlowControl::IndirectBranch => {
-                // `jmp [rip+x]` is a tail call through a GOT slot: its target is a
-                // function's entry, never bytes inside another function's prologue.
-                // Anything else (a register, an indexed table) may be a jump table.
-                let got_tail_call = i.op0_kind() == OpKind::Memory
-                    && i.memory_base() == Register::RIP
-                    && i.memory_index() == Register::None;
-                if !got_tail_call {
-                    return Err(Refusal::IndirectJump { offset: from });
-                }
-            }
+            // Indirect jumps: GOT tail calls and recognized jump tables, checked above.
             FlowControl::XbeginXabortXend
                 if i.code() == Code::Xbegin_rel32 || i.code() == Code::Xbegin_rel16 =>
             {
@@ -215,11 +326,160 @@ pub fn analyze(code: &[u8], entry: u64, known_targets: &[u64]) -> Result<Prologu
             offset: offset(entry, *t),
         });
     }
-    Ok(Prologue {
-        entry,
-        patch_at,
-        len,
-        moved,
+    Ok((
+        Prologue {
+            entry,
+            patch_at,
+            len,
+            moved,
+        },
+        table_targets,
+    ))
+}
+
+/// `jmp [rip+x]` is a tail call through a GOT slot: its target is a function's entry,
+/// never bytes inside another function's prologue.
+fn is_got_tail_call(i: &Instruction) -> bool {
+    i.op0_kind() == OpKind::Memory
+        && i.memory_base() == Register::RIP
+        && i.memory_index() == Register::None
+}
+
+/// The jump table dispatched by the indirect jump `body[k]`, when it has one of the
+/// two standard forms, bounded by `cmp rZ,N; ja` with nothing but the dispatch between
+/// (no address of `targets` inside it, so the bound holds on every path):
+///
+/// - PIC: `cmp; ja; [lea rX,[rip+T]]; [mov copies]; movsxd rY,dword [rX+rZ*4];
+///   add rY,rX; jmp rY` (the `lea` may also come right before the `cmp`);
+/// - non-PIC: `cmp; ja; [mov copies]; jmp qword [T+rZ*8]`.
+///
+/// `mov` copies between registers carry the bounded index (a 32-bit `mov` zero-extends,
+/// which keeps a value below N). Anything else is not recognized.
+fn jump_table(body: &[Instruction], k: usize, targets: &[u64]) -> Option<JumpTable> {
+    let jmp = &body[k];
+    let reg = |i: &Instruction, n: u32| i.op_register(n).full_register();
+    let is_target = |ip: u64| targets.binary_search(&ip).is_ok();
+    if jmp.code() != Code::Jmp_rm64 {
+        return None;
+    }
+    let (mut j, mut index, form, mut table, mut base) = if jmp.op0_kind() == OpKind::Register {
+        // PIC form: add rY,rX before, movsxd rY,[rX+rZ*4] before that.
+        let ry = reg(jmp, 0);
+        let add = body.get(k.checked_sub(1)?)?;
+        let rx = match add.code() {
+            Code::Add_r64_rm64 | Code::Add_rm64_r64
+                if add.op1_kind() == OpKind::Register && reg(add, 0) == ry =>
+            {
+                reg(add, 1)
+            }
+            _ => return None,
+        };
+        let ld = body.get(k.checked_sub(2)?)?;
+        if ld.code() != Code::Movsxd_r64_rm32
+            || reg(ld, 0) != ry
+            || ld.op1_kind() != OpKind::Memory
+            || ld.memory_base() != rx
+            || ld.memory_index_scale() != 4
+            || ld.memory_displacement64() != 0
+            || ld.segment_prefix() != Register::None
+            || rx == ry
+        {
+            return None;
+        }
+        let rz = ld.memory_index().full_register();
+        (k.checked_sub(3)?, rz, TableForm::Rel32, None, Some(rx))
+    } else if jmp.op0_kind() == OpKind::Memory
+        && jmp.memory_base() == Register::None
+        && jmp.memory_index_scale() == 8
+        && jmp.memory_index() != Register::None
+        && matches!(jmp.segment_prefix(), Register::None | Register::DS)
+    {
+        let t = jmp.memory_displacement64();
+        (
+            k.checked_sub(1)?,
+            jmp.memory_index().full_register(),
+            TableForm::Abs64,
+            Some(t),
+            None,
+        )
+    } else {
+        return None;
+    };
+    if index == Register::None || index == Register::RSP {
+        return None;
+    }
+    // Walk back to the `ja`, through the `lea` of the table and register copies.
+    loop {
+        let i = body.get(j)?;
+        match i.code() {
+            Code::Ja_rel8_64 | Code::Ja_rel32_64 => break,
+            Code::Lea_r64_m
+                if table.is_none()
+                    && Some(reg(i, 0)) == base
+                    && i.memory_base() == Register::RIP
+                    && i.memory_index() == Register::None =>
+            {
+                table = Some(i.memory_displacement64());
+                base = None;
+            }
+            Code::Mov_r32_rm32 | Code::Mov_rm32_r32 | Code::Mov_r64_rm64 | Code::Mov_rm64_r64
+                if i.op1_kind() == OpKind::Register =>
+            {
+                let (dst, src) = (reg(i, 0), reg(i, 1));
+                if Some(dst) == base {
+                    return None;
+                }
+                if dst == index {
+                    index = src;
+                }
+            }
+            _ => return None,
+        }
+        j = j.checked_sub(1)?;
+    }
+    // No path reaches the dispatch (after the `ja`) nor the `ja` itself other than
+    // from the `cmp`.
+    let cmp_at = j.checked_sub(1)?;
+    let cmp = &body[cmp_at];
+    if targets.iter().any(|&t| t > cmp.ip() && t <= jmp.ip()) {
+        return None;
+    }
+    let bound = match cmp.code() {
+        Code::Cmp_rm32_imm8
+        | Code::Cmp_rm32_imm32
+        | Code::Cmp_rm64_imm8
+        | Code::Cmp_rm64_imm32
+        | Code::Cmp_EAX_imm32
+        | Code::Cmp_RAX_imm32
+            if cmp.op0_kind() == OpKind::Register && reg(cmp, 0) == index =>
+        {
+            cmp.immediate(1)
+        }
+        _ => return None,
+    };
+    // A 32-bit compare bounds the low half; as compilers emit it, the upper half is zero.
+    if bound >= MAX_TABLE_ENTRIES {
+        return None;
+    }
+    if table.is_none() {
+        // `lea rX,[rip+T]` right before the `cmp`, nothing jumping between.
+        let lea = body.get(cmp_at.checked_sub(1)?)?;
+        if lea.code() != Code::Lea_r64_m
+            || Some(reg(lea, 0)) != base
+            || lea.memory_base() != Register::RIP
+            || lea.memory_index() != Register::None
+            || reg(cmp, 0) == reg(lea, 0)
+            || is_target(cmp.ip())
+        {
+            return None;
+        }
+        table = Some(lea.memory_displacement64());
+    }
+    Some(JumpTable {
+        jump: jmp.ip(),
+        table: table?,
+        entries: bound as u32 + 1,
+        form,
     })
 }
 

@@ -18,6 +18,7 @@
 //! | gcc `-fpatchable-function-entry=5` | `90 90 90 90 90` | `__patchable_function_entries` | `NopSled` |
 //! | nothing | the function's own code | `.symtab`/`.dynsym` (sized `FUNC`), `.eh_frame` | `Relocated` when its prologue can be moved, else `None` with the refusal |
 
+mod ehframe;
 mod elf;
 mod ffi;
 
@@ -33,9 +34,9 @@ use std::sync::Arc;
 pub use elf::analyze_elf;
 pub use process::{Discoverer, LoadedObject, SkippedObject, discover_all};
 
-/// Reason given for functions that carry no instrumentation at their entry.
-pub const NOT_INSTRUMENTED: &str =
-    "not instrumented: build with -pg -mfentry -mrecord-mcount or -fpatchable-function-entry=5";
+/// How the reason of an uninstrumented function whose prologue cannot be relocated
+/// starts; a [`crate::tramp::relocate::Refusal`] follows.
+pub const CANNOT_RELOCATE: &str = "cannot relocate the prologue: ";
 
 /// What is at a function's entry, which decides how it is patched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
