@@ -39,7 +39,7 @@ pub enum Refusal {
     #[error("a jump at +{from:#x} goes back to the entry: it would be counted as a call")]
     BranchToEntry { from: u32 },
     #[error(
-        "indirect jump at +{offset:#x} (a jump table or computed goto): its targets are unknown"
+        "indirect jump at +{offset:#x} that is not a recognized jump table (an indirect tail call, a computed goto or an unusual table): its targets are unknown"
     )]
     IndirectJump { offset: u32 },
     #[error("`{text}` at +{offset:#x} cannot be moved: {why}")]
@@ -205,20 +205,15 @@ pub fn analyze_with_tables(
     let inside = |a: u64| a > patch_at && a < patch_end;
     let moved_ip = |ip: u64| ip >= patch_at && ip < patch_end;
     let end = entry + size as u64;
-    // Every address control may reach other than by falling through: direct branch
-    // targets, the known targets, then the targets of the jump tables found.
-    let mut targets: Vec<u64> = body
-        .iter()
-        .filter(|i| is_near_branch(i))
-        .map(|i| i.near_branch_target())
-        .chain(known_targets.iter().copied())
-        .collect();
-    targets.sort_unstable();
-    targets.dedup();
+    // Addresses control may reach other than by falling through or a direct branch:
+    // the known targets, then also the targets of the jump tables found.
+    let mut extra: Vec<u64> = known_targets.to_vec();
+    extra.sort_unstable();
+    extra.dedup();
     let mut tables = Vec::new();
     for k in 0..body.len() {
         if body[k].flow_control() == FlowControl::IndirectBranch && !is_got_tail_call(&body[k]) {
-            let Some(t) = jump_table(&body, k, &targets) else {
+            let Some(t) = jump_table(&body, k, &extra) else {
                 return Err(Refusal::IndirectJump {
                     offset: offset(entry, body[k].ip()),
                 });
@@ -249,12 +244,12 @@ pub fn analyze_with_tables(
     if !table_targets.is_empty() {
         // A table's target may land inside another table's dispatch: recognize again
         // with every target known, as `analyze` will with them among `known_targets`.
-        targets.extend(&table_targets);
-        targets.sort_unstable();
-        targets.dedup();
+        extra.extend(&table_targets);
+        extra.sort_unstable();
+        extra.dedup();
         for t in &tables {
             let k = body.iter().position(|i| i.ip() == t.jump).unwrap_or(0);
-            if jump_table(&body, k, &targets).as_ref() != Some(t) {
+            if jump_table(&body, k, &extra).as_ref() != Some(t) {
                 return Err(Refusal::IndirectJump {
                     offset: offset(entry, t.jump),
                 });
@@ -337,6 +332,11 @@ pub fn analyze_with_tables(
     ))
 }
 
+/// `ah`, `bh`, `ch`, `dh`: bits 8..16 of their full register.
+fn is_high_byte(r: Register) -> bool {
+    matches!(r, Register::AH | Register::BH | Register::CH | Register::DH)
+}
+
 /// `jmp [rip+x]` is a tail call through a GOT slot: its target is a function's entry,
 /// never bytes inside another function's prologue.
 fn is_got_tail_call(i: &Instruction) -> bool {
@@ -354,11 +354,19 @@ fn is_got_tail_call(i: &Instruction) -> bool {
 /// - non-PIC: `cmp; ja; [mov copies]; jmp qword [T+rZ*8]`.
 ///
 /// `mov` copies between registers carry the bounded index (a 32-bit `mov` zero-extends,
-/// which keeps a value below N). Anything else is not recognized.
-fn jump_table(body: &[Instruction], k: usize, targets: &[u64]) -> Option<JumpTable> {
+/// which keeps a value below N). The only other way into the dispatch accepted is a
+/// `cmp` of the same register with a bound no larger, then `jbe` to its first
+/// instruction (gcc re-checks the index on another path). Anything else is not
+/// recognized. `extra` (sorted) are the addresses control may reach other than by
+/// direct branches.
+fn jump_table(body: &[Instruction], k: usize, extra: &[u64]) -> Option<JumpTable> {
     let jmp = &body[k];
     let reg = |i: &Instruction, n: u32| i.op_register(n).full_register();
-    let is_target = |ip: u64| targets.binary_search(&ip).is_ok();
+    let direct_target = |ip: u64| {
+        body.iter()
+            .any(|i| is_near_branch(i) && i.near_branch_target() == ip)
+    };
+    let is_target = |ip: u64| extra.binary_search(&ip).is_ok() || direct_target(ip);
     if jmp.code() != Code::Jmp_rm64 {
         return None;
     }
@@ -422,8 +430,15 @@ fn jump_table(body: &[Instruction], k: usize, targets: &[u64]) -> Option<JumpTab
                 table = Some(i.memory_displacement64());
                 base = None;
             }
-            Code::Mov_r32_rm32 | Code::Mov_rm32_r32 | Code::Mov_r64_rm64 | Code::Mov_rm64_r64
-                if i.op1_kind() == OpKind::Register =>
+            Code::Mov_r32_rm32
+            | Code::Mov_rm32_r32
+            | Code::Mov_r64_rm64
+            | Code::Mov_rm64_r64
+            | Code::Movzx_r32_rm8
+            | Code::Movzx_r64_rm8
+            | Code::Movzx_r32_rm16
+            | Code::Movzx_r64_rm16
+                if i.op1_kind() == OpKind::Register && !is_high_byte(i.op1_register()) =>
             {
                 let (dst, src) = (reg(i, 0), reg(i, 1));
                 if Some(dst) == base {
@@ -437,29 +452,65 @@ fn jump_table(body: &[Instruction], k: usize, targets: &[u64]) -> Option<JumpTab
         }
         j = j.checked_sub(1)?;
     }
-    // No path reaches the dispatch (after the `ja`) nor the `ja` itself other than
-    // from the `cmp`.
     let cmp_at = j.checked_sub(1)?;
     let cmp = &body[cmp_at];
-    if targets.iter().any(|&t| t > cmp.ip() && t <= jmp.ip()) {
-        return None;
-    }
-    let bound = match cmp.code() {
-        Code::Cmp_rm32_imm8
+    // `cmp index,N` (register, immediate): N.
+    let bound_of = |cmp: &Instruction| match cmp.code() {
+        Code::Cmp_rm8_imm8
+        | Code::Cmp_AL_imm8
+        | Code::Cmp_rm16_imm8
+        | Code::Cmp_rm16_imm16
+        | Code::Cmp_AX_imm16
+        | Code::Cmp_rm32_imm8
         | Code::Cmp_rm32_imm32
         | Code::Cmp_rm64_imm8
         | Code::Cmp_rm64_imm32
         | Code::Cmp_EAX_imm32
         | Code::Cmp_RAX_imm32
-            if cmp.op0_kind() == OpKind::Register && reg(cmp, 0) == index =>
+            if cmp.op0_kind() == OpKind::Register
+                && !is_high_byte(cmp.op0_register())
+                && reg(cmp, 0) == index =>
         {
-            cmp.immediate(1)
+            // The immediate as the compare sees it (sign-extended to the operand size,
+            // compared unsigned by `ja`): a negative one is a huge bound.
+            let bits = cmp.op0_register().size() * 8;
+            Some(cmp.immediate(1) & (u64::MAX >> (64 - bits)))
         }
-        _ => return None,
+        _ => None,
     };
-    // A 32-bit compare bounds the low half; as compilers emit it, the upper half is zero.
+    let bound = bound_of(cmp)?;
+    // A compare narrower than the index bounds its low part; as compilers emit it, the
+    // rest is zero (a `movzx` or 32-bit `mov` in the dispatch, or an earlier write).
     if bound >= MAX_TABLE_ENTRIES {
         return None;
+    }
+    // No path reaches the `ja` other than from the `cmp`, nor the dispatch other than
+    // from the `ja` or an equally guarded `jbe`.
+    let (ja_ip, dispatch) = (body[j].ip(), body[j].next_ip());
+    // With the `lea` of the table before the `cmp`, a `jbe` to the dispatch skips it.
+    let lea_before_cmp = table.is_none();
+    if extra.iter().any(|&t| t > cmp.ip() && t <= jmp.ip()) {
+        return None;
+    }
+    for (n, b) in body.iter().enumerate() {
+        if !is_near_branch(b) {
+            continue;
+        }
+        let t = b.near_branch_target();
+        if t <= cmp.ip() || t > jmp.ip() {
+            continue;
+        }
+        let guarded = t == dispatch
+            && !lea_before_cmp
+            && t != ja_ip
+            && matches!(b.code(), Code::Jbe_rel8_64 | Code::Jbe_rel32_64)
+            && !is_target(b.ip())
+            && n.checked_sub(1)
+                .and_then(|p| bound_of(&body[p]))
+                .is_some_and(|m| m <= bound);
+        if !guarded {
+            return None;
+        }
     }
     if table.is_none() {
         // `lea rX,[rip+T]` right before the `cmp`, nothing jumping between.

@@ -287,7 +287,7 @@ impl<'d> Image<'d> {
             .data
             .get(off..off + n)
             .ok_or_else(|| fail("it runs past the end of its section"))?;
-        Ok(match t.form {
+        let targets: Vec<u64> = match t.form {
             TableForm::Rel32 => bytes
                 .chunks_exact(4)
                 .map(|b| {
@@ -301,7 +301,15 @@ impl<'d> Image<'d> {
                         .ok_or_else(|| fail("an entry is relocated against another object"))
                 })
                 .collect::<Result<_, _>>()?,
-        })
+        };
+        // A table as recognized sends control to code of this object, nowhere else.
+        if targets
+            .iter()
+            .any(|&a| !self.locate(a).is_some_and(|(s, _)| s.exec))
+        {
+            return Err(fail("an entry does not point to code of this object"));
+        }
+        Ok(targets)
     }
 
     /// Whether the prologue of the function at `fa` (`size` bytes) can be relocated:
