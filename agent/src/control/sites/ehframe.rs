@@ -351,3 +351,97 @@ pub fn landing_pads(data: &[u8], base: u64, lsda: u64, func: u64) -> Result<Vec<
     }
     Ok(pads)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object::{Object, ObjectSection};
+
+    #[test]
+    fn lsda_call_sites() {
+        // lpstart omitted (= the function), no type table, uleb128 call sites:
+        // [0x10,+5) -> pad 0x30, [0x20,+4) -> no pad, [0x28,+2) -> pad 0x40.
+        let lsda = [
+            0xff, 0xff, 0x01, 12, 0x10, 0x05, 0x30, 0x00, 0x20, 0x04, 0x00, 0x00, 0x28, 0x02,
+            0x40, 0x01,
+        ];
+        assert_eq!(
+            landing_pads(&lsda, 0x9000, 0x9000, 0x1000).unwrap(),
+            [0x1030, 0x1040]
+        );
+        // udata4 call sites, type table present, at an offset in its section.
+        let mut sec = vec![0u8; 4];
+        sec.extend([0xff, 0x9b, 0x05, 0x03, 13]);
+        for v in [0x10u32, 5, 0x30] {
+            sec.extend(v.to_le_bytes());
+        }
+        sec.push(0);
+        assert_eq!(
+            landing_pads(&sec, 0x9000, 0x9004, 0x2000).unwrap(),
+            [0x2030]
+        );
+        // A call-site table that runs past its section.
+        let e = landing_pads(&lsda[..10], 0x9000, 0x9000, 0x1000).unwrap_err();
+        assert_eq!(e.what, "call-site table runs past its section");
+    }
+
+    /// FDE ranges as `readelf --debug-dump=frames` prints them (`pc=START..END`).
+    fn readelf_fdes(path: &str) -> Vec<(u64, u64)> {
+        let out = std::process::Command::new("readelf")
+            .args(["--debug-dump=frames", path])
+            .output()
+            .expect("readelf");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut v: Vec<(u64, u64)> = text
+            .lines()
+            .filter(|l| l.contains(" FDE "))
+            .filter_map(|l| {
+                let pc = l.split("pc=").nth(1)?;
+                let (a, b) = pc.split_once("..")?;
+                let a = u64::from_str_radix(a.trim(), 16).ok()?;
+                let b = u64::from_str_radix(b.trim(), 16).ok()?;
+                Some((a, b - a))
+            })
+            .filter(|&(_, len)| len != 0)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn fdes_match_readelf_and_landing_pads_fall_in_their_functions() {
+        for path in [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+        ] {
+            let data = std::fs::read(path).unwrap();
+            let file = object::File::parse(&*data).unwrap();
+            let eh = file.section_by_name(".eh_frame").unwrap();
+            let mut got = fdes(eh.data().unwrap(), eh.address()).unwrap();
+            got.sort_by_key(|f| f.start);
+            let ranges: Vec<(u64, u64)> = got.iter().map(|f| (f.start, f.len)).collect();
+            assert_eq!(ranges, readelf_fdes(path), "{path}");
+            let table = file.section_by_name(".gcc_except_table");
+            let mut pads = 0;
+            for f in got.iter().filter(|f| f.lsda.is_some()) {
+                let t = table.as_ref().expect("LSDAs live in .gcc_except_table");
+                let lsda = f.lsda.unwrap();
+                for p in landing_pads(t.data().unwrap(), t.address(), lsda, f.start).unwrap() {
+                    pads += 1;
+                    // A landing pad is code of some FDE (the function, or its cold part).
+                    assert!(
+                        got.iter().any(|g| p >= g.start && p < g.start + g.len),
+                        "{path}: pad {p:#x} of the FDE at {:#x}",
+                        f.start
+                    );
+                }
+            }
+            if path.contains("stdc++") {
+                assert!(pads > 1000, "{pads}");
+            }
+            // Most FDEs start like a function entry.
+            let entries = got.iter().filter(|f| f.entry_like).count();
+            assert!(entries * 10 > got.len() * 8, "{entries} of {}", got.len());
+        }
+    }
+}
