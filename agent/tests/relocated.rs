@@ -34,6 +34,12 @@ __attribute__((noinline)) int sw(int x) {
     default: return -1;
     }
 }
+__attribute__((cold, noinline)) void report(int x) { fprintf(stderr, "big %d\n", x); }
+__attribute__((noinline)) int framed(int x) {
+    int r = other(x) + other(x + 1);
+    if (x > 1000) { report(r); report(x + 1); return -x; }
+    return r + other(r);
+}
 __attribute__((noinline)) void wait_zero(volatile int *p) { while (*p) ; }
 /* A loop back into the replaced bytes: `mov eax,edi; 1: dec eax; test eax,eax; jnz 1b; ret`. */
 __asm__(".text\n.globl spin\n.type spin,@function\nspin:\n"
@@ -44,6 +50,7 @@ int main(int argc, char **argv) {
     int s = 0;
     for (int i = 0; i < 10; i++) s += add(i, argc) + rip_load(i) + tail(i) + cond(i * 3) + (int)collatz(i + 1) + sw(i);
     int z = 0; wait_zero(&z);
+    volatile int sink = framed(argc); (void)sink;
     printf("%d\n", s + spin(3));
     return 0;
 }
@@ -349,5 +356,54 @@ fn plain_rust_build() {
         relocated * 10 > std.len() * 8,
         "{relocated} of {}",
         std.len()
+    );
+}
+
+#[test]
+fn stripped_objects_are_reached_through_eh_frame() {
+    let o2 = build_c("O2", &["-O2"]);
+    let stripped = o2.with_file_name("O2-stripped");
+    run(Command::new("strip").arg(&o2).arg("-o").arg(&stripped));
+    let (_, full) = listing(&o2);
+    let (_, bare) = listing(&stripped);
+    // Every function of the fixture with an FDE is listed by address, with the same
+    // analysis; `spin` (assembly without CFI) has none and is not listed.
+    for name in [
+        "rip_load",
+        "tail",
+        "cond",
+        "collatz",
+        "sw",
+        "wait_zero",
+        "main",
+    ] {
+        let f = site(&full, name);
+        let unnamed = format!("O2-stripped+{:#x}", f.function_address);
+        let s = site(&bare, &unnamed);
+        assert_eq!(
+            (s.kind, &s.bytes, s.address, &s.known_targets),
+            (f.kind, &f.bytes, f.address, &f.known_targets),
+            "{name}"
+        );
+        assert_eq!(s.size, f.size, "{name}: the FDE covers the symbol");
+        assert!(s.mangled.is_empty());
+    }
+    let spin = site(&full, "spin");
+    assert!(
+        !bare
+            .iter()
+            .any(|s| s.function_address == spin.function_address)
+    );
+    // The cold part of `framed` starts mid-frame (after `push`es): not an entry. (That
+    // of `sw`, which has no frame, cannot be told from a function without its symbol.)
+    let cold = site(&full, "framed.cold");
+    let s = site(&bare, &format!("O2-stripped+{:#x}", cold.function_address));
+    assert_eq!(s.kind, SiteKind::None);
+    assert!(
+        s.reason
+            .as_deref()
+            .unwrap()
+            .contains("does not start like a function entry"),
+        "{s:?}"
     );
 }
