@@ -407,3 +407,53 @@ fn stripped_objects_are_reached_through_eh_frame() {
         "{s:?}"
     );
 }
+
+/// A plain `-O2` program with `n` small functions (as the attach target).
+fn generated(n: usize) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("relocated-fixtures/gen{n}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("gen");
+    if exe.exists() {
+        return exe;
+    }
+    let mut c = String::from("#include <stdio.h>\nint g[16];\n");
+    for i in 0..n {
+        c.push_str(&format!(
+            "__attribute__((noinline)) int f{i}(int x) {{ return x * {} + g[{}]; }}\n",
+            i + 3,
+            i % 16
+        ));
+    }
+    c.push_str("int (*const table[])(int) = {");
+    for i in 0..n {
+        c.push_str(&format!("f{i},"));
+    }
+    c.push_str(
+        "};\nint main(int argc, char **argv) {\n (void)argv; int s = 0;\n for (unsigned i = 0; i < sizeof table / sizeof *table; i++) s += table[i](argc);\n printf(\"%d\\n\", s != 0);\n return 0;\n}\n",
+    );
+    let src = dir.join("gen.c");
+    std::fs::write(&src, c).unwrap();
+    let tmp = dir.join("gen.tmp");
+    run(Command::new("gcc").arg("-O2").arg(&src).arg("-o").arg(&tmp));
+    std::fs::rename(&tmp, &exe).unwrap();
+    exe
+}
+
+#[test]
+fn ten_thousand_plain_functions() {
+    let exe = generated(10_000);
+    let data = std::fs::read(&exe).unwrap();
+    let t = std::time::Instant::now();
+    let sites = analyze_elf(&data, &exe, 0).unwrap();
+    eprintln!("{}: {} functions analyzed in {:?}", exe.display(), sites.len(), t.elapsed());
+    let generated: Vec<_> = sites
+        .iter()
+        .filter(|s| s.name.starts_with('f') && s.name[1..].parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(generated.len(), 10_000);
+    // imul eax,edi,N (3 or 6 bytes); add eax,[rip+g] (6 bytes)
+    for s in &generated {
+        assert_eq!(s.kind, SiteKind::Relocated, "{s:?}");
+        assert!(s.bytes.len() >= 5 && s.bytes.len() <= 12, "{s:?}");
+    }
+}
