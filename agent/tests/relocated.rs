@@ -445,7 +445,12 @@ fn ten_thousand_plain_functions() {
     let data = std::fs::read(&exe).unwrap();
     let t = std::time::Instant::now();
     let sites = analyze_elf(&data, &exe, 0).unwrap();
-    eprintln!("{}: {} functions analyzed in {:?}", exe.display(), sites.len(), t.elapsed());
+    eprintln!(
+        "{}: {} functions analyzed in {:?}",
+        exe.display(),
+        sites.len(),
+        t.elapsed()
+    );
     let generated: Vec<_> = sites
         .iter()
         .filter(|s| s.name.starts_with('f') && s.name[1..].parse::<u32>().is_ok())
