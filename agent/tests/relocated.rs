@@ -45,13 +45,21 @@ __attribute__((noinline)) void wait_zero(volatile int *p) { while (*p) ; }
 __asm__(".text\n.globl spin\n.type spin,@function\nspin:\n"
         "\tmov %edi,%eax\n1:\tdec %eax\n\ttest %eax,%eax\n\tjnz 1b\n\tret\n.size spin,.-spin\n");
 int spin(int);
+/* Another function jumps into the prologue of `entered` (as glibc's mempcpy does into
+   memmove): `mov eax,edi; add eax,1; add eax,2; ret`, and `jumper` goes to +2. */
+__asm__(".text\n.globl entered\n.type entered,@function\nentered:\n"
+        "\tmov %edi,%eax\n\tadd $1,%eax\n\tadd $2,%eax\n\tret\n.size entered,.-entered\n"
+        ".globl jumper\n.type jumper,@function\njumper:\n"
+        "\tmov $7,%edi\n\tmov %edi,%eax\n\tjmp entered+2\n.size jumper,.-jumper\n");
+int entered(int);
+int jumper(void);
 int main(int argc, char **argv) {
     (void)argv;
     int s = 0;
     for (int i = 0; i < 10; i++) s += add(i, argc) + rip_load(i) + tail(i) + cond(i * 3) + (int)collatz(i + 1) + sw(i);
     int z = 0; wait_zero(&z);
     volatile int sink = framed(argc); (void)sink;
-    printf("%d\n", s + spin(3));
+    printf("%d\n", s + spin(3) + entered(1) + jumper() - 14);
     return 0;
 }
 "#;
@@ -241,6 +249,15 @@ fn plain_gcc_builds() {
     for (name, want) in &expect {
         assert_eq!(&outcome(&sites, name), want, "-O2 {name}");
     }
+    // A jump from another function into the replaced bytes.
+    assert_eq!(
+        outcome(&sites, "entered"),
+        Err(format!(
+            "{CUT}control may enter at +0x2, inside the replaced bytes (another symbol, a landing pad, a jump-table target, a jump from another function or a taken address)"
+        ))
+    );
+    // mov edi,7 (5 bytes); the jump into `entered` stays
+    assert_eq!(outcome(&sites, "jumper"), Ok((0, 5)));
     // The replaced bytes are the file's.
     let sw = site(&sites, "sw");
     assert_eq!(bytes_at(&data, sw.address, 9), sw.bytes);

@@ -50,7 +50,9 @@ pub enum Refusal {
     },
     #[error("an instruction at +{from:#x} reads or writes the replaced bytes (+{to:#x})")]
     TouchesPatch { from: u32, to: u32 },
-    #[error("a landing pad or known entry at +{offset:#x} is inside the replaced bytes")]
+    #[error(
+        "control may enter at +{offset:#x}, inside the replaced bytes (another symbol, a landing pad, a jump-table target, a jump from another function or a taken address)"
+    )]
     TargetInPatch { offset: u32 },
     #[error("re-encoding at {at:#x} failed: {why}")]
     Encode { at: u64, why: String },
@@ -532,6 +534,31 @@ fn jump_table(body: &[Instruction], k: usize, extra: &[u64]) -> Option<JumpTable
         entries: bound as u32 + 1,
         form,
     })
+}
+
+/// Addresses the code at `at` may send control to, other than by falling through:
+/// direct branch and call targets outside `[at, at + code.len())` (a jump into another
+/// function), and every address taken by a RIP-relative `lea` (a label whose address
+/// may reach an indirect jump), appended to `out`. Decoding stops at the first
+/// undecodable instruction.
+pub fn outside_targets(code: &[u8], at: u64, out: &mut Vec<u64>) {
+    let end = at + code.len() as u64;
+    let mut decoder = Decoder::with_ip(64, code, at, DecoderOptions::NONE);
+    let mut i = Instruction::default();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut i);
+        if i.is_invalid() {
+            return;
+        }
+        if is_near_branch(&i) {
+            let t = i.near_branch_target();
+            if t < at || t >= end {
+                out.push(t);
+            }
+        } else if i.code() == Code::Lea_r64_m && i.is_ip_rel_memory_operand() {
+            out.push(i.ip_rel_memory_address());
+        }
+    }
 }
 
 fn is_near_branch(i: &Instruction) -> bool {

@@ -113,6 +113,8 @@ struct Image<'d> {
     /// The FDEs of `.eh_frame`, sorted by start, and every landing pad of their LSDAs
     /// (sorted); the error when they cannot be read.
     unwind: Result<Unwind, EhError>,
+    /// See [`entry_points`].
+    entry_points: Vec<u64>,
 }
 
 /// What `.eh_frame` says about an object.
@@ -120,6 +122,41 @@ struct Image<'d> {
 struct Unwind {
     fdes: Vec<ehframe::Fde>,
     pads: Vec<u64>,
+}
+
+/// Where control may enter code of the object other than at a function's entry, as
+/// seen from all of its code: jumps and calls from one function into another, labels
+/// whose address is taken (`lea` from code, `R_X86_64_RELATIVE` from data). Sorted.
+fn entry_points(image: &Image<'_>) -> Vec<u64> {
+    let mut ranges: Vec<(u64, u64)> = image
+        .funcs
+        .iter()
+        .chain(&image.ifuncs)
+        .map(|(&a, f)| (a, f.size))
+        .collect();
+    if let Ok(u) = &image.unwind {
+        ranges.extend(u.fdes.iter().map(|f| (f.start, f.len)));
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    let mut out = Vec::new();
+    for (start, size) in ranges {
+        let Some(code) = image.code_at(start) else {
+            continue;
+        };
+        let len = usize::try_from(size).map_or(code.len(), |n| n.min(code.len()));
+        relocate::outside_targets(&code[..len], start, &mut out);
+    }
+    out.extend(
+        image
+            .relocs
+            .values()
+            .filter(|r| r.r_type == elf::R_X86_64_RELATIVE)
+            .map(|r| r.addend as u64),
+    );
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 impl<'d> Image<'d> {
@@ -188,8 +225,10 @@ impl<'d> Image<'d> {
             relocs,
             entries: Vec::new(),
             unwind: Ok(Unwind::default()),
+            entry_points: Vec::new(),
         };
         image.unwind = image.read_unwind();
+        image.entry_points = entry_points(&image);
 
         let mut seen = HashSet::new();
         for (name, source) in [
@@ -241,7 +280,8 @@ impl<'d> Image<'d> {
     }
 
     /// Link-time addresses strictly inside `(fa, fa + size)` where control may arrive
-    /// other than through the entry: other symbols, FDE starts, landing pads.
+    /// other than through the entry: other symbols, FDE starts, landing pads, and
+    /// [`entry_points`] (jumps from other functions, addresses taken).
     fn known_targets(&self, fa: u64, size: u64) -> Result<Vec<u64>, Refusal> {
         let unwind = self.unwind.as_ref().map_err(|e| Refusal::UnwindInfo {
             why: format!(".eh_frame: {e}"),
@@ -260,13 +300,15 @@ impl<'d> Image<'d> {
                 .map(|f| f.start)
                 .take_while(|a| range.contains(a)),
         );
-        let from = unwind.pads.partition_point(|&p| p < range.start);
-        out.extend(
-            unwind.pads[from..]
-                .iter()
-                .copied()
-                .take_while(|a| range.contains(a)),
-        );
+        for list in [&unwind.pads, &self.entry_points] {
+            let from = list.partition_point(|&p| p < range.start);
+            out.extend(
+                list[from..]
+                    .iter()
+                    .copied()
+                    .take_while(|a| range.contains(a)),
+            );
+        }
         out.sort_unstable();
         out.dedup();
         Ok(out)
