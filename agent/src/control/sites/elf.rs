@@ -37,7 +37,7 @@ const MAX_PREFIX: u64 = 64;
 /// refusal. Functions of stripped objects that only `.eh_frame` knows are named
 /// `<file name>+0x<link-time address>`. The result is sorted by address.
 pub fn analyze_elf(data: &[u8], path: &Path, bias: u64) -> Result<Vec<FunctionSite>, SitesError> {
-    let mut sites = analyze_link_time(data, path)?;
+    let mut sites = analyze_link_time(data, path, Relocation::Analyze)?;
     rebase(&mut sites, bias);
     Ok(sites)
 }
@@ -53,9 +53,25 @@ pub(crate) fn rebase(sites: &mut [FunctionSite], bias: u64) {
     }
 }
 
+/// Whether uninstrumented functions are analyzed for prologue relocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Relocation {
+    Analyze,
+    /// The agent's own shared object: never traced, so not analyzed (listed with
+    /// [`OWN_CODE`]); its analysis would cost more than all the rest of most processes.
+    OwnCode,
+}
+
+/// Reason given for the functions of the agent's own shared object.
+pub(crate) const OWN_CODE: &str = "the agent's own code is never traced";
+
 /// [`analyze_elf`] with a bias of 0: addresses are the file's virtual addresses.
-pub(crate) fn analyze_link_time(data: &[u8], path: &Path) -> Result<Vec<FunctionSite>, SitesError> {
-    let image = Image::parse(data, path)?;
+pub(crate) fn analyze_link_time(
+    data: &[u8],
+    path: &Path,
+    relocation: Relocation,
+) -> Result<Vec<FunctionSite>, SitesError> {
+    let image = Image::parse(data, path, relocation)?;
     Ok(image.sites(path))
 }
 
@@ -115,6 +131,7 @@ struct Image<'d> {
     unwind: Result<Unwind, EhError>,
     /// See [`entry_points`].
     entry_points: Vec<u64>,
+    relocation: Relocation,
 }
 
 /// What `.eh_frame` says about an object.
@@ -160,7 +177,7 @@ fn entry_points(image: &Image<'_>) -> Vec<u64> {
 }
 
 impl<'d> Image<'d> {
-    fn parse(data: &'d [u8], path: &Path) -> Result<Self, SitesError> {
+    fn parse(data: &'d [u8], path: &Path, relocation: Relocation) -> Result<Self, SitesError> {
         let parse_err = |e: object::Error| SitesError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
@@ -226,9 +243,12 @@ impl<'d> Image<'d> {
             entries: Vec::new(),
             unwind: Ok(Unwind::default()),
             entry_points: Vec::new(),
+            relocation,
         };
-        image.unwind = image.read_unwind();
-        image.entry_points = entry_points(&image);
+        if relocation == Relocation::Analyze {
+            image.unwind = image.read_unwind();
+            image.entry_points = entry_points(&image);
+        }
 
         let mut seen = HashSet::new();
         for (name, source) in [
@@ -361,6 +381,16 @@ impl<'d> Image<'d> {
         fa: u64,
         size: u64,
     ) -> (SiteKind, Vec<u8>, bool, Option<String>, u64, Vec<u64>) {
+        if self.relocation == Relocation::OwnCode {
+            return (
+                SiteKind::None,
+                Vec::new(),
+                false,
+                Some(OWN_CODE.to_owned()),
+                fa,
+                Vec::new(),
+            );
+        }
         let refused = |r: Refusal, known: Vec<u64>| {
             (
                 SiteKind::None,

@@ -279,6 +279,37 @@ mod tests {
         assert_eq!(err.position, 3, "{err}");
     }
 
+    /// The installer re-runs the analysis on the code in memory with the listed known
+    /// targets: for every relocated function of this process (libc, the test binary),
+    /// it must reach the same prologue.
+    #[test]
+    fn relocated_sites_analyze_the_same_from_memory() {
+        let sites = discover_all().expect("discover");
+        let mut relocated = 0;
+        for s in sites.iter().filter(|s| s.kind == SiteKind::Relocated) {
+            // SAFETY: the function's bytes are mapped code of a loaded object for the
+            // whole test (nothing is unloaded), read only.
+            let code = unsafe {
+                std::slice::from_raw_parts(s.function_address as *const u8, s.size as usize)
+            };
+            let p = crate::tramp::relocate::analyze(code, s.function_address, &s.known_targets)
+                .unwrap_or_else(|r| panic!("{}: {r}", s.name));
+            assert_eq!(p.patch_at, s.address, "{}", s.name);
+            assert_eq!(p.len as usize, s.bytes.len(), "{}", s.name);
+            assert_eq!(
+                &code[(s.address - s.function_address) as usize..][..s.bytes.len()],
+                s.bytes
+            );
+            assert!(
+                s.known_targets
+                    .iter()
+                    .all(|&t| t > s.function_address && t < s.function_address + s.size)
+            );
+            relocated += 1;
+        }
+        assert!(relocated > 3000, "{relocated}");
+    }
+
     #[test]
     fn kinds() {
         assert_eq!(SiteKind::Fentry.len(), 5);
