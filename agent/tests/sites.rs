@@ -6,7 +6,7 @@ use std::process::Command;
 
 use object::{Object, ObjectSection, ObjectSegment};
 use patchbay_agent::sites::{
-    Discoverer, FunctionSite, NOT_INSTRUMENTED, SiteKind, analyze_elf, discover_all, filter,
+    Discoverer, FunctionSite, SiteKind, analyze_elf, discover_all, filter,
 };
 
 const C_SOURCE: &str = r#"
@@ -121,6 +121,17 @@ fn instrumented(data: &[u8], sites: &[FunctionSite], bias: u64) -> BTreeMap<Stri
             assert!(s.bytes.is_empty(), "{s:?}");
             continue;
         }
+        if s.kind == SiteKind::Relocated {
+            assert!(s.patchable, "{s:?}");
+            assert!(s.bytes.len() >= 5, "{s:?}");
+            assert_eq!(
+                file_bytes_at(data, s.address - bias, s.bytes.len()),
+                s.bytes,
+                "bytes of {}",
+                s.name
+            );
+            continue;
+        }
         assert_eq!(s.bytes.len(), s.kind.len(), "{s:?}");
         assert_eq!(
             file_bytes_at(data, s.address - bias, s.kind.len()),
@@ -148,14 +159,15 @@ fn by_name<'a>(sites: &'a [FunctionSite], name: &str) -> &'a FunctionSite {
         .unwrap_or_else(|| panic!("no function {name} in {sites:#?}"))
 }
 
-/// The fixture's own functions that carry no site are exactly the uninstrumented CRT
-/// ones (`_start`), and are listed as not patchable with the standard reason.
+/// The fixture's own functions that carry no site are the uninstrumented CRT ones
+/// (`_start`): their prologue is relocated, after the `endbr64` when there is one.
 fn assert_uninstrumented_rest(sites: &[FunctionSite]) {
     let start = by_name(sites, "_start");
-    assert_eq!(start.kind, SiteKind::None);
-    assert!(!start.patchable);
-    assert_eq!(start.reason.as_deref(), Some(NOT_INSTRUMENTED));
+    assert_eq!(start.kind, SiteKind::Relocated, "{start:?}");
+    assert!(start.patchable);
+    assert_eq!(start.reason, None);
     assert!(start.size > 0);
+    assert!(start.bytes.len() >= 5);
 }
 
 #[test]
@@ -319,16 +331,27 @@ fn gcc_patchable_function_entry_is_a_nop_sled() {
 
 #[test]
 fn no_instrumentation() {
-    // (d) a plain build: every function is listed, none is patchable.
+    // (d) a plain build: every function is listed, and relocated unless refused
+    // (relocated.rs checks the kinds and refusals of plain builds in detail).
     let exe = build_c("plain", &["-O2"], &[]);
     let (data, sites) = analyze(&exe, 0);
     assert!(instrumented(&data, &sites, 0).is_empty());
-    for name in ENTRY_FUNCTIONS.iter().chain(&["_start"]) {
+    for name in ["main", "_start", "mul"] {
         let s = by_name(&sites, name);
-        assert_eq!(s.kind, SiteKind::None);
-        assert!(!s.patchable);
-        assert_eq!(s.reason.as_deref(), Some(NOT_INSTRUMENTED));
+        assert_eq!(s.kind, SiteKind::Relocated, "{s:?}");
+        assert!(s.patchable);
     }
+    // mul: `mov eax,edi; imul eax,esi` (2 + 3 bytes) move; `ret` stays.
+    assert_eq!(by_name(&sites, "mul").bytes.len(), 5);
+    // add is 4 bytes (`lea eax,[rdi+rsi]; ret`), too short for the jump.
+    let s = by_name(&sites, "add");
+    assert_eq!(s.kind, SiteKind::None, "{s:?}");
+    assert_eq!(
+        s.reason.as_deref(),
+        Some(
+            "cannot relocate the prologue: function is 4 bytes after its entry marker, shorter than the 5-byte jump"
+        )
+    );
     // Only functions with a size are listed.
     assert!(sites.iter().all(|s| s.size > 0));
     assert!(!sites.iter().any(|s| s.name == "_init"));
@@ -383,10 +406,10 @@ fn rust_patchable_function_entry() {
         inst.get("std::rt::lang_start::<()>::{closure#0}"),
         Some(&SiteKind::Nop5)
     );
-    // Precompiled std is not instrumented.
+    // Precompiled std is not instrumented: its prologues are relocated.
     let print = by_name(&sites, "std::io::stdio::_print");
-    assert_eq!(print.kind, SiteKind::None);
-    assert!(!print.patchable);
+    assert_eq!(print.kind, SiteKind::Relocated, "{print:?}");
+    assert!(print.patchable);
 
     let matched = filter(&sites, "fixture::module::*").unwrap();
     let mut names: Vec<_> = matched.iter().map(|s| s.name.as_str()).collect();
@@ -418,7 +441,11 @@ fn this_process() {
         .filter(|s| *s.object == *libc_obj.path)
         .collect();
     assert!(libc_sites.len() > 500, "{}", libc_sites.len());
-    assert!(libc_sites.iter().all(|s| s.kind == SiteKind::None));
+    assert!(
+        libc_sites
+            .iter()
+            .all(|s| matches!(s.kind, SiteKind::None | SiteKind::Relocated))
+    );
     // The bias is right: the listed address of malloc is the real one.
     let malloc = libc_sites
         .iter()

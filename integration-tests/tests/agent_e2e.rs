@@ -76,7 +76,7 @@ async fn exact_counts_rust() {
 /// into a 5-byte nop + a 1-byte nop and patches the first 5 bytes.
 #[tokio::test]
 async fn exact_counts_pie_got_fentry() {
-    exact_counts(Build::PieGot, SiteKind::Fentry).await;
+    exact_counts(Build::PieGot, SiteKind::FentryGot).await;
 }
 
 // -------------------------------------------------- attach/detach under load

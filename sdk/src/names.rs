@@ -18,14 +18,17 @@ pub fn callback_kind(kind: i32) -> &'static str {
     }
 }
 
-/// `fentry`, `nop5`, `nop_sled`, `relocated` (or `unknown`).
+/// `fentry`, `fentry-got`, `nop5`, `nop-sled`, `relocated`, `none` (no site; or
+/// `unknown`), as the agent names them.
 pub fn site_kind(kind: i32) -> &'static str {
     match SiteKind::try_from(kind) {
         Ok(SiteKind::Fentry) => "fentry",
+        Ok(SiteKind::FentryGot) => "fentry-got",
         Ok(SiteKind::Nop5) => "nop5",
-        Ok(SiteKind::NopSled) => "nop_sled",
+        Ok(SiteKind::NopSled) => "nop-sled",
         Ok(SiteKind::Relocated) => "relocated",
-        Ok(SiteKind::Unspecified) | Err(_) => "unknown",
+        Ok(SiteKind::Unspecified) => "none",
+        Err(_) => "unknown",
     }
 }
 
@@ -91,8 +94,10 @@ mod tests {
         assert_eq!(callback_kind(CallbackKind::Custom as i32), "custom");
         assert_eq!(callback_kind(0), "unspecified");
         assert_eq!(callback_kind(99), "unknown");
-        assert_eq!(site_kind(SiteKind::NopSled as i32), "nop_sled");
-        assert_eq!(site_kind(0), "unknown");
+        assert_eq!(site_kind(SiteKind::NopSled as i32), "nop-sled");
+        assert_eq!(site_kind(SiteKind::FentryGot as i32), "fentry-got");
+        assert_eq!(site_kind(0), "none");
+        assert_eq!(site_kind(99), "unknown");
         assert_eq!(trampoline_state(TrampolineState::Live as i32), "live");
         assert_eq!(trampoline_state(TrampolineState::Retired as i32), "retired");
         assert_eq!(

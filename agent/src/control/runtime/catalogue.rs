@@ -264,7 +264,8 @@ impl Catalogue {
                             object: f.object.display().to_string(),
                             patchable: f.patchable,
                             site_kind: match f.kind {
-                                SiteKind::Fentry | SiteKind::FentryGot => pb::SiteKind::Fentry,
+                                SiteKind::Fentry => pb::SiteKind::Fentry,
+                                SiteKind::FentryGot => pb::SiteKind::FentryGot,
                                 SiteKind::Nop5 => pb::SiteKind::Nop5,
                                 SiteKind::NopSled => pb::SiteKind::NopSled,
                                 SiteKind::Relocated => pb::SiteKind::Relocated,

@@ -121,6 +121,10 @@ fn resolve_sites(
     let mut sites: Vec<u64> = Vec::new();
     for s in &i.sites {
         match catalogue.get(s.address) {
+            Some(f) if f.kind == SiteKind::Relocated => skipped.push(pb::SiteError {
+                site: Some(s.clone()),
+                reason: "relocated prologues are not installed yet".into(),
+            }),
             Some(f) if f.patchable => sites.push(s.address),
             Some(f) => skipped.push(pb::SiteError {
                 site: Some(s.clone()),

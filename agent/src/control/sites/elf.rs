@@ -11,8 +11,10 @@ use object::{
     RelocationTarget,
 };
 
-use super::{FunctionSite, NOT_INSTRUMENTED, SiteKind, SitesError};
+use super::ehframe::{self, EhError};
+use super::{CANNOT_RELOCATE, FunctionSite, SiteKind, SitesError};
 use crate::control::demangle::demangle;
+use crate::tramp::relocate::{self, JumpTable, Refusal, TableForm};
 
 /// Names of the profiling hooks whose calls gcc records in `__mcount_loc`.
 const FENTRY_NAMES: &[&str] = &["__fentry__", "mcount", "_mcount", "__mcount"];
@@ -30,9 +32,12 @@ const MAX_PREFIX: u64 = 64;
 /// read from the file with the dynamic relocations that target them applied
 /// (`R_X86_64_RELATIVE`, and `R_X86_64_64` against a defined symbol): bfd ld stores
 /// the value in the section as well, lld leaves zeros there. Functions with no site
-/// are listed as [`SiteKind::None`], not patchable. The result is sorted by address.
+/// are analyzed for prologue relocation (`tramp::relocate`): [`SiteKind::Relocated`]
+/// when their first instructions can be moved, else [`SiteKind::None`] with the
+/// refusal. Functions of stripped objects that only `.eh_frame` knows are named
+/// `<file name>+0x<link-time address>`. The result is sorted by address.
 pub fn analyze_elf(data: &[u8], path: &Path, bias: u64) -> Result<Vec<FunctionSite>, SitesError> {
-    let mut sites = analyze_link_time(data, path)?;
+    let mut sites = analyze_link_time(data, path, Relocation::Analyze)?;
     rebase(&mut sites, bias);
     Ok(sites)
 }
@@ -42,12 +47,31 @@ pub(crate) fn rebase(sites: &mut [FunctionSite], bias: u64) {
     for s in sites {
         s.address = s.address.wrapping_add(bias);
         s.function_address = s.function_address.wrapping_add(bias);
+        for t in &mut s.known_targets {
+            *t = t.wrapping_add(bias);
+        }
     }
 }
 
+/// Whether uninstrumented functions are analyzed for prologue relocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Relocation {
+    Analyze,
+    /// The agent's own shared object: never traced, so not analyzed (listed with
+    /// [`OWN_CODE`]); its analysis would cost more than all the rest of most processes.
+    OwnCode,
+}
+
+/// Reason given for the functions of the agent's own shared object.
+pub(crate) const OWN_CODE: &str = "the agent's own code is never traced";
+
 /// [`analyze_elf`] with a bias of 0: addresses are the file's virtual addresses.
-pub(crate) fn analyze_link_time(data: &[u8], path: &Path) -> Result<Vec<FunctionSite>, SitesError> {
-    let image = Image::parse(data, path)?;
+pub(crate) fn analyze_link_time(
+    data: &[u8],
+    path: &Path,
+    relocation: Relocation,
+) -> Result<Vec<FunctionSite>, SitesError> {
+    let image = Image::parse(data, path, relocation)?;
     Ok(image.sites(path))
 }
 
@@ -97,13 +121,63 @@ struct Section<'d> {
 struct Image<'d> {
     sections: Vec<Section<'d>>,
     funcs: BTreeMap<u64, Func>,
+    /// `STT_GNU_IFUNC` symbols (their resolvers) by address, where no function symbol is.
+    ifuncs: BTreeMap<u64, Func>,
     relocs: HashMap<u64, Reloc>,
     /// (address, source) of every table entry, in table order, deduplicated.
     entries: Vec<(u64, Source)>,
+    /// The FDEs of `.eh_frame`, sorted by start, and every landing pad of their LSDAs
+    /// (sorted); the error when they cannot be read.
+    unwind: Result<Unwind, EhError>,
+    /// See [`entry_points`].
+    entry_points: Vec<u64>,
+    relocation: Relocation,
+}
+
+/// What `.eh_frame` says about an object.
+#[derive(Default)]
+struct Unwind {
+    fdes: Vec<ehframe::Fde>,
+    pads: Vec<u64>,
+}
+
+/// Where control may enter code of the object other than at a function's entry, as
+/// seen from all of its code: jumps and calls from one function into another, labels
+/// whose address is taken (`lea` from code, `R_X86_64_RELATIVE` from data). Sorted.
+fn entry_points(image: &Image<'_>) -> Vec<u64> {
+    let mut ranges: Vec<(u64, u64)> = image
+        .funcs
+        .iter()
+        .chain(&image.ifuncs)
+        .map(|(&a, f)| (a, f.size))
+        .collect();
+    if let Ok(u) = &image.unwind {
+        ranges.extend(u.fdes.iter().map(|f| (f.start, f.len)));
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    let mut out = Vec::new();
+    for (start, size) in ranges {
+        let Some(code) = image.code_at(start) else {
+            continue;
+        };
+        let len = usize::try_from(size).map_or(code.len(), |n| n.min(code.len()));
+        relocate::outside_targets(&code[..len], start, &mut out);
+    }
+    out.extend(
+        image
+            .relocs
+            .values()
+            .filter(|r| r.r_type == elf::R_X86_64_RELATIVE)
+            .map(|r| r.addend as u64),
+    );
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 impl<'d> Image<'d> {
-    fn parse(data: &'d [u8], path: &Path) -> Result<Self, SitesError> {
+    fn parse(data: &'d [u8], path: &Path, relocation: Relocation) -> Result<Self, SitesError> {
         let parse_err = |e: object::Error| SitesError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
@@ -158,14 +232,23 @@ impl<'d> Image<'d> {
             });
         }
 
-        let funcs = collect_functions(&file, &exec_index);
+        let (funcs, mut ifuncs) = collect_functions(&file, &exec_index);
+        ifuncs.retain(|a, _| !funcs.contains_key(a));
         let relocs = collect_relocations(&file);
         let mut image = Image {
             sections,
             funcs,
+            ifuncs,
             relocs,
             entries: Vec::new(),
+            unwind: Ok(Unwind::default()),
+            entry_points: Vec::new(),
+            relocation,
         };
+        if relocation == Relocation::Analyze {
+            image.unwind = image.read_unwind();
+            image.entry_points = entry_points(&image);
+        }
 
         let mut seen = HashSet::new();
         for (name, source) in [
@@ -189,6 +272,168 @@ impl<'d> Image<'d> {
             }
         }
         Ok(image)
+    }
+
+    /// FDEs and landing pads from `.eh_frame` and `.gcc_except_table` (none when the
+    /// object has no `.eh_frame`).
+    fn read_unwind(&self) -> Result<Unwind, EhError> {
+        let mut u = Unwind::default();
+        for s in self.sections.iter().filter(|s| s.name == ".eh_frame") {
+            u.fdes.extend(ehframe::fdes(s.data, s.address)?);
+        }
+        u.fdes.sort_by_key(|f| f.start);
+        for f in &u.fdes {
+            if let Some(lsda) = f.lsda {
+                let Some((sec, _)) = self.locate(lsda) else {
+                    return Err(EhError {
+                        what: "LSDA outside the object's sections",
+                        at: lsda,
+                    });
+                };
+                u.pads
+                    .extend(ehframe::landing_pads(sec.data, sec.address, lsda, f.start)?);
+            }
+        }
+        u.pads.sort_unstable();
+        u.pads.dedup();
+        Ok(u)
+    }
+
+    /// Link-time addresses strictly inside `(fa, fa + size)` where control may arrive
+    /// other than through the entry: other symbols, FDE starts, landing pads, and
+    /// [`entry_points`] (jumps from other functions, addresses taken).
+    fn known_targets(&self, fa: u64, size: u64) -> Result<Vec<u64>, Refusal> {
+        let unwind = self.unwind.as_ref().map_err(|e| Refusal::UnwindInfo {
+            why: format!(".eh_frame: {e}"),
+        })?;
+        let range = fa + 1..fa.saturating_add(size);
+        let mut out: Vec<u64> = self
+            .funcs
+            .range(range.clone())
+            .map(|(&a, _)| a)
+            .chain(self.ifuncs.range(range.clone()).map(|(&a, _)| a))
+            .collect();
+        let from = unwind.fdes.partition_point(|f| f.start < range.start);
+        out.extend(
+            unwind.fdes[from..]
+                .iter()
+                .map(|f| f.start)
+                .take_while(|a| range.contains(a)),
+        );
+        for list in [&unwind.pads, &self.entry_points] {
+            let from = list.partition_point(|&p| p < range.start);
+            out.extend(
+                list[from..]
+                    .iter()
+                    .copied()
+                    .take_while(|a| range.contains(a)),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The targets of a jump table, read from the file (relocations applied).
+    fn table_targets(&self, t: &JumpTable, entry: u64) -> Result<Vec<u64>, Refusal> {
+        let fail = |why: &str| Refusal::JumpTable {
+            offset: t.jump.wrapping_sub(entry) as u32,
+            table: t.table,
+            why: why.to_owned(),
+        };
+        let n = t.entries as usize * t.entry_size();
+        let (sec, off) = self
+            .locate(t.table)
+            .ok_or_else(|| fail("not in a section of the file"))?;
+        let bytes = sec
+            .data
+            .get(off..off + n)
+            .ok_or_else(|| fail("it runs past the end of its section"))?;
+        let targets: Vec<u64> = match t.form {
+            TableForm::Rel32 => bytes
+                .chunks_exact(4)
+                .map(|b| {
+                    let d = i32::from_le_bytes(b.try_into().unwrap());
+                    t.table.wrapping_add(d as i64 as u64)
+                })
+                .collect(),
+            TableForm::Abs64 => (0..t.entries as u64)
+                .map(|i| {
+                    self.table_value(t.table + 8 * i)
+                        .ok_or_else(|| fail("an entry is relocated against another object"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        // A table as recognized sends control to code of this object, nowhere else.
+        if targets
+            .iter()
+            .any(|&a| !self.locate(a).is_some_and(|(s, _)| s.exec))
+        {
+            return Err(fail("an entry does not point to code of this object"));
+        }
+        Ok(targets)
+    }
+
+    /// Whether the prologue of the function at `fa` (`size` bytes) can be relocated:
+    /// (kind, bytes, patchable, reason, site address, known targets).
+    fn relocation(
+        &self,
+        fa: u64,
+        size: u64,
+    ) -> (SiteKind, Vec<u8>, bool, Option<String>, u64, Vec<u64>) {
+        if self.relocation == Relocation::OwnCode {
+            return (
+                SiteKind::None,
+                Vec::new(),
+                false,
+                Some(OWN_CODE.to_owned()),
+                fa,
+                Vec::new(),
+            );
+        }
+        let refused = |r: Refusal, known: Vec<u64>| {
+            (
+                SiteKind::None,
+                Vec::new(),
+                false,
+                Some(format!("{CANNOT_RELOCATE}{r}")),
+                fa,
+                known,
+            )
+        };
+        let code = self.code_at(fa).unwrap_or(&[]);
+        let Ok(len) = usize::try_from(size) else {
+            return refused(
+                Refusal::PastEnd {
+                    offset: 0,
+                    size: u32::MAX,
+                },
+                Vec::new(),
+            );
+        };
+        if code.len() < len {
+            let r = Refusal::PastEnd {
+                offset: code.len() as u32,
+                size: size as u32,
+            };
+            return refused(r, Vec::new());
+        }
+        let mut known = match self.known_targets(fa, size) {
+            Ok(k) => k,
+            Err(r) => return refused(r, Vec::new()),
+        };
+        let mut read = |t: &JumpTable| self.table_targets(t, fa);
+        match relocate::analyze_with_tables(&code[..len], fa, &known, &mut read) {
+            Ok((p, table_targets)) => {
+                known.extend(table_targets);
+                known.sort_unstable();
+                known.dedup();
+                let skip = (p.patch_at - fa) as usize;
+                let bytes = code[skip..skip + p.len as usize].to_vec();
+                (SiteKind::Relocated, bytes, true, None, p.patch_at, known)
+            }
+            Err(r) => refused(r, known),
+        }
     }
 
     /// The section holding `addr`, and the offset of `addr` in it.
@@ -410,13 +655,44 @@ impl<'d> Image<'d> {
             let (name, mangled, aliases) = names_of(f);
             // gcc splits cold paths into `f.cold` symbols typed as functions: they are
             // jumped into from `f`, never called.
-            let reason = if is_cold_part(&mangled) {
-                format!(
+            let (kind, bytes, patchable, reason, address, known_targets) = if is_cold_part(&mangled)
+            {
+                let reason = format!(
                     "{name} is a cold part split off a function by the compiler, not a function entry"
+                );
+                (
+                    SiteKind::None,
+                    Vec::new(),
+                    false,
+                    Some(reason),
+                    fa,
+                    Vec::new(),
                 )
             } else {
-                NOT_INSTRUMENTED.to_owned()
+                self.relocation(fa, f.size)
             };
+            out.push(FunctionSite {
+                name,
+                mangled,
+                aliases,
+                address,
+                function_address: fa,
+                size: f.size,
+                object: object.clone(),
+                kind,
+                bytes,
+                patchable,
+                reason,
+                known_targets,
+            });
+        }
+
+        // Indirect functions: the symbol is the resolver's.
+        for (&fa, f) in &self.ifuncs {
+            let (name, mangled, aliases) = names_of(f);
+            let reason = format!(
+                "{name} is a GNU indirect function (STT_GNU_IFUNC): its symbol is the resolver, run once at load time; the implementation it selects is listed under its own name or address"
+            );
             out.push(FunctionSite {
                 name,
                 mangled,
@@ -432,8 +708,63 @@ impl<'d> Image<'d> {
                 known_targets: Vec::new(),
             });
         }
+
+        // Functions only `.eh_frame` knows (stripped objects): an FDE that starts
+        // outside every symbol's range.
+        if let Ok(unwind) = &self.unwind {
+            let listed: HashSet<u64> = out.iter().map(|s| s.function_address).collect();
+            for fde in &unwind.fdes {
+                let fa = fde.start;
+                if listed.contains(&fa) || self.enclosing(fa) {
+                    continue;
+                }
+                match self.locate(fa) {
+                    Some((sec, _)) if sec.exec && !sec.name.starts_with(".plt") => {}
+                    _ => continue,
+                }
+                let name = format!("{file_name}+{fa:#x}");
+                let (kind, bytes, patchable, reason, address, known_targets) = if fde.entry_like {
+                    self.relocation(fa, fde.len)
+                } else {
+                    let reason = format!(
+                        "{name} does not start like a function entry (its unwind information starts mid-frame): a part split off a function, not an entry"
+                    );
+                    (
+                        SiteKind::None,
+                        Vec::new(),
+                        false,
+                        Some(reason),
+                        fa,
+                        Vec::new(),
+                    )
+                };
+                out.push(FunctionSite {
+                    name,
+                    mangled: String::new(),
+                    aliases: Vec::new(),
+                    address,
+                    function_address: fa,
+                    size: fde.len,
+                    object: object.clone(),
+                    kind,
+                    bytes,
+                    patchable,
+                    reason,
+                    known_targets,
+                });
+            }
+        }
         out.sort_by_key(|s| (s.address, s.function_address));
         out
+    }
+
+    /// Whether `addr` is strictly inside a sized function symbol's range.
+    fn enclosing(&self, addr: u64) -> bool {
+        [&self.funcs, &self.ifuncs].iter().any(|m| {
+            m.range(..addr)
+                .next_back()
+                .is_some_and(|(&fa, f)| addr - fa < f.size)
+        })
     }
 
     /// The function a table entry belongs to, and where the entry is relative to it.
@@ -490,53 +821,51 @@ fn names_of(f: &Func) -> (String, String, Vec<String>) {
 }
 
 /// Function symbols (STT_FUNC, defined in an executable section) by address, from
-/// `.symtab`, or `.dynsym` when there is no `.symtab`. `STT_GNU_IFUNC` symbols are
-/// left out: their address is the resolver's, not the function's.
+/// `.symtab` and `.dynsym` together (a stripped object keeps only `.dynsym`; a static
+/// function is only in `.symtab`), and `STT_GNU_IFUNC` symbols apart: their address is
+/// the resolver's, not the function's.
 fn collect_functions(
     file: &ElfFile64<'_, Endianness>,
     exec_sections: &HashSet<object::SectionIndex>,
-) -> BTreeMap<u64, Func> {
+) -> (BTreeMap<u64, Func>, BTreeMap<u64, Func>) {
     let endian = file.endian();
-    let from =
-        |syms: &mut dyn Iterator<Item = object::read::elf::ElfSymbol64<'_, '_, Endianness>>| {
-            let mut funcs: BTreeMap<u64, Func> = BTreeMap::new();
-            for sym in syms {
-                let raw = sym.elf_symbol();
-                if raw.st_type() != elf::STT_FUNC {
-                    continue;
-                }
-                let Some(idx) = sym.section_index() else {
-                    continue;
-                };
-                if !exec_sections.contains(&idx) || sym.address() == 0 {
-                    continue;
-                }
-                let Ok(name) = sym.name() else { continue };
-                if name.is_empty() {
-                    continue;
-                }
-                let bind_rank = match raw.st_bind() {
-                    elf::STB_GLOBAL => 0,
-                    elf::STB_WEAK => 1,
-                    _ => 2,
-                };
-                let underscores = name.bytes().take_while(|&b| b == b'_').count();
-                let f = funcs.entry(sym.address()).or_default();
-                f.size = f.size.max(raw.st_size(endian));
-                f.names
-                    .push(((bind_rank, underscores, name.len()), name.to_owned()));
-            }
-            for f in funcs.values_mut() {
-                f.names.sort();
-                f.names.dedup_by(|a, b| a.1 == b.1);
-            }
-            funcs
+    let mut funcs: BTreeMap<u64, Func> = BTreeMap::new();
+    let mut ifuncs: BTreeMap<u64, Func> = BTreeMap::new();
+    for sym in file.symbols().chain(file.dynamic_symbols()) {
+        let raw = sym.elf_symbol();
+        let map = match raw.st_type() {
+            elf::STT_FUNC => &mut funcs,
+            elf::STT_GNU_IFUNC => &mut ifuncs,
+            _ => continue,
         };
-    let funcs = from(&mut file.symbols());
-    if !funcs.is_empty() {
-        return funcs;
+        let Some(idx) = sym.section_index() else {
+            continue;
+        };
+        if !exec_sections.contains(&idx) || sym.address() == 0 {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if name.is_empty() {
+            continue;
+        }
+        let bind_rank = match raw.st_bind() {
+            elf::STB_GLOBAL => 0,
+            elf::STB_WEAK => 1,
+            _ => 2,
+        };
+        let underscores = name.bytes().take_while(|&b| b == b'_').count();
+        let f = map.entry(sym.address()).or_default();
+        f.size = f.size.max(raw.st_size(endian));
+        f.names
+            .push(((bind_rank, underscores, name.len()), name.to_owned()));
     }
-    from(&mut file.dynamic_symbols())
+    for f in funcs.values_mut().chain(ifuncs.values_mut()) {
+        // The same name from both tables: keep its best rank.
+        f.names.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        f.names.dedup_by(|a, b| a.1 == b.1);
+        f.names.sort();
+    }
+    (funcs, ifuncs)
 }
 
 /// Dynamic relocations (`.rela.dyn`, `.rela.plt`) by the address they patch.

@@ -18,6 +18,7 @@
 //! | gcc `-fpatchable-function-entry=5` | `90 90 90 90 90` | `__patchable_function_entries` | `NopSled` |
 //! | nothing | the function's own code | `.symtab`/`.dynsym` (sized `FUNC`), `.eh_frame` | `Relocated` when its prologue can be moved, else `None` with the refusal |
 
+mod ehframe;
 mod elf;
 mod ffi;
 
@@ -33,9 +34,9 @@ use std::sync::Arc;
 pub use elf::analyze_elf;
 pub use process::{Discoverer, LoadedObject, SkippedObject, discover_all};
 
-/// Reason given for functions that carry no instrumentation at their entry.
-pub const NOT_INSTRUMENTED: &str =
-    "not instrumented: build with -pg -mfentry -mrecord-mcount or -fpatchable-function-entry=5";
+/// How the reason of an uninstrumented function whose prologue cannot be relocated
+/// starts; a [`crate::tramp::relocate::Refusal`] follows.
+pub const CANNOT_RELOCATE: &str = "cannot relocate the prologue: ";
 
 /// What is at a function's entry, which decides how it is patched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -276,6 +277,37 @@ mod tests {
         assert!(err.to_string().contains("foo["), "{err}");
         let err = filter(&[], "a***b").unwrap_err();
         assert_eq!(err.position, 3, "{err}");
+    }
+
+    /// The installer re-runs the analysis on the code in memory with the listed known
+    /// targets: for every relocated function of this process (libc, the test binary),
+    /// it must reach the same prologue.
+    #[test]
+    fn relocated_sites_analyze_the_same_from_memory() {
+        let sites = discover_all().expect("discover");
+        let mut relocated = 0;
+        for s in sites.iter().filter(|s| s.kind == SiteKind::Relocated) {
+            // SAFETY: the function's bytes are mapped code of a loaded object for the
+            // whole test (nothing is unloaded), read only.
+            let code = unsafe {
+                std::slice::from_raw_parts(s.function_address as *const u8, s.size as usize)
+            };
+            let p = crate::tramp::relocate::analyze(code, s.function_address, &s.known_targets)
+                .unwrap_or_else(|r| panic!("{}: {r}", s.name));
+            assert_eq!(p.patch_at, s.address, "{}", s.name);
+            assert_eq!(p.len as usize, s.bytes.len(), "{}", s.name);
+            assert_eq!(
+                &code[(s.address - s.function_address) as usize..][..s.bytes.len()],
+                s.bytes
+            );
+            assert!(
+                s.known_targets
+                    .iter()
+                    .all(|&t| t > s.function_address && t < s.function_address + s.size)
+            );
+            relocated += 1;
+        }
+        assert!(relocated > 3000, "{relocated}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{Endianness, Object, elf};
 
-use super::elf::{analyze_link_time, rebase};
+use super::elf::{Relocation, analyze_link_time, rebase};
 use super::ffi::{self, LoadSegment, PhdrInfo};
 use super::{FunctionSite, SitesError};
 use crate::sys::procfs::{Mapping, read_maps_containing};
@@ -136,8 +136,21 @@ impl Discoverer {
         let mut current = HashSet::new();
         let mut current_unbacked = HashSet::new();
         let mut out = Vec::new();
+        // The agent's own code, to tell its shared object (LD_PRELOADed) from the others.
+        let own = Discoverer::new as fn() -> Self as usize as u64;
         for (i, info) in objects.into_iter().enumerate() {
             let is_main = i == 0;
+            // When the agent is linked into the executable, its code is told apart by
+            // name (the catalogue); the executable's own functions are analyzed.
+            let relocation = if !is_main
+                && info.loads.iter().any(|l| {
+                    let start = info.bias.wrapping_add(l.vaddr);
+                    own >= start && own - start < l.memsz
+                }) {
+                Relocation::OwnCode
+            } else {
+                Relocation::Analyze
+            };
             let display = if info.name.is_empty() {
                 "<main>".to_owned()
             } else {
@@ -153,7 +166,7 @@ impl Discoverer {
                 current_unbacked.insert(info.bias);
                 continue;
             }
-            match self.scan_one(&info, &maps) {
+            match self.scan_one(&info, &maps, relocation) {
                 Ok(key) => {
                     known.insert(id, key.clone());
                     let load = (key, info.bias);
@@ -198,7 +211,12 @@ impl Discoverer {
 
     /// Reads (or finds in the cache) the file of one loaded object and checks that it is
     /// the one in memory. Returns the key of its cached analysis.
-    fn scan_one(&mut self, info: &PhdrInfo, maps: &[Mapping]) -> Result<FileKey, SitesError> {
+    fn scan_one(
+        &mut self,
+        info: &PhdrInfo,
+        maps: &[Mapping],
+        relocation: Relocation,
+    ) -> Result<FileKey, SitesError> {
         let first = info
             .loads
             .first()
@@ -258,7 +276,7 @@ impl Discoverer {
         if !self.cache.contains_key(&key) {
             let mut data = Vec::with_capacity(meta.len() as usize);
             file.read_to_end(&mut data).map_err(io)?;
-            let sites = analyze_link_time(&data, &path)?;
+            let sites = analyze_link_time(&data, &path, relocation)?;
             let (loads, build_id) = file_identity(&data, &path)?;
             self.cache.insert(
                 key.clone(),

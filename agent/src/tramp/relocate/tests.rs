@@ -481,3 +481,179 @@ fn encoder_sanity() {
     e.encode(&i, 0).unwrap();
     assert_eq!(e.take_buffer(), vec![0xc3]);
 }
+
+/// `mov rbp,rsp` ×2 (the 6 replaced bytes); `cmp edi,3; ja +27; lea rdx,[rip+T];
+/// movsxd rax,[rdx+rdi*4]; add rax,rdx; jmp rax` (at +25); `ret` at +27; then `tail`.
+fn pic_switch(tail: &[u8]) -> Vec<u8> {
+    let disp = (0x1000i32 - 18).to_le_bytes();
+    asm(&[
+        b"\x48\x89\xe5\x48\x89\xe5",
+        b"\x83\xff\x03",
+        b"\x77\x10",
+        b"\x48\x8d\x15",
+        &disp,
+        b"\x48\x63\x04\xba",
+        b"\x48\x01\xd0",
+        b"\xff\xe0",
+        b"\xc3",
+        tail,
+    ])
+}
+
+const TABLE: u64 = BASE + 0x1000;
+
+#[test]
+fn jump_tables_are_recognized_and_their_targets_checked() {
+    let code = pic_switch(&[0xc3; 8]);
+    let mut seen = Vec::new();
+    let targets = [BASE + 27, BASE + 28, BASE + 29, BASE + 0x5000];
+    let (p, inside) = analyze_with_tables(&code, BASE, &[], &mut |t| {
+        seen.push(*t);
+        Ok(targets.to_vec())
+    })
+    .unwrap();
+    assert_eq!(p.len, 6);
+    assert_eq!(
+        seen,
+        [JumpTable {
+            jump: BASE + 25,
+            table: TABLE,
+            entries: 4,
+            form: TableForm::Rel32
+        }]
+    );
+    // Targets outside the function (a cold part) are not known targets.
+    assert_eq!(inside, [BASE + 27, BASE + 28, BASE + 29]);
+    // `analyze` recognizes the same table and trusts the caller for its targets.
+    assert_eq!(analyze(&code, BASE, &inside).unwrap().len, 6);
+
+    // A target in the replaced bytes, or at the entry, refuses.
+    let with = |t: Vec<u64>| analyze_with_tables(&code, BASE, &[], &mut |_| Ok(t.clone()));
+    assert_eq!(
+        with(vec![BASE + 27, BASE + 3]).unwrap_err(),
+        Refusal::BranchIntoPatch { from: 25, to: 3 }
+    );
+    assert_eq!(
+        with(vec![BASE]).unwrap_err(),
+        Refusal::BranchToEntry { from: 25 }
+    );
+    // A target inside the dispatch itself: the bound no longer holds on that path.
+    assert_eq!(
+        with(vec![BASE + 22]).unwrap_err(),
+        Refusal::IndirectJump { offset: 25 }
+    );
+    // A table that cannot be read refuses with the reader's reason.
+    let unreadable = Refusal::JumpTable {
+        offset: 25,
+        table: TABLE,
+        why: "gone".into(),
+    };
+    assert_eq!(
+        analyze_with_tables(&code, BASE, &[], &mut |_| Err(unreadable.clone())).unwrap_err(),
+        unreadable
+    );
+}
+
+#[test]
+fn jump_table_guards() {
+    // Another path into the dispatch guarded the same way: `cmp edi,2; jbe dispatch`.
+    let code = pic_switch(b"\x83\xff\x02\x76\xea\xc3");
+    assert!(analyze(&code, BASE, &[]).is_ok());
+    // A guard with a larger bound than the table's: the table could be overrun.
+    let code = pic_switch(b"\x83\xff\x09\x76\xea\xc3");
+    assert_eq!(
+        analyze(&code, BASE, &[]).unwrap_err(),
+        Refusal::IndirectJump { offset: 25 }
+    );
+    // An unguarded jump into the dispatch: `jmp dispatch`.
+    let code = pic_switch(b"\xeb\xed\xc3");
+    assert_eq!(
+        analyze(&code, BASE, &[]).unwrap_err(),
+        Refusal::IndirectJump { offset: 25 }
+    );
+    // A landing pad (known target) on the `ja`: flags from elsewhere.
+    let code = pic_switch(&[0xc3; 4]);
+    assert_eq!(
+        analyze(&code, BASE, &[BASE + 9]).unwrap_err(),
+        Refusal::IndirectJump { offset: 25 }
+    );
+    // No bound at all: `movsxd; add; jmp` alone.
+    let code = asm(&[
+        b"\x48\x89\xe5\x48\x89\xe5",
+        b"\x48\x8d\x15\x00\x10\x00\x00",
+        b"\x48\x63\x04\xba\x48\x01\xd0\xff\xe0",
+    ]);
+    assert_eq!(
+        analyze(&code, BASE, &[]).unwrap_err(),
+        Refusal::IndirectJump { offset: 20 }
+    );
+    // The index compared is not the one used: `cmp esi,3`.
+    let mut code = pic_switch(&[0xc3; 4]);
+    code[7] = 0xfe;
+    assert_eq!(
+        analyze(&code, BASE, &[]).unwrap_err(),
+        Refusal::IndirectJump { offset: 25 }
+    );
+    // An indirect tail call: `pop rbp; jmp rax`.
+    let code = asm(&[b"\x48\x89\xe5\x48\x89\xe5", b"\x5d\xff\xe0"]);
+    assert_eq!(
+        analyze(&code, BASE, &[]).unwrap_err(),
+        Refusal::IndirectJump { offset: 7 }
+    );
+}
+
+#[test]
+fn other_jump_table_forms() {
+    // 8-bit compare, then movzx: `cmp dil,3; ja; lea; movzx edi,dil; movsxd; add; jmp`.
+    let disp = (0x1000i32 - 19).to_le_bytes();
+    let code = asm(&[
+        b"\x48\x89\xe5\x48\x89\xe5",
+        b"\x40\x80\xff\x03",
+        b"\x77\x14",
+        b"\x48\x8d\x15",
+        &disp,
+        b"\x40\x0f\xb6\xff",
+        b"\x48\x63\x04\xba\x48\x01\xd0\xff\xe0",
+        b"\xc3",
+    ]);
+    let mut seen = Vec::new();
+    analyze_with_tables(&code, BASE, &[], &mut |t| {
+        seen.push(*t);
+        Ok(vec![])
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].table, seen[0].entries), (TABLE, 4));
+    // `cmp dil,-1`: the bound is 255.
+    let mut neg = code.clone();
+    neg[9] = 0xff;
+    seen.clear();
+    let _ = analyze_with_tables(&neg, BASE, &[], &mut |t| {
+        seen.push(*t);
+        Ok(vec![])
+    });
+    assert_eq!(seen[0].entries, 256);
+    // Non-PIC: `cmp edi,3; ja; jmp qword [rdi*8+0x600000]`.
+    let code = asm(&[
+        b"\x48\x89\xe5\x48\x89\xe5",
+        b"\x83\xff\x03",
+        b"\x77\x07",
+        b"\xff\x24\xfd\x00\x00\x60\x00",
+        b"\xc3",
+    ]);
+    seen.clear();
+    analyze_with_tables(&code, BASE, &[], &mut |t| {
+        seen.push(*t);
+        Ok(vec![BASE + 18])
+    })
+    .unwrap();
+    assert_eq!(
+        seen,
+        [JumpTable {
+            jump: BASE + 11,
+            table: 0x60_0000,
+            entries: 4,
+            form: TableForm::Abs64
+        }]
+    );
+}

@@ -93,22 +93,27 @@ mod tests {
 
     #[test]
     fn renders_functions_and_limit_footer() {
+        let relocated = Function {
+            site_kind: SiteKind::Relocated as i32,
+            ..f("read", true)
+        };
         let answer = ListFunctionsResponse {
-            functions: vec![f("main", true), f("tiny", false)],
+            functions: vec![f("main", true), relocated, f("tiny", false)],
             total: 5,
         };
         let text = render(&answer, 7, "*");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "ADDRESS  SITE     PATCHABLE  OBJECT  NAME  REASON"
+            "ADDRESS  SITE       PATCHABLE  OBJECT  NAME  REASON"
         );
-        assert_eq!(lines[1], "0x1000   nop5     yes        /bin/x  main");
+        assert_eq!(lines[1], "0x1000   nop5       yes        /bin/x  main");
+        assert_eq!(lines[2], "0x1000   relocated  yes        /bin/x  read");
         assert_eq!(
-            lines[2],
-            "0x1000   unknown  no         /bin/x  tiny  too short"
+            lines[3],
+            "0x1000   none       no         /bin/x  tiny  too short"
         );
-        assert!(text.ends_with("showing 2 of 5 matching functions (raise --limit to see more)\n"));
+        assert!(text.ends_with("showing 3 of 5 matching functions (raise --limit to see more)\n"));
     }
 
     #[test]
