@@ -71,6 +71,17 @@ thread_local! {
     pub static DEFERRED: Cell<u64> = const { Cell::new(0) };
 }
 
+/// [`NEST`] of the agent's own threads, raised for good when they start: the
+/// dispatcher never runs anything for a thread at depth > 1, and such a thread never
+/// claims a block (so the count and trace stubs, which find no block, send it to the
+/// dispatcher): calls made by the agent's threads are never traced.
+pub const AGENT_NEST: u64 = 1 << 32;
+
+/// Marks the calling thread as one of the agent's own (see [`AGENT_NEST`]).
+pub fn mark_agent_thread() {
+    NEST.with(|n| n.set(AGENT_NEST));
+}
+
 /// Offset of a thread-local from the thread pointer (`fs:0`), for generated code.
 /// Returns None when it is not the same in every thread (the agent was not loaded at
 /// start-up, so its TLS is dynamic).
@@ -239,6 +250,10 @@ pub fn current() -> Option<&'static Header> {
 pub fn claim(tid: u32) -> Option<&'static Header> {
     if let Some(h) = current() {
         return Some(h);
+    }
+    if nest_fast() >= AGENT_NEST {
+        // The agent's own threads never get a block (see `AGENT_NEST`).
+        return None;
     }
     let n = MAPPED.load(Ordering::Acquire);
     for b in BLOCKS.iter().take(n) {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::fixtures::*;
+use super::relocated::RelocOp;
 use super::*;
 use crate::control::drain as ring;
 use crate::control::observer::Observer;
@@ -76,14 +77,17 @@ thread_local! {
     static CUSTOM_RUNS: Cell<u64> = const { Cell::new(0) };
 }
 
+/// The site the stress test patches (its custom callback checks it).
+static STRESS_SITE: AtomicU64 = AtomicU64::new(0);
+
 /// The stress group's custom callback: checks what it is given, counts its runs, and
 /// every 4th run yields the CPU three times (a callback that sleeps): threads are often
 /// descheduled inside a dispatch, also after a quiescent-state signal was handled there
 /// (a free that does not wait for them is then caught by the descriptor check after
 /// the callback).
 fn stress_custom(ctx: &CallCtx<'_>) {
-    let site = site_of(patchbay_fx_stress as *const ());
-    if ctx.site != site as u64 || ctx.args[0] != EXPECT_ARG.get() || ctx.tid != crate::sys::tid() {
+    let site = STRESS_SITE.load(Ordering::Relaxed);
+    if ctx.site != site || ctx.args[0] != EXPECT_ARG.get() || ctx.tid != crate::sys::tid() {
         stress_fail(format!(
             "custom callback saw site {:#x} arg {} tid {}",
             ctx.site, ctx.args[0], ctx.tid
@@ -130,6 +134,22 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
     if passes_in_child("stress_patch_retarget_unpatch_free_while_threads_call") {
         return;
     }
+    stress_cycles(false);
+}
+
+/// The same for a relocated prologue (`endbr64`, then two moved instructions, one of
+/// them RIP-relative): installed over the prologue with a grace period (the real
+/// `Observer`) while the threads call, moved from thunk to thunk, restored; every
+/// result, count and event (naming the patch point) checked as above.
+#[test]
+fn stress_relocate_move_restore_free_while_threads_call() {
+    if passes_in_child("stress_relocate_move_restore_free_while_threads_call") {
+        return;
+    }
+    stress_cycles(true);
+}
+
+fn stress_cycles(reloc: bool) {
     const THREADS: usize = 4;
     // 60 cycles, or fewer (at least 20) past 3 s on a loaded machine.
     const CYCLES: usize = 60;
@@ -142,8 +162,17 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
 
     let p = patcher();
     refill_blocks(THREADS + 8);
-    let site = site_of(patchbay_fx_stress as *const ());
-    let original = bytes_at(site);
+    let rel = reloc.then(rel_stress);
+    let site = rel
+        .as_ref()
+        .map_or(site_of(patchbay_fx_stress as *const ()), |f| f.site());
+    let func: unsafe extern "C" fn(u64) -> u64 = if reloc {
+        patchbay_fx_rel_stress
+    } else {
+        patchbay_fx_stress
+    };
+    let original = bytes_n(site, rel.as_ref().map_or(5, |f| f.original.len()));
+    STRESS_SITE.store(site as u64, Ordering::Relaxed);
     let count_idx = alloc_counter();
     let dropped_idx = alloc_counter();
     let traps_before = crate::hot::trap::stats();
@@ -162,7 +191,7 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
                     let (c1, u1) = (h.counter(count_idx), CUSTOM_RUNS.get());
                     EXPECT_ARG.set(x);
                     // SAFETY: the fixture is a plain function of one u64.
-                    let r = unsafe { patchbay_fx_stress(black_box(x)) };
+                    let r = unsafe { func(black_box(x)) };
                     let p2 = PHASE.load(Ordering::SeqCst);
                     let dc = h.counter(count_idx).wrapping_sub(c1);
                     let du = CUSTOM_RUNS.get() - u1;
@@ -249,7 +278,10 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
             TRACE_STUB => vec![trace()],
             _ => vec![count(), trace(), custom(stress_custom)],
         };
-        Tramp::new(&[site], actions, kind != GENERIC)
+        match &rel {
+            Some(f) => Tramp::relocated(&[f], actions, kind != GENERIC),
+            None => Tramp::new(&[site], actions, kind != GENERIC),
+        }
     };
     let mut obs = Observer::new();
     let mut current: Option<(u64, Tramp)> = None;
@@ -272,14 +304,38 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
             let new = next.map(build);
             seq += 1;
             PHASE.store(phase(seq, from, to), Ordering::SeqCst);
-            let op = match &new {
-                Some(t) => Op::Call {
-                    site,
-                    target: t.entry(site),
-                },
-                None => Op::Nop { site },
+            let changed = if let Some(f) = &rel {
+                let op = match (&new, &current) {
+                    (Some(t), _) => RelocOp::Jump {
+                        site,
+                        thunk: t.entry(site),
+                        original: &f.original,
+                    },
+                    (None, Some((_, old))) => RelocOp::Restore {
+                        site,
+                        thunk: old.entry(site),
+                        original: &f.original,
+                    },
+                    (None, None) => unreachable!("a cycle ends with the site patched"),
+                };
+                match p.relocate(&[op], &mut || grace_period(&mut obs, &tids)) {
+                    Ok(r) => r.changed,
+                    Err(e) => {
+                        stress_fail(format!("relocate: {e}"));
+                        break 'cycles;
+                    }
+                }
+            } else {
+                let op = match &new {
+                    Some(t) => Op::Call {
+                        site,
+                        target: t.entry(site),
+                    },
+                    None => Op::Nop { site },
+                };
+                p.apply(&[op]).unwrap().changed
             };
-            assert_eq!(p.apply(&[op]).unwrap().changed, 1);
+            assert_eq!(changed, 1);
             PHASE.store(phase(seq, to, to), Ordering::SeqCst);
             let freed = current.is_some();
             if let Some((_, old)) = current.take() {
@@ -301,7 +357,14 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
         panic!("{msg}");
     }
     if let Some((_, t)) = current.take() {
-        p.apply(&t.nop_ops()).unwrap();
+        match &rel {
+            Some(f) => {
+                p.relocate(&t.restore_ops(&[f]), &mut || Ok(())).unwrap();
+            }
+            None => {
+                p.apply(&t.nop_ops()).unwrap();
+            }
+        }
         t.free(); // every caller has been joined
     }
     let counted: u64 = results.iter().map(|r| r.0).sum();
@@ -314,11 +377,13 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
         "stress: {cycles} cycles (patch, retarget, unpatch, 2 grace periods and frees; worst \
          grace period {worst_grace:?}): counted {total} = observed {counted}, {events} \
          events; {stable} calls in stable phases, {ambiguous} ambiguous; traps emulated: \
-         {} calls, {} nops, {} restarts; {} signals",
+         {} calls, {} nops and jumps, {} restarts; {} signals; {} threads moved out of \
+         the prologue",
         traps.emulated_calls - traps_before.emulated_calls,
         traps.emulated_nops - traps_before.emulated_nops,
         traps.restarted - traps_before.restarted,
         obs.signals,
+        crate::hot::stats::snapshot().reloc_exits,
     );
     assert_eq!(
         total, counted,
@@ -327,9 +392,9 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
     assert_eq!(counter_total(dropped_idx), 0, "no event dropped");
     assert!(events > 0 && stable > 0);
     assert_eq!(
-        bytes_at(site),
+        bytes_n(site, original.len()),
         original,
-        "unpatched site has its original nop"
+        "unpatched site has its original bytes"
     );
 }
 
@@ -743,12 +808,14 @@ fn recurse(_ctx: &CallCtx<'_>) {
     }
 }
 
-/// A callback that calls a traced function gets a nested dispatch (the production
-/// dispatcher has no recursion guard: the nested call runs the group again, at depth
-/// 2). A quiescent-state signal deferred inside is stamped only when the outermost
-/// dispatch leaves, not when the nested one does.
+/// A callback that calls a traced function does not trace it again: the nested call
+/// goes through the entry stub (depth 2) but the dispatcher runs nothing for a thread
+/// already inside a dispatch (no recursion: the agent and callbacks call libc, which
+/// may be traced). A quiescent-state signal deferred inside is stamped only when the
+/// outermost dispatch leaves, not when the nested one does. Fails with the guard
+/// removed (the callback runs twice, the count is 2).
 #[test]
-fn nested_dispatch_from_a_callback_stamps_only_at_the_outermost_exit() {
+fn callback_calling_a_traced_function_is_not_traced_again() {
     let p = patcher();
     let site = site_of(patchbay_fx_recurse as *const ());
     let idx = alloc_counter();
@@ -770,11 +837,11 @@ fn nested_dispatch_from_a_callback_stamps_only_at_the_outermost_exit() {
     p.apply(&t.nop_ops()).unwrap();
     t.free();
     assert_eq!(r, 7);
-    assert_eq!(RECURSE_CALLS.load(Ordering::SeqCst), 2);
+    assert_eq!(RECURSE_CALLS.load(Ordering::SeqCst), 1, "not traced again");
     assert_eq!(
         *RECURSE_SEEN.lock().unwrap(),
-        vec![(1, 1, before), (2, 2, before), (1, 1, before)],
-        "nested depth 2; no stamp before the outermost dispatch left"
+        vec![(1, 1, before), (1, 1, before)],
+        "no stamp before the outermost dispatch left"
     );
     assert!(
         h.qs_epoch.load(Ordering::Relaxed) >= e,
@@ -783,7 +850,7 @@ fn nested_dispatch_from_a_callback_stamps_only_at_the_outermost_exit() {
     assert_eq!(block::DEFERRED.with(|d| d.get()), 0);
     assert_eq!(block::NEST.with(|n| n.get()), 0);
     assert_eq!(h.nesting.load(Ordering::Relaxed), 0);
-    assert_eq!(counter_total(idx), 2);
+    assert_eq!(counter_total(idx), 1);
 }
 
 /// A dispatch through a descriptor whose trampoline was freed (its live word says
@@ -1237,4 +1304,319 @@ fn qs_handler_moves_a_thread_out_of_a_sled_in_conversion() {
     assert_eq!(run(site + 5), site + 5);
     trap::set_transition(site, Transition::Idle);
     assert_eq!(run(site + 3), site + 3);
+}
+
+// ------------------------------------------------------------ relocated prologues
+
+/// What the relocated-site callback saw: (site, args[0], args[1]).
+static REL_SEEN: Mutex<Vec<(u64, u64, u64)>> = Mutex::new(Vec::new());
+
+fn rel_record(ctx: &CallCtx<'_>) {
+    REL_SEEN
+        .lock()
+        .unwrap()
+        .push((ctx.site, ctx.args[0], ctx.args[1]));
+}
+
+/// Reads the `len` bytes at `site`.
+fn bytes_n(site: usize, len: usize) -> Vec<u8> {
+    // SAFETY: fixture code, loaded text.
+    (0..len)
+        .map(|i| unsafe { std::ptr::read_volatile((site + i) as *const u8) })
+        .collect()
+}
+
+/// A function built without instrumentation (a conditional branch among its moved
+/// instructions) through the three kinds of trampolines: installed over its prologue,
+/// moved from one thunk to the next (count stub, trace stub, generic stub with a custom
+/// callback), then restored. Counts are exact; events and callbacks name the function's
+/// site (the patch point, not the thunk) with the argument registers; the function
+/// computes the same at every stage of every protocol step (a trap at the patch point
+/// runs the thunk, or the old copy while restoring).
+#[test]
+fn relocated_site_counts_traces_and_calls_back_naming_its_function() {
+    let p = patcher();
+    let f = rel_branch();
+    let site = f.site();
+    assert_eq!(site, f.entry, "no endbr64: the patch point is the entry");
+    let call = |a: u64, b: u64| {
+        // SAFETY: plain fixture function of two u64.
+        unsafe { patchbay_fx_rel_branch(black_box(a), black_box(b)) }
+    };
+    let check = |_: Stage| {
+        assert_eq!(call(0, 9), 100);
+        assert_eq!(call(3, 4), 7);
+    };
+    let h = block::current()
+        .or_else(|| block::claim(crate::sys::tid()))
+        .expect("a thread block");
+    let idx = alloc_counter();
+    let count = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+    let mut no_thread_inside = || Ok(());
+    let r = p
+        .relocate_observed(&count.jump_ops(&[&f]), &mut no_thread_inside, &mut {
+            check
+        })
+        .unwrap();
+    assert_eq!(r.changed, 1);
+    assert_eq!(bytes_n(site, 1), [0xE9]);
+    for i in 0..1000 {
+        assert_eq!(call(i, 1), if i == 0 { 100 } else { i + 1 });
+    }
+    // Calls made at the three stages of the install (2 each), all through the thunk: after
+    // the int3 and after the tail by the trap handler, after the first byte by the jump.
+    assert_eq!(h.counter(idx), 1000 + 6);
+
+    // Moved to a trace-stub trampoline: one instruction, no grace period needed.
+    const TRACER: u64 = 0x7e1;
+    let dropped = alloc_counter();
+    let trace = Tramp::relocated(
+        &[&f],
+        vec![Action::Trace {
+            tracer: TRACER,
+            nargs: 2,
+            dropped_idx: dropped,
+        }],
+        true,
+    );
+    let mut never = || -> Result<(), String> { panic!("a move needs no grace period") };
+    ring::drain(h, |_| {});
+    p.relocate_observed(&trace.jump_ops(&[&f]), &mut never, &mut { check })
+        .unwrap();
+    let counted = h.counter(idx);
+    assert_eq!(call(0, 9), 100);
+    assert_eq!(call(5, 6), 11);
+    let mut events = Vec::new();
+    ring::drain(h, |e| events.push(e));
+    let tail: Vec<_> = events[events.len() - 2..]
+        .iter()
+        .map(|e| (e.site, e.tracer, e.nargs, e.args[0], e.args[1]))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (site as u64, TRACER, 2, 0, 9),
+            (site as u64, TRACER, 2, 5, 6)
+        ],
+        "events name the function's site and carry the arguments"
+    );
+    assert!(events.iter().all(|e| e.site == site as u64));
+    assert_eq!(
+        h.counter(idx),
+        counted,
+        "the old count stub is no longer called"
+    );
+
+    // Moved to the generic stub: the dispatcher reads the site from the thunk.
+    let generic = Tramp::relocated(&[&f], vec![custom(rel_record)], false);
+    p.relocate(&generic.jump_ops(&[&f]), &mut never).unwrap();
+    REL_SEEN.lock().unwrap().clear();
+    assert_eq!(call(8, 1), 9);
+    assert_eq!(*REL_SEEN.lock().unwrap(), [(site as u64, 8, 1)]);
+
+    // Restored: the original bytes, nothing traced any more.
+    p.relocate_observed(&generic.restore_ops(&[&f]), &mut never, &mut { check })
+        .unwrap();
+    assert_eq!(bytes_n(site, f.original.len()), f.original);
+    REL_SEEN.lock().unwrap().clear();
+    assert_eq!(call(2, 2), 4);
+    assert!(REL_SEEN.lock().unwrap().is_empty());
+    // A restore of a restored site, or a jump over bytes that are not the prologue,
+    // changes nothing.
+    assert_eq!(
+        p.relocate(&generic.restore_ops(&[&f]), &mut never)
+            .unwrap()
+            .unchanged,
+        1
+    );
+    let wrong = [0x90u8; 5];
+    assert!(matches!(
+        p.relocate(
+            &[RelocOp::Jump {
+                site,
+                thunk: count.entry(site),
+                original: &wrong
+            }],
+            &mut never
+        ),
+        Err(PatchError::NotASite { .. })
+    ));
+    assert_eq!(bytes_n(site, f.original.len()), f.original);
+    for t in [count, trace, generic] {
+        t.free(); // only this thread called, and it is outside
+    }
+}
+
+/// A thread spinning inside the replaced bytes (a loop entirely among the moved
+/// instructions) when the prologue is relocated: the grace period's quiescent-state
+/// handler moves it to the same point of the relocated copy, where it keeps spinning,
+/// and returns correctly once released. Without the move (broken by hand: `reloc_exit`
+/// answering `Outside`), the thread resumes in the `jmp`'s displacement bytes and the
+/// test fails. Runs in a child process.
+#[test]
+fn thread_spinning_inside_the_prologue_is_moved_into_the_copy() {
+    if passes_in_child("thread_spinning_inside_the_prologue_is_moved_into_the_copy") {
+        return;
+    }
+    static FLAG: AtomicU64 = AtomicU64::new(0);
+    static SEEN_PC: AtomicU64 = AtomicU64::new(0);
+    extern "C" fn where_am_i(_: libc::c_int, _: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
+        let pc =
+            unsafe { (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] };
+        SEEN_PC.store(pc as u64, Ordering::SeqCst);
+    }
+    let p = patcher();
+    let f = rel_spin();
+    assert!(f.prologue.len >= 5 && f.original.len() == 6);
+    // SAFETY: installing a plain SA_SIGINFO handler for SIGUSR2 in this child process.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = where_am_i as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spinner = std::thread::spawn(move || {
+        block::claim(crate::sys::tid()).expect("a thread block");
+        tx.send(crate::sys::tid()).unwrap();
+        // SAFETY: the fixture reads the byte `FLAG` points to (its low byte).
+        unsafe { patchbay_fx_rel_spin(FLAG.as_ptr().cast()) }
+    });
+    let tid = rx.recv().unwrap();
+    // Wait until the thread is seen strictly inside the replaced bytes.
+    let end = deadline(10);
+    let inside = f.site() + 1..f.site() + f.original.len();
+    loop {
+        SEEN_PC.store(0, Ordering::SeqCst);
+        // SAFETY: a signal to a thread of this process, whose handler is installed.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };
+        while SEEN_PC.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < end, "the thread never answered");
+            std::thread::yield_now();
+        }
+        if inside.contains(&(SEEN_PC.load(Ordering::SeqCst) as usize)) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the thread never spun inside the prologue"
+        );
+    }
+    let idx = alloc_counter();
+    let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+    let tids: BTreeSet<u32> = [tid].into();
+    let mut obs = Observer::new();
+    let moved_before = crate::hot::stats::snapshot().reloc_exits;
+    p.relocate(&t.jump_ops(&[&f]), &mut || grace_period(&mut obs, &tids))
+        .unwrap();
+    assert_eq!(
+        crate::hot::stats::snapshot().reloc_exits - moved_before,
+        1,
+        "the spinning thread was moved"
+    );
+    // It spins on in the copy: seen in trampoline memory, never in the original bytes.
+    for _ in 0..20 {
+        SEEN_PC.store(0, Ordering::SeqCst);
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };
+        while SEEN_PC.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < end, "the thread never answered");
+            std::thread::yield_now();
+        }
+        let pc = SEEN_PC.load(Ordering::SeqCst);
+        assert!(
+            crate::hot::ranges::in_trampoline(pc),
+            "thread at {pc:#x}, outside the copy"
+        );
+    }
+    assert!(!spinner.is_finished());
+    FLAG.store(1, Ordering::SeqCst);
+    assert_eq!(spinner.join().unwrap(), 7, "released, it returns normally");
+    // The call it was in when the site was patched is not counted; a new one is.
+    assert_eq!(counter_total(idx), 0);
+    // SAFETY: as above; the flag is set, so the call returns at once.
+    assert_eq!(unsafe { patchbay_fx_rel_spin(FLAG.as_ptr().cast()) }, 7);
+    assert_eq!(thread_counter(idx), 1);
+    p.relocate(&t.restore_ops(&[&f]), &mut || Ok(())).unwrap();
+    assert_eq!(bytes_n(f.site(), f.original.len()), f.original);
+    t.free(); // the spinner was joined
+}
+
+/// The thunk of a relocated site lives in its trampoline, which is poisoned when freed:
+/// a site still jumping there (the fault here: the trampoline freed before its site was
+/// restored) runs into the poison and the process dies with a premature-free report.
+/// Runs in a child process.
+#[test]
+fn relocated_site_into_a_freed_thunk_is_a_fatal_premature_free() {
+    use std::os::unix::process::ExitStatusExt;
+    let name = "relocated_site_into_a_freed_thunk_is_a_fatal_premature_free";
+    let Some(out) = in_child(name) else {
+        let p = patcher();
+        let f = rel_dead();
+        let idx = alloc_counter();
+        let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+        p.relocate(&t.jump_ops(&[&f]), &mut || Ok(())).unwrap();
+        // SAFETY: plain fixture function: it runs through the thunk.
+        assert_eq!(unsafe { patchbay_fx_rel_dead(black_box(1)) }, 2);
+        assert_eq!(thread_counter(idx), 1);
+        t.free();
+        // SAFETY: as above; the site jumps into poisoned memory: the trap handler kills us.
+        unsafe { patchbay_fx_rel_dead(black_box(1)) };
+        std::process::exit(3);
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGTRAP),
+        "child status {:?}, stderr: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains(crate::hot::trap::POISON_MARKER)
+            && stderr.contains("executed freed (int3-poisoned) trampoline memory"),
+        "{stderr}"
+    );
+}
+
+/// Calls made by the agent's own threads are never traced: through count stubs (no
+/// block: the slow path) and through the dispatcher alike, the call runs untraced and
+/// the thread never gets a block. A program thread's calls are counted. Fails with the
+/// dispatcher's depth check removed (the agent thread claims a block and counts).
+#[test]
+fn agent_threads_are_never_traced() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_agent as *const ());
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    fn runs(_: &CallCtx<'_>) {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+    }
+    for stubs in [true, false] {
+        let idx = alloc_counter();
+        let actions = if stubs {
+            vec![Action::Count { idx: [idx].into() }]
+        } else {
+            vec![Action::Count { idx: [idx].into() }, custom(runs)]
+        };
+        let t = Tramp::new(&[site], actions, stubs);
+        p.apply(&t.call_ops()).unwrap();
+        let agent = std::thread::spawn(|| {
+            block::mark_agent_thread();
+            for i in 0..100 {
+                // SAFETY: plain fixture function.
+                assert_eq!(unsafe { patchbay_fx_agent(black_box(i)) }, i + 1);
+            }
+            block::current().is_none()
+        });
+        assert!(agent.join().unwrap(), "an agent thread never gets a block");
+        assert_eq!(counter_total(idx), 0, "agent calls are not counted");
+        assert_eq!(RUNS.load(Ordering::SeqCst), 0);
+        // SAFETY: plain fixture function.
+        assert_eq!(unsafe { patchbay_fx_agent(black_box(1)) }, 2);
+        assert_eq!(thread_counter(idx), 1, "a program thread's call is");
+        p.apply(&t.nop_ops()).unwrap();
+        t.free(); // the agent thread was joined, this one is outside
+        RUNS.store(0, Ordering::SeqCst);
+    }
 }
