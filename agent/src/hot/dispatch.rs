@@ -356,13 +356,29 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     // keeps that grace period from completing while we run.
     let desc = unsafe { &*desc };
     desc.check_live();
-    if block::nest_fast() > 1 {
+    if block::nest_fast() >= block::IN_DISPATCH {
         // Already inside a dispatch (a callback, or the dispatcher's own calls, reached
         // a traced function), or an agent thread (whose depth is raised for good, see
-        // `block::mark_agent_thread`): never traced again, so tracing the libraries the
-        // agent and callbacks use cannot recurse or deadlock.
+        // `block::AGENT_NEST`): never traced again, so tracing the libraries the agent
+        // and callbacks use cannot recurse or deadlock.
         return;
     }
+    block::nest_add_fast(block::IN_DISPATCH);
+    dispatch(desc, regs, ret);
+    block::nest_add_fast(block::IN_DISPATCH.wrapping_neg());
+    // The outermost dispatch stamps a deferred quiescent state: from here on this
+    // thread touches neither the descriptor nor trampoline memory.
+    if block::nest_fast() == 1
+        && block::take_deferred_fast() != 0
+        && let Some(h) = block::current_fast()
+    {
+        qs::stamp(h);
+    }
+}
+
+/// The dispatch proper, with [`block::IN_DISPATCH`] raised. Async-signal-safe.
+#[inline(always)]
+fn dispatch(desc: &Descriptor, regs: *const Regs, ret: u64) {
     // SAFETY: the stub passes a pointer to the registers it saved on this stack.
     let regs = unsafe { &*regs };
     let Some(h) = block::current_fast().or_else(|| block::claim(crate::sys::tid())) else {
@@ -382,11 +398,6 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     }
     single_writer::dec_u32(&h.nesting);
     single_writer::inc_u64(&h.seq);
-    // The outermost dispatch stamps a deferred quiescent state: from here on this
-    // thread touches neither the descriptor nor trampoline memory.
-    if block::nest_fast() == 1 && block::take_deferred_fast() != 0 {
-        qs::stamp(h);
-    }
 }
 
 /// [`run_actions`] for a thread without a block of its own: atomic adds only, no

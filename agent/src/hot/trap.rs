@@ -593,6 +593,9 @@ mod tests {
             Transition::Idle,
             Transition::ToNop,
             Transition::ToCall(0x7fff_1234_5640),
+            Transition::RelocIn(0x7fff_1234_5650),
+            Transition::Jump(0x7fff_1234_5660),
+            Transition::RelocOut(0x7fff_1234_5675),
         ] {
             assert_eq!(Transition::decode(t.encode()), t);
         }
@@ -623,6 +626,21 @@ mod tests {
             Action::Chain
         );
         assert_eq!(decide(SI_KERNEL, pc, None, 0), Action::Chain);
+        // Relocated prologues: installing or moving the jump continues at the thunk;
+        // restoring the prologue runs the old thunk's copy.
+        for t in [
+            Transition::RelocIn(0x6000_0040),
+            Transition::Jump(0x6000_0040),
+        ] {
+            assert_eq!(
+                decide(SI_KERNEL, pc, Some(t), 0xCC),
+                Action::Resume { to: 0x6000_0040 }
+            );
+        }
+        assert_eq!(
+            decide(SI_KERNEL, pc, Some(Transition::RelocOut(0x6000_0045)), 0xCC),
+            Action::Resume { to: 0x6000_0045 }
+        );
         // SIGTRAP sent with kill/tgkill: never ours.
         assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
     }

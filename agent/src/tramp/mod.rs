@@ -534,6 +534,86 @@ mod tests {
         assert!(trace_stub(9, 0, 5, 0).len() < trace_stub(9, 6, 5, 0).len());
     }
 
+    /// A thread blocked in a system call, or interrupted by a signal, inside the bytes a
+    /// relocated prologue replaces would be resumed there after the grace period (the
+    /// observer sees it blocked, or in its handler, outside): a `syscall` (or `int`)
+    /// among the moved instructions is refused, so a thread's saved PC after one is at
+    /// the patch point at most, never strictly inside.
+    #[test]
+    fn syscalls_are_never_moved() {
+        for code in [
+            &[0x0f, 0x05, 0x90, 0x90, 0x90, 0x90, 0xc3][..], // syscall
+            &[0x90, 0x0f, 0x05, 0x90, 0x90, 0x90, 0xc3][..], // nop; syscall
+            &[0x90, 0xcd, 0x80, 0x90, 0x90, 0x90, 0xc3][..], // nop; int 0x80
+            &[0x90, 0x0f, 0x34, 0x90, 0x90, 0x90, 0xc3][..], // nop; sysenter
+        ] {
+            let r = relocate::analyze(code, 0x40_0000, &[]);
+            assert!(
+                matches!(r, Err(Refusal::Unmovable { .. })),
+                "{code:02x?}: {r:?}"
+            );
+        }
+    }
+
+    /// The thunk layout: record, site word just before the `call`, the call to the
+    /// site's stub, the relocated copy; the record maps every moved instruction.
+    #[test]
+    fn thunks_carry_their_site_and_map() {
+        // endbr64; lea rax, [rdi+1]; add rax, [rip+0x100]; ret
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x8d, 0x47, 0x01, 0x48, 0x03, 0x05, 0x00, 0x01, 0x00,
+            0x00, 0xc3,
+        ];
+        let entry = 0x40_1000u64;
+        let p = relocate::analyze(&code, entry, &[]).unwrap();
+        assert_eq!((p.patch_at, p.len), (entry + 4, 11));
+        let slot = 0x50_0000u64;
+        let lens = [thunk_len(&p).unwrap()];
+        for layout in [
+            Layout::Generic,
+            Layout::Count {
+                idx: &[7],
+                tls_offset: -0x40,
+            },
+            Layout::Trace {
+                tracer: 1,
+                nargs: 2,
+                dropped_idx: 3,
+                tls_offset: -0x40,
+            },
+        ] {
+            let thunks = [Thunk {
+                index: 0,
+                prologue: &p,
+            }];
+            let (b, offs) = generate_with_thunks(&layout, 1, 2, slot, &thunks, &lens).unwrap();
+            assert_eq!(b.len(), slot_len_with(&layout, &lens));
+            let t = offs[0];
+            assert_eq!(t % 8, 0);
+            let site = u64::from_le_bytes(b[t - 8..t].try_into().unwrap());
+            assert_eq!(site, p.patch_at, "the site word");
+            assert_eq!(b[t], 0xE8);
+            let d = i32::from_le_bytes(b[t + 1..t + 5].try_into().unwrap());
+            assert_eq!((t + 5) as i64 + d as i64, thunk_entry(&layout, 0) as i64);
+            // SAFETY: `b` is a live buffer holding the thunk at offset `t`.
+            let rec = unsafe { read_thunk_record(b.as_ptr() as usize + t) };
+            assert_eq!((rec.len, rec.n), (11, 2));
+            assert_eq!(rec.map(0), Some(0));
+            assert_eq!(rec.map(4), Some(4), "lea is 4 bytes in the copy too");
+            assert_eq!(rec.map(2), None, "not a boundary");
+            if let Layout::Trace { .. } = layout {
+                // The thunk trace stub takes the site from the thunk: mov rax, [rax-13].
+                let s = &b[thunk_entry(&layout, 0)..];
+                assert!(s.windows(4).any(|w| w == [0x48, 0x8B, 0x40, 0xF3]));
+                assert!(
+                    !s[..trace_stub(0, 2, 0, 0).len()]
+                        .windows(4)
+                        .any(|w| w == [0x48, 0x83, 0xE8, 0x05])
+                );
+            }
+        }
+    }
+
     // Runs the stub for real: a fake thread block behind this test thread's TLS word.
     mod exec {
         use super::super::*;

@@ -227,6 +227,24 @@ std::arch::global_asm!(
     "ret",
     ".globl patchbay_fx_rel_dead_end",
     "patchbay_fx_rel_dead_end:",
+    // fn(a, b) -> u64 { a + 1 + b }: built without instrumentation (endbr64, two moved
+    // instructions) and with a 5-byte nop entry, for the relocated-site benchmark.
+    ".p2align 4",
+    ".globl patchbay_fx_bench_rel",
+    "patchbay_fx_bench_rel:",
+    "endbr64",
+    "lea rax, [rdi + 1]",
+    "add rax, rsi",
+    "ret",
+    ".globl patchbay_fx_bench_rel_end",
+    "patchbay_fx_bench_rel_end:",
+    ".p2align 4",
+    ".globl patchbay_fx_bench_nop",
+    "patchbay_fx_bench_nop:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + 1]",
+    "add rax, rsi",
+    "ret",
     // fn(u64) -> u64 { x + 1 } with a 5-byte nop entry: called by an agent thread.
     ".p2align 4",
     ".globl patchbay_fx_agent",
@@ -289,6 +307,9 @@ unsafe extern "C" {
     pub fn patchbay_fx_sled_ctx();
     pub fn patchbay_fx_int3();
     pub fn patchbay_fx_agent(x: u64) -> u64;
+    pub fn patchbay_fx_bench_rel(a: u64, b: u64) -> u64;
+    pub fn patchbay_fx_bench_nop(a: u64, b: u64) -> u64;
+    static patchbay_fx_bench_rel_end: u8;
     pub fn patchbay_fx_rel_stress(x: u64) -> u64;
     pub fn patchbay_fx_rel_branch(a: u64, b: u64) -> u64;
     pub fn patchbay_fx_rel_spin(flag: *const u8) -> u64;
@@ -560,6 +581,12 @@ pub fn rel_spin() -> RelFn {
     rel_fn(
         patchbay_fx_rel_spin as *const (),
         &raw const patchbay_fx_rel_spin_end,
+    )
+}
+pub fn rel_bench() -> RelFn {
+    rel_fn(
+        patchbay_fx_bench_rel as *const (),
+        &raw const patchbay_fx_bench_rel_end,
     )
 }
 pub fn rel_dead() -> RelFn {
