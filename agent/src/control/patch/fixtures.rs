@@ -538,6 +538,8 @@ fn register_ranges() {
 /// jump replaces.
 pub struct RelFn {
     pub entry: usize,
+    /// Bytes from the entry to the end label.
+    pub size: usize,
     pub prologue: Prologue,
     pub original: Vec<u8>,
 }
@@ -559,6 +561,7 @@ fn rel_fn(f: *const (), end: *const u8) -> RelFn {
     let original = code[at..at + prologue.len as usize].to_vec();
     RelFn {
         entry,
+        size: end - entry,
         prologue,
         original,
     }
@@ -808,7 +811,7 @@ pub fn grace_period(obs: &mut Observer, tids: &BTreeSet<u32>) -> Result<(), Stri
 
 const CHILD_ENV: &str = "PATCHBAY_PATCH_TEST_CHILD";
 
-/// Runs test `name` (of `control::patch::tests`) alone in a child process: `None` in that child
+/// Runs test `name` (of `control::patch::tests`, or a full path) alone in a child process: `None` in that child
 /// (run the test's body), the child's output in the parent. Stress tests run this way,
 /// so that a premature free (which kills the process with SIGTRAP) fails that test with
 /// its report instead of killing the whole test binary, and so that no other test
@@ -826,7 +829,11 @@ pub fn in_child(name: &str) -> Option<std::process::Output> {
     let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
-            &format!("control::patch::tests::{name}"),
+            &if name.contains("::") {
+                name.to_string()
+            } else {
+                format!("control::patch::tests::{name}")
+            },
             "--test-threads=1",
             "--nocapture",
         ])

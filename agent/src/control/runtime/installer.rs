@@ -912,3 +912,169 @@ fn convert_sleds(
     ));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::hint::black_box;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::control::drain;
+    use crate::control::patch::fixtures::{
+        passes_in_child, patchbay_fx_rel_branch, patcher, rel_branch, rel_spin,
+    };
+    use crate::hot::block;
+
+    fn function(address: u64, entry: u64, size: u64, bytes: Vec<u8>) -> FunctionSite {
+        FunctionSite {
+            name: format!("fx_{address:x}"),
+            mangled: String::new(),
+            aliases: Vec::new(),
+            address,
+            function_address: entry,
+            size,
+            object: Arc::from(Path::new("/fixture")),
+            kind: SiteKind::Relocated,
+            bytes,
+            patchable: true,
+            reason: None,
+            known_targets: Vec::new(),
+        }
+    }
+
+    fn install(id: u64, kind: pb::CallbackKind, nargs: u32, site: u64) -> pb::Install {
+        pb::Install {
+            trampoline_id: id,
+            tracers: vec![pb::TracerRef {
+                tracer_id: id,
+                callback: Some(pb::CallbackSpec {
+                    kind: kind as i32,
+                    custom_name: String::new(),
+                    arg_count: nargs,
+                }),
+            }],
+            sites: vec![pb::Site {
+                address: site,
+                name: String::new(),
+            }],
+        }
+    }
+
+    fn report_of(r: &FromAgent) -> &pb::trampoline_report::Report {
+        match r {
+            FromAgent::Trampoline(pb::TrampolineReport {
+                report: Some(rep), ..
+            }) => rep,
+            other => panic!("not a trampoline report: {other:?}"),
+        }
+    }
+
+    fn code(at: u64, len: usize) -> Vec<u8> {
+        patch::peek(at as usize, len).expect("readable code")
+    }
+
+    /// The runtime's installer on a relocated site (a function discovery found
+    /// uninstrumented, entered by hand here): installs a `count` trampoline over the
+    /// prologue (a real local grace period), moves the site to a `trace` trampoline
+    /// (events name the site, with both arguments), restores the prologue on remove, and
+    /// frees both; a site whose prologue in memory differs from discovery's is skipped
+    /// with the reason. Runs in a child process (the local grace period waits for every
+    /// thread of the process).
+    #[test]
+    fn relocated_site_installed_moved_restored_and_freed() {
+        if passes_in_child(
+            "control::runtime::installer::tests::relocated_site_installed_moved_restored_and_freed",
+        ) {
+            return;
+        }
+        patcher();
+        let f = rel_branch();
+        let (site, entry) = (f.site() as u64, f.entry as u64);
+        let mut cat = Catalogue::new();
+        cat.insert_for_test(function(site, entry, f.size as u64, f.original.clone()));
+        let spin = rel_spin();
+        let mut wrong = spin.original.clone();
+        wrong[0] ^= 0xFF;
+        let (spin_site, spin_entry) = (spin.site() as u64, spin.entry as u64);
+        cat.insert_for_test(function(spin_site, spin_entry, spin.size as u64, wrong));
+        let (tls, _) = block::tls_offsets().expect("static TLS");
+        let mut inst = Installer::new(Some(tls));
+        let mut grace = Grace::new();
+        let mut out = Vec::new();
+        let call = |a: u64, b: u64| {
+            // SAFETY: plain fixture function of two u64.
+            unsafe { patchbay_fx_rel_branch(black_box(a), black_box(b)) }
+        };
+
+        let r = inst.install(
+            install(1, pb::CallbackKind::Count, 0, site),
+            &cat,
+            &mut grace,
+            &mut out,
+        );
+        assert!(
+            matches!(report_of(&r), pb::trampoline_report::Report::Live(l) if l.sites.len() == 1),
+            "{r:?}"
+        );
+        assert_eq!(code(site, 1), [0xE9]);
+        for i in 0..100 {
+            assert_eq!(call(i, 1), if i == 0 { 100 } else { i + 1 });
+        }
+        let (_, _, idx) = inst.counts().find(|c| c.0 == 1).expect("its counter");
+        assert_eq!(inst.counters().total(idx), 100);
+
+        // Another group on the same site: only the jump moves.
+        let r = inst.install(
+            install(2, pb::CallbackKind::Trace, 2, site),
+            &cat,
+            &mut grace,
+            &mut out,
+        );
+        assert!(
+            matches!(report_of(&r), pb::trampoline_report::Report::Live(_)),
+            "{r:?}"
+        );
+        let h = block::current().expect("a block");
+        drain::drain(h, |_| {});
+        assert_eq!(call(7, 8), 15);
+        let mut events = Vec::new();
+        drain::drain(h, |e| events.push((e.site, e.tracer, e.args[0], e.args[1])));
+        assert_eq!(events, [(site, 2, 7, 8)]);
+        assert_eq!(
+            inst.counters().total(idx),
+            100,
+            "the old trampoline is left"
+        );
+
+        // Remove: the site gets its prologue back.
+        inst.remove(pb::Remove { trampoline_id: 2 }, &mut grace, &mut out);
+        inst.remove(pb::Remove { trampoline_id: 1 }, &mut grace, &mut out);
+        assert_eq!(code(site, f.original.len()), f.original);
+        assert_eq!(call(3, 4), 7);
+        for id in [1, 2] {
+            assert!(inst.free(id, || {}, &mut out).is_some());
+        }
+        assert!(
+            !out.iter().any(|m| matches!(m, FromAgent::Error(_))),
+            "{out:?}"
+        );
+
+        // A prologue that is not what discovery saw: skipped, with the reason.
+        let r = inst.install(
+            install(3, pb::CallbackKind::Count, 0, spin.site() as u64),
+            &cat,
+            &mut grace,
+            &mut out,
+        );
+        match report_of(&r) {
+            pb::trampoline_report::Report::Failed(e) => assert!(
+                e.reason.contains("is not the one in the file"),
+                "{}",
+                e.reason
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(code(spin.site() as u64, spin.original.len()), spin.original);
+    }
+}
