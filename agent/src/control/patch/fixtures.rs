@@ -190,6 +190,16 @@ std::arch::global_asm!(
     "ret",
     ".globl patchbay_fx_rel_stress_end",
     "patchbay_fx_rel_stress_end:",
+    // Same as patchbay_fx_rel_stress, for the test that stops threads inside it.
+    ".p2align 4",
+    ".globl patchbay_fx_rel_step",
+    "patchbay_fx_rel_step:",
+    "endbr64",
+    "lea rax, [rdi + 1]",
+    "add rax, qword ptr [rip + patchbay_fx_rel_zero]",
+    "ret",
+    ".globl patchbay_fx_rel_step_end",
+    "patchbay_fx_rel_step_end:",
     // fn(a, b) -> u64 { if a == 0 { 100 } else { a + b } }: a conditional branch among
     // the moved instructions, re-targeted to the original code.
     ".p2align 4",
@@ -312,6 +322,8 @@ unsafe extern "C" {
     static patchbay_fx_bench_rel_end: u8;
     pub fn patchbay_fx_rel_stress(x: u64) -> u64;
     pub fn patchbay_fx_rel_branch(a: u64, b: u64) -> u64;
+    pub fn patchbay_fx_rel_step(x: u64) -> u64;
+    static patchbay_fx_rel_step_end: u8;
     pub fn patchbay_fx_rel_spin(flag: *const u8) -> u64;
     pub fn patchbay_fx_rel_dead(x: u64) -> u64;
     static patchbay_fx_rel_stress_end: u8;
@@ -423,7 +435,7 @@ pub fn install_hold_handler() {
 /// (if it is still a sled) for [`STEP_HOLD`] in [`hold_handler`] (installed by the
 /// caller), then runs on normally.
 pub fn call_stepping(f: unsafe extern "C" fn(u64) -> u64, x: u64, stop: usize) -> u64 {
-    assert!((1..5).contains(&stop));
+    assert!((1..16).contains(&stop));
     STEP_AT.with(|s| s.set(stop));
     let r: u64;
     // SAFETY: sets the trap flag right before the call (the first trap comes after the
@@ -572,6 +584,12 @@ pub fn rel_stress() -> RelFn {
     rel_fn(
         patchbay_fx_rel_stress as *const (),
         &raw const patchbay_fx_rel_stress_end,
+    )
+}
+pub fn rel_step() -> RelFn {
+    rel_fn(
+        patchbay_fx_rel_step as *const (),
+        &raw const patchbay_fx_rel_step_end,
     )
 }
 pub fn rel_branch() -> RelFn {

@@ -1729,3 +1729,104 @@ fn bench_relocated_vs_fentry_ns_per_call() {
         trace_rel - plain,
     );
 }
+
+/// Relocation while threads stop inside the prologue: 4 threads call a relocatable
+/// function (`endbr64; lea; add [rip]`); one call in 16 single-steps into it and is held
+/// for 200 us between the two moved instructions by a program signal handler (as a
+/// preempted thread, or a long handler, would be). Each cycle installs the prologue's
+/// jump to a `count` thunk under a real grace period (the `Observer`, signals and all),
+/// restores the prologue, and frees the trampoline after another grace period. A thread
+/// held inside is moved to the same point of the copy once its handler returns (the
+/// agent's signal stays pending meanwhile; the wrapper keeps it from being counted as
+/// quiescent): every result is right, and threads were moved. A failed grace period
+/// leaves the prologue as it was. Without the move (broken by hand: `reloc_exit` never
+/// maps), the threads resume in the jump's displacement and the test fails. Runs in a
+/// child process.
+#[test]
+fn relocation_while_threads_stop_inside_the_prologue() {
+    if passes_in_child("relocation_while_threads_stop_inside_the_prologue") {
+        return;
+    }
+    const THREADS: usize = 4;
+    const CYCLES: usize = 30;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static BAD: AtomicU64 = AtomicU64::new(0);
+    let p = patcher();
+    refill_blocks(THREADS + 4);
+    let f = rel_step();
+    // Stepping starts at the entry (endbr64) and stops between `lea` and `add`.
+    let stop = f.site() + 4 - f.entry;
+    STEP_SLED.store(f.entry, Ordering::Relaxed);
+    install_hold_handler();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                block::claim(crate::sys::tid()).expect("a thread block");
+                tx.send(crate::sys::tid()).unwrap();
+                let mut calls = 0u64;
+                while !STOP.load(Ordering::Relaxed) {
+                    let r = if calls.is_multiple_of(16) {
+                        call_stepping(patchbay_fx_rel_step, black_box(calls), stop)
+                    } else {
+                        // SAFETY: the fixture is `fn(u64) -> u64 { x + 1 }`.
+                        unsafe { patchbay_fx_rel_step(black_box(calls)) }
+                    };
+                    if r != calls + 1 {
+                        BAD.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let tids: BTreeSet<u32> = (0..THREADS).map(|_| rx.recv().unwrap()).collect();
+    let holds_before = STEP_HOLDS.load(Ordering::Relaxed);
+    let moved_before = crate::hot::stats::snapshot().reloc_exits;
+    let mut obs = Observer::new();
+    let mut worst = Duration::ZERO;
+    let idx = alloc_counter();
+    for cycle in 0..CYCLES {
+        let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+        let started = Instant::now();
+        let mut grace = || grace_period(&mut obs, &tids).map_err(|e| format!("cycle {cycle}: {e}"));
+        assert_eq!(
+            p.relocate(&t.jump_ops(&[&f]), &mut grace).unwrap().changed,
+            1
+        );
+        worst = worst.max(started.elapsed());
+        assert_eq!(bytes_n(f.site(), 1), [0xE9]);
+        p.relocate(&t.restore_ops(&[&f]), &mut || Ok(())).unwrap();
+        assert_eq!(bytes_n(f.site(), f.original.len()), f.original);
+        grace_period(&mut obs, &tids).unwrap();
+        t.free();
+        assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
+    }
+    // A grace period that fails leaves the prologue as it was.
+    let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+    let err = p
+        .relocate(&t.jump_ops(&[&f]), &mut || Err("a holdout".into()))
+        .unwrap_err();
+    assert!(
+        matches!(err, PatchError::GracePeriod { sites: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(bytes_n(f.site(), f.original.len()), f.original);
+    STOP.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    t.free(); // every caller joined
+    assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
+    let moved = crate::hot::stats::snapshot().reloc_exits - moved_before;
+    let holds = STEP_HOLDS.load(Ordering::Relaxed) - holds_before;
+    eprintln!(
+        "{CYCLES} relocations while {THREADS} threads made {calls} calls ({} counted), \
+         {holds} held inside the prologue: worst install {worst:?}, {moved} threads moved \
+         into the copy by the quiescent-state handler, {} quiescent-state signals",
+        counter_total(idx),
+        obs.signals
+    );
+    assert!(calls > 0 && holds > 0);
+    assert!(moved > 0, "no thread was found inside the prologue");
+}
