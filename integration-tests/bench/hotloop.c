@@ -18,6 +18,8 @@
  *                a condition variable ("idle"); print `mixed threads=<B+K+I>` once every
  *                busy thread has made a call and every other one sleeps in the kernel
  *   stop         end the mix threads, join them; print `stopped calls=<busy calls>`
+ *   rdtsc N      execute rdtsc N times; print `ns_per_call=<x> calls=<N>` (CPU time per
+ *                rdtsc: what the trace stub's timestamp costs on this machine)
  *   quit         exit 0
  * Anything else prints `error unknown command: <line>`.
  */
@@ -31,6 +33,7 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#include <x86intrin.h>
 
 #define MAX_THREADS 128
 #define MAX_BURSTS 4096
@@ -133,6 +136,19 @@ static void cmd_burst(long t, long n, long b, long g)
     for (long i = 0; i < t; i++)
         worst = elapsed[i] > worst ? elapsed[i] : worst;
     printf("ns_per_call=%.4f calls=%ld\n", worst / n, t * n);
+}
+
+/* ----------------------------------------------------------------- rdtsc */
+
+static void cmd_rdtsc(long n)
+{
+    unsigned long long acc = 0;
+    double t0 = cpu_now();
+    for (long i = 0; i < n; i++)
+        acc += __rdtsc();
+    double t = cpu_now() - t0;
+    __asm__ volatile("" : : "r"(acc));
+    printf("ns_per_call=%.4f calls=%ld\n", t / n, n);
 }
 
 /* ------------------------------------------------------------------ pace */
@@ -283,6 +299,8 @@ int main(void)
         } else if (sscanf(line, "mix %ld %ld %ld", &a, &b, &c) == 3 && a >= 0 && b >= 0 &&
                    c >= 0) {
             cmd_mix(a, b, c);
+        } else if (sscanf(line, "rdtsc %ld", &a) == 1 && a > 0) {
+            cmd_rdtsc(a);
         } else if (!strncmp(line, "stop", 4)) {
             cmd_stop();
         } else if (!strncmp(line, "quit", 4)) {

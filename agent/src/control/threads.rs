@@ -10,8 +10,10 @@ use crate::sys::{self, procfs};
 /// Tids of the agent's own threads (the link thread). Fixed capacity, lock-free.
 static AGENT_TIDS: [AtomicU32; 4] = [const { AtomicU32::new(0) }; 4];
 
-/// Marks the calling thread as the agent's own.
+/// Marks the calling thread as the agent's own: never traced (its calls skip every
+/// callback, see `block::mark_agent_thread`), never waited for by a grace period.
 pub fn register_agent_thread() {
+    crate::hot::block::mark_agent_thread();
     let me = sys::tid();
     for slot in &AGENT_TIDS {
         if slot

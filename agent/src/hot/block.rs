@@ -71,6 +71,25 @@ thread_local! {
     pub static DEFERRED: Cell<u64> = const { Cell::new(0) };
 }
 
+/// Added to [`NEST`] by the dispatcher while it runs a call's actions: a thread found
+/// at or above it is inside a dispatch (a callback, or the dispatcher's own calls,
+/// reached a traced function; or a signal handler did meanwhile), and the dispatcher
+/// runs nothing for it, so tracing the libraries the agent and callbacks use cannot
+/// recurse or deadlock. (The entry stub and the signal wrapper add 1: a program's
+/// signal handler is traced as usual.)
+pub const IN_DISPATCH: u64 = 1 << 24;
+
+/// [`NEST`] of the agent's own threads, raised for good when they start (above
+/// [`IN_DISPATCH`]: the dispatcher runs nothing for them), and such a thread never
+/// claims a block (so the count and trace stubs, which find no block, send it to the
+/// dispatcher): calls made by the agent's threads are never traced.
+pub const AGENT_NEST: u64 = 1 << 40;
+
+/// Marks the calling thread as one of the agent's own (see [`AGENT_NEST`]).
+pub fn mark_agent_thread() {
+    NEST.with(|n| n.set(AGENT_NEST));
+}
+
 /// Offset of a thread-local from the thread pointer (`fs:0`), for generated code.
 /// Returns None when it is not the same in every thread (the agent was not loaded at
 /// start-up, so its TLS is dynamic).
@@ -184,6 +203,24 @@ pub fn nest_fast() -> u64 {
     unsafe { fs_read(off) }
 }
 
+/// Adds `delta` (wrapping) to this thread's [`NEST`] with one instruction (a signal
+/// handler on this thread, which restores what it changes before returning, sees the
+/// value before or after). Async-signal-safe.
+#[inline(always)]
+pub fn nest_add_fast(delta: u64) {
+    let off = FAST_NEST.load(Ordering::Relaxed);
+    if off == 0 {
+        NEST.with(|n| n.set(n.get().wrapping_add(delta)));
+        return;
+    }
+    // SAFETY: `off` was recorded by init_fast_tls for NEST (a `Cell<u64>`); only this
+    // thread (and its signal handlers, which restore it) writes it.
+    unsafe {
+        std::arch::asm!("add qword ptr fs:[{o}], {d}", o = in(reg) off, d = in(reg) delta,
+            options(nostack))
+    };
+}
+
 /// Takes this thread's [`DEFERRED`] flag (returns it and clears it). Async-signal-safe.
 #[inline(always)]
 pub fn take_deferred_fast() -> u64 {
@@ -239,6 +276,10 @@ pub fn current() -> Option<&'static Header> {
 pub fn claim(tid: u32) -> Option<&'static Header> {
     if let Some(h) = current() {
         return Some(h);
+    }
+    if nest_fast() >= AGENT_NEST {
+        // The agent's own threads never get a block (see `AGENT_NEST`).
+        return None;
     }
     let n = MAPPED.load(Ordering::Acquire);
     for b in BLOCKS.iter().take(n) {

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::block::{self, Header};
+use super::ranges::in_trampoline;
 use super::{qs, ring, trap};
 
 /// `fs`-relative offset of [`block::NEST`], set once at agent start before any
@@ -107,6 +108,28 @@ pub struct Descriptor {
 impl Descriptor {
     fn position(&self, site: u64) -> Option<usize> {
         self.sites.binary_search(&site).ok()
+    }
+
+    /// The site a call through this trampoline is for, from the return address its
+    /// `call` pushed, and the site's position: `ret - 5` for a call at the site
+    /// (fentry, nop), or, for the thunk of a relocated site (its `call` is in
+    /// trampoline memory), the site word the thunk keeps just before its `call`.
+    /// Async-signal-safe.
+    #[inline]
+    fn site_of(&self, ret: u64) -> Option<(usize, u64)> {
+        let site = ret.wrapping_sub(5);
+        if let Some(pos) = self.position(site) {
+            return Some((pos, site));
+        }
+        if !in_trampoline(site) {
+            return None;
+        }
+        // SAFETY: a call from trampoline memory is a thunk's (see `tramp`): the 8 bytes
+        // before its `call` are its site word, in the same live slot.
+        let site = unsafe {
+            std::ptr::read_unaligned(site.wrapping_sub(crate::tramp::THUNK_SITE_BACK) as *const u64)
+        };
+        self.position(site).map(|pos| (pos, site))
     }
 
     /// Dies with a premature-free report unless the descriptor is live.
@@ -333,6 +356,29 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
     // keeps that grace period from completing while we run.
     let desc = unsafe { &*desc };
     desc.check_live();
+    if block::nest_fast() >= block::IN_DISPATCH {
+        // Already inside a dispatch (a callback, or the dispatcher's own calls, reached
+        // a traced function), or an agent thread (whose depth is raised for good, see
+        // `block::AGENT_NEST`): never traced again, so tracing the libraries the agent
+        // and callbacks use cannot recurse or deadlock.
+        return;
+    }
+    block::nest_add_fast(block::IN_DISPATCH);
+    dispatch(desc, regs, ret);
+    block::nest_add_fast(block::IN_DISPATCH.wrapping_neg());
+    // The outermost dispatch stamps a deferred quiescent state: from here on this
+    // thread touches neither the descriptor nor trampoline memory.
+    if block::nest_fast() == 1
+        && block::take_deferred_fast() != 0
+        && let Some(h) = block::current_fast()
+    {
+        qs::stamp(h);
+    }
+}
+
+/// The dispatch proper, with [`block::IN_DISPATCH`] raised. Async-signal-safe.
+#[inline(always)]
+fn dispatch(desc: &Descriptor, regs: *const Regs, ret: u64) {
     // SAFETY: the stub passes a pointer to the registers it saved on this stack.
     let regs = unsafe { &*regs };
     let Some(h) = block::current_fast().or_else(|| block::claim(crate::sys::tid())) else {
@@ -340,25 +386,18 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
         // call is not lost; trace events have no ring here and count as dropped;
         // custom callbacks are skipped (see `run_overflow_actions`).
         MISSED.fetch_add(1, Ordering::Relaxed);
-        let site = ret.wrapping_sub(5);
-        if let (Some(o), Some(pos)) = (block::overflow(), desc.position(site)) {
+        if let (Some(o), Some((pos, _))) = (block::overflow(), desc.site_of(ret)) {
             run_overflow_actions(o, desc, pos);
         }
         return;
     };
     single_writer::inc_u64(&h.seq);
     single_writer::inc_u32(&h.nesting);
-    let site = ret.wrapping_sub(5);
-    if let Some(pos) = desc.position(site) {
+    if let Some((pos, site)) = desc.site_of(ret) {
         run_actions(h, desc, pos, site, regs);
     }
     single_writer::dec_u32(&h.nesting);
     single_writer::inc_u64(&h.seq);
-    // The outermost dispatch stamps a deferred quiescent state: from here on this
-    // thread touches neither the descriptor nor trampoline memory.
-    if block::nest_fast() == 1 && block::take_deferred_fast() != 0 {
-        qs::stamp(h);
-    }
 }
 
 /// [`run_actions`] for a thread without a block of its own: atomic adds only, no

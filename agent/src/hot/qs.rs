@@ -9,7 +9,8 @@
 //! 3. interrupted: running threads get a real-time signal; the handler reads the
 //!    interrupted PC from the `ucontext` and the thread's dispatch depth; inside a
 //!    dispatch it defers, and the outermost dispatch stamps on its way out; a thread
-//!    between two nops of a sled being converted is first moved past the sled;
+//!    between two nops of a sled being converted is first moved past the sled, one
+//!    inside a prologue being relocated to the same point of its relocated copy;
 //! 4. exit: an exited thread is quiescent for ever (reported by the thread scan).
 //!
 //! Every observation is stamped with the epoch read *before* the observation, so a
@@ -154,11 +155,39 @@ pub(crate) fn on_signal(uctx: *mut libc::c_void) {
         }
         stats::bump(&stats::SLED_EXITS);
     }
+    match trap::reloc_exit(pc as usize) {
+        trap::RelocPc::Outside => {}
+        trap::RelocPc::Moved(to) => {
+            // At an instruction boundary inside a prologue being relocated: continue at
+            // the same point of its relocated copy (what the original instructions do),
+            // so the thread is outside the bytes about to be replaced. It is now in the
+            // copy of a live trampoline (the one being installed), with no trampoline
+            // frame on its stack (it was in the program's code): outside every retired
+            // trampoline, so it may be stamped.
+            // SAFETY: the kernel passes a valid, writable ucontext_t; the new PC is the
+            // matching instruction boundary of the copy, which is live code.
+            unsafe {
+                (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] =
+                    to as i64;
+            }
+            stats::bump(&stats::RELOC_EXITS);
+            stamp_now(e);
+            return;
+        }
+        // Inside, but not at a boundary (never seen): not quiescent, the agent looks again.
+        trap::RelocPc::Stuck => return,
+    }
     if in_trampoline(pc) {
         // In a trampoline's own few instructions (e.g. a count fast path): it will be
         // out in nanoseconds; the agent looks again.
         return;
     }
+    stamp_now(e);
+}
+
+/// Stamps epoch `e` (read before the observation) for the calling thread.
+/// Async-signal-safe.
+fn stamp_now(e: u64) {
     if let Some(h) = block::current().or_else(|| block::claim(crate::sys::tid()))
         && h.qs_epoch.load(Ordering::Relaxed) < e
     {

@@ -213,10 +213,13 @@ fn set_bits(set: &mut libc::sigset_t, bits: u64) {
     }
 }
 
-/// Whether `pc` is trampoline code a thread must leave before it is quiescent.
+/// Whether `pc` is trampoline code a thread must leave before it is quiescent (or a
+/// sled being converted, or a prologue being relocated: bytes about to be replaced).
 /// Async-signal-safe.
 fn inside(pc: u64) -> bool {
-    in_trampoline(pc) || trap::sled_exit(pc as usize).is_some()
+    in_trampoline(pc)
+        || trap::sled_exit(pc as usize).is_some()
+        || trap::reloc_exit(pc as usize) != trap::RelocPc::Outside
 }
 
 /// The handler the kernel runs for every wrapped signal. Async-signal-safe.

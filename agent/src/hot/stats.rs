@@ -11,6 +11,7 @@ pub(crate) static SLOTS_ALLOCATED: AtomicU64 = AtomicU64::new(0);
 pub(crate) static SLOTS_FREED: AtomicU64 = AtomicU64::new(0);
 pub(crate) static POISON_TRAPS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static SLED_EXITS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static RELOC_EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// A snapshot of the counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,6 +31,9 @@ pub struct Stats {
     /// Threads the quiescent-state handler found between two nops of a sled being
     /// converted and moved past it.
     pub sled_exits: u64,
+    /// Threads the quiescent-state handler found inside a prologue being relocated and
+    /// moved to the same point of its relocated copy.
+    pub reloc_exits: u64,
 }
 
 impl Stats {
@@ -52,6 +56,7 @@ pub fn snapshot() -> Stats {
         slots_freed: SLOTS_FREED.load(Ordering::Relaxed),
         poison_traps: POISON_TRAPS.load(Ordering::Relaxed),
         sled_exits: SLED_EXITS.load(Ordering::Relaxed),
+        reloc_exits: RELOC_EXITS.load(Ordering::Relaxed),
     }
 }
 

@@ -52,6 +52,9 @@ const KIND_CALL: u64 = 1;
 const KIND_NOP: u64 = 2;
 const KIND_NOP6: u64 = 3;
 const KIND_SLED: u64 = 4;
+const KIND_RELOC_IN: u64 = 5;
+const KIND_JUMP: u64 = 6;
+const KIND_RELOC_OUT: u64 = 7;
 
 /// What a site is turning into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +72,17 @@ pub enum Transition {
     /// `control::patch::Patcher::convert_sleds`): a trap at the first byte skips all 5,
     /// and a thread found *inside* the sled is moved past it ([`sled_exit`]).
     SledToNop,
+    /// A relocated prologue (see `control::patch::relocated`) becoming `jmp thunk`: a
+    /// trap at the patch point continues at the thunk (already live); a thread found
+    /// strictly inside the replaced bytes is moved to the same point of the thunk's
+    /// relocated copy by the quiescent-state handler ([`reloc_exit`]).
+    RelocIn(usize),
+    /// A relocated site's `jmp` moving to another thunk (one instruction: no thread
+    /// can be inside it): a trap continues at the new thunk.
+    Jump(usize),
+    /// A relocated site getting its original prologue back: a trap continues at the
+    /// relocated copy (given) of the thunk the site jumped to, which is still live.
+    RelocOut(usize),
 }
 
 impl Transition {
@@ -80,6 +94,9 @@ impl Transition {
             Transition::ToNop => KIND_NOP << KIND_SHIFT,
             Transition::ToNop6 => KIND_NOP6 << KIND_SHIFT,
             Transition::SledToNop => KIND_SLED << KIND_SHIFT,
+            Transition::RelocIn(t) => (KIND_RELOC_IN << KIND_SHIFT) | (t as u64 & ADDR_MASK),
+            Transition::Jump(t) => (KIND_JUMP << KIND_SHIFT) | (t as u64 & ADDR_MASK),
+            Transition::RelocOut(t) => (KIND_RELOC_OUT << KIND_SHIFT) | (t as u64 & ADDR_MASK),
         }
     }
     /// Async-signal-safe.
@@ -89,6 +106,9 @@ impl Transition {
             KIND_NOP => Transition::ToNop,
             KIND_NOP6 => Transition::ToNop6,
             KIND_SLED => Transition::SledToNop,
+            KIND_RELOC_IN => Transition::RelocIn((v & ADDR_MASK) as usize),
+            KIND_JUMP => Transition::Jump((v & ADDR_MASK) as usize),
+            KIND_RELOC_OUT => Transition::RelocOut((v & ADDR_MASK) as usize),
             _ => Transition::Idle,
         }
     }
@@ -179,6 +199,58 @@ pub fn sled_exit(pc: usize) -> Option<usize> {
     None
 }
 
+/// Where the quiescent-state handler finds a thread, relative to the relocated
+/// prologues being installed ([`Transition::RelocIn`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelocPc {
+    /// Not strictly inside the replaced bytes of a prologue being installed.
+    Outside,
+    /// At an instruction boundary strictly inside them: continuing at this address of
+    /// the thunk's relocated copy is what executing the original instructions does.
+    Moved(usize),
+    /// Strictly inside them but at no instruction boundary of the moved code (never
+    /// seen: a thread executing the original code stops only at boundaries): the
+    /// thread is not moved, and must not be counted as quiescent.
+    Stuck,
+}
+
+/// Maps a `pc` strictly inside the replaced bytes of a relocated prologue being
+/// installed to the same point of its relocated copy, from the map the thunk carries
+/// just before its code (`tramp::THUNK_RECORD`; trampoline memory, which stays valid
+/// until a grace period after its trampoline retired, longer than any handler that
+/// read the transition naming it can run).
+///
+/// Async-signal-safe: at most `tramp::MAX_REPLACED` lookups in the trap table, reads of
+/// the thunk's record.
+pub fn reloc_exit(pc: usize) -> RelocPc {
+    for k in 1..crate::tramp::MAX_REPLACED {
+        let Some(site) = pc.checked_sub(k) else {
+            return RelocPc::Outside;
+        };
+        if site == 0 {
+            return RelocPc::Outside;
+        }
+        let Some(Transition::RelocIn(thunk)) =
+            find(site).map(|e| Transition::decode(e.state.load(Ordering::Acquire)))
+        else {
+            continue;
+        };
+        // SAFETY: `thunk` was published for a site being installed: a live thunk of a
+        // live trampoline, preceded by its record (see `tramp::thunk_record`).
+        let rec = unsafe { crate::tramp::read_thunk_record(thunk) };
+        if k >= rec.len as usize {
+            // The nearest prologue being installed ends before `pc`; functions do not
+            // overlap, so no earlier one covers it.
+            return RelocPc::Outside;
+        }
+        return match rec.map(k as u8) {
+            Some(new) => RelocPc::Moved(thunk + crate::tramp::THUNK_CALL + new as usize),
+            None => RelocPc::Stuck,
+        };
+    }
+    RelocPc::Outside
+}
+
 fn new_table(cap: usize) -> *mut Table {
     let entries: Box<[Entry]> = (0..cap)
         .map(|_| Entry {
@@ -265,6 +337,13 @@ pub fn decide(si_code: i32, pc: usize, state: Option<Transition>, byte_now: u8) 
         Some(Transition::ToNop) => Action::Resume { to: site + 5 },
         Some(Transition::ToNop6) => Action::Resume { to: site + 6 },
         Some(Transition::SledToNop) => Action::Resume { to: site + 5 },
+        // A `jmp` (being installed, or retargeted): the thunk is already live.
+        Some(Transition::RelocIn(thunk)) | Some(Transition::Jump(thunk)) => {
+            Action::Resume { to: thunk }
+        }
+        // The original prologue coming back: run the relocated copy of the thunk the
+        // site jumped to (the call to the stubs is skipped: the site is leaving).
+        Some(Transition::RelocOut(copy)) => Action::Resume { to: copy },
         Some(Transition::Idle) if byte_now != 0xCC => Action::Resume { to: site },
         Some(Transition::Idle) => Action::Chain,
     }
@@ -514,6 +593,9 @@ mod tests {
             Transition::Idle,
             Transition::ToNop,
             Transition::ToCall(0x7fff_1234_5640),
+            Transition::RelocIn(0x7fff_1234_5650),
+            Transition::Jump(0x7fff_1234_5660),
+            Transition::RelocOut(0x7fff_1234_5675),
         ] {
             assert_eq!(Transition::decode(t.encode()), t);
         }
@@ -544,6 +626,21 @@ mod tests {
             Action::Chain
         );
         assert_eq!(decide(SI_KERNEL, pc, None, 0), Action::Chain);
+        // Relocated prologues: installing or moving the jump continues at the thunk;
+        // restoring the prologue runs the old thunk's copy.
+        for t in [
+            Transition::RelocIn(0x6000_0040),
+            Transition::Jump(0x6000_0040),
+        ] {
+            assert_eq!(
+                decide(SI_KERNEL, pc, Some(t), 0xCC),
+                Action::Resume { to: 0x6000_0040 }
+            );
+        }
+        assert_eq!(
+            decide(SI_KERNEL, pc, Some(Transition::RelocOut(0x6000_0045)), 0xCC),
+            Action::Resume { to: 0x6000_0045 }
+        );
         // SIGTRAP sent with kill/tgkill: never ours.
         assert_eq!(decide(0, pc, call, 0xCC), Action::Chain);
     }

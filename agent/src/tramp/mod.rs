@@ -19,7 +19,21 @@
 //!        ([`trace_stub`]): it writes the entry event straight into the thread's ring
 //!        (rdtsc, site = return address - 5, tracer, tid, the first `nargs` argument
 //!        registers) or bumps the tracer's dropped-events counter when the ring is full.
+//!   then, in a slot serving relocated prologues (issue 11), after the stubs (and, for a
+//!   trace group, a second trace stub that takes the site from the thunk's record), one
+//!   thunk per relocated site, 16-byte aligned (`generate_with_thunks`):
+//!   -24  record: replaced length, moved-instruction count, (old, new) offsets of
+//!        their boundaries (`ThunkRecord`, read by the quiescent-state handler)
+//!   -8   the site's address (data: what events and callbacks name)
+//!   +0   call <the site's count stub / the thunk trace stub / the generic stub>
+//!   +5   the relocated prologue, ending with `jmp` back to the function
 //! ```
+//! A relocated site is `jmp thunk`: at the thunk's `call` the stack is the function's
+//! entry stack, so the stubs see the frame an fentry site gives them, with a return
+//! address into the thunk; the dispatcher and the thunk trace stub read the site from
+//! the word just before the `call` (`[ret - 13]`), the fentry trace stub keeps
+//! `ret - 5`.
+//!
 //! Sites call the generic stub (any group) or their own count / the trace stub. The
 //! generic stub pushes the descriptor and jumps to the static entry stub, so a thread
 //! spends only two instructions in trampoline memory per call on that path.
@@ -30,6 +44,7 @@
 //! check (its PC says so), like any trampoline code.
 
 use crate::hot::block::{self, Header};
+use relocate::{Prologue, Refusal};
 
 /// Prologue relocation for functions built without instrumentation (issue 11: analysis
 /// and re-encoding are done and tested here; the installer does not use them yet).
@@ -175,6 +190,20 @@ const _: () = {
 /// traces a call in between, its event is overwritten by this one (lost) but no slot is
 /// ever published unwritten (the same as `ring::push`).
 pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) -> Vec<u8> {
+    trace_stub_at(tracer, nargs, dropped_idx, tls_offset, COUNT_BASE, false)
+}
+
+/// The trace stub placed at offset `at` of its slot; with `from_thunk` it is the one
+/// relocated sites' thunks call: the site is the word the thunk keeps just before its
+/// `call` (`mov rax, [rax - 13]` in place of `sub rax, 5`: same length, same cost).
+pub fn trace_stub_at(
+    tracer: u64,
+    nargs: u32,
+    dropped_idx: u32,
+    tls_offset: i32,
+    at: usize,
+    from_thunk: bool,
+) -> Vec<u8> {
     let nargs = nargs.min(6);
     let mut b = Vec::with_capacity(160);
     b.extend_from_slice(&[0x41, 0x53]); // push r11
@@ -213,7 +242,11 @@ pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) ->
         }
     }
     b.extend_from_slice(&[0x48, 0x8B, 0x44, 0x24, 40]); // mov rax, [rsp+40] (site + 5)
-    b.extend_from_slice(&[0x48, 0x83, 0xE8, 0x05]); // sub rax, 5
+    if from_thunk {
+        b.extend_from_slice(&[0x48, 0x8B, 0x40, (-13i8) as u8]); // mov rax, [rax-13]
+    } else {
+        b.extend_from_slice(&[0x48, 0x83, 0xE8, 0x05]); // sub rax, 5
+    }
     b.extend_from_slice(&[0x48, 0x89, 0x41, 0x08]); // mov [rcx+8], rax
     b.extend_from_slice(&[0x48, 0xB8]); // mov rax, imm64
     b.extend_from_slice(&tracer.to_le_bytes());
@@ -238,8 +271,8 @@ pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) ->
     b.extend_from_slice(&(out as i32 - next as i32).to_le_bytes());
     let slow = b.len();
     b.extend_from_slice(&[0x41, 0x5B]); // pop r11
-    b.push(0xE9); // jmp GENERIC (relative to the slot: this stub starts at COUNT_BASE)
-    let next = COUNT_BASE + b.len() + 4;
+    b.push(0xE9); // jmp GENERIC (relative to the slot: this stub starts at `at`)
+    let next = at + b.len() + 4;
     b.extend_from_slice(&(GENERIC as i32 - next as i32).to_le_bytes());
     let rel = |b: &mut Vec<u8>, at: usize, to: usize| {
         let d = to as i32 - (at as i32 + 4);
@@ -248,6 +281,190 @@ pub fn trace_stub(tracer: u64, nargs: u32, dropped_idx: u32, tls_offset: i32) ->
     rel(&mut b, jz_slow, slow);
     rel(&mut b, jae_full, full);
     b
+}
+
+/// Bytes of a thunk's record, just before its `call`.
+pub const THUNK_RECORD: usize = 24;
+/// Bytes of the thunk's `call` to its stub; the relocated copy follows.
+pub const THUNK_CALL: usize = 5;
+/// The thunk's site word is this many bytes before its `call`.
+pub const THUNK_SITE_BACK: u64 = 8;
+/// Upper bound (exclusive) of the replaced length of a prologue: whole instructions
+/// covering at least 5 bytes, so at most 4 bytes and one 15-byte instruction.
+pub const MAX_REPLACED: usize = relocate::JMP_LEN as usize - 1 + 15 + 1;
+/// Moved instructions a record can map (at most 5 cover 5 bytes).
+const RECORD_PAIRS: usize = 7;
+
+/// A thunk's map of the moved instructions' boundaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThunkRecord {
+    /// Bytes replaced at the site.
+    pub len: u8,
+    /// Boundaries in `pairs`.
+    pub n: u8,
+    /// (offset from the site, offset in the relocated copy) of each moved instruction.
+    pub pairs: [(u8, u8); RECORD_PAIRS],
+}
+
+impl ThunkRecord {
+    /// The copy's offset of the moved instruction at `old` bytes from the site.
+    /// Async-signal-safe.
+    pub fn map(&self, old: u8) -> Option<u8> {
+        self.pairs[..(self.n as usize).min(RECORD_PAIRS)]
+            .iter()
+            .find(|p| p.0 == old)
+            .map(|p| p.1)
+    }
+
+    fn bytes(&self) -> [u8; 16] {
+        let mut b = [0xCC; 16];
+        b[0] = self.len;
+        b[1] = self.n;
+        for (i, (o, n)) in self.pairs.iter().enumerate().take(self.n as usize) {
+            b[2 + 2 * i] = *o;
+            b[3 + 2 * i] = *n;
+        }
+        b
+    }
+}
+
+/// Reads the record of the thunk at `thunk`.
+///
+/// # Safety
+/// `thunk` is the address of a thunk written by [`generate_with_thunks`] whose
+/// trampoline memory is still allocated. Async-signal-safe.
+pub unsafe fn read_thunk_record(thunk: usize) -> ThunkRecord {
+    let base = thunk - THUNK_RECORD;
+    // SAFETY: the record's 16 bytes precede the thunk in the same slot (caller).
+    let b: [u8; 16] =
+        std::array::from_fn(|i| unsafe { std::ptr::read_volatile((base + i) as *const u8) });
+    let mut pairs = [(0u8, 0u8); RECORD_PAIRS];
+    for (i, p) in pairs.iter_mut().enumerate() {
+        *p = (b[2 + 2 * i], b[3 + 2 * i]);
+    }
+    ThunkRecord {
+        len: b[0],
+        n: b[1],
+        pairs,
+    }
+}
+
+/// One relocated site of a slot.
+pub struct Thunk<'a> {
+    /// The site's index in the slot (which count stub it calls).
+    pub index: usize,
+    /// The site (the patch point: `prologue.patch_at`).
+    pub prologue: &'a Prologue,
+}
+
+/// Bytes reserved for the thunk of `p` (record, call, relocated copy, 16-byte aligned
+/// with room for a re-encoding a few bytes longer at the slot's final address).
+pub fn thunk_len(p: &Prologue) -> Result<usize, Refusal> {
+    let probe = p.relocate(p.patch_at + 0x10000)?;
+    Ok((THUNK_RECORD + THUNK_CALL + probe.code.len() + 8).next_multiple_of(16))
+}
+
+/// Offset of the first thunk in a slot with this layout (after the stubs, and the
+/// thunk trace stub of a trace group).
+pub fn thunks_base(layout: &Layout<'_>) -> usize {
+    let mut n = slot_len(layout);
+    if let Layout::Trace { nargs, .. } = layout {
+        n += trace_stub(0, *nargs, 0, 0).len();
+    }
+    n.next_multiple_of(16)
+}
+
+/// Offset of the stub the thunk of site `i` calls.
+pub fn thunk_entry(layout: &Layout<'_>, i: usize) -> usize {
+    match layout {
+        Layout::Trace { .. } => slot_len(layout),
+        _ => site_entry(layout, i),
+    }
+}
+
+/// Bytes of a slot with these thunks (each [`thunk_len`]).
+pub fn slot_len_with(layout: &Layout<'_>, thunk_lens: &[usize]) -> usize {
+    if thunk_lens.is_empty() {
+        return slot_len(layout);
+    }
+    thunks_base(layout) + thunk_lens.iter().sum::<usize>()
+}
+
+/// A slot's bytes with the thunks of its relocated sites (see the module comment),
+/// for a slot at `slot_addr`: the relocated copies are position-dependent. Returns the
+/// code and each thunk's offset (what its site jumps to). `thunk_lens` are the
+/// [`thunk_len`]s the slot was sized with; a copy that no longer fits is an error.
+pub fn generate_with_thunks(
+    layout: &Layout<'_>,
+    descriptor: u64,
+    entry: u64,
+    slot_addr: u64,
+    thunks: &[Thunk<'_>],
+    thunk_lens: &[usize],
+) -> Result<(Vec<u8>, Vec<usize>), Refusal> {
+    let mut b = generate(layout, descriptor, entry);
+    if thunks.is_empty() {
+        return Ok((b, Vec::new()));
+    }
+    if let Layout::Trace {
+        tracer,
+        nargs,
+        dropped_idx,
+        tls_offset,
+    } = layout
+    {
+        let at = b.len();
+        b.extend_from_slice(&trace_stub_at(
+            *tracer,
+            *nargs,
+            *dropped_idx,
+            *tls_offset,
+            at,
+            true,
+        ));
+    }
+    b.resize(thunks_base(layout), 0xCC);
+    let mut offsets = Vec::with_capacity(thunks.len());
+    for (t, &reserved) in thunks.iter().zip(thunk_lens) {
+        let start = b.len();
+        let thunk = start + THUNK_RECORD;
+        let p = t.prologue;
+        let copy_at = slot_addr + (thunk + THUNK_CALL) as u64;
+        let r = p.relocate(copy_at)?;
+        let too_big = |why: String| Refusal::Encode { at: copy_at, why };
+        if THUNK_RECORD + THUNK_CALL + r.code.len() > reserved {
+            return Err(too_big(format!(
+                "the copy is {} bytes, more than the {reserved} reserved",
+                r.code.len()
+            )));
+        }
+        if r.boundaries.len() > RECORD_PAIRS || p.len as usize >= MAX_REPLACED {
+            return Err(too_big(format!(
+                "{} moved instructions over {} bytes do not fit a thunk record",
+                r.boundaries.len(),
+                p.len
+            )));
+        }
+        let mut rec = ThunkRecord {
+            len: p.len as u8,
+            n: r.boundaries.len() as u8,
+            pairs: [(0, 0); RECORD_PAIRS],
+        };
+        for (slot, &(old, new)) in rec.pairs.iter_mut().zip(&r.boundaries) {
+            let new = u8::try_from(new).map_err(|_| too_big("copy offset > 255".into()))?;
+            *slot = (old as u8, new);
+        }
+        b.extend_from_slice(&rec.bytes());
+        b.extend_from_slice(&p.patch_at.to_le_bytes());
+        debug_assert_eq!(b.len(), thunk);
+        b.push(0xE8);
+        let d = thunk_entry(layout, t.index) as i64 - (thunk + THUNK_CALL) as i64;
+        b.extend_from_slice(&(d as i32).to_le_bytes());
+        b.extend_from_slice(&r.code);
+        b.resize(start + reserved, 0xCC);
+        offsets.push(thunk);
+    }
+    Ok((b, offsets))
 }
 
 #[cfg(test)]
@@ -315,6 +532,86 @@ mod tests {
         assert_eq!(COUNT_BASE as i32 + slow as i32 + 7 + d, GENERIC as i32);
         // fewer arguments, shorter stub
         assert!(trace_stub(9, 0, 5, 0).len() < trace_stub(9, 6, 5, 0).len());
+    }
+
+    /// A thread blocked in a system call, or interrupted by a signal, inside the bytes a
+    /// relocated prologue replaces would be resumed there after the grace period (the
+    /// observer sees it blocked, or in its handler, outside): a `syscall` (or `int`)
+    /// among the moved instructions is refused, so a thread's saved PC after one is at
+    /// the patch point at most, never strictly inside.
+    #[test]
+    fn syscalls_are_never_moved() {
+        for code in [
+            &[0x0f, 0x05, 0x90, 0x90, 0x90, 0x90, 0xc3][..], // syscall
+            &[0x90, 0x0f, 0x05, 0x90, 0x90, 0x90, 0xc3][..], // nop; syscall
+            &[0x90, 0xcd, 0x80, 0x90, 0x90, 0x90, 0xc3][..], // nop; int 0x80
+            &[0x90, 0x0f, 0x34, 0x90, 0x90, 0x90, 0xc3][..], // nop; sysenter
+        ] {
+            let r = relocate::analyze(code, 0x40_0000, &[]);
+            assert!(
+                matches!(r, Err(Refusal::Unmovable { .. })),
+                "{code:02x?}: {r:?}"
+            );
+        }
+    }
+
+    /// The thunk layout: record, site word just before the `call`, the call to the
+    /// site's stub, the relocated copy; the record maps every moved instruction.
+    #[test]
+    fn thunks_carry_their_site_and_map() {
+        // endbr64; lea rax, [rdi+1]; add rax, [rip+0x100]; ret
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x8d, 0x47, 0x01, 0x48, 0x03, 0x05, 0x00, 0x01, 0x00,
+            0x00, 0xc3,
+        ];
+        let entry = 0x40_1000u64;
+        let p = relocate::analyze(&code, entry, &[]).unwrap();
+        assert_eq!((p.patch_at, p.len), (entry + 4, 11));
+        let slot = 0x50_0000u64;
+        let lens = [thunk_len(&p).unwrap()];
+        for layout in [
+            Layout::Generic,
+            Layout::Count {
+                idx: &[7],
+                tls_offset: -0x40,
+            },
+            Layout::Trace {
+                tracer: 1,
+                nargs: 2,
+                dropped_idx: 3,
+                tls_offset: -0x40,
+            },
+        ] {
+            let thunks = [Thunk {
+                index: 0,
+                prologue: &p,
+            }];
+            let (b, offs) = generate_with_thunks(&layout, 1, 2, slot, &thunks, &lens).unwrap();
+            assert_eq!(b.len(), slot_len_with(&layout, &lens));
+            let t = offs[0];
+            assert_eq!(t % 8, 0);
+            let site = u64::from_le_bytes(b[t - 8..t].try_into().unwrap());
+            assert_eq!(site, p.patch_at, "the site word");
+            assert_eq!(b[t], 0xE8);
+            let d = i32::from_le_bytes(b[t + 1..t + 5].try_into().unwrap());
+            assert_eq!((t + 5) as i64 + d as i64, thunk_entry(&layout, 0) as i64);
+            // SAFETY: `b` is a live buffer holding the thunk at offset `t`.
+            let rec = unsafe { read_thunk_record(b.as_ptr() as usize + t) };
+            assert_eq!((rec.len, rec.n), (11, 2));
+            assert_eq!(rec.map(0), Some(0));
+            assert_eq!(rec.map(4), Some(4), "lea is 4 bytes in the copy too");
+            assert_eq!(rec.map(2), None, "not a boundary");
+            if let Layout::Trace { .. } = layout {
+                // The thunk trace stub takes the site from the thunk: mov rax, [rax-13].
+                let s = &b[thunk_entry(&layout, 0)..];
+                assert!(s.windows(4).any(|w| w == [0x48, 0x8B, 0x40, 0xF3]));
+                assert!(
+                    !s[..trace_stub(0, 2, 0, 0).len()]
+                        .windows(4)
+                        .any(|w| w == [0x48, 0x83, 0xE8, 0x05])
+                );
+            }
+        }
     }
 
     // Runs the stub for real: a fake thread block behind this test thread's TLS word.

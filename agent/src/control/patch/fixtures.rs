@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard, Once, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::relocated::RelocOp;
 use super::{Op, Patcher};
 use crate::control::arena::{self, Arena, Slot, Window};
 use crate::control::counters::Counters;
@@ -19,7 +20,8 @@ use crate::hot::block;
 use crate::hot::dispatch::Registered;
 use crate::hot::dispatch::{self, Action, Callback, DESC_DEAD, DESC_LIVE, Descriptor};
 use crate::hot::qs::{self, EPOCH};
-use crate::tramp::{self, Layout};
+use crate::tramp::relocate::{self, Prologue};
+use crate::tramp::{self, Layout, Thunk};
 
 // Each fixture is used by one test only (tests run in parallel in one process).
 std::arch::global_asm!(
@@ -176,6 +178,90 @@ std::arch::global_asm!(
     "ret",
     ".p2align 4, 0xcc",
     ".endr",
+    // Functions built without instrumentation (issue 11), whose prologues are relocated.
+    // fn(u64) -> u64 { x + 1 }: endbr64, then two moved instructions (a thread can be
+    // stopped between them), the second RIP-relative: the relocated-site stress test.
+    ".p2align 4",
+    ".globl patchbay_fx_rel_stress",
+    "patchbay_fx_rel_stress:",
+    "endbr64",
+    "lea rax, [rdi + 1]",
+    "add rax, qword ptr [rip + patchbay_fx_rel_zero]",
+    "ret",
+    ".globl patchbay_fx_rel_stress_end",
+    "patchbay_fx_rel_stress_end:",
+    // Same as patchbay_fx_rel_stress, for the test that stops threads inside it.
+    ".p2align 4",
+    ".globl patchbay_fx_rel_step",
+    "patchbay_fx_rel_step:",
+    "endbr64",
+    "lea rax, [rdi + 1]",
+    "add rax, qword ptr [rip + patchbay_fx_rel_zero]",
+    "ret",
+    ".globl patchbay_fx_rel_step_end",
+    "patchbay_fx_rel_step_end:",
+    // fn(a, b) -> u64 { if a == 0 { 100 } else { a + b } }: a conditional branch among
+    // the moved instructions, re-targeted to the original code.
+    ".p2align 4",
+    ".globl patchbay_fx_rel_branch",
+    "patchbay_fx_rel_branch:",
+    "test rdi, rdi",
+    "jz 2f",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    "2:",
+    "mov eax, 100",
+    "ret",
+    ".globl patchbay_fx_rel_branch_end",
+    "patchbay_fx_rel_branch_end:",
+    // fn(flag: *const u8) -> u64 { while *flag == 0 {} 7 }: the loop lies entirely in the
+    // moved bytes (nop; 1: cmp byte [rdi], 0; je 1b), re-targeted inside the copy; a
+    // thread spinning there is stopped strictly inside the replaced bytes.
+    ".p2align 4",
+    ".globl patchbay_fx_rel_spin",
+    "patchbay_fx_rel_spin:",
+    "nop",
+    "3:",
+    "cmp byte ptr [rdi], 0",
+    "je 3b",
+    "mov eax, 7",
+    "ret",
+    ".globl patchbay_fx_rel_spin_end",
+    "patchbay_fx_rel_spin_end:",
+    // fn(u64) -> u64 { x + 1 }, for the premature-free check of a relocated site.
+    ".p2align 4",
+    ".globl patchbay_fx_rel_dead",
+    "patchbay_fx_rel_dead:",
+    "lea rax, [rdi + 1]",
+    "add rax, qword ptr [rip + patchbay_fx_rel_zero]",
+    "ret",
+    ".globl patchbay_fx_rel_dead_end",
+    "patchbay_fx_rel_dead_end:",
+    // fn(a, b) -> u64 { a + 1 + b }: built without instrumentation (endbr64, two moved
+    // instructions) and with a 5-byte nop entry, for the relocated-site benchmark.
+    ".p2align 4",
+    ".globl patchbay_fx_bench_rel",
+    "patchbay_fx_bench_rel:",
+    "endbr64",
+    "lea rax, [rdi + 1]",
+    "add rax, rsi",
+    "ret",
+    ".globl patchbay_fx_bench_rel_end",
+    "patchbay_fx_bench_rel_end:",
+    ".p2align 4",
+    ".globl patchbay_fx_bench_nop",
+    "patchbay_fx_bench_nop:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + 1]",
+    "add rax, rsi",
+    "ret",
+    // fn(u64) -> u64 { x + 1 } with a 5-byte nop entry: called by an agent thread.
+    ".p2align 4",
+    ".globl patchbay_fx_agent",
+    "patchbay_fx_agent:",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "lea rax, [rdi + 1]",
+    "ret",
     // A foreign int3 (not a site): must reach the previous SIGTRAP handler.
     ".p2align 4",
     ".globl patchbay_fx_int3",
@@ -207,6 +293,9 @@ std::arch::global_asm!(
     ".globl patchbay_fx_align_out",
     "patchbay_fx_align_out:",
     ".quad 99",
+    ".globl patchbay_fx_rel_zero",
+    "patchbay_fx_rel_zero:",
+    ".quad 0",
     ".popsection",
 );
 
@@ -227,6 +316,20 @@ unsafe extern "C" {
     pub fn patchbay_fx_sled_stress(x: u64) -> u64;
     pub fn patchbay_fx_sled_ctx();
     pub fn patchbay_fx_int3();
+    pub fn patchbay_fx_agent(x: u64) -> u64;
+    pub fn patchbay_fx_bench_rel(a: u64, b: u64) -> u64;
+    pub fn patchbay_fx_bench_nop(a: u64, b: u64) -> u64;
+    static patchbay_fx_bench_rel_end: u8;
+    pub fn patchbay_fx_rel_stress(x: u64) -> u64;
+    pub fn patchbay_fx_rel_branch(a: u64, b: u64) -> u64;
+    pub fn patchbay_fx_rel_step(x: u64) -> u64;
+    static patchbay_fx_rel_step_end: u8;
+    pub fn patchbay_fx_rel_spin(flag: *const u8) -> u64;
+    pub fn patchbay_fx_rel_dead(x: u64) -> u64;
+    static patchbay_fx_rel_stress_end: u8;
+    static patchbay_fx_rel_branch_end: u8;
+    static patchbay_fx_rel_spin_end: u8;
+    static patchbay_fx_rel_dead_end: u8;
     pub fn patchbay_fx_many(x: u64) -> u64;
     /// Safe: it reads no memory and writes only its own output word.
     pub safe fn patchbay_fx_align_cb(ctx: *const dispatch::CallCtx<'static>);
@@ -332,7 +435,7 @@ pub fn install_hold_handler() {
 /// (if it is still a sled) for [`STEP_HOLD`] in [`hold_handler`] (installed by the
 /// caller), then runs on normally.
 pub fn call_stepping(f: unsafe extern "C" fn(u64) -> u64, x: u64, stop: usize) -> u64 {
-    assert!((1..5).contains(&stop));
+    assert!((1..16).contains(&stop));
     STEP_AT.with(|s| s.set(stop));
     let r: u64;
     // SAFETY: sets the trap flag right before the call (the first trap comes after the
@@ -443,6 +546,77 @@ fn register_ranges() {
     *done = ranges.len();
 }
 
+/// A relocatable fixture function: its entry, its analysed prologue, and the bytes the
+/// jump replaces.
+pub struct RelFn {
+    pub entry: usize,
+    /// Bytes from the entry to the end label.
+    pub size: usize,
+    pub prologue: Prologue,
+    pub original: Vec<u8>,
+}
+
+impl RelFn {
+    /// The patch point (after an `endbr64`): the site.
+    pub fn site(&self) -> usize {
+        self.prologue.patch_at as usize
+    }
+}
+
+/// Analyses a fixture function from its code in memory, as the installer does.
+fn rel_fn(f: *const (), end: *const u8) -> RelFn {
+    let (entry, end) = (f as usize, end as usize);
+    // SAFETY: the fixture's code, from its label to its end label, in loaded text.
+    let code = unsafe { std::slice::from_raw_parts(entry as *const u8, end - entry) };
+    let prologue = relocate::analyze(code, entry as u64, &[]).expect("relocatable fixture");
+    let at = prologue.patch_at as usize - entry;
+    let original = code[at..at + prologue.len as usize].to_vec();
+    RelFn {
+        entry,
+        size: end - entry,
+        prologue,
+        original,
+    }
+}
+
+/// The relocatable fixtures, by name.
+pub fn rel_stress() -> RelFn {
+    rel_fn(
+        patchbay_fx_rel_stress as *const (),
+        &raw const patchbay_fx_rel_stress_end,
+    )
+}
+pub fn rel_step() -> RelFn {
+    rel_fn(
+        patchbay_fx_rel_step as *const (),
+        &raw const patchbay_fx_rel_step_end,
+    )
+}
+pub fn rel_branch() -> RelFn {
+    rel_fn(
+        patchbay_fx_rel_branch as *const (),
+        &raw const patchbay_fx_rel_branch_end,
+    )
+}
+pub fn rel_spin() -> RelFn {
+    rel_fn(
+        patchbay_fx_rel_spin as *const (),
+        &raw const patchbay_fx_rel_spin_end,
+    )
+}
+pub fn rel_bench() -> RelFn {
+    rel_fn(
+        patchbay_fx_bench_rel as *const (),
+        &raw const patchbay_fx_bench_rel_end,
+    )
+}
+pub fn rel_dead() -> RelFn {
+    rel_fn(
+        patchbay_fx_rel_dead as *const (),
+        &raw const patchbay_fx_rel_dead_end,
+    )
+}
+
 /// A production trampoline for some fixture sites.
 pub struct Tramp {
     sites: Vec<usize>,
@@ -459,6 +633,18 @@ impl Tramp {
     /// stubs and a group of one trace action a trace stub; any other group, or any
     /// group without `stubs`, goes through the generic stub and the dispatcher.
     pub fn new(sites: &[usize], actions: Vec<Action>, stubs: bool) -> Tramp {
+        Tramp::build(sites, &[], actions, stubs)
+    }
+
+    /// [`Tramp::new`] for relocated sites: one thunk per function (sorted by site),
+    /// which its site jumps to ([`Tramp::entry`]).
+    pub fn relocated(fns: &[&RelFn], actions: Vec<Action>, stubs: bool) -> Tramp {
+        let sites: Vec<usize> = fns.iter().map(|f| f.site()).collect();
+        let prologues: Vec<&Prologue> = fns.iter().map(|f| &f.prologue).collect();
+        Tramp::build(&sites, &prologues, actions, stubs)
+    }
+
+    fn build(sites: &[usize], prologues: &[&Prologue], actions: Vec<Action>, stubs: bool) -> Tramp {
         patcher();
         assert!(
             sites.windows(2).all(|w| w[0] < w[1]),
@@ -502,14 +688,45 @@ impl Tramp {
                 _ => Layout::Generic,
             };
             let window = Window::for_calls_from(chunk).expect("fixture sites share a window");
-            let code = tramp::generate(&layout, desc_ptr, dispatch::generic_entry());
+            if prologues.is_empty() {
+                let code = tramp::generate(&layout, desc_ptr, dispatch::generic_entry());
+                let slot = arena()
+                    .alloc(window, code.len())
+                    .expect("trampoline memory");
+                arena()
+                    .write_and_seal(&slot, &code)
+                    .expect("write trampoline");
+                entries
+                    .extend((0..chunk.len()).map(|k| slot.addr() + tramp::site_entry(&layout, k)));
+                slots.push(slot);
+                continue;
+            }
+            let mine = &prologues[c * SITES_PER_SLOT..c * SITES_PER_SLOT + chunk.len()];
+            let thunks: Vec<Thunk<'_>> = mine
+                .iter()
+                .enumerate()
+                .map(|(index, &prologue)| Thunk { index, prologue })
+                .collect();
+            let lens: Vec<usize> = mine
+                .iter()
+                .map(|p| tramp::thunk_len(p).expect("relocatable"))
+                .collect();
             let slot = arena()
-                .alloc(window, code.len())
+                .alloc(window, tramp::slot_len_with(&layout, &lens))
                 .expect("trampoline memory");
+            let (code, offsets) = tramp::generate_with_thunks(
+                &layout,
+                desc_ptr,
+                dispatch::generic_entry(),
+                slot.addr() as u64,
+                &thunks,
+                &lens,
+            )
+            .expect("relocated at the slot");
             arena()
                 .write_and_seal(&slot, &code)
                 .expect("write trampoline");
-            entries.extend((0..chunk.len()).map(|k| slot.addr() + tramp::site_entry(&layout, k)));
+            entries.extend(offsets.iter().map(|o| slot.addr() + o));
             slots.push(slot);
         }
         register_ranges();
@@ -536,6 +753,28 @@ impl Tramp {
             .iter()
             .zip(&self.entries)
             .map(|(&site, &target)| Op::Call { site, target })
+            .collect()
+    }
+
+    /// The batch that makes every relocated site jump to this trampoline's thunk.
+    pub fn jump_ops<'a>(&self, fns: &[&'a RelFn]) -> Vec<RelocOp<'a>> {
+        fns.iter()
+            .map(|f| RelocOp::Jump {
+                site: f.site(),
+                thunk: self.entry(f.site()),
+                original: &f.original,
+            })
+            .collect()
+    }
+
+    /// The batch that gives every relocated site its original prologue back.
+    pub fn restore_ops<'a>(&self, fns: &[&'a RelFn]) -> Vec<RelocOp<'a>> {
+        fns.iter()
+            .map(|f| RelocOp::Restore {
+                site: f.site(),
+                thunk: self.entry(f.site()),
+                original: &f.original,
+            })
             .collect()
     }
 
@@ -590,7 +829,7 @@ pub fn grace_period(obs: &mut Observer, tids: &BTreeSet<u32>) -> Result<(), Stri
 
 const CHILD_ENV: &str = "PATCHBAY_PATCH_TEST_CHILD";
 
-/// Runs test `name` (of `control::patch::tests`) alone in a child process: `None` in that child
+/// Runs test `name` (of `control::patch::tests`, or a full path) alone in a child process: `None` in that child
 /// (run the test's body), the child's output in the parent. Stress tests run this way,
 /// so that a premature free (which kills the process with SIGTRAP) fails that test with
 /// its report instead of killing the whole test binary, and so that no other test
@@ -608,7 +847,11 @@ pub fn in_child(name: &str) -> Option<std::process::Output> {
     let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
-            &format!("control::patch::tests::{name}"),
+            &if name.contains("::") {
+                name.to_string()
+            } else {
+                format!("control::patch::tests::{name}")
+            },
             "--test-threads=1",
             "--nocapture",
         ])

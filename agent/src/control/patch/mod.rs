@@ -39,12 +39,16 @@
 //! unmapped since the agent thread last drained them are skipped unread (counted as
 //! unchanged).
 //!
+//! Relocated prologues (several instructions replaced by a `jmp` to a thunk) have
+//! their own batch, [`relocated`], with a grace period when installing.
+//!
 //! Cost: three membarriers per batch, and per step one `pwrite` per span (sites of one
 //! object within 4 KiB of each other share a span) plus a `pread` of its current bytes.
 
 pub(crate) mod coalesce;
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub(crate) mod relocated;
 #[cfg(test)]
 mod tests;
 
@@ -205,6 +209,14 @@ pub fn poke(addr: usize, bytes: &[u8]) -> std::io::Result<()> {
     with_mem(|m| m.write_all_at(bytes, addr as u64))
 }
 
+/// Reads `len` bytes at `addr` of this process through `/proc/self/mem` (an address
+/// that is not mapped gives an error, never a fault).
+pub fn peek(addr: usize, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut b = vec![0u8; len];
+    with_mem(|m| m.read_exact_at(&mut b, addr as u64))?;
+    Ok(b)
+}
+
 const INT3: [u8; 1] = [0xCC];
 
 /// Batches with at least this many sites write coalesced spans (see [`coalesce`]).
@@ -263,7 +275,7 @@ pub fn threads_blocking_sigtrap() -> Vec<u32> {
 /// every signal in a new thread until it has set the thread up (before any program
 /// code runs there; on a busy machine it may wait a while to be scheduled), so a
 /// blocker is re-checked for up to 250 ms before it counts.
-fn check_no_thread_blocks_sigtrap() -> Result<(), PatchError> {
+pub(crate) fn check_no_thread_blocks_sigtrap() -> Result<(), PatchError> {
     let mut blockers = threads_blocking_sigtrap();
     let end = std::time::Instant::now() + std::time::Duration::from_millis(250);
     while let Some(&tid) = blockers.first() {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::fixtures::*;
+use super::relocated::RelocOp;
 use super::*;
 use crate::control::drain as ring;
 use crate::control::observer::Observer;
@@ -76,14 +77,17 @@ thread_local! {
     static CUSTOM_RUNS: Cell<u64> = const { Cell::new(0) };
 }
 
+/// The site the stress test patches (its custom callback checks it).
+static STRESS_SITE: AtomicU64 = AtomicU64::new(0);
+
 /// The stress group's custom callback: checks what it is given, counts its runs, and
 /// every 4th run yields the CPU three times (a callback that sleeps): threads are often
 /// descheduled inside a dispatch, also after a quiescent-state signal was handled there
 /// (a free that does not wait for them is then caught by the descriptor check after
 /// the callback).
 fn stress_custom(ctx: &CallCtx<'_>) {
-    let site = site_of(patchbay_fx_stress as *const ());
-    if ctx.site != site as u64 || ctx.args[0] != EXPECT_ARG.get() || ctx.tid != crate::sys::tid() {
+    let site = STRESS_SITE.load(Ordering::Relaxed);
+    if ctx.site != site || ctx.args[0] != EXPECT_ARG.get() || ctx.tid != crate::sys::tid() {
         stress_fail(format!(
             "custom callback saw site {:#x} arg {} tid {}",
             ctx.site, ctx.args[0], ctx.tid
@@ -130,6 +134,22 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
     if passes_in_child("stress_patch_retarget_unpatch_free_while_threads_call") {
         return;
     }
+    stress_cycles(false);
+}
+
+/// The same for a relocated prologue (`endbr64`, then two moved instructions, one of
+/// them RIP-relative): installed over the prologue with a grace period (the real
+/// `Observer`) while the threads call, moved from thunk to thunk, restored; every
+/// result, count and event (naming the patch point) checked as above.
+#[test]
+fn stress_relocate_move_restore_free_while_threads_call() {
+    if passes_in_child("stress_relocate_move_restore_free_while_threads_call") {
+        return;
+    }
+    stress_cycles(true);
+}
+
+fn stress_cycles(reloc: bool) {
     const THREADS: usize = 4;
     // 60 cycles, or fewer (at least 20) past 3 s on a loaded machine.
     const CYCLES: usize = 60;
@@ -142,8 +162,17 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
 
     let p = patcher();
     refill_blocks(THREADS + 8);
-    let site = site_of(patchbay_fx_stress as *const ());
-    let original = bytes_at(site);
+    let rel = reloc.then(rel_stress);
+    let site = rel
+        .as_ref()
+        .map_or(site_of(patchbay_fx_stress as *const ()), |f| f.site());
+    let func: unsafe extern "C" fn(u64) -> u64 = if reloc {
+        patchbay_fx_rel_stress
+    } else {
+        patchbay_fx_stress
+    };
+    let original = bytes_n(site, rel.as_ref().map_or(5, |f| f.original.len()));
+    STRESS_SITE.store(site as u64, Ordering::Relaxed);
     let count_idx = alloc_counter();
     let dropped_idx = alloc_counter();
     let traps_before = crate::hot::trap::stats();
@@ -162,7 +191,7 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
                     let (c1, u1) = (h.counter(count_idx), CUSTOM_RUNS.get());
                     EXPECT_ARG.set(x);
                     // SAFETY: the fixture is a plain function of one u64.
-                    let r = unsafe { patchbay_fx_stress(black_box(x)) };
+                    let r = unsafe { func(black_box(x)) };
                     let p2 = PHASE.load(Ordering::SeqCst);
                     let dc = h.counter(count_idx).wrapping_sub(c1);
                     let du = CUSTOM_RUNS.get() - u1;
@@ -249,7 +278,10 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
             TRACE_STUB => vec![trace()],
             _ => vec![count(), trace(), custom(stress_custom)],
         };
-        Tramp::new(&[site], actions, kind != GENERIC)
+        match &rel {
+            Some(f) => Tramp::relocated(&[f], actions, kind != GENERIC),
+            None => Tramp::new(&[site], actions, kind != GENERIC),
+        }
     };
     let mut obs = Observer::new();
     let mut current: Option<(u64, Tramp)> = None;
@@ -272,14 +304,38 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
             let new = next.map(build);
             seq += 1;
             PHASE.store(phase(seq, from, to), Ordering::SeqCst);
-            let op = match &new {
-                Some(t) => Op::Call {
-                    site,
-                    target: t.entry(site),
-                },
-                None => Op::Nop { site },
+            let changed = if let Some(f) = &rel {
+                let op = match (&new, &current) {
+                    (Some(t), _) => RelocOp::Jump {
+                        site,
+                        thunk: t.entry(site),
+                        original: &f.original,
+                    },
+                    (None, Some((_, old))) => RelocOp::Restore {
+                        site,
+                        thunk: old.entry(site),
+                        original: &f.original,
+                    },
+                    (None, None) => unreachable!("a cycle ends with the site patched"),
+                };
+                match p.relocate(&[op], &mut || grace_period(&mut obs, &tids)) {
+                    Ok(r) => r.changed,
+                    Err(e) => {
+                        stress_fail(format!("relocate: {e}"));
+                        break 'cycles;
+                    }
+                }
+            } else {
+                let op = match &new {
+                    Some(t) => Op::Call {
+                        site,
+                        target: t.entry(site),
+                    },
+                    None => Op::Nop { site },
+                };
+                p.apply(&[op]).unwrap().changed
             };
-            assert_eq!(p.apply(&[op]).unwrap().changed, 1);
+            assert_eq!(changed, 1);
             PHASE.store(phase(seq, to, to), Ordering::SeqCst);
             let freed = current.is_some();
             if let Some((_, old)) = current.take() {
@@ -301,7 +357,14 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
         panic!("{msg}");
     }
     if let Some((_, t)) = current.take() {
-        p.apply(&t.nop_ops()).unwrap();
+        match &rel {
+            Some(f) => {
+                p.relocate(&t.restore_ops(&[f]), &mut || Ok(())).unwrap();
+            }
+            None => {
+                p.apply(&t.nop_ops()).unwrap();
+            }
+        }
         t.free(); // every caller has been joined
     }
     let counted: u64 = results.iter().map(|r| r.0).sum();
@@ -314,11 +377,13 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
         "stress: {cycles} cycles (patch, retarget, unpatch, 2 grace periods and frees; worst \
          grace period {worst_grace:?}): counted {total} = observed {counted}, {events} \
          events; {stable} calls in stable phases, {ambiguous} ambiguous; traps emulated: \
-         {} calls, {} nops, {} restarts; {} signals",
+         {} calls, {} nops and jumps, {} restarts; {} signals; {} threads moved out of \
+         the prologue",
         traps.emulated_calls - traps_before.emulated_calls,
         traps.emulated_nops - traps_before.emulated_nops,
         traps.restarted - traps_before.restarted,
         obs.signals,
+        crate::hot::stats::snapshot().reloc_exits,
     );
     assert_eq!(
         total, counted,
@@ -327,9 +392,9 @@ fn stress_patch_retarget_unpatch_free_while_threads_call() {
     assert_eq!(counter_total(dropped_idx), 0, "no event dropped");
     assert!(events > 0 && stable > 0);
     assert_eq!(
-        bytes_at(site),
+        bytes_n(site, original.len()),
         original,
-        "unpatched site has its original nop"
+        "unpatched site has its original bytes"
     );
 }
 
@@ -528,7 +593,7 @@ fn trampolines_preserve_registers_and_callbacks_see_args() {
             site: site as u64,
             tid: crate::sys::tid(),
             nesting: 1,
-            nest: 1,
+            nest: 1 + block::IN_DISPATCH,
         }]
     );
     assert_eq!(
@@ -743,12 +808,14 @@ fn recurse(_ctx: &CallCtx<'_>) {
     }
 }
 
-/// A callback that calls a traced function gets a nested dispatch (the production
-/// dispatcher has no recursion guard: the nested call runs the group again, at depth
-/// 2). A quiescent-state signal deferred inside is stamped only when the outermost
-/// dispatch leaves, not when the nested one does.
+/// A callback that calls a traced function does not trace it again: the nested call
+/// goes through the entry stub but the dispatcher runs nothing for a thread already
+/// inside a dispatch (`block::IN_DISPATCH`) (no recursion: the agent and callbacks call libc, which
+/// may be traced). A quiescent-state signal deferred inside is stamped only when the
+/// outermost dispatch leaves, not when the nested one does. Fails with the guard
+/// removed (the callback runs twice, the count is 2).
 #[test]
-fn nested_dispatch_from_a_callback_stamps_only_at_the_outermost_exit() {
+fn callback_calling_a_traced_function_is_not_traced_again() {
     let p = patcher();
     let site = site_of(patchbay_fx_recurse as *const ());
     let idx = alloc_counter();
@@ -770,11 +837,14 @@ fn nested_dispatch_from_a_callback_stamps_only_at_the_outermost_exit() {
     p.apply(&t.nop_ops()).unwrap();
     t.free();
     assert_eq!(r, 7);
-    assert_eq!(RECURSE_CALLS.load(Ordering::SeqCst), 2);
+    assert_eq!(RECURSE_CALLS.load(Ordering::SeqCst), 1, "not traced again");
     assert_eq!(
         *RECURSE_SEEN.lock().unwrap(),
-        vec![(1, 1, before), (2, 2, before), (1, 1, before)],
-        "nested depth 2; no stamp before the outermost dispatch left"
+        vec![
+            (1, 1 + block::IN_DISPATCH, before),
+            (1, 1 + block::IN_DISPATCH, before)
+        ],
+        "no stamp before the outermost dispatch left"
     );
     assert!(
         h.qs_epoch.load(Ordering::Relaxed) >= e,
@@ -783,7 +853,7 @@ fn nested_dispatch_from_a_callback_stamps_only_at_the_outermost_exit() {
     assert_eq!(block::DEFERRED.with(|d| d.get()), 0);
     assert_eq!(block::NEST.with(|n| n.get()), 0);
     assert_eq!(h.nesting.load(Ordering::Relaxed), 0);
-    assert_eq!(counter_total(idx), 2);
+    assert_eq!(counter_total(idx), 1);
 }
 
 /// A dispatch through a descriptor whose trampoline was freed (its live word says
@@ -1237,4 +1307,526 @@ fn qs_handler_moves_a_thread_out_of_a_sled_in_conversion() {
     assert_eq!(run(site + 5), site + 5);
     trap::set_transition(site, Transition::Idle);
     assert_eq!(run(site + 3), site + 3);
+}
+
+// ------------------------------------------------------------ relocated prologues
+
+/// What the relocated-site callback saw: (site, args[0], args[1]).
+static REL_SEEN: Mutex<Vec<(u64, u64, u64)>> = Mutex::new(Vec::new());
+
+fn rel_record(ctx: &CallCtx<'_>) {
+    REL_SEEN
+        .lock()
+        .unwrap()
+        .push((ctx.site, ctx.args[0], ctx.args[1]));
+}
+
+/// Reads the `len` bytes at `site`.
+fn bytes_n(site: usize, len: usize) -> Vec<u8> {
+    // SAFETY: fixture code, loaded text.
+    (0..len)
+        .map(|i| unsafe { std::ptr::read_volatile((site + i) as *const u8) })
+        .collect()
+}
+
+/// A function built without instrumentation (a conditional branch among its moved
+/// instructions) through the three kinds of trampolines: installed over its prologue,
+/// moved from one thunk to the next (count stub, trace stub, generic stub with a custom
+/// callback), then restored. Counts are exact; events and callbacks name the function's
+/// site (the patch point, not the thunk) with the argument registers; the function
+/// computes the same at every stage of every protocol step (a trap at the patch point
+/// runs the thunk, or the old copy while restoring).
+#[test]
+fn relocated_site_counts_traces_and_calls_back_naming_its_function() {
+    let p = patcher();
+    let f = rel_branch();
+    let site = f.site();
+    assert_eq!(site, f.entry, "no endbr64: the patch point is the entry");
+    let call = |a: u64, b: u64| {
+        // SAFETY: plain fixture function of two u64.
+        unsafe { patchbay_fx_rel_branch(black_box(a), black_box(b)) }
+    };
+    let check = |_: Stage| {
+        assert_eq!(call(0, 9), 100);
+        assert_eq!(call(3, 4), 7);
+    };
+    let h = block::current()
+        .or_else(|| block::claim(crate::sys::tid()))
+        .expect("a thread block");
+    let idx = alloc_counter();
+    let count = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+    let mut no_thread_inside = || Ok(());
+    let r = p
+        .relocate_observed(&count.jump_ops(&[&f]), &mut no_thread_inside, &mut {
+            check
+        })
+        .unwrap();
+    assert_eq!(r.changed, 1);
+    assert_eq!(bytes_n(site, 1), [0xE9]);
+    for i in 0..1000 {
+        assert_eq!(call(i, 1), if i == 0 { 100 } else { i + 1 });
+    }
+    // Calls made at the three stages of the install (2 each), all through the thunk: after
+    // the int3 and after the tail by the trap handler, after the first byte by the jump.
+    assert_eq!(h.counter(idx), 1000 + 6);
+
+    // Moved to a trace-stub trampoline: one instruction, no grace period needed.
+    const TRACER: u64 = 0x7e1;
+    let dropped = alloc_counter();
+    let trace = Tramp::relocated(
+        &[&f],
+        vec![Action::Trace {
+            tracer: TRACER,
+            nargs: 2,
+            dropped_idx: dropped,
+        }],
+        true,
+    );
+    let mut never = || -> Result<(), String> { panic!("a move needs no grace period") };
+    ring::drain(h, |_| {});
+    p.relocate_observed(&trace.jump_ops(&[&f]), &mut never, &mut { check })
+        .unwrap();
+    let counted = h.counter(idx);
+    assert_eq!(call(0, 9), 100);
+    assert_eq!(call(5, 6), 11);
+    let mut events = Vec::new();
+    ring::drain(h, |e| events.push(e));
+    let tail: Vec<_> = events[events.len() - 2..]
+        .iter()
+        .map(|e| (e.site, e.tracer, e.nargs, e.args[0], e.args[1]))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (site as u64, TRACER, 2, 0, 9),
+            (site as u64, TRACER, 2, 5, 6)
+        ],
+        "events name the function's site and carry the arguments"
+    );
+    assert!(events.iter().all(|e| e.site == site as u64));
+    assert_eq!(
+        h.counter(idx),
+        counted,
+        "the old count stub is no longer called"
+    );
+
+    // Moved to the generic stub: the dispatcher reads the site from the thunk.
+    let generic = Tramp::relocated(&[&f], vec![custom(rel_record)], false);
+    p.relocate(&generic.jump_ops(&[&f]), &mut never).unwrap();
+    REL_SEEN.lock().unwrap().clear();
+    assert_eq!(call(8, 1), 9);
+    assert_eq!(*REL_SEEN.lock().unwrap(), [(site as u64, 8, 1)]);
+
+    // Restored: the original bytes, nothing traced any more.
+    p.relocate_observed(&generic.restore_ops(&[&f]), &mut never, &mut { check })
+        .unwrap();
+    assert_eq!(bytes_n(site, f.original.len()), f.original);
+    REL_SEEN.lock().unwrap().clear();
+    assert_eq!(call(2, 2), 4);
+    assert!(REL_SEEN.lock().unwrap().is_empty());
+    // A restore of a restored site, or a jump over bytes that are not the prologue,
+    // changes nothing.
+    assert_eq!(
+        p.relocate(&generic.restore_ops(&[&f]), &mut never)
+            .unwrap()
+            .unchanged,
+        1
+    );
+    let wrong = [0x90u8; 5];
+    assert!(matches!(
+        p.relocate(
+            &[RelocOp::Jump {
+                site,
+                thunk: count.entry(site),
+                original: &wrong
+            }],
+            &mut never
+        ),
+        Err(PatchError::NotASite { .. })
+    ));
+    assert_eq!(bytes_n(site, f.original.len()), f.original);
+    for t in [count, trace, generic] {
+        t.free(); // only this thread called, and it is outside
+    }
+}
+
+/// A thread spinning inside the replaced bytes (a loop entirely among the moved
+/// instructions) when the prologue is relocated: the grace period's quiescent-state
+/// handler moves it to the same point of the relocated copy, where it keeps spinning,
+/// and returns correctly once released. Without the move (broken by hand: `reloc_exit`
+/// answering `Outside`), the thread resumes in the `jmp`'s displacement bytes and the
+/// test fails. Runs in a child process.
+#[test]
+fn thread_spinning_inside_the_prologue_is_moved_into_the_copy() {
+    if passes_in_child("thread_spinning_inside_the_prologue_is_moved_into_the_copy") {
+        return;
+    }
+    static FLAG: AtomicU64 = AtomicU64::new(0);
+    static SEEN_PC: AtomicU64 = AtomicU64::new(0);
+    extern "C" fn where_am_i(_: libc::c_int, _: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
+        let pc =
+            unsafe { (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] };
+        SEEN_PC.store(pc as u64, Ordering::SeqCst);
+    }
+    let p = patcher();
+    let f = rel_spin();
+    assert!(f.prologue.len >= 5 && f.original.len() == 6);
+    // SAFETY: installing a plain SA_SIGINFO handler for SIGUSR2 in this child process.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = where_am_i as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spinner = std::thread::spawn(move || {
+        block::claim(crate::sys::tid()).expect("a thread block");
+        tx.send(crate::sys::tid()).unwrap();
+        // SAFETY: the fixture reads the byte `FLAG` points to (its low byte).
+        unsafe { patchbay_fx_rel_spin(FLAG.as_ptr().cast()) }
+    });
+    let tid = rx.recv().unwrap();
+    // Wait until the thread is seen strictly inside the replaced bytes.
+    let end = deadline(10);
+    let inside = f.site() + 1..f.site() + f.original.len();
+    loop {
+        SEEN_PC.store(0, Ordering::SeqCst);
+        // SAFETY: a signal to a thread of this process, whose handler is installed.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };
+        while SEEN_PC.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < end, "the thread never answered");
+            std::thread::yield_now();
+        }
+        if inside.contains(&(SEEN_PC.load(Ordering::SeqCst) as usize)) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the thread never spun inside the prologue"
+        );
+    }
+    let idx = alloc_counter();
+    let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+    let tids: BTreeSet<u32> = [tid].into();
+    let mut obs = Observer::new();
+    let moved_before = crate::hot::stats::snapshot().reloc_exits;
+    p.relocate(&t.jump_ops(&[&f]), &mut || grace_period(&mut obs, &tids))
+        .unwrap();
+    assert_eq!(
+        crate::hot::stats::snapshot().reloc_exits - moved_before,
+        1,
+        "the spinning thread was moved"
+    );
+    // It spins on in the copy: seen in trampoline memory, never in the original bytes.
+    for _ in 0..20 {
+        SEEN_PC.store(0, Ordering::SeqCst);
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR2) };
+        while SEEN_PC.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < end, "the thread never answered");
+            std::thread::yield_now();
+        }
+        let pc = SEEN_PC.load(Ordering::SeqCst);
+        assert!(
+            crate::hot::ranges::in_trampoline(pc),
+            "thread at {pc:#x}, outside the copy"
+        );
+    }
+    assert!(!spinner.is_finished());
+    FLAG.store(1, Ordering::SeqCst);
+    assert_eq!(spinner.join().unwrap(), 7, "released, it returns normally");
+    // The call it was in when the site was patched is not counted; a new one is.
+    assert_eq!(counter_total(idx), 0);
+    // SAFETY: as above; the flag is set, so the call returns at once.
+    assert_eq!(unsafe { patchbay_fx_rel_spin(FLAG.as_ptr().cast()) }, 7);
+    assert_eq!(thread_counter(idx), 1);
+    p.relocate(&t.restore_ops(&[&f]), &mut || Ok(())).unwrap();
+    assert_eq!(bytes_n(f.site(), f.original.len()), f.original);
+    t.free(); // the spinner was joined
+}
+
+/// The thunk of a relocated site lives in its trampoline, which is poisoned when freed:
+/// a site still jumping there (the fault here: the trampoline freed before its site was
+/// restored) runs into the poison and the process dies with a premature-free report.
+/// Runs in a child process.
+#[test]
+fn relocated_site_into_a_freed_thunk_is_a_fatal_premature_free() {
+    use std::os::unix::process::ExitStatusExt;
+    let name = "relocated_site_into_a_freed_thunk_is_a_fatal_premature_free";
+    let Some(out) = in_child(name) else {
+        let p = patcher();
+        let f = rel_dead();
+        let idx = alloc_counter();
+        let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+        p.relocate(&t.jump_ops(&[&f]), &mut || Ok(())).unwrap();
+        // SAFETY: plain fixture function: it runs through the thunk.
+        assert_eq!(unsafe { patchbay_fx_rel_dead(black_box(1)) }, 2);
+        assert_eq!(thread_counter(idx), 1);
+        t.free();
+        // SAFETY: as above; the site jumps into poisoned memory: the trap handler kills us.
+        unsafe { patchbay_fx_rel_dead(black_box(1)) };
+        std::process::exit(3);
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGTRAP),
+        "child status {:?}, stderr: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains(crate::hot::trap::POISON_MARKER)
+            && stderr.contains("executed freed (int3-poisoned) trampoline memory"),
+        "{stderr}"
+    );
+}
+
+/// Calls made by the agent's own threads are never traced: through count stubs (no
+/// block: the slow path) and through the dispatcher alike, the call runs untraced and
+/// the thread never gets a block. A program thread's calls are counted. Fails with the
+/// dispatcher's depth check removed (the agent thread claims a block and counts).
+#[test]
+fn agent_threads_are_never_traced() {
+    let p = patcher();
+    let site = site_of(patchbay_fx_agent as *const ());
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    fn runs(_: &CallCtx<'_>) {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+    }
+    for stubs in [true, false] {
+        let idx = alloc_counter();
+        let actions = if stubs {
+            vec![Action::Count { idx: [idx].into() }]
+        } else {
+            vec![Action::Count { idx: [idx].into() }, custom(runs)]
+        };
+        let t = Tramp::new(&[site], actions, stubs);
+        p.apply(&t.call_ops()).unwrap();
+        let agent = std::thread::spawn(|| {
+            block::mark_agent_thread();
+            for i in 0..100 {
+                // SAFETY: plain fixture function.
+                assert_eq!(unsafe { patchbay_fx_agent(black_box(i)) }, i + 1);
+            }
+            block::current().is_none()
+        });
+        assert!(agent.join().unwrap(), "an agent thread never gets a block");
+        assert_eq!(counter_total(idx), 0, "agent calls are not counted");
+        assert_eq!(RUNS.load(Ordering::SeqCst), 0);
+        // SAFETY: plain fixture function.
+        assert_eq!(unsafe { patchbay_fx_agent(black_box(1)) }, 2);
+        assert_eq!(thread_counter(idx), 1, "a program thread's call is");
+        p.apply(&t.nop_ops()).unwrap();
+        t.free(); // the agent thread was joined, this one is outside
+        RUNS.store(0, Ordering::SeqCst);
+    }
+}
+
+/// ns per call of `f`, single thread: the best of 5 runs of `n` calls made in bursts of
+/// 2,048 (half an event ring), the ring drained between bursts (not timed), so no
+/// trace event is dropped.
+fn ns_per_call_bursts(f: unsafe extern "C" fn(u64, u64) -> u64, n: u64) -> f64 {
+    const BURST: u64 = 2048;
+    let h = block::current().or_else(|| block::claim(crate::sys::tid()));
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let mut spent = Duration::ZERO;
+        let mut x = 0u64;
+        for _ in 0..n / BURST {
+            let t = Instant::now();
+            for i in 0..BURST {
+                // SAFETY: a fixture function of two u64.
+                x = unsafe { f(black_box(x), black_box(i)) };
+            }
+            spent += t.elapsed();
+            if let Some(h) = h {
+                ring::drain(h, |_| {});
+            }
+        }
+        black_box(x);
+        best = best.min(spent.as_nanos() as f64 / (n / BURST * BURST) as f64);
+    }
+    best
+}
+
+/// Per-call cost of `count` and `trace` (2 argument registers) on a relocated site, side
+/// by side with the same function's fentry build (a 5-byte nop entry) and the plain
+/// call, and the cost of `rdtsc` on this machine (the trace stubs execute one). Prints
+/// the figures (run in release with `--nocapture` for meaningful numbers) and checks
+/// the counts and events are exact.
+#[test]
+fn bench_relocated_vs_fentry_ns_per_call() {
+    let p = patcher();
+    refill_blocks(4);
+    let f = rel_bench();
+    let nop = site_of(patchbay_fx_bench_nop as *const ());
+    let n = 1 << 18;
+    let rdtsc = {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..n {
+                // SAFETY: rdtsc has no preconditions.
+                black_box(unsafe { std::arch::x86_64::_rdtsc() });
+            }
+            best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+        }
+        best
+    };
+    let plain = ns_per_call_bursts(patchbay_fx_bench_rel, n);
+    let fentry_off = ns_per_call_bursts(patchbay_fx_bench_nop, n);
+    let h = block::current().expect("a block");
+    let calls = 5 * (n / 2048 * 2048);
+    let measure = |reloc: bool, trace: bool| {
+        let idx = alloc_counter();
+        let action = if trace {
+            Action::Trace {
+                tracer: 0xbe,
+                nargs: 2,
+                dropped_idx: idx,
+            }
+        } else {
+            Action::Count { idx: [idx].into() }
+        };
+        ring::drain(h, |_| {});
+        let ns = if reloc {
+            let t = Tramp::relocated(&[&f], vec![action], true);
+            p.relocate(&t.jump_ops(&[&f]), &mut || Ok(())).unwrap();
+            let ns = ns_per_call_bursts(patchbay_fx_bench_rel, n);
+            p.relocate(&t.restore_ops(&[&f]), &mut || Ok(())).unwrap();
+            t.free();
+            ns
+        } else {
+            let t = Tramp::new(&[nop], vec![action], true);
+            p.apply(&t.call_ops()).unwrap();
+            let ns = ns_per_call_bursts(patchbay_fx_bench_nop, n);
+            p.apply(&t.nop_ops()).unwrap();
+            t.free();
+            ns
+        };
+        let total = counter_total(idx);
+        if trace {
+            assert_eq!(total, 0, "no event dropped");
+        } else {
+            assert_eq!(total, calls, "exact count");
+        }
+        ns
+    };
+    let count_fentry = measure(false, false);
+    let count_rel = measure(true, false);
+    let trace_fentry = measure(false, true);
+    let trace_rel = measure(true, true);
+    eprintln!(
+        "ns/call (best of 5, 1 thread): plain {plain:.2}; fentry build untraced \
+         {fentry_off:.2}; count: fentry {count_fentry:.2} (+{:.2}), relocated {count_rel:.2} \
+         (+{:.2}); trace 2 args: fentry {trace_fentry:.2} (+{:.2}), relocated \
+         {trace_rel:.2} (+{:.2}); rdtsc {rdtsc:.2}",
+        count_fentry - plain,
+        count_rel - plain,
+        trace_fentry - plain,
+        trace_rel - plain,
+    );
+}
+
+/// Relocation while threads stop inside the prologue: 4 threads call a relocatable
+/// function (`endbr64; lea; add [rip]`); one call in 16 single-steps into it and is held
+/// for 200 us between the two moved instructions by a program signal handler (as a
+/// preempted thread, or a long handler, would be). Each cycle installs the prologue's
+/// jump to a `count` thunk under a real grace period (the `Observer`, signals and all),
+/// restores the prologue, and frees the trampoline after another grace period. A thread
+/// held inside is moved to the same point of the copy once its handler returns (the
+/// agent's signal stays pending meanwhile; the wrapper keeps it from being counted as
+/// quiescent): every result is right, and threads were moved. A failed grace period
+/// leaves the prologue as it was. Without the move (broken by hand: `reloc_exit` never
+/// maps), the threads resume in the jump's displacement and the test fails. Runs in a
+/// child process.
+#[test]
+fn relocation_while_threads_stop_inside_the_prologue() {
+    if passes_in_child("relocation_while_threads_stop_inside_the_prologue") {
+        return;
+    }
+    const THREADS: usize = 4;
+    const CYCLES: usize = 30;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static BAD: AtomicU64 = AtomicU64::new(0);
+    let p = patcher();
+    refill_blocks(THREADS + 4);
+    let f = rel_step();
+    // Stepping starts at the entry (endbr64) and stops between `lea` and `add`.
+    let stop = f.site() + 4 - f.entry;
+    STEP_SLED.store(f.entry, Ordering::Relaxed);
+    install_hold_handler();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                block::claim(crate::sys::tid()).expect("a thread block");
+                tx.send(crate::sys::tid()).unwrap();
+                let mut calls = 0u64;
+                while !STOP.load(Ordering::Relaxed) {
+                    let r = if calls.is_multiple_of(16) {
+                        call_stepping(patchbay_fx_rel_step, black_box(calls), stop)
+                    } else {
+                        // SAFETY: the fixture is `fn(u64) -> u64 { x + 1 }`.
+                        unsafe { patchbay_fx_rel_step(black_box(calls)) }
+                    };
+                    if r != calls + 1 {
+                        BAD.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let tids: BTreeSet<u32> = (0..THREADS).map(|_| rx.recv().unwrap()).collect();
+    let holds_before = STEP_HOLDS.load(Ordering::Relaxed);
+    let moved_before = crate::hot::stats::snapshot().reloc_exits;
+    let mut obs = Observer::new();
+    let mut worst = Duration::ZERO;
+    let idx = alloc_counter();
+    for cycle in 0..CYCLES {
+        let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+        let started = Instant::now();
+        let mut grace = || grace_period(&mut obs, &tids).map_err(|e| format!("cycle {cycle}: {e}"));
+        assert_eq!(
+            p.relocate(&t.jump_ops(&[&f]), &mut grace).unwrap().changed,
+            1
+        );
+        worst = worst.max(started.elapsed());
+        assert_eq!(bytes_n(f.site(), 1), [0xE9]);
+        p.relocate(&t.restore_ops(&[&f]), &mut || Ok(())).unwrap();
+        assert_eq!(bytes_n(f.site(), f.original.len()), f.original);
+        grace_period(&mut obs, &tids).unwrap();
+        t.free();
+        assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
+    }
+    // A grace period that fails leaves the prologue as it was.
+    let t = Tramp::relocated(&[&f], vec![Action::Count { idx: [idx].into() }], true);
+    let err = p
+        .relocate(&t.jump_ops(&[&f]), &mut || Err("a holdout".into()))
+        .unwrap_err();
+    assert!(
+        matches!(err, PatchError::GracePeriod { sites: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(bytes_n(f.site(), f.original.len()), f.original);
+    STOP.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    t.free(); // every caller joined
+    assert_eq!(BAD.load(Ordering::Relaxed), 0, "wrong results");
+    let moved = crate::hot::stats::snapshot().reloc_exits - moved_before;
+    let holds = STEP_HOLDS.load(Ordering::Relaxed) - holds_before;
+    eprintln!(
+        "{CYCLES} relocations while {THREADS} threads made {calls} calls ({} counted), \
+         {holds} held inside the prologue: worst install {worst:?}, {moved} threads moved \
+         into the copy by the quiescent-state handler, {} quiescent-state signals",
+        counter_total(idx),
+        obs.signals
+    );
+    assert!(calls > 0 && holds > 0);
+    assert!(moved > 0, "no thread was found inside the prologue");
 }

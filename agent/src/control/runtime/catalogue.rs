@@ -174,6 +174,14 @@ impl Catalogue {
         std::mem::take(&mut self.unannounced)
     }
 
+    /// Adds a function by hand (tests of the installer).
+    #[cfg(test)]
+    pub(crate) fn insert_for_test(&mut self, f: FunctionSite) {
+        self.discovered = true;
+        self.by_addr.insert(f.address, self.functions.len());
+        self.functions.push(f);
+    }
+
     /// The function whose patch site is `site`.
     pub(crate) fn get(&self, site: u64) -> Option<&FunctionSite> {
         self.by_addr.get(&site).map(|&i| &self.functions[i])

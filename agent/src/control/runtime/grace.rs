@@ -255,7 +255,7 @@ impl Grace {
             }
             if start.elapsed() >= LOCAL_GRACE_TIMEOUT {
                 return Err(format!(
-                    "thread(s) {holdouts:?} not seen outside the sleds within {LOCAL_GRACE_TIMEOUT:?} (blocking the quiescent-state signal, or stopped?)"
+                    "thread(s) {holdouts:?} not seen outside the code being replaced (nop sleds, relocated prologues) within {LOCAL_GRACE_TIMEOUT:?} (blocking the quiescent-state signal, or stopped?)"
                 ));
             }
             std::thread::sleep(Duration::from_micros(100));

@@ -22,12 +22,14 @@ use crate::control::arena::{Arena, Slot, Window};
 use crate::control::callbacks;
 use crate::control::counters::Counters;
 use crate::control::log;
-use crate::control::patch::{Op, PatchError, Patcher};
-use crate::control::sites::SiteKind;
+use crate::control::patch::relocated::RelocOp;
+use crate::control::patch::{self, Op, PatchError, Patcher};
+use crate::control::sites::{FunctionSite, SiteKind};
 use crate::hot::dispatch::{self, Action, Descriptor};
 use crate::hot::qs::EPOCH;
 use crate::hot::{ranges, stats};
-use crate::tramp::{self, Layout};
+use crate::tramp::relocate::{self, Prologue};
+use crate::tramp::{self, Layout, Thunk};
 
 /// Sites per trampoline slot (a slot must fit in an arena chunk).
 const SITES_PER_SLOT: usize = 1000;
@@ -41,6 +43,8 @@ struct Tramp {
     group: Vec<pb::TracerRef>,
     /// Sites calling it now.
     sites: BTreeSet<u64>,
+    /// Its relocated sites: site -> (its thunk, the prologue bytes the jump replaced).
+    relocated: BTreeMap<u64, (usize, Vec<u8>)>,
     slots: Vec<Slot>,
     desc: Box<Descriptor>,
     state: TState,
@@ -121,10 +125,6 @@ fn resolve_sites(
     let mut sites: Vec<u64> = Vec::new();
     for s in &i.sites {
         match catalogue.get(s.address) {
-            Some(f) if f.kind == SiteKind::Relocated => skipped.push(pb::SiteError {
-                site: Some(s.clone()),
-                reason: "relocated prologues are not installed yet".into(),
-            }),
             Some(f) if f.patchable => sites.push(s.address),
             Some(f) => skipped.push(pb::SiteError {
                 site: Some(s.clone()),
@@ -271,13 +271,47 @@ impl Installer {
         if !sleds.is_empty() {
             convert_sleds(&sleds, grace, out)?;
         }
+        // Relocated prologues: checked in memory and analysed again; a site that fails
+        // is skipped with the reason.
+        let mut skipped = skipped;
+        let mut prologues: HashMap<u64, (Prologue, Vec<u8>)> = HashMap::new();
+        let mut sites = sites;
+        sites.retain(|&s| {
+            let Some(f) = catalogue.get(s).filter(|f| f.kind == SiteKind::Relocated) else {
+                return true;
+            };
+            match self.check_prologue(f) {
+                Ok(p) => {
+                    prologues.insert(s, (p, f.bytes.clone()));
+                    true
+                }
+                Err(reason) => {
+                    skipped.push(pb::SiteError {
+                        site: Some(catalogue.site(s)),
+                        reason,
+                    });
+                    false
+                }
+            }
+        });
+        if sites.is_empty() {
+            return Err(format!(
+                "no site of this install is patchable here: {}",
+                skipped
+                    .iter()
+                    .map(|e| e.reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
         let mut group = self.resolve_group(&i.tracers, &sites)?;
         let desc = Box::new(Descriptor {
             live: std::sync::atomic::AtomicU64::new(dispatch::DESC_LIVE),
             sites: sites.clone().into(),
             actions: std::mem::take(&mut group.actions).into(),
         });
-        let (slots, ops) = match self.write_slots(&sites, &desc, &group.counts) {
+        let (slots, ops, thunks) = match self.write_slots(&sites, &desc, &group.counts, &prologues)
+        {
             Ok(x) => x,
             Err(e) => {
                 group.release(&mut self.counters);
@@ -285,16 +319,30 @@ impl Installer {
             }
         };
         self.register_ranges();
-        let patched = Patcher::global()
-            .map_err(|e| e.to_string())
-            .and_then(|p| p.apply(&ops).map_err(|e| e.to_string()));
-        if let Err(e) = patched {
+        let relocated: BTreeMap<u64, (usize, Vec<u8>)> = thunks
+            .iter()
+            .map(|&(s, thunk)| (s, (thunk, prologues[&s].1.clone())))
+            .collect();
+        if let Err(e) = self.patch_install(&ops, &relocated, grace, out) {
+            if e.wrote {
+                // Threads may have run the new thunks (a trap at a patch point jumps
+                // there) and may still: the memory, descriptor and counters stay
+                // allocated for good (never seen in practice: a grace period that
+                // failed, or a failed write).
+                log::warn(&format!(
+                    "trampoline {id}: install failed after code was written; its memory \
+                     is kept: {}",
+                    e.message
+                ));
+                Box::leak(desc);
+                return Err(format!("patching failed: {}", e.message));
+            }
             // Nothing was patched (the patcher validates a batch before writing).
             for s in slots {
                 let _ = self.arena.free(s);
             }
             group.release(&mut self.counters);
-            return Err(format!("patching failed: {e}"));
+            return Err(format!("patching failed: {}", e.message));
         }
         for &s in &sites {
             if let Some(old) = self.owner.insert(s, id)
@@ -309,6 +357,7 @@ impl Installer {
             Tramp {
                 group: i.tracers.clone(),
                 sites: sites.iter().copied().collect(),
+                relocated,
                 slots,
                 desc,
                 state: TState::Live,
@@ -386,12 +435,14 @@ impl Installer {
     /// at most [`SITES_PER_SLOT`]), generates and writes their code, and returns them
     /// with the patch ops that make the sites call them. Nothing is left allocated on
     /// failure.
+    #[allow(clippy::type_complexity)]
     fn write_slots(
         &mut self,
         sites: &[u64],
         desc: &Descriptor,
         counts: &[(u64, u64, u32)],
-    ) -> Result<(Vec<Slot>, Vec<Op>), String> {
+        prologues: &HashMap<u64, (Prologue, Vec<u8>)>,
+    ) -> Result<(Vec<Slot>, Vec<Op>, Vec<(u64, usize)>), String> {
         let desc_ptr = desc as *const Descriptor as u64;
         let actions = &desc.actions;
         let count_only = actions.len() == 1 && matches!(actions[0], Action::Count { .. });
@@ -406,15 +457,41 @@ impl Installer {
             ] => Some((*tracer, *nargs, *dropped_idx)),
             _ => None,
         };
+        // Thunk sizes of the relocated sites (a slot must fit in an arena chunk).
+        let mut thunk_lens = HashMap::with_capacity(prologues.len());
+        for (&s, (p, _)) in prologues {
+            let n = tramp::thunk_len(p).map_err(|e| format!("site {s:#x}: {e}"))?;
+            thunk_lens.insert(s, n);
+        }
+        // Bytes a site adds to its slot: its count stub, its thunk.
+        let cost = |s: u64| {
+            (if count_only { tramp::COUNT_STUB } else { 0 })
+                + thunk_lens.get(&s).copied().unwrap_or(0)
+        };
+        let fixed = tramp::thunks_base(&Layout::Trace {
+            tracer: 0,
+            nargs: 6,
+            dropped_idx: 0,
+            tls_offset: 0,
+        });
         let mut slots = Vec::new();
         let mut ops = Vec::new();
+        let mut thunks_out = Vec::new();
         let mut pos = 0;
+        let free_all = |arena: &mut Arena, slots: Vec<Slot>| {
+            for s in slots {
+                let _ = arena.free(s);
+            }
+        };
         while pos < sites.len() {
             let mut end = pos + 1;
+            let mut bytes = fixed + cost(sites[pos]);
             while end < sites.len()
                 && end - pos < SITES_PER_SLOT
+                && bytes + cost(sites[end]) <= crate::control::arena::CHUNK_BYTES
                 && window_of(&sites[pos..=end]).is_some()
             {
+                bytes += cost(sites[end]);
                 end += 1;
             }
             let chunk = &sites[pos..end];
@@ -445,24 +522,56 @@ impl Installer {
                 _ => Layout::Generic,
             };
             let window = window_of(chunk).expect("checked above");
-            let code = tramp::generate(&layout, desc_ptr, dispatch::generic_entry());
-            let slot = match self.arena.alloc(window, code.len()) {
+            let thunks: Vec<Thunk<'_>> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(index, s)| {
+                    prologues
+                        .get(s)
+                        .map(|(prologue, _)| Thunk { index, prologue })
+                })
+                .collect();
+            let lens: Vec<usize> = thunks
+                .iter()
+                .map(|t| thunk_lens[&t.prologue.patch_at])
+                .collect();
+            let slot = match self
+                .arena
+                .alloc(window, tramp::slot_len_with(&layout, &lens))
+            {
                 Ok(s) => s,
                 Err(e) => {
-                    for s in slots {
-                        let _ = self.arena.free(s);
-                    }
+                    free_all(&mut self.arena, slots);
                     return Err(format!("no trampoline memory near the code: {e}"));
                 }
             };
-            if let Err(e) = self.arena.write_and_seal(&slot, &code) {
-                let _ = self.arena.free(slot);
-                for s in slots {
-                    let _ = self.arena.free(s);
+            let code = match tramp::generate_with_thunks(
+                &layout,
+                desc_ptr,
+                dispatch::generic_entry(),
+                slot.addr() as u64,
+                &thunks,
+                &lens,
+            ) {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = self.arena.free(slot);
+                    free_all(&mut self.arena, slots);
+                    return Err(format!("relocating a prologue into the trampoline: {e}"));
                 }
+            };
+            if let Err(e) = self.arena.write_and_seal(&slot, &code.0) {
+                let _ = self.arena.free(slot);
+                free_all(&mut self.arena, slots);
                 return Err(format!("writing the trampoline failed: {e}"));
             }
+            let mut thunk_at = thunks.iter().zip(&code.1).peekable();
             for (k, &s) in chunk.iter().enumerate() {
+                if let Some((t, off)) = thunk_at.next_if(|(t, _)| t.index == k) {
+                    debug_assert_eq!(t.prologue.patch_at, s);
+                    thunks_out.push((s, slot.addr() + off));
+                    continue;
+                }
                 ops.push(Op::Call {
                     site: s as usize,
                     target: slot.addr() + tramp::site_entry(&layout, k),
@@ -471,7 +580,111 @@ impl Installer {
             slots.push(slot);
             pos = end;
         }
-        Ok((slots, ops))
+        Ok((slots, ops, thunks_out))
+    }
+
+    /// The prologue of relocated site `f`, read from memory and analysed again (what
+    /// discovery saw in the file may have changed: a refusal or a mismatch skips the
+    /// site with the reason). A site this agent already made jump to a thunk is
+    /// analysed with its original bytes in place of the jump.
+    fn check_prologue(&self, f: &FunctionSite) -> Result<Prologue, String> {
+        let len = f.bytes.len();
+        let at = f.address.wrapping_sub(f.function_address) as usize;
+        if f.size == 0 || f.address < f.function_address || (at + len) as u64 > f.size {
+            return Err(format!(
+                "relocated site {:#x}: its {len} prologue bytes are not inside the function \
+                 ({:#x}, {} bytes)",
+                f.address, f.function_address, f.size
+            ));
+        }
+        let mut code = patch::peek(f.function_address as usize, f.size as usize)
+            .map_err(|e| format!("reading the function's code failed: {e}"))?;
+        let now = &code[at..at + len];
+        if now != f.bytes.as_slice() {
+            let ours = self
+                .owner
+                .get(&f.address)
+                .and_then(|id| self.tramps.get(id))
+                .is_some_and(|t| t.relocated.contains_key(&f.address));
+            if !ours {
+                return Err(format!(
+                    "the prologue in memory ({now:02x?}) is not the one in the file \
+                     ({:02x?}): the code changed since it was loaded",
+                    f.bytes
+                ));
+            }
+            code[at..at + len].copy_from_slice(&f.bytes);
+        }
+        let p = relocate::analyze(&code, f.function_address, &f.known_targets)
+            .map_err(|r| format!("prologue not relocatable: {r}"))?;
+        if p.patch_at != f.address || p.len as usize != len {
+            return Err(format!(
+                "the prologue analysed in memory is {} bytes at {:#x}, discovery said {len} at \
+                 {:#x}",
+                p.len, p.patch_at, f.address
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Patches an install: the relocated sites first (a grace period local to the
+    /// process when one is installed over its prologue), then the call sites. If the
+    /// call batch fails, the relocated sites go back to what they were.
+    fn patch_install(
+        &self,
+        ops: &[Op],
+        relocated: &BTreeMap<u64, (usize, Vec<u8>)>,
+        grace: &mut Grace,
+        out: &mut Vec<FromAgent>,
+    ) -> Result<(), InstallPatchError> {
+        let p = Patcher::global().map_err(|e| InstallPatchError::new(e, false))?;
+        let jumps: Vec<RelocOp<'_>> = relocated
+            .iter()
+            .map(|(&s, (thunk, original))| RelocOp::Jump {
+                site: s as usize,
+                thunk: *thunk,
+                original,
+            })
+            .collect();
+        if !jumps.is_empty() {
+            p.relocate(&jumps, &mut || grace.local_grace(out))
+                .map_err(|e| InstallPatchError::new(e, true))?;
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let Err(e) = p.apply(ops) else {
+            return Ok(());
+        };
+        // Put the relocated sites back: to the thunk they jumped to before, or their
+        // prologue (moves and restores: no grace period).
+        let back: Vec<RelocOp<'_>> = relocated
+            .iter()
+            .map(|(&s, (thunk, original))| {
+                let before = self
+                    .owner
+                    .get(&s)
+                    .and_then(|id| self.tramps.get(id))
+                    .and_then(|t| t.relocated.get(&s));
+                match before {
+                    Some((old, _)) => RelocOp::Jump {
+                        site: s as usize,
+                        thunk: *old,
+                        original,
+                    },
+                    None => RelocOp::Restore {
+                        site: s as usize,
+                        thunk: *thunk,
+                        original,
+                    },
+                }
+            })
+            .collect();
+        let wrote = !jumps.is_empty();
+        if let Err(e2) = p.relocate(&back, &mut || Ok(())) {
+            log::warn(&format!("putting relocated sites back failed: {e2}"));
+        }
+        Err(InstallPatchError::new(e, wrote))
     }
 
     /// Publishes the arena's new chunks to the signal handlers' code-range table.
@@ -494,6 +707,9 @@ impl Installer {
                 && let Some(t) = self.tramps.get_mut(&id)
             {
                 t.sites.remove(s);
+                // A relocated site is never restored either: its range may hold another
+                // object by now.
+                t.relocated.remove(s);
             }
         }
     }
@@ -533,11 +749,31 @@ impl Installer {
         let ops: Vec<Op> = t
             .sites
             .iter()
+            .filter(|s| !t.relocated.contains_key(s))
             .map(|&s| Op::Nop { site: s as usize })
             .collect();
-        if !ops.is_empty()
-            && let Err(e) = Patcher::global().and_then(|p| p.apply(&ops))
-        {
+        // Relocated sites get their prologue back (no grace period: no thread is ever
+        // inside a `jmp`; a trap meanwhile runs this trampoline's copy).
+        let restores: Vec<RelocOp<'_>> = t
+            .relocated
+            .iter()
+            .filter(|(s, _)| t.sites.contains(s))
+            .map(|(&s, (thunk, original))| RelocOp::Restore {
+                site: s as usize,
+                thunk: *thunk,
+                original,
+            })
+            .collect();
+        let unpatched = Patcher::global().and_then(|p| {
+            if !restores.is_empty() {
+                p.relocate(&restores, &mut || Ok(()))?;
+            }
+            if !ops.is_empty() {
+                p.apply(&ops)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = unpatched {
             // The trampoline stays live and allocated: never retire what may still be
             // entered.
             // A thread blocking SIGTRAP would be killed by an int3 of the unpatch:
@@ -651,6 +887,30 @@ impl Installer {
     }
 }
 
+/// A failed install patch: the message, and whether code was written (threads may
+/// have run the new trampoline, which must then not be freed).
+struct InstallPatchError {
+    message: String,
+    wrote: bool,
+}
+
+impl InstallPatchError {
+    fn new(e: PatchError, after_write: bool) -> Self {
+        // Errors of validation change nothing; the others come after a write.
+        let wrote = after_write
+            && matches!(
+                e,
+                PatchError::GracePeriod { .. }
+                    | PatchError::Io { .. }
+                    | PatchError::Membarrier { .. }
+            );
+        InstallPatchError {
+            message: e.to_string(),
+            wrote,
+        }
+    }
+}
+
 /// Converts gcc nop sleds into 5-byte nops ([`Patcher::convert_sleds`]), with a grace
 /// period local to this process in the middle.
 fn convert_sleds(
@@ -667,4 +927,170 @@ fn convert_sleds(
         r.changed, r.unchanged
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hint::black_box;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::control::drain;
+    use crate::control::patch::fixtures::{
+        passes_in_child, patchbay_fx_rel_branch, patcher, rel_branch, rel_spin,
+    };
+    use crate::hot::block;
+
+    fn function(address: u64, entry: u64, size: u64, bytes: Vec<u8>) -> FunctionSite {
+        FunctionSite {
+            name: format!("fx_{address:x}"),
+            mangled: String::new(),
+            aliases: Vec::new(),
+            address,
+            function_address: entry,
+            size,
+            object: Arc::from(Path::new("/fixture")),
+            kind: SiteKind::Relocated,
+            bytes,
+            patchable: true,
+            reason: None,
+            known_targets: Vec::new(),
+        }
+    }
+
+    fn install(id: u64, kind: pb::CallbackKind, nargs: u32, site: u64) -> pb::Install {
+        pb::Install {
+            trampoline_id: id,
+            tracers: vec![pb::TracerRef {
+                tracer_id: id,
+                callback: Some(pb::CallbackSpec {
+                    kind: kind as i32,
+                    custom_name: String::new(),
+                    arg_count: nargs,
+                }),
+            }],
+            sites: vec![pb::Site {
+                address: site,
+                name: String::new(),
+            }],
+        }
+    }
+
+    fn report_of(r: &FromAgent) -> &pb::trampoline_report::Report {
+        match r {
+            FromAgent::Trampoline(pb::TrampolineReport {
+                report: Some(rep), ..
+            }) => rep,
+            other => panic!("not a trampoline report: {other:?}"),
+        }
+    }
+
+    fn code(at: u64, len: usize) -> Vec<u8> {
+        patch::peek(at as usize, len).expect("readable code")
+    }
+
+    /// The runtime's installer on a relocated site (a function discovery found
+    /// uninstrumented, entered by hand here): installs a `count` trampoline over the
+    /// prologue (a real local grace period), moves the site to a `trace` trampoline
+    /// (events name the site, with both arguments), restores the prologue on remove, and
+    /// frees both; a site whose prologue in memory differs from discovery's is skipped
+    /// with the reason. Runs in a child process (the local grace period waits for every
+    /// thread of the process).
+    #[test]
+    fn relocated_site_installed_moved_restored_and_freed() {
+        if passes_in_child(
+            "control::runtime::installer::tests::relocated_site_installed_moved_restored_and_freed",
+        ) {
+            return;
+        }
+        patcher();
+        let f = rel_branch();
+        let (site, entry) = (f.site() as u64, f.entry as u64);
+        let mut cat = Catalogue::new();
+        cat.insert_for_test(function(site, entry, f.size as u64, f.original.clone()));
+        let spin = rel_spin();
+        let mut wrong = spin.original.clone();
+        wrong[0] ^= 0xFF;
+        let (spin_site, spin_entry) = (spin.site() as u64, spin.entry as u64);
+        cat.insert_for_test(function(spin_site, spin_entry, spin.size as u64, wrong));
+        let (tls, _) = block::tls_offsets().expect("static TLS");
+        let mut inst = Installer::new(Some(tls));
+        let mut grace = Grace::new();
+        let mut out = Vec::new();
+        let call = |a: u64, b: u64| {
+            // SAFETY: plain fixture function of two u64.
+            unsafe { patchbay_fx_rel_branch(black_box(a), black_box(b)) }
+        };
+
+        let r = inst.install(
+            install(1, pb::CallbackKind::Count, 0, site),
+            &cat,
+            &mut grace,
+            &mut out,
+        );
+        assert!(
+            matches!(report_of(&r), pb::trampoline_report::Report::Live(l) if l.sites.len() == 1),
+            "{r:?}"
+        );
+        assert_eq!(code(site, 1), [0xE9]);
+        for i in 0..100 {
+            assert_eq!(call(i, 1), if i == 0 { 100 } else { i + 1 });
+        }
+        let (_, _, idx) = inst.counts().find(|c| c.0 == 1).expect("its counter");
+        assert_eq!(inst.counters().total(idx), 100);
+
+        // Another group on the same site: only the jump moves.
+        let r = inst.install(
+            install(2, pb::CallbackKind::Trace, 2, site),
+            &cat,
+            &mut grace,
+            &mut out,
+        );
+        assert!(
+            matches!(report_of(&r), pb::trampoline_report::Report::Live(_)),
+            "{r:?}"
+        );
+        let h = block::current().expect("a block");
+        drain::drain(h, |_| {});
+        assert_eq!(call(7, 8), 15);
+        let mut events = Vec::new();
+        drain::drain(h, |e| events.push((e.site, e.tracer, e.args[0], e.args[1])));
+        assert_eq!(events, [(site, 2, 7, 8)]);
+        assert_eq!(
+            inst.counters().total(idx),
+            100,
+            "the old trampoline is left"
+        );
+
+        // Remove: the site gets its prologue back.
+        inst.remove(pb::Remove { trampoline_id: 2 }, &mut grace, &mut out);
+        inst.remove(pb::Remove { trampoline_id: 1 }, &mut grace, &mut out);
+        assert_eq!(code(site, f.original.len()), f.original);
+        assert_eq!(call(3, 4), 7);
+        for id in [1, 2] {
+            assert!(inst.free(id, || {}, &mut out).is_some());
+        }
+        assert!(
+            !out.iter().any(|m| matches!(m, FromAgent::Error(_))),
+            "{out:?}"
+        );
+
+        // A prologue that is not what discovery saw: skipped, with the reason.
+        let r = inst.install(
+            install(3, pb::CallbackKind::Count, 0, spin.site() as u64),
+            &cat,
+            &mut grace,
+            &mut out,
+        );
+        match report_of(&r) {
+            pb::trampoline_report::Report::Failed(e) => assert!(
+                e.reason.contains("is not the one in the file"),
+                "{}",
+                e.reason
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(code(spin.site() as u64, spin.original.len()), spin.original);
+    }
 }
