@@ -22,7 +22,11 @@ use crate::{Args, Plan, Programs, run_loop};
 
 /// (figure id, tool, label).
 const PEERS: [(&str, &str, &str); 3] = [
-    ("bpftrace", "bpftrace", "bpftrace uprobe count (plain build)"),
+    (
+        "bpftrace",
+        "bpftrace",
+        "bpftrace uprobe count (plain build)",
+    ),
     ("uftrace", "uftrace", "uftrace record -P add1 (nop5 build)"),
     (
         "uftrace_plain",
@@ -168,7 +172,10 @@ pub async fn run(
         let count = report.value(&format!("percall.count.t{threads}"));
         let untraced = report.value(&format!("percall.untraced.t{threads}"));
         for (peer, tool_name, label) in PEERS.iter() {
-            let i = TOOLS.iter().position(|t| t == tool_name).expect("a known tool");
+            let i = TOOLS
+                .iter()
+                .position(|t| t == tool_name)
+                .expect("a known tool");
             let tool = match (&tools[i], &tracefs) {
                 (Err(why), _) => {
                     report.push(
