@@ -101,7 +101,7 @@ fn bench_quick_reports_every_figure() {
         let trace = &measured(&format!("percall.trace2.t{t}"))["detail"];
         assert!(num(trace, "dropped") <= num(trace, "calls"), "{trace}");
         // Peers are skipped in quick mode, and say why.
-        for peer in ["bpftrace", "uftrace"] {
+        for peer in ["bpftrace", "uftrace", "uftrace_plain"] {
             let f = fig(&format!("peers.{peer}.t{t}"));
             assert!(
                 f["skipped"].as_str().is_some_and(|s| s.contains("--quick")),

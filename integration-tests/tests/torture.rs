@@ -58,8 +58,18 @@ fn num(r: &serde_json::Value, key: &str) -> u64 {
 
 #[test]
 fn short_torture_passes_every_check() {
+    short_torture(&[]);
+}
+
+/// The same on a target built without instrumentation: relocated prologues.
+#[test]
+fn short_torture_of_plain_code_passes_every_check() {
+    short_torture(&["--plain"]);
+}
+
+fn short_torture(extra: &[&str]) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let run = torture(&[
+    let mut args = vec![
         "--threads",
         "16",
         "--functions",
@@ -67,7 +77,9 @@ fn short_torture_passes_every_check() {
         "--seconds",
         "10",
         "--assert",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let run = torture(&args);
     let r = &run.report;
     assert!(run.success, "the torture failed:\n{}", run.output);
     assert_eq!(num(r, "premature_frees"), 0, "{}", run.output);
@@ -89,8 +101,19 @@ fn short_torture_passes_every_check() {
 
 #[test]
 fn torture_catches_freeing_without_grace_period() {
+    fault_caught(&[]);
+}
+
+/// The fault switch must make the plain (relocated prologues) mode fail too: the
+/// relocated copy lives in the trampoline, so a premature free is executed poison.
+#[test]
+fn torture_of_plain_code_catches_freeing_without_grace_period() {
+    fault_caught(&["--plain"]);
+}
+
+fn fault_caught(extra: &[&str]) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let run = torture(&[
+    let mut args = vec![
         "--threads",
         "16",
         "--functions",
@@ -99,7 +122,9 @@ fn torture_catches_freeing_without_grace_period() {
         "20",
         "--assert",
         "--fault-skip-grace-period",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let run = torture(&args);
     let r = &run.report;
     assert!(
         !run.success,

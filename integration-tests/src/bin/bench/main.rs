@@ -12,7 +12,8 @@
 //!   the agent's event ring (every event kept) and in the hot loop (ring full, events
 //!   dropped); 1 thread and one per core.
 //! - `peers` — the same loop under a bpftrace uprobe counting the function and under
-//!   `uftrace record -P add1` (installed with apt-get when missing and allowed).
+//!   `uftrace record -P add1` on the nop5 and on the plain build (installed with apt-get
+//!   when missing and allowed).
 //! - `sites` — attach (call → every trampoline Live) and detach (call → free
 //!   authorized, and → freed) of a `count` tracer over 10, 1,000 and 10,000 functions
 //!   of a generated C program.

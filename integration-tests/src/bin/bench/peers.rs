@@ -1,8 +1,9 @@
 //! Peers on the same hot loop, in the same run: a bpftrace uprobe counting `add1`
 //! (`@c = count()`, the closest thing to patchbay's `count`) and `uftrace record -P
-//! add1` (dynamic patching of the same nop5 build patchbay uses, only `add1` patched,
-//! library calls not traced; uftrace has no count-only mode, so it records an entry
-//! and an exit event with timestamps per call).
+//! add1` (only `add1` patched, library calls not traced; uftrace has no count-only mode,
+//! so it records an entry and an exit event with timestamps per call), once on the same
+//! nop5 build patchbay's instrumented figures use and once on the plain build (uftrace's
+//! dynamic patcher relocating the prologue, the peer of patchbay's relocated sites).
 //!
 //! Missing tools are installed with apt-get when running as root (unless
 //! `--no-install`); tracefs is mounted when needed. A peer that cannot run yields a
@@ -19,10 +20,23 @@ use serde_json::json;
 use crate::report::{Figure, Report, median};
 use crate::{Args, Plan, Programs, run_loop};
 
-const PEERS: [(&str, &str); 2] = [
-    ("bpftrace", "bpftrace uprobe count (plain build)"),
-    ("uftrace", "uftrace record -P add1 (nop5 build)"),
+/// (figure id, tool, label).
+const PEERS: [(&str, &str, &str); 3] = [
+    (
+        "bpftrace",
+        "bpftrace",
+        "bpftrace uprobe count (plain build)",
+    ),
+    ("uftrace", "uftrace", "uftrace record -P add1 (nop5 build)"),
+    (
+        "uftrace_plain",
+        "uftrace",
+        "uftrace record -P add1 (plain build)",
+    ),
 ];
+
+/// The tools the peers need.
+const TOOLS: [&str; 2] = ["bpftrace", "uftrace"];
 
 fn id(peer: &str, threads: u32) -> String {
     format!("peers.{peer}.t{threads}")
@@ -31,7 +45,7 @@ fn id(peer: &str, threads: u32) -> String {
 /// Skipped figures for every peer.
 pub fn skip(plan: &Plan, report: &mut Report, why: &str) {
     for threads in plan.thread_counts() {
-        for (peer, label) in PEERS {
+        for (peer, _, label) in PEERS {
             report.push(
                 Figure::skipped(id(peer, threads), "peers", label, "ns/call", why).threads(threads),
             );
@@ -54,11 +68,7 @@ fn is_root() -> bool {
 /// Finds bpftrace and uftrace, installing the missing ones when allowed. Returns,
 /// per tool, its path or why it is unavailable.
 fn ensure_tools(args: &Args) -> [Result<PathBuf, String>; 2] {
-    let missing: Vec<&str> = PEERS
-        .iter()
-        .map(|(p, _)| *p)
-        .filter(|p| which(p).is_none())
-        .collect();
+    let missing: Vec<&str> = TOOLS.into_iter().filter(|p| which(p).is_none()).collect();
     let mut install_error = None;
     if !missing.is_empty() {
         if args.no_install {
@@ -92,7 +102,7 @@ fn ensure_tools(args: &Args) -> [Result<PathBuf, String>; 2] {
             }
         }
     }
-    PEERS.map(|(p, _)| {
+    TOOLS.map(|p| {
         which(p).ok_or_else(|| {
             install_error
                 .clone()
@@ -161,7 +171,11 @@ pub async fn run(
     for threads in plan.thread_counts() {
         let count = report.value(&format!("percall.count.t{threads}"));
         let untraced = report.value(&format!("percall.untraced.t{threads}"));
-        for (i, (peer, label)) in PEERS.iter().enumerate() {
+        for (peer, tool_name, label) in PEERS.iter() {
+            let i = TOOLS
+                .iter()
+                .position(|t| t == tool_name)
+                .expect("a known tool");
             let tool = match (&tools[i], &tracefs) {
                 (Err(why), _) => {
                     report.push(
@@ -188,11 +202,16 @@ pub async fn run(
                     .arg("-c")
                     .arg(&exe);
             } else {
+                let exe = if *peer == "uftrace_plain" {
+                    &progs.plain
+                } else {
+                    &progs.nop5
+                };
                 cmd.arg("record")
                     .arg("-d")
                     .arg(&data)
                     .args(["--no-libcall", "-P", "add1"])
-                    .arg(&progs.nop5);
+                    .arg(exe);
             }
             let (samples, calls, n, rest) = match session(cmd, plan, threads).await {
                 Ok(x) => x,

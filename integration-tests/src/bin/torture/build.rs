@@ -1,6 +1,8 @@
 //! Builds the torture target: the template `fixtures/torture_target.rs` plus N generated
 //! traced functions, compiled with `RUSTC_BOOTSTRAP=1 rustc -O -Z
-//! patchable-function-entry=5` and linked with the agent rlib of this build profile.
+//! patchable-function-entry=5` (a 5-byte nop at every entry) or, in plain mode, with
+//! `rustc -O` alone (no instrumentation: the agent relocates the functions' prologues),
+//! and linked with the agent rlib of this build profile.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -48,8 +50,9 @@ fn generated(n: usize) -> String {
     s
 }
 
-/// Builds (or reuses) the target with `n` functions; returns its path.
-pub fn target(n: usize) -> anyhow::Result<PathBuf> {
+/// Builds (or reuses) the target with `n` functions, instrumented with a patchable
+/// entry or `plain` (no instrumentation); returns its path.
+pub fn target(n: usize, plain: bool) -> anyhow::Result<PathBuf> {
     // Builds patchbayd, the agent rlib and cdylib of this profile if needed.
     let agent_so = bins::agent_lib();
     let profile = bins::profile_dir();
@@ -67,8 +70,9 @@ pub fn target(n: usize) -> anyhow::Result<PathBuf> {
         .join("tmp")
         .join("patchbay-torture");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let src = dir.join(format!("torture_target_{n}.rs"));
-    let exe = dir.join(format!("torture-target-{n}"));
+    let mode = if plain { "plain" } else { "pfe" };
+    let src = dir.join(format!("torture_target_{n}_{mode}.rs"));
+    let exe = dir.join(format!("torture-target-{n}-{mode}"));
     let fresh = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
     let up_to_date = std::fs::read_to_string(&src).is_ok_and(|old| old == source)
         && match (fresh(&exe), fresh(&rlib), fresh(&agent_so)) {
@@ -83,14 +87,11 @@ pub fn target(n: usize) -> anyhow::Result<PathBuf> {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let mut cmd = Command::new(rustc);
     cmd.env("RUSTC_BOOTSTRAP", "1")
-        .args([
-            "-O",
-            "-Z",
-            "patchable-function-entry=5",
-            "--edition",
-            "2024",
-        ])
-        .args(["-C", "debuginfo=1"])
+        .args(["-O", "--edition", "2024"]);
+    if !plain {
+        cmd.args(["-Z", "patchable-function-entry=5"]);
+    }
+    cmd.args(["-C", "debuginfo=1"])
         .args(["--crate-name", CRATE, "--crate-type", "bin"])
         .arg("-L")
         .arg(format!("dependency={}", profile.join("deps").display()))

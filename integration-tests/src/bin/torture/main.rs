@@ -10,6 +10,9 @@
 //! failed: a premature free detected (a thread executed poisoned trampoline memory), a
 //! crash, an inexact count, trampolines left allocated, an error.
 //!
+//! `--plain` builds the target without instrumentation (`rustc -O`): every traced
+//! function is then a relocated-prologue site (issue 11), with the same checks.
+//!
 //! `--fault-skip-grace-period` starts patchbayd with its test-only fault switch (no grace
 //! periods): the run must then fail, which shows the torture catches that bug.
 //!
@@ -54,6 +57,10 @@ struct Args {
     /// patchbayd's log filter.
     #[arg(long, default_value = "info")]
     server_log: String,
+    /// Build the target without instrumentation: the agent relocates the traced
+    /// functions' prologues instead of patching a patchable entry.
+    #[arg(long)]
+    plain: bool,
     /// TEST ONLY: start patchbayd with --fault-skip-grace-period (trampolines freed
     /// without a grace period). The torture must then fail.
     #[arg(long)]
@@ -68,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         anyhow::bail!("--seconds must be a positive number");
     }
-    let exe = build::target(args.functions).context("building the torture target")?;
+    let exe = build::target(args.functions, args.plain).context("building the torture target")?;
     let mut server_args = vec!["--log", args.server_log.as_str()];
     if args.fault_skip_grace_period {
         eprintln!(
