@@ -255,9 +255,11 @@ impl Engine {
                 s.waiters.remove(&op);
                 let msg = s.reg.cancel(op);
                 s.apply();
-                Err(Status::deadline_exceeded(msg.unwrap_or_else(|| {
-                    format!("timed out after {} ms", timeout.as_millis())
-                })))
+                Err(crate::error::status(
+                    pb::errors::Reason::Timeout,
+                    msg.unwrap_or_else(|| format!("timed out after {} ms", timeout.as_millis())),
+                    [],
+                ))
             }
         }
     }
