@@ -238,3 +238,38 @@ async fn errors_carry_a_reason() {
     );
     assert_eq!(md.get("server_version").map(String::as_str), Some("1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_json_errors_carry_the_reason() {
+    let server = TestServer::start();
+    for (args, code, reason, key, value) in [
+        (
+            &["--json", "attach", "--pid", "2147483632", "--count", "foo"][..],
+            "NOT_FOUND",
+            "NO_AGENT",
+            "pid",
+            "2147483632",
+        ),
+        (
+            &["--json", "counts", "4242"][..],
+            "NOT_FOUND",
+            "UNKNOWN_TRACER",
+            "tracer_id",
+            "4242",
+        ),
+    ] {
+        let out = server.cli(args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let v: serde_json::Value = serde_json::from_str(stderr.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: stderr is not one JSON value ({e}): {stderr}"));
+        let e = &v["error"];
+        assert_eq!(e["code"], code, "{args:?}: {v}");
+        assert_eq!(e["reason"], reason, "{args:?}: {v}");
+        assert_eq!(e["metadata"][key], value, "{args:?}: {v}");
+        assert!(
+            e["message"].as_str().is_some_and(|m| m.contains(value)),
+            "{args:?}: {v}"
+        );
+    }
+}
