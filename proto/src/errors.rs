@@ -77,6 +77,9 @@ reasons! {
     AgentFailed = "AGENT_FAILED", FailedPrecondition;
     /// The target's agent disconnected before it answered. Metadata: `pid`.
     AgentLost = "AGENT_LOST", Unavailable;
+    /// The tracer store could not save a change (disk full, store removed): a new tracer
+    /// was withdrawn; other changes hold until the server restarts.
+    NotSaved = "NOT_SAVED", Unavailable;
     /// A wait ran out (the `timeout_ms` of the request, or the server's default); the
     /// message names what it waited for.
     Timeout = "TIMEOUT", DeadlineExceeded;
@@ -109,6 +112,7 @@ mod tests {
                 "PROTOCOL_VERSION",
                 "AGENT_FAILED",
                 "AGENT_LOST",
+                "NOT_SAVED",
                 "TIMEOUT",
                 "ALREADY_CONNECTED",
                 "AGENT_PROTOCOL",
