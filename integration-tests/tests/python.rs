@@ -11,8 +11,9 @@ use std::time::Duration;
 use integration_tests::fixtures::Build;
 use integration_tests::{Target, TestServer, wait_agent};
 
-/// Bound on one Python run (stub generation, the full cycle, interpreter start-up).
-const PYTHON_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on one Python run (stub generation, the full cycle with its own 60 s waits,
+/// interpreter start-up).
+const PYTHON_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,6 +97,7 @@ async fn python_client_runs_a_full_cycle() {
     let socket = server.socket_path().to_str().expect("utf-8 socket path");
     let out = run_python(
         "patchbay_example.py",
+        // Generous waits: attaches and detaches take seconds on a loaded machine.
         &[
             "--socket",
             socket,
@@ -103,6 +105,8 @@ async fn python_client_runs_a_full_cycle() {
             &pid.to_string(),
             "--events",
             "5",
+            "--timeout",
+            "60",
         ],
     )
     .await;

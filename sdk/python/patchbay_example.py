@@ -101,8 +101,8 @@ def run(args, pb, types, grpc_mod):
         spec = pb.TracerSpec(target=pb.Target(pid=args.pid), pattern=args.function,
                              callback=types.CallbackSpec(kind=kind, **callback),
                              name="python example")
-        r = control.Attach(pb.AttachRequest(spec=spec, timeout_ms=10000), metadata=md,
-                           timeout=20)
+        r = control.Attach(pb.AttachRequest(spec=spec, timeout_ms=int(args.timeout * 1000)),
+                           metadata=md, timeout=args.timeout + 10)
         patched = sum(x.sites_patched for x in r.results)
         errors = [x.error for x in r.results if x.error]
         if patched == 0 or errors:
@@ -140,8 +140,9 @@ def run(args, pb, types, grpc_mod):
 
     out["detached"] = []
     for tracer_id in (count_id, trace_id):
-        r = control.Detach(pb.DetachRequest(tracer_id=tracer_id, wait=True, timeout_ms=30000),
-                           metadata=md, timeout=40)
+        r = control.Detach(pb.DetachRequest(tracer_id=tracer_id, wait=True,
+                                            timeout_ms=int(args.timeout * 1000)),
+                           metadata=md, timeout=args.timeout + 10)
         out["detached"].append({"id": tracer_id, "retired": len(r.retired),
                                 "complete": r.complete})
     left = control.ListTracers(pb.ListTracersRequest(), metadata=md, timeout=10).tracers
@@ -158,7 +159,7 @@ def main():
     p.add_argument("--socket", default=default_socket(), help="patchbayd's Unix socket")
     p.add_argument("--events", type=int, default=5, help="events to stream")
     p.add_argument("--timeout", type=float, default=20.0,
-                   help="seconds to wait for counts and for events")
+                   help="seconds to wait for an attach, counts, events and a detach")
     p.add_argument("--stubs", help="directory for the generated stubs (default: temporary)")
     args = p.parse_args()
     if args.stubs:
