@@ -6,6 +6,7 @@
 
 tonic::include_proto!("patchbay.v1");
 
+pub mod errors;
 pub mod events;
 pub mod socket;
 
@@ -15,3 +16,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Metadata key a client uses to announce its protocol version.
 pub const PROTOCOL_METADATA_KEY: &str = "x-patchbay-protocol";
+
+/// The encoded `FileDescriptorSet` of `patchbay.v1` (every file, with source info: the
+/// comments), as compiled by `build.rs`. Served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/patchbay_v1.binpb"));

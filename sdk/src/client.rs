@@ -52,7 +52,7 @@ impl RequestMetadata {
                     Error::InvalidArgument(
                         "the token contains characters that cannot be sent in a header \
                          (only visible ASCII is allowed)"
-                            .to_owned(),
+                            .into(),
                     )
                 })
             })

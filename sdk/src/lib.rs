@@ -42,7 +42,7 @@ mod target;
 mod tracer;
 
 pub use client::{Attach, Client, ClientBuilder, Functions, Synchronize, Trampolines};
-pub use error::{Error, Result};
+pub use error::{Detail, Error, Result};
 pub use patchbay_proto as proto;
 pub use spec::{Target, TracerSpec};
 pub use target::{SOCKET_ENV, ServerTarget, current_uid, default_socket_path};

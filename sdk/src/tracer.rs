@@ -126,7 +126,7 @@ impl Tracer {
             .await?
             .into_iter()
             .find(|t| t.tracer_id == self.id.get())
-            .ok_or_else(|| Error::NotFound(format!("no tracer {}", self.id)))
+            .ok_or_else(|| Error::NotFound(format!("no tracer {}", self.id).into()))
     }
 
     /// Call counts of a `count` tracer, per function summed over threads and agents.

@@ -7,11 +7,13 @@ use std::time::Duration;
 use patchbay_proto as pb;
 use thiserror::Error;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::interceptor::InterceptedService;
+use tonic_health::ServingStatus;
 
 use crate::engine::Engine;
 use crate::listen;
 use crate::registry::{Registry, Settings};
-use crate::service::{AgentService, ControlService};
+use crate::service::{AgentService, ControlService, check_token};
 use crate::store::{Store, StoreError};
 
 /// Largest message accepted from an agent or sent to a client (function lists of
@@ -43,6 +45,30 @@ pub enum DaemonError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+const CONTROL: &str = "patchbay.v1.Control";
+
+/// The services reflection lists: Control, health and reflection itself. The Agent
+/// service is left out: it is the in-process agent's protocol (Unix socket only, the
+/// peer's pid checked), not an API for tools; its messages stay resolvable by name
+/// because `agent.proto` shares the descriptor set.
+pub const LISTED_SERVICES: [&str; 4] = [
+    CONTROL,
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    let b = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    LISTED_SERVICES
+        .iter()
+        .fold(b, |b, name| b.with_service_name(*name))
 }
 
 /// A bound server, ready to serve.
@@ -112,6 +138,11 @@ impl Server {
             let _ = rx.wait_for(|s| *s).await;
         };
         let token = self.tcp.as_ref().map(|(_, t)| t.clone());
+        // The store is loaded (`bind`): SERVING until shutdown starts.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<pb::control_server::ControlServer<ControlService>>()
+            .await;
         let router = |engine: &Engine| {
             tonic::transport::Server::builder()
                 .add_service(
@@ -125,18 +156,37 @@ impl Server {
                     ))
                     .max_encoding_message_size(MAX_MESSAGE),
                 )
+                // Health answers without a token, over TCP too (supervisors, probes).
+                .add_service(health_service.clone())
         };
         let mut tasks = tokio::task::JoinSet::new();
-        let unix = router(&self.engine).serve_with_incoming_shutdown(
-            UnixListenerStream::new(self.unix),
-            shutdown(stop_rx.clone()),
-        );
-        tasks.spawn(unix);
-        if let Some((tcp, _)) = self.tcp {
-            let tcp = router(&self.engine).serve_with_incoming_shutdown(
-                TcpListenerStream::new(tcp),
+        let unix = router(&self.engine)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(self.unix),
                 shutdown(stop_rx.clone()),
             );
+        tasks.spawn(unix);
+        if let Some((tcp, token)) = self.tcp {
+            // Over TCP, reflection needs the token like Control does.
+            let check = move |req: tonic::Request<()>| {
+                check_token(req.metadata(), Some(&token))?;
+                Ok(req)
+            };
+            let tcp = router(&self.engine)
+                .add_service(InterceptedService::new(
+                    reflection().build_v1()?,
+                    check.clone(),
+                ))
+                .add_service(InterceptedService::new(
+                    reflection().build_v1alpha()?,
+                    check,
+                ))
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(tcp),
+                    shutdown(stop_rx.clone()),
+                );
             tasks.spawn(tcp);
         }
         let reaper = self.engine.clone();
@@ -154,6 +204,13 @@ impl Server {
                 _ => Ok(()),
             },
         };
+        // Health watchers and pollers still connected see NOT_SERVING before the
+        // listeners close.
+        for service in ["", CONTROL] {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
         let _ = stop_tx.send(true);
         reap.abort();
         // Agent sessions are long-lived streams: do not wait for them for long.

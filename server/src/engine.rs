@@ -233,13 +233,18 @@ impl Engine {
                 let abandoned = s.reg.abandon_tracers(&keep);
                 s.reg.cancel(op);
                 s.apply();
-                return Err(Status::unavailable(if abandoned.is_empty() {
+                let message = if abandoned.is_empty() {
                     format!(
                         "done, but not saved ({e}): a restarted server would not know of this change"
                     )
                 } else {
                     format!("tracer {abandoned:?} not attached: {e}")
-                }));
+                };
+                return Err(crate::error::status(
+                    pb::errors::Reason::NotSaved,
+                    message,
+                    [],
+                ));
             }
             let (tx, rx) = oneshot::channel();
             s.waiters.insert(op, tx);
@@ -255,9 +260,11 @@ impl Engine {
                 s.waiters.remove(&op);
                 let msg = s.reg.cancel(op);
                 s.apply();
-                Err(Status::deadline_exceeded(msg.unwrap_or_else(|| {
-                    format!("timed out after {} ms", timeout.as_millis())
-                })))
+                Err(crate::error::status(
+                    pb::errors::Reason::Timeout,
+                    msg.unwrap_or_else(|| format!("timed out after {} ms", timeout.as_millis())),
+                    [],
+                ))
             }
         }
     }

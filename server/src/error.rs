@@ -1,6 +1,10 @@
 //! Errors of the server core, each mapped to a precise gRPC status by the shell.
 
+use std::collections::HashMap;
+
+use patchbay_proto::errors::{DOMAIN, Reason};
 use thiserror::Error;
+use tonic_types::{ErrorDetails, StatusExt};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CoreError {
@@ -40,25 +44,139 @@ pub enum CoreError {
     Protocol(String),
 }
 
+impl CoreError {
+    /// The machine-readable reason and the metadata of its `google.rpc.ErrorInfo`.
+    pub fn reason(&self) -> (Reason, Vec<(&'static str, String)>) {
+        match self {
+            CoreError::NoAgent(pid) => (Reason::NoAgent, vec![("pid", pid.to_string())]),
+            CoreError::UnknownAgent(id) => {
+                (Reason::UnknownAgent, vec![("agent_id", id.to_string())])
+            }
+            CoreError::UnknownTracer(id) => {
+                (Reason::UnknownTracer, vec![("tracer_id", id.to_string())])
+            }
+            CoreError::NoMatch { pattern, pid, .. } => (
+                Reason::NotPatchable,
+                vec![("pattern", pattern.clone()), ("pid", pid.to_string())],
+            ),
+            CoreError::BadPattern { pattern, .. } => {
+                (Reason::BadPattern, vec![("pattern", pattern.clone())])
+            }
+            CoreError::Invalid(_) => (Reason::InvalidRequest, vec![]),
+            CoreError::PermissionDenied(_) => (Reason::Permission, vec![]),
+            CoreError::AgentLost { pid } => (Reason::AgentLost, vec![("pid", pid.to_string())]),
+            CoreError::AgentFailed { pid, .. } => {
+                (Reason::AgentFailed, vec![("pid", pid.to_string())])
+            }
+            CoreError::Timeout(_) => (Reason::Timeout, vec![]),
+            CoreError::VersionMismatch(_) => (
+                Reason::ProtocolVersion,
+                vec![(
+                    "server_version",
+                    patchbay_proto::PROTOCOL_VERSION.to_string(),
+                )],
+            ),
+            CoreError::AlreadyConnected(pid) => {
+                (Reason::AlreadyConnected, vec![("pid", pid.to_string())])
+            }
+            CoreError::Protocol(_) => (Reason::AgentProtocol, vec![]),
+        }
+    }
+}
+
+/// A status with `reason`'s code and a `google.rpc.ErrorInfo` (domain
+/// [`DOMAIN`](patchbay_proto::errors::DOMAIN), `reason`, `metadata`) in its details.
+pub fn status(
+    reason: Reason,
+    message: impl Into<String>,
+    metadata: impl IntoIterator<Item = (&'static str, String)>,
+) -> tonic::Status {
+    let metadata: HashMap<String, String> = metadata
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    tonic::Status::with_error_details(
+        reason.code(),
+        message,
+        ErrorDetails::with_error_info(reason.as_str(), DOMAIN, metadata),
+    )
+}
+
 impl From<CoreError> for tonic::Status {
     fn from(e: CoreError) -> Self {
-        use tonic::Code;
-        let code = match &e {
-            CoreError::NoAgent(_)
-            | CoreError::UnknownAgent(_)
-            | CoreError::UnknownTracer(_)
-            | CoreError::NoMatch { .. } => Code::NotFound,
-            CoreError::BadPattern { .. } | CoreError::Invalid(_) | CoreError::Protocol(_) => {
-                Code::InvalidArgument
-            }
-            CoreError::PermissionDenied(_) => Code::PermissionDenied,
-            CoreError::AgentLost { .. } => Code::Unavailable,
-            CoreError::AgentFailed { .. } | CoreError::VersionMismatch(_) => {
-                Code::FailedPrecondition
-            }
-            CoreError::Timeout(_) => Code::DeadlineExceeded,
-            CoreError::AlreadyConnected(_) => Code::AlreadyExists,
-        };
-        tonic::Status::new(code, e.to_string())
+        let (reason, metadata) = e.reason();
+        status(reason, e.to_string(), metadata)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn info(s: &tonic::Status) -> tonic_types::ErrorInfo {
+        s.get_error_details()
+            .error_info()
+            .cloned()
+            .expect("an ErrorInfo in the details")
+    }
+
+    #[test]
+    fn statuses_carry_an_error_info() {
+        let s = tonic::Status::from(CoreError::NoAgent(42));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(
+            s.message().starts_with("no agent in pid 42"),
+            "{}",
+            s.message()
+        );
+        let i = info(&s);
+        assert_eq!((i.reason.as_str(), i.domain.as_str()), ("NO_AGENT", DOMAIN));
+        assert_eq!(i.metadata.get("pid").map(String::as_str), Some("42"));
+
+        let s = tonic::Status::from(CoreError::NoMatch {
+            pattern: "foo*".into(),
+            pid: 7,
+            hint: String::new(),
+        });
+        let i = info(&s);
+        assert_eq!(i.reason, "NOT_PATCHABLE");
+        assert_eq!(i.metadata.get("pattern").map(String::as_str), Some("foo*"));
+    }
+
+    /// The code of every variant is the one its reason documents.
+    #[test]
+    fn codes_follow_the_reasons() {
+        let all = [
+            CoreError::NoAgent(1),
+            CoreError::UnknownAgent(1),
+            CoreError::UnknownTracer(1),
+            CoreError::NoMatch {
+                pattern: "x".into(),
+                pid: 1,
+                hint: String::new(),
+            },
+            CoreError::BadPattern {
+                pattern: "[".into(),
+                reason: "unclosed".into(),
+            },
+            CoreError::Invalid("x".into()),
+            CoreError::PermissionDenied("x".into()),
+            CoreError::AgentLost { pid: 1 },
+            CoreError::AgentFailed {
+                pid: 1,
+                message: "x".into(),
+            },
+            CoreError::Timeout("x".into()),
+            CoreError::VersionMismatch("x".into()),
+            CoreError::AlreadyConnected(1),
+            CoreError::Protocol("x".into()),
+        ];
+        for e in all {
+            let (reason, _) = e.reason();
+            let s = tonic::Status::from(e.clone());
+            assert_eq!(s.code(), reason.code(), "{e:?}");
+            assert_eq!(info(&s).reason, reason.as_str(), "{e:?}");
+        }
     }
 }

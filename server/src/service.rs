@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use patchbay_proto as pb;
+use patchbay_proto::errors::Reason;
 use pb::agent_message::Body as FromAgent;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::Engine;
+use crate::error;
 use crate::listen::{Peer, peer_of};
 use crate::registry::{Caller, Reply};
 
@@ -142,33 +144,52 @@ impl ControlService {
         if let Some(v) = req.metadata().get(pb::PROTOCOL_METADATA_KEY) {
             let v = v.to_str().unwrap_or("");
             if v != pb::PROTOCOL_VERSION.to_string() {
-                return Err(Status::failed_precondition(format!(
-                    "protocol version mismatch: the client speaks {v:?}, this server speaks {}: use a client and a server from the same release",
-                    pb::PROTOCOL_VERSION
-                )));
+                return Err(error::status(
+                    Reason::ProtocolVersion,
+                    format!(
+                        "protocol version mismatch: the client speaks {v:?}, this server speaks {}: use a client and a server from the same release",
+                        pb::PROTOCOL_VERSION
+                    ),
+                    [("server_version", pb::PROTOCOL_VERSION.to_string())],
+                ));
             }
         }
         match peer_of(req) {
             Some(Peer::Unix { uid, .. }) => Ok(Caller { uid }),
             Some(Peer::Tcp) => {
-                let Some(token) = &self.token else {
-                    return Err(Status::unauthenticated("TCP clients are not accepted"));
-                };
-                let given = req
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-                    Ok(Caller::ROOT)
-                } else {
-                    Err(Status::unauthenticated(
-                        "missing or wrong token: pass the server's token (`patchbay --token-file FILE`)",
-                    ))
-                }
+                check_token(req.metadata(), self.token.as_deref())?;
+                Ok(Caller::ROOT)
             }
-            None => Err(Status::permission_denied("unknown peer")),
+            None => Err(error::status(Reason::Permission, "unknown peer", [])),
         }
+    }
+}
+
+/// Checks the `authorization: Bearer TOKEN` of a TCP request against the server's
+/// token (`None`: the server accepts no TCP clients).
+pub fn check_token(
+    metadata: &tonic::metadata::MetadataMap,
+    token: Option<&str>,
+) -> Result<(), Status> {
+    let Some(token) = token else {
+        return Err(error::status(
+            Reason::Unauthenticated,
+            "TCP clients are not accepted",
+            [],
+        ));
+    };
+    let given = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(error::status(
+            Reason::Unauthenticated,
+            "missing or wrong token: pass the server's token (`patchbay --token-file FILE`)",
+            [],
+        ))
     }
 }
 

@@ -43,7 +43,8 @@ struct Cli {
     )]
     token_file: Option<PathBuf>,
 
-    /// Print machine-readable JSON instead of tables
+    /// Print machine-readable JSON instead of tables (errors: one JSON line on stderr,
+    /// with the server's reason such as NO_AGENT)
     #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
 
@@ -107,12 +108,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(status) => ExitCode::from(status),
         // `patchbay watch 1 | head`: the reader went away, which is not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{}", render_error(&err));
+            if json {
+                eprintln!("{}", error_json(&err));
+            } else {
+                eprintln!("{}", render_error(&err));
+            }
             ExitCode::FAILURE
         }
     }
@@ -210,6 +216,37 @@ fn render_error(err: &anyhow::Error) -> String {
     text
 }
 
+/// The `--json` form of an error: `{"error": {"message", "code", "reason", "metadata"}}`
+/// where `code` is the gRPC status name (`NOT_FOUND`) and `reason` the server's
+/// `ErrorInfo.reason` (`NO_AGENT`), both null when the error is not a status or has none.
+fn error_json(err: &anyhow::Error) -> serde_json::Value {
+    let sdk = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<patchbay_sdk::Error>());
+    let code = sdk.and_then(patchbay_sdk::Error::code).map(code_name);
+    let detail = sdk.and_then(patchbay_sdk::Error::detail);
+    serde_json::json!({
+        "error": {
+            "message": format!("{err:#}"),
+            "code": code,
+            "reason": detail.and_then(|d| d.reason()),
+            "metadata": detail.map(|d| d.metadata().clone()).unwrap_or_default(),
+        }
+    })
+}
+
+/// The canonical gRPC name of a status code: `NotFound` → `NOT_FOUND`.
+fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +323,23 @@ mod tests {
         );
         let err = anyhow::Error::from(patchbay_sdk::Error::NotFound("no tracer 9".into()));
         assert_eq!(render_error(&err), "error: no tracer 9");
+    }
+
+    #[test]
+    fn json_errors_name_the_code_and_reason() {
+        let err = anyhow::Error::from(patchbay_sdk::Error::NotFound("no tracer 9".into()));
+        let v = error_json(&err);
+        assert_eq!(v["error"]["message"], "no tracer 9");
+        assert_eq!(v["error"]["code"], "NOT_FOUND");
+        assert_eq!(v["error"]["reason"], serde_json::Value::Null);
+        let err = anyhow::anyhow!("cannot read the token file /x");
+        assert_eq!(error_json(&err)["error"]["code"], serde_json::Value::Null);
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "DEADLINE_EXCEEDED"
+        );
+        assert_eq!(code_name(tonic::Code::Unauthenticated), "UNAUTHENTICATED");
     }
 
     #[test]
