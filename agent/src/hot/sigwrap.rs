@@ -86,12 +86,14 @@ fn is_function(h: usize) -> bool {
 struct Locked(libc::sigset_t);
 
 fn lock() -> Locked {
-    // SAFETY: blocking every signal of this thread (restored by `Drop`) so that a
-    // handler calling sigaction cannot spin on a lock its own thread holds.
+    // SAFETY: blocking every signal but SIGTRAP in this thread (restored by `Drop`) so
+    // that a handler calling sigaction cannot spin on a lock its own thread holds (the
+    // trap handler never takes it).
     let old = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
+        // All but SIGTRAP: the libc functions called under the lock may be patched.
+        crate::sys::signal::handler_mask(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
         old
     };
@@ -162,8 +164,7 @@ pub unsafe fn interposed(
             MASK[i].store(bits_of(&a.sa_mask), Ordering::Release);
             a.sa_sigaction = wrapper as *const () as usize;
             a.sa_flags |= libc::SA_SIGINFO;
-            // SAFETY: filling a valid sigset_t.
-            unsafe { libc::sigfillset(&mut a.sa_mask) };
+            crate::sys::signal::handler_mask(&mut a.sa_mask);
         }
         // SAFETY: installing a valid action.
         if unsafe { real_sigaction(sig, &a, std::ptr::null_mut()) } != 0 {
@@ -258,7 +259,10 @@ fn run_program(
     // Every signal is blocked so far: now the mask the program asked for, plus the
     // agent's signal (pending until the handler returns) unless it is this very signal
     // with SA_NODEFER.
-    let mut want = bits_of(&uc.uc_sigmask) | mask;
+    // SIGTRAP is taken out of the program's `sa_mask` (a `sigfillset` mask is common):
+    // the handler may call a function whose patch holds a transient `int3`, and a trap
+    // with SIGTRAP blocked kills the process (see `sys::signal::handler_mask`).
+    let mut want = bits_of(&uc.uc_sigmask) | (mask & !(1 << (libc::SIGTRAP - 1)));
     let nodefer = flags & libc::SA_NODEFER != 0;
     if !nodefer {
         want |= 1 << (sig - 1);
@@ -324,8 +328,7 @@ fn qs_action() -> libc::sigaction {
     let mut sa = unsafe_zeroed();
     sa.sa_sigaction = qs_entry as *const () as usize;
     sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: filling a valid sigset_t.
-    unsafe { libc::sigfillset(&mut sa.sa_mask) };
+    crate::sys::signal::handler_mask(&mut sa.sa_mask);
     sa
 }
 
@@ -460,11 +463,9 @@ pub fn reclaim() -> usize {
             record(sig, &cur);
             a.sa_sigaction = wrapper as *const () as usize;
             a.sa_flags |= libc::SA_SIGINFO;
-            // SAFETY: filling a valid sigset_t, then installing a valid action.
-            unsafe {
-                libc::sigfillset(&mut a.sa_mask);
-                real_sigaction(sig, &a, std::ptr::null_mut());
-            }
+            crate::sys::signal::handler_mask(&mut a.sa_mask);
+            // SAFETY: installing a valid action.
+            unsafe { real_sigaction(sig, &a, std::ptr::null_mut()) };
             found += 1;
         }
     }

@@ -27,7 +27,8 @@
 //! system call), `SA_ONSTACK` (a site hit with an almost exhausted stack can still be
 //! emulated when the thread has an alternate stack, as Rust threads do; emulation
 //! writes only 8 bytes below the interrupted `rsp`, where a real `call` would have
-//! written), and a full `sa_mask`: no other signal handler, in particular the
+//! written), and a full `sa_mask` but SIGTRAP (`sys::signal::handler_mask`: a nested
+//! trap is emulated, never fatal): no other signal handler, in particular the
 //! quiescent-state probe, runs while the handler is between looking a site up and
 //! redirecting the thread, so a thread is never judged to be outside a trampoline it
 //! is about to enter.
@@ -554,8 +555,7 @@ fn our_action() -> libc::sigaction {
     let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
     sa.sa_sigaction = on_sigtrap as *const () as usize;
     sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-    // SAFETY: sa_mask is a valid sigset_t to fill.
-    unsafe { libc::sigfillset(&mut sa.sa_mask) };
+    crate::sys::signal::handler_mask(&mut sa.sa_mask);
     sa
 }
 

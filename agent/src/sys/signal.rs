@@ -45,3 +45,18 @@ pub(crate) unsafe fn real_sigaction(
         }
     }
 }
+
+/// Fills `set` with the mask every agent handler runs with: every signal but SIGTRAP.
+/// SIGTRAP stays deliverable so that a thread reaching a site that holds a transient
+/// `int3` (a relocated prologue keeps one through a grace period) is emulated even
+/// while one of the agent's handlers runs, or returns through libc's signal-return
+/// trampoline (`__restore_rt`, itself patchable) with the handler's mask: the kernel
+/// kills a process whose thread traps with SIGTRAP blocked. The trap handler is
+/// re-entrant (table lookups and a PC change), so a nested trap is emulated too.
+pub fn handler_mask(set: &mut libc::sigset_t) {
+    // SAFETY: filling and editing a valid sigset_t the caller owns.
+    unsafe {
+        libc::sigfillset(set);
+        libc::sigdelset(set, libc::SIGTRAP);
+    }
+}
