@@ -22,6 +22,7 @@
  *                rdtsc: what the trace stub's timestamp costs on this machine)
  *   quit         exit 0
  * Anything else prints `error unknown command: <line>`.
+ * add2() is never called: a site to patch and retire while the threads run add1().
  */
 #define _GNU_SOURCE
 #include <poll.h>
@@ -43,6 +44,12 @@ __attribute__((noinline, noipa)) long add1(long x, long y)
 {
     __asm__ volatile("" : : "r"(x), "r"(y));
     return x + y + 1;
+}
+
+__attribute__((noinline, noipa, used)) long add2(long x, long y)
+{
+    __asm__ volatile("" : : "r"(x), "r"(y));
+    return x + y + 2;
 }
 
 static double now(void)

@@ -137,6 +137,13 @@ fn bench_quick_reports_every_figure() {
         }
     }
 
+    measured("events.gp.idle");
+    let f = measured("events.gp.flood");
+    assert!(
+        num(&f["detail"], "received") > 0.0,
+        "the flood delivered events: {f}"
+    );
+
     for id in ["events.full", "events.paced.100000"] {
         let f = measured(id);
         let d = &f["detail"];

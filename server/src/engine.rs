@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use patchbay_proto as pb;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use pb::agent_message::Body as FromAgent;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tonic::Status;
 
 use crate::error::CoreError;
@@ -26,9 +27,22 @@ const INVARIANT_PERIOD: Duration = Duration::from_millis(20);
 /// Capacity of each tracer's event fan-out; slower watchers lose batches (counted).
 const WATCH_CAPACITY: usize = 4096;
 
+/// The current connection of an agent: its number (`Welcome.session_id`), the
+/// outbound channel of its `Session` stream, and what its `Events` stream needs.
+struct Conn {
+    conn: u64,
+    tx: AgentTx,
+    /// The agent's (pid, uid): an `Events` stream must come from the same peer.
+    peer: (u32, u32),
+    /// Whether an `Events` stream is attached to this session already.
+    events_open: bool,
+    /// Dropped with the connection: ends the session's `Events` stream.
+    ended: watch::Sender<()>,
+}
+
 pub struct State {
     pub reg: Registry,
-    agents: HashMap<AgentId, (u64, AgentTx)>,
+    agents: HashMap<AgentId, Conn>,
     waiters: HashMap<OpId, oneshot::Sender<Reply>>,
     watchers: HashMap<TracerId, broadcast::Sender<pb::EventBatchView>>,
     next_conn: u64,
@@ -110,8 +124,8 @@ impl State {
         for effect in self.reg.take_effects() {
             match effect {
                 Effect::Send(agent, body) => {
-                    if let Some((_, tx)) = self.agents.get(&agent) {
-                        let _ = tx.send(Ok(pb::ServerMessage { body: Some(body) }));
+                    if let Some(c) = self.agents.get(&agent) {
+                        let _ = c.tx.send(Ok(pb::ServerMessage { body: Some(body) }));
                     }
                 }
                 Effect::Reply(op, reply) => {
@@ -177,7 +191,8 @@ impl Engine {
     /// Admits an agent: runs its hello through the registry and, in the same critical
     /// section, sends the welcome and registers the outbound channel, so that messages
     /// the hello produced (re-attaches, removals) reach this connection. Returns the
-    /// agent id and the connection number, which the disconnect must present.
+    /// agent id and the connection number (`Welcome.session_id`), which the
+    /// disconnect and the agent's `Events` stream must present.
     pub fn admit_agent(
         &self,
         peer: (u32, u32),
@@ -185,7 +200,7 @@ impl Engine {
         tx: AgentTx,
     ) -> Result<(AgentId, u64, bool), CoreError> {
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let (agent, welcome) = match s.reg.agent_hello(Some(peer), hello, Instant::now()) {
+        let (agent, mut welcome) = match s.reg.agent_hello(Some(peer), hello, Instant::now()) {
             Ok(r) => r,
             Err(e) => {
                 s.apply();
@@ -193,12 +208,22 @@ impl Engine {
             }
         };
         let resumed = welcome.resumed;
+        let conn = s.next_conn;
+        s.next_conn += 1;
+        welcome.session_id = conn;
         let _ = tx.send(Ok(pb::ServerMessage {
             body: Some(pb::server_message::Body::Welcome(welcome)),
         }));
-        let conn = s.next_conn;
-        s.next_conn += 1;
-        s.agents.insert(agent, (conn, tx));
+        s.agents.insert(
+            agent,
+            Conn {
+                conn,
+                tx,
+                peer,
+                events_open: false,
+                ended: watch::channel(()).0,
+            },
+        );
         s.apply();
         Ok((agent, conn, resumed))
     }
@@ -206,11 +231,73 @@ impl Engine {
     /// The connection `conn` of `agent` ended. Ignored if a newer one replaced it.
     pub fn disconnect_agent(&self, agent: AgentId, conn: u64) {
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if s.agents.get(&agent).map(|(c, _)| *c) == Some(conn) {
+        if s.agents.get(&agent).map(|c| c.conn) == Some(conn) {
             s.agents.remove(&agent);
             s.reg.agent_disconnected(agent);
         }
         s.apply();
+    }
+
+    /// Attaches an `Events` stream from `peer` to session `conn` of `agent`: returns
+    /// what ends with the session (its sender is dropped then). Changes nothing on error.
+    pub fn open_events(
+        &self,
+        agent: AgentId,
+        conn: u64,
+        peer: (u32, u32),
+    ) -> Result<watch::Receiver<()>, Status> {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = s.agents.get_mut(&agent).filter(|c| c.conn == conn) else {
+            return Err(Status::failed_precondition(format!(
+                "session {conn} of agent {agent} is not open (it ended, a reconnect replaced it, or it never was): open the Events stream after a Welcome, with its agent_id and session_id"
+            )));
+        };
+        if c.peer != peer {
+            return Err(Status::permission_denied(format!(
+                "session {conn} of agent {agent} belongs to pid {} uid {}, not to this peer (pid {} uid {})",
+                c.peer.0, c.peer.1, peer.0, peer.1
+            )));
+        }
+        if c.events_open {
+            return Err(Status::already_exists(format!(
+                "session {conn} of agent {agent} has an Events stream already"
+            )));
+        }
+        c.events_open = true;
+        Ok(c.ended.subscribe())
+    }
+
+    /// One message of the `Events` stream of session `conn` of `agent`: an event
+    /// batch is decoded before the registry is locked (a flood must not hold the lock
+    /// that life-cycle reports and clients need), then goes to
+    /// `Registry::decoded_events`; anything else through `Registry::agent_message`.
+    /// The outer `Err` when the session is no longer the agent's current one (nothing
+    /// changed then): the stream must end. The inner one is the registry's rejection.
+    pub fn events_message(
+        &self,
+        agent: AgentId,
+        conn: u64,
+        body: FromAgent,
+    ) -> Result<Result<(), CoreError>, Status> {
+        let decoded = match &body {
+            FromAgent::Events(b) => match pb::events::decode(&b.data, b.record_count) {
+                Ok(events) => Some((b.tracer_id, b.dropped, events)),
+                Err(e) => return Ok(Err(CoreError::Invalid(e.to_string()))),
+            },
+            _ => None,
+        };
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if s.agents.get(&agent).map(|c| c.conn) != Some(conn) {
+            return Err(Status::aborted(format!(
+                "session {conn} of agent {agent} ended: its Events stream ends with it"
+            )));
+        }
+        let r = match decoded {
+            Some((tracer, dropped, events)) => s.reg.decoded_events(agent, tracer, dropped, events),
+            None => s.reg.agent_message(agent, Some(body), Instant::now()),
+        };
+        s.apply();
+        Ok(r)
     }
 
     /// Starts an operation in the registry and waits for its reply, up to `timeout`.

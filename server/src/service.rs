@@ -8,6 +8,7 @@ use std::time::Duration;
 use patchbay_proto as pb;
 use patchbay_proto::errors::Reason;
 use pb::agent_message::Body as FromAgent;
+use pb::events_message::Body as ToEvents;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -51,22 +52,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let peer = match peer_of(&req) {
-            Some(Peer::Unix {
-                pid: Some(pid),
-                uid,
-            }) => (pid, uid),
-            Some(Peer::Unix { pid: None, .. }) => {
-                return Err(Status::permission_denied(
-                    "cannot read the peer's pid (SO_PEERCRED): agents must connect over the Unix socket",
-                ));
-            }
-            _ => {
-                return Err(Status::permission_denied(
-                    "agents must connect over the Unix socket, where the server can check their pid and uid",
-                ));
-            }
-        };
+        let peer = agent_peer(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
             .await
@@ -112,6 +98,91 @@ impl pb::agent_server::Agent for AgentService {
             engine.reap();
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn events(
+        &self,
+        req: Request<Streaming<pb::EventsMessage>>,
+    ) -> Result<Response<pb::EventsEnd>, Status> {
+        let peer = agent_peer(&req)?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no EventsOpen within 10 s"))?;
+        let open = match first {
+            Some(Ok(pb::EventsMessage {
+                body: Some(ToEvents::Open(o)),
+            })) => o,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message of an Events stream must be EventsOpen",
+                ));
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::invalid_argument("stream ended before EventsOpen")),
+        };
+        let (agent, conn) = (open.agent_id, open.session_id);
+        let mut ended = self.engine.open_events(agent, conn, peer)?;
+        loop {
+            let msg = tokio::select! {
+                msg = inbound.next() => msg,
+                // The sender goes with the session.
+                _ = ended.changed() => {
+                    return Err(Status::aborted(format!(
+                        "session {conn} of agent {agent} ended: its Events stream ends with it"
+                    )));
+                }
+            };
+            let body = match msg {
+                None => return Ok(Response::new(pb::EventsEnd {})),
+                Some(Err(e)) => {
+                    tracing::info!(agent, "agent events stream failed: {e}");
+                    return Err(Status::new(
+                        e.code(),
+                        format!("agent events stream failed: {}", e.message()),
+                    ));
+                }
+                Some(Ok(pb::EventsMessage { body })) => body,
+            };
+            let body = match body {
+                Some(ToEvents::Events(e)) => FromAgent::Events(e),
+                Some(ToEvents::FreedTrampolineId(id)) => {
+                    FromAgent::Trampoline(pb::TrampolineReport {
+                        trampoline_id: id,
+                        report: Some(pb::trampoline_report::Report::Freed(pb::Freed {})),
+                    })
+                }
+                Some(ToEvents::Open(_)) => {
+                    return Err(Status::invalid_argument(
+                        "EventsOpen is the first message of an Events stream, and only there",
+                    ));
+                }
+                None => return Err(Status::invalid_argument("empty Events stream message")),
+            };
+            // As on the Session stream, a rejected message is logged and changes
+            // nothing; the stream goes on.
+            if let Err(e) = self.engine.events_message(agent, conn, body)? {
+                tracing::warn!(agent, "agent message rejected (Events stream): {e}");
+            }
+            // A flood must not keep this worker from the session and client tasks.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// The (pid, uid) of an agent's connection: agents connect over the Unix socket only.
+fn agent_peer<T>(req: &Request<T>) -> Result<(u32, u32), Status> {
+    match peer_of(req) {
+        Some(Peer::Unix {
+            pid: Some(pid),
+            uid,
+        }) => Ok((pid, uid)),
+        Some(Peer::Unix { pid: None, .. }) => Err(Status::permission_denied(
+            "cannot read the peer's pid (SO_PEERCRED): agents must connect over the Unix socket",
+        )),
+        _ => Err(Status::permission_denied(
+            "agents must connect over the Unix socket, where the server can check their pid and uid",
+        )),
     }
 }
 

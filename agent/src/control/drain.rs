@@ -20,8 +20,19 @@ pub struct Record {
     pub args: [u64; 6],
 }
 
-/// Takes every event currently in the ring (agent thread only).
+/// Takes every event currently in the ring (agent thread only; the tests' drain).
+#[cfg(test)]
 pub fn drain(h: &Header, mut f: impl FnMut(Record)) -> usize {
+    drain_while(h, |r| {
+        f(*r);
+        true
+    })
+}
+
+/// Takes the events currently in the ring, oldest first, while `f` accepts them
+/// (agent thread only): the first record `f` refuses stays in the ring with every
+/// later one. Returns how many were taken.
+pub fn drain_while(h: &Header, mut f: impl FnMut(&Record) -> bool) -> usize {
     let tail = h.ring_tail.load(Ordering::Relaxed);
     let head = h.ring_head.load(Ordering::Acquire);
     let mut n = 0;
@@ -46,7 +57,9 @@ pub fn drain(h: &Header, mut f: impl FnMut(Record)) -> usize {
                 args,
             }
         };
-        f(r);
+        if !f(&r) {
+            break;
+        }
         pos = pos.wrapping_add(1);
         n += 1;
     }
@@ -125,10 +138,16 @@ mod tests {
             assert_eq!(got[0].site, 0x1000);
             assert_eq!(got[0].tracer, 9);
             assert_eq!(&got[0].args[..2], &[1, 2]);
-            for _ in 0..RING_SLOTS {
+            assert!(push(h, 9, 0x2000, 77, &[0; 6], 0));
+            for _ in 1..RING_SLOTS {
                 assert!(push(h, 9, 0x1000, 77, &[0; 6], 0));
             }
             assert!(!push(h, 9, 0x1000, 77, &[0; 6], 0), "full ring drops");
+            assert_eq!(
+                drain_while(h, |r| r.site != 0x2000),
+                0,
+                "refused: left in the ring"
+            );
             assert_eq!(drain(h, |_| {}), RING_SLOTS);
             h.release(std::iter::empty());
         })

@@ -1,68 +1,138 @@
 //! The link to the server: one background thread running a single-threaded tokio
-//! runtime that keeps an `Agent.Session` stream open, reconnecting with backoff when the
-//! server is absent or goes away. It never blocks or signals program threads: all it
-//! does with the program is through the [`Handler`].
+//! runtime that keeps two streams open, each on its own connection to the server's
+//! socket, and reconnects both with backoff when the server is absent or goes away:
+//! - `Agent.Session`: the hello, the server's requests, and every report but events;
+//! - `Agent.Events`: event batches and `Freed` reports, opened after each `Welcome`
+//!   with the session id it gave.
+//!
+//! Two connections, so that an event flood never delays a life-cycle report
+//! (`Retired`, quiescent stamps, barrier answers): each stream has its own HTTP/2
+//! flow-control windows, socket buffers and queue here. A `Freed` report follows the
+//! events drained before it (they name the trampoline's tracers, which the server
+//! forgets once a detached tracer's last trampoline is freed); it is not on any grace
+//! period's path (the free was authorized already).
+//!
+//! The link never blocks or signals program threads: all it does with the program is
+//! through the [`Handler`].
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use patchbay_proto as pb;
 use pb::agent_message::Body as FromAgent;
+use pb::events_message::Body as ToEvents;
 use pb::server_message::Body as ToAgent;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-/// The outbound channel of the current session, for messages produced outside the
+/// The outbound channels of the current session, for messages produced outside the
 /// link thread (the final flush at exit).
-static OUTBOX: std::sync::Mutex<Option<mpsc::UnboundedSender<pb::AgentMessage>>> =
-    std::sync::Mutex::new(None);
-/// Messages queued on, and taken from, the session's channel.
-static QUEUED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static OUTBOX: std::sync::Mutex<Option<Outbound>> = std::sync::Mutex::new(None);
 
-/// Encoded bytes of the messages queued on, and taken from, the current session's
-/// channel: their difference is what waits for a server that does not read (hung,
-/// stopped, or slower than the program).
-static QUEUED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static TAKEN_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Bytes queued for the server that the transport has not taken yet.
-pub fn backlog_bytes() -> u64 {
-    use std::sync::atomic::Ordering;
-    QUEUED_BYTES
-        .load(Ordering::Acquire)
-        .saturating_sub(TAKEN_BYTES.load(Ordering::Acquire))
+/// What one stream's queue holds: messages and encoded bytes queued on the channel,
+/// and taken from it by the transport. Their difference is what waits for a server
+/// that does not read (hung, stopped, or slower than the program).
+struct Queue {
+    queued: AtomicU64,
+    taken: AtomicU64,
+    queued_bytes: AtomicU64,
+    taken_bytes: AtomicU64,
 }
 
-fn queued(m: &pb::AgentMessage) {
-    use prost::Message;
-    use std::sync::atomic::Ordering;
-    QUEUED.fetch_add(1, Ordering::AcqRel);
-    QUEUED_BYTES.fetch_add(m.encoded_len() as u64, Ordering::AcqRel);
+impl Queue {
+    const fn new() -> Queue {
+        Queue {
+            queued: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            taken_bytes: AtomicU64::new(0),
+        }
+    }
+
+    fn queued(&self, bytes: usize) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.queued_bytes.fetch_add(bytes as u64, Ordering::AcqRel);
+    }
+
+    fn taken(&self, bytes: usize) {
+        self.taken.fetch_add(1, Ordering::AcqRel);
+        self.taken_bytes.fetch_add(bytes as u64, Ordering::AcqRel);
+    }
+
+    fn backlog_bytes(&self) -> u64 {
+        self.queued_bytes
+            .load(Ordering::Acquire)
+            .saturating_sub(self.taken_bytes.load(Ordering::Acquire))
+    }
+
+    fn all_taken(&self) -> bool {
+        self.taken.load(Ordering::Acquire) >= self.queued.load(Ordering::Acquire)
+    }
+
+    /// What an ended session did not take is gone with its channel: no backlog.
+    fn forget(&self) {
+        self.taken
+            .store(self.queued.load(Ordering::Acquire), Ordering::Release);
+        self.taken_bytes
+            .store(self.queued_bytes.load(Ordering::Acquire), Ordering::Release);
+    }
 }
 
-fn taken(m: &pb::AgentMessage) {
-    use prost::Message;
-    use std::sync::atomic::Ordering;
-    TAKEN.fetch_add(1, Ordering::AcqRel);
-    TAKEN_BYTES.fetch_add(m.encoded_len() as u64, Ordering::AcqRel);
+/// The `Session` stream's queue and the `Events` stream's.
+static SESSION: Queue = Queue::new();
+static EVENTS: Queue = Queue::new();
+
+/// Bytes queued for the server on the `Session` stream that the transport has not
+/// taken yet.
+pub fn session_backlog_bytes() -> u64 {
+    SESSION.backlog_bytes()
+}
+
+/// Bytes queued for the server on the `Events` stream that the transport has not
+/// taken yet.
+pub fn events_backlog_bytes() -> u64 {
+    EVENTS.backlog_bytes()
+}
+
+/// The two outbound channels of a session.
+#[derive(Clone)]
+struct Outbound {
+    session: mpsc::UnboundedSender<pb::AgentMessage>,
+    events: mpsc::UnboundedSender<pb::EventsMessage>,
+}
+
+impl Outbound {
+    /// Queues `body` on its stream: event batches and `Freed` reports on `Events`,
+    /// the rest on `Session`. False when the session is gone.
+    fn send(&self, body: FromAgent) -> bool {
+        use prost::Message;
+        let events = match body {
+            FromAgent::Events(e) => ToEvents::Events(e),
+            FromAgent::Trampoline(pb::TrampolineReport {
+                trampoline_id,
+                report: Some(pb::trampoline_report::Report::Freed(_)),
+            }) => ToEvents::FreedTrampolineId(trampoline_id),
+            body => {
+                let m = pb::AgentMessage { body: Some(body) };
+                SESSION.queued(m.encoded_len());
+                return self.session.send(m).is_ok();
+            }
+        };
+        let m = pb::EventsMessage { body: Some(events) };
+        EVENTS.queued(m.encoded_len());
+        self.events.send(m).is_ok()
+    }
 }
 
 /// Queues messages on the current session from any thread; false when there is none.
 pub fn send_from_any_thread(msgs: Vec<FromAgent>) -> bool {
     let outbox = OUTBOX.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(tx) = outbox.as_ref() else {
+    let Some(out) = outbox.as_ref() else {
         return false;
     };
-    for body in msgs {
-        let m = pb::AgentMessage { body: Some(body) };
-        queued(&m);
-        if tx.send(m).is_err() {
-            return false;
-        }
-    }
-    true
+    msgs.into_iter().all(|body| out.send(body))
 }
 
 /// Whether a session is open: a lock-free flag, since program threads read it (in
@@ -79,10 +149,9 @@ pub fn forked_child() {
     CONNECTED.store(false, std::sync::atomic::Ordering::Release);
 }
 
-/// Waits (bounded) until the transport took every queued message.
+/// Waits (bounded) until the transport took every queued message of both streams.
 pub fn wait_taken(deadline: std::time::Instant) -> bool {
-    use std::sync::atomic::Ordering;
-    while TAKEN.load(Ordering::Acquire) < QUEUED.load(Ordering::Acquire) {
+    while !(SESSION.all_taken() && EVENTS.all_taken()) {
         if std::time::Instant::now() >= deadline {
             return false;
         }
@@ -168,53 +237,73 @@ async fn connect(
     Ok(pb::agent_client::AgentClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-/// One session: hello, welcome, then messages both ways until the stream ends.
+/// One session: hello, welcome, the events stream, then messages both ways until
+/// either stream ends.
 async fn session(socket: &Path, handler: &mut impl Handler) -> Result<(), String> {
-    let mut client = connect(socket).await?;
-    let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
-    let send = |body: FromAgent| {
-        let m = pb::AgentMessage { body: Some(body) };
-        queued(&m);
-        let _ = tx.send(m);
-    };
-    send(FromAgent::Hello(handler.hello()));
-    *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
-    CONNECTED.store(true, std::sync::atomic::Ordering::Release);
-    let outbound = UnboundedReceiverStream::new(rx).map(|m| {
-        taken(&m);
-        m
-    });
-    let result = run_session(&mut client, outbound, handler, &send).await;
+    let result = run_session(socket, handler).await;
     *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    SESSION.forget();
+    EVENTS.forget();
     CONNECTED.store(false, std::sync::atomic::Ordering::Release);
     // Nobody waits for markers of a session that ended.
     crate::control::loads::session_ended();
-    // What the ended session did not take is gone with its channel: no backlog.
-    use std::sync::atomic::Ordering;
-    TAKEN.store(QUEUED.load(Ordering::Acquire), Ordering::Release);
-    TAKEN_BYTES.store(QUEUED_BYTES.load(Ordering::Acquire), Ordering::Release);
     result
 }
 
-async fn run_session(
-    client: &mut pb::agent_client::AgentClient<tonic::transport::Channel>,
-    outbound: impl tokio_stream::Stream<Item = pb::AgentMessage> + Send + 'static,
-    handler: &mut impl Handler,
-    send: &impl Fn(FromAgent),
-) -> Result<(), String> {
+async fn run_session(socket: &Path, handler: &mut impl Handler) -> Result<(), String> {
+    use prost::Message;
+    let mut client = connect(socket).await?;
+    let (tx, rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
+    let hello = pb::AgentMessage {
+        body: Some(FromAgent::Hello(handler.hello())),
+    };
+    SESSION.queued(hello.encoded_len());
+    let _ = tx.send(hello);
+    let outbound = UnboundedReceiverStream::new(rx).map(|m| {
+        SESSION.taken(m.encoded_len());
+        m
+    });
     let mut inbound = client
         .session(outbound)
         .await
         .map_err(|s| format!("server refused the session: {}", s.message()))?
         .into_inner();
-    match inbound.next().await {
+    let welcome = match inbound.next().await {
         Some(Ok(pb::ServerMessage {
             body: Some(ToAgent::Welcome(w)),
-        })) => handler.welcome(&w),
+        })) => w,
         Some(Ok(_)) => return Err("server did not welcome us".into()),
         Some(Err(s)) => return Err(format!("server refused us: {}", s.message())),
         None => return Err("server closed the session".into()),
+    };
+    if welcome.session_id == 0 {
+        return Err("the server's welcome names no session (session_id 0)".into());
     }
+    // The events stream, on its own connection.
+    let mut events_client = connect(socket).await?;
+    let (etx, erx) = mpsc::unbounded_channel::<pb::EventsMessage>();
+    let open = pb::EventsMessage {
+        body: Some(ToEvents::Open(pb::EventsOpen {
+            agent_id: welcome.agent_id,
+            session_id: welcome.session_id,
+        })),
+    };
+    EVENTS.queued(open.encoded_len());
+    let _ = etx.send(open);
+    let events_out = UnboundedReceiverStream::new(erx).map(|m| {
+        EVENTS.taken(m.encoded_len());
+        m
+    });
+    let events_call = events_client.events(events_out);
+    tokio::pin!(events_call);
+    handler.welcome(&welcome);
+    let out_tx = Outbound {
+        session: tx,
+        events: etx,
+    };
+    *OUTBOX.lock().unwrap_or_else(|e| e.into_inner()) = Some(out_tx.clone());
+    CONNECTED.store(true, std::sync::atomic::Ordering::Release);
+
     let mut out = Vec::new();
     let mut next_tick = tokio::time::Instant::now() + handler.tick_interval();
     loop {
@@ -230,6 +319,11 @@ async fn run_session(
                 None => return Err("server closed the session".into()),
             },
             _ = crate::control::loads::WAKE.notified() => handler.loaded(&mut out),
+            // The server answers the events stream only when it ends it.
+            end = &mut events_call => return Err(match end {
+                Ok(_) => "server closed the events stream".into(),
+                Err(s) => format!("events stream failed: {}", s.message()),
+            }),
             _ = tick => {
                 handler.tick(true, &mut out);
                 next_tick = tokio::time::Instant::now() + handler.tick_interval();
@@ -237,7 +331,7 @@ async fn run_session(
         }
         next_tick = next_tick.min(tokio::time::Instant::now() + handler.tick_interval());
         for body in out.drain(..) {
-            send(body);
+            out_tx.send(body);
         }
     }
 }

@@ -163,28 +163,53 @@ impl Registry {
         if !self.agents.contains_key(&id) {
             return Err(CoreError::UnknownAgent(id));
         }
-        if !self.tracer_applies(batch.tracer_id, id) {
+        let events = pb::events::decode(&batch.data, batch.record_count)
+            .map_err(|e| CoreError::Invalid(e.to_string()))?;
+        self.decoded_events(id, batch.tracer_id, batch.dropped, events)
+    }
+
+    /// An event batch of the agent's `Events` stream, decoded by the caller outside
+    /// the registry's lock (`pb::events::decode`: a malformed batch never gets here):
+    /// names the events and hands them to the tracer's watchers. `dropped` is the
+    /// batch's cumulative drop count.
+    pub fn decoded_events(
+        &mut self,
+        id: AgentId,
+        tracer_id: TracerId,
+        dropped: u64,
+        mut events: Vec<pb::Event>,
+    ) -> Result<(), CoreError> {
+        if !self.agents.get(&id).is_some_and(|a| a.connected) {
+            return Err(CoreError::UnknownAgent(id));
+        }
+        if !self.tracer_applies(tracer_id, id) {
             return Ok(());
         }
         let a = self.agent_mut(id)?;
-        let events = pb::events::decode(&batch.data, batch.record_count)
-            .map_err(|e| CoreError::Invalid(e.to_string()))?;
-        let prev = a.dropped.entry(batch.tracer_id).or_insert(0);
-        *prev = (*prev).max(batch.dropped);
+        let prev = a.dropped.entry(tracer_id).or_insert(0);
+        *prev = (*prev).max(dropped);
+        // Events of a flood mostly come from a few sites: look each name up once per
+        // run of equal addresses.
+        let mut last: Option<(u64, String)> = None;
+        for e in &mut events {
+            let name = match &last {
+                Some((addr, name)) if *addr == e.address => name.clone(),
+                _ => {
+                    let name = a.name_of(e.address);
+                    last = Some((e.address, name.clone()));
+                    name
+                }
+            };
+            e.function = name;
+        }
         let view = pb::EventBatchView {
             agent_id: id,
             pid: a.hello.pid,
-            tracer_id: batch.tracer_id,
-            events: events
-                .into_iter()
-                .map(|mut e| {
-                    e.function = a.name_of(e.address);
-                    e
-                })
-                .collect(),
-            dropped: batch.dropped,
+            tracer_id,
+            events,
+            dropped,
         };
-        self.effects.push(Effect::Events(batch.tracer_id, view));
+        self.effects.push(Effect::Events(tracer_id, view));
         Ok(())
     }
 

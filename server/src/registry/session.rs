@@ -49,6 +49,8 @@ impl Registry {
                 agent_id: id,
                 settings: Some(self.settings.agent),
                 resumed,
+                // The engine numbers connections.
+                session_id: 0,
             },
         ))
     }

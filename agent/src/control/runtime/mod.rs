@@ -82,23 +82,29 @@ impl Runtime {
     }
 
     fn flush(&mut self, out: &mut Vec<FromAgent>) {
-        self.reporter.flush(&self.installer, &self.catalogue, out);
+        let live = self.grace.known();
+        self.reporter
+            .flush(&self.installer, &self.catalogue, Some(live), out);
     }
 
     /// Rescans threads, then returns the blocks of exited ones (rings drained and
     /// counts kept first).
     fn scan_threads(&mut self, out: &mut Vec<FromAgent>) {
         self.grace.scan_and_report(out);
-        self.reporter.drain_rings();
+        self.reporter.drain_rings(Some(self.grace.known()));
         self.grace.recycle_blocks(self.installer.counters_mut());
     }
 
     fn authorize_free(&mut self, ids: Vec<u64>, out: &mut Vec<FromAgent>) {
         for id in ids {
             let reporter = &mut self.reporter;
+            let live = self.grace.known();
             // Events still in rings reference no trampoline memory; drain anyway so
             // that they are attributed before the counters go.
-            if let Some(freed) = self.installer.free(id, || reporter.drain_rings(), out) {
+            if let Some(freed) = self
+                .installer
+                .free(id, || reporter.drain_rings(Some(live)), out)
+            {
                 self.reporter.fold(freed);
             }
         }
@@ -143,10 +149,12 @@ impl Runtime {
         out.push(FromAgent::FunctionsRemoved(pb::FunctionsRemoved { sites }));
     }
 
-    /// Final flush at exit: counts and events still in rings.
+    /// Final flush at exit: counts and events still in rings (every ring emptied,
+    /// what the buffers cannot take counted as dropped).
     pub(crate) fn final_flush(&mut self) -> Vec<FromAgent> {
         let mut out = Vec::new();
-        self.flush(&mut out);
+        self.reporter
+            .flush(&self.installer, &self.catalogue, None, &mut out);
         out
     }
 
@@ -232,8 +240,14 @@ impl link::Handler for Runtime {
             self.removed(out);
         }
         let every = self.session.flush_interval();
-        self.reporter
-            .tick(connected, every, &self.installer, &self.catalogue, out);
+        self.reporter.tick(
+            connected,
+            every,
+            &self.installer,
+            &self.catalogue,
+            self.grace.known(),
+            out,
+        );
         if !connected {
             out.clear();
         }

@@ -15,11 +15,13 @@ use crate::control::drain::{self, Clock};
 use crate::control::link;
 use crate::hot::block;
 
-/// Events buffered per tracer while the server is away or does not read; more are
-/// dropped and counted (`PATCHBAY_EVENT_BUFFER` overrides it).
+/// Events buffered per tracer while the server is away or does not read; more stay in
+/// the per-thread rings, whose overflow the program's trace stub drops and counts
+/// (`PATCHBAY_EVENT_BUFFER` overrides it).
 const EVENT_BUFFER: usize = 1 << 16;
-/// Bytes queued for the server and not yet taken by the transport above which counts
-/// and events are held back (in the bounded buffer above) until it reads again.
+/// Bytes queued for the server on one stream and not yet taken by the transport above
+/// which what goes on that stream is held back (counts on `Session`; events, in the
+/// bounded buffer above, on `Events`) until it reads again.
 const LINK_BACKLOG: u64 = 1 << 20;
 /// Records per event batch.
 const EVENTS_PER_BATCH: usize = 4096;
@@ -106,8 +108,14 @@ impl Reporter {
         self.ring_peak >= block::RING_SLOTS / 8
     }
 
-    /// Takes the events of every thread's ring into the per-tracer buffers.
-    pub(crate) fn drain_rings(&mut self) {
+    /// Takes the events of every thread's ring into the per-tracer buffers. The ring
+    /// of a thread in `live` is taken only up to its first record of a tracer whose
+    /// buffer is full: the rest stays, the ring fills, and the program's trace stub
+    /// counts what it drops (so an event flood that the server cannot take costs this
+    /// thread nothing, and it stays prompt for grace periods). Every other ring (its
+    /// thread exited, or `live` is `None`: the final flush) is emptied, what the
+    /// buffers cannot take counted as dropped.
+    pub(crate) fn drain_rings(&mut self, live: Option<&BTreeSet<u32>>) {
         self.clock.recalibrate();
         let clock = self.clock;
         let events = &mut self.events;
@@ -115,18 +123,24 @@ impl Reporter {
         let event_buffer = self.event_buffer;
         let mut peak = 0;
         for h in block::all() {
-            if h.tid.load(Ordering::Acquire) == 0 {
+            let tid = h.tid.load(Ordering::Acquire);
+            if tid == 0 {
                 continue;
             }
-            let n = drain::drain(h, |r| {
+            let hold = live.is_some_and(|l| l.contains(&tid));
+            let n = drain::drain_while(h, |r| {
                 let (buf, n) = events.entry(r.tracer).or_default();
                 if *n as usize >= event_buffer {
+                    if hold {
+                        return false;
+                    }
                     *lost.entry(r.tracer).or_insert(0) += 1;
-                    return;
+                    return true;
                 }
                 let nargs = (r.nargs as usize).min(r.args.len());
                 pb::events::encode(buf, clock.to_ns(r.tsc), r.site, r.tid, &r.args[..nargs]);
                 *n += 1;
+                true
             });
             peak = peak.max(n);
         }
@@ -146,8 +160,21 @@ impl Reporter {
         d
     }
 
-    /// Sends the count snapshots that changed and every buffered event.
+    /// Sends the count snapshots that changed and every buffered event (rings
+    /// drained as [`Reporter::drain_rings`] says for `live`).
     pub(crate) fn flush(
+        &mut self,
+        installer: &Installer,
+        catalogue: &Catalogue,
+        live: Option<&BTreeSet<u32>>,
+        out: &mut Vec<FromAgent>,
+    ) {
+        self.flush_counts(installer, catalogue, out);
+        self.flush_events(installer, live, out);
+    }
+
+    /// Sends the count snapshots that changed.
+    fn flush_counts(
         &mut self,
         installer: &Installer,
         catalogue: &Catalogue,
@@ -183,7 +210,16 @@ impl Reporter {
                     .collect(),
             }));
         }
-        self.drain_rings();
+    }
+
+    /// Drains the rings and sends every buffered event.
+    fn flush_events(
+        &mut self,
+        installer: &Installer,
+        live: Option<&BTreeSet<u32>>,
+        out: &mut Vec<FromAgent>,
+    ) {
+        self.drain_rings(live);
         let tracers: Vec<u64> = self.events.keys().copied().collect();
         for tracer in tracers {
             let dropped = self.dropped(tracer, installer);
@@ -209,14 +245,16 @@ impl Reporter {
     /// The periodic flush (every `every`, or at once when a full batch of events is
     /// waiting). A server that does not read (stopped, hung, or slower than the
     /// program) must not make the agent queue without bound: counts are held
-    /// (cumulative, nothing is lost) and events buffered (bounded, losses counted)
-    /// until it reads.
+    /// (cumulative, nothing is lost) while the `Session` stream's backlog is over
+    /// [`LINK_BACKLOG`], and events buffered (bounded, losses counted) while the
+    /// `Events` stream's is.
     pub(crate) fn tick(
         &mut self,
         connected: bool,
         every: Duration,
         installer: &Installer,
         catalogue: &Catalogue,
+        live: &BTreeSet<u32>,
         out: &mut Vec<FromAgent>,
     ) {
         // A full batch of events goes out at once rather than at the next interval.
@@ -226,10 +264,13 @@ impl Reporter {
             .any(|(_, n)| *n as usize >= EVENTS_PER_BATCH);
         if self.last_flush.elapsed() >= every || (connected && full_batch) {
             self.last_flush = Instant::now();
-            if connected && link::backlog_bytes() <= LINK_BACKLOG {
-                self.flush(installer, catalogue, out);
+            if connected && link::session_backlog_bytes() <= LINK_BACKLOG {
+                self.flush_counts(installer, catalogue, out);
+            }
+            if connected && link::events_backlog_bytes() <= LINK_BACKLOG {
+                self.flush_events(installer, Some(live), out);
             } else {
-                self.drain_rings();
+                self.drain_rings(Some(live));
             }
         }
     }

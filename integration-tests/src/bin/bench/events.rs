@@ -4,6 +4,12 @@
 //! paced rate (`pace N R`). Delivered rate = events received / (last arrival − start
 //! of the loop); drops are what the agent reported for the tracer (cumulative, in the
 //! batches).
+//!
+//! Grace periods under a flood (`events.gp.*`): Detach(wait) of a `count` tracer on
+//! `add2` (patched, never called) while two threads call `add1` in a loop, without
+//! and with a `trace` tracer on `add1` flooding events to a subscriber (issue 16: the
+//! agent's events travel on their own stream, `Agent.Events`, so life-cycle reports
+//! never wait behind them; target within 2x of idle).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,7 +116,107 @@ async fn one(
     })
 }
 
+/// Detach(wait) times of `reps` attach/detach cycles of a count tracer on `add2`.
+async fn detach_times(
+    client: &patchbay_sdk::Client,
+    pid: u32,
+    reps: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let tracer = client
+            .attach(Tracer::count(Target::pid(pid), "add2"))
+            .timeout(Duration::from_secs(30))
+            .await?;
+        let t0 = Instant::now();
+        let d = tracer
+            .detach()
+            .wait()
+            .timeout(Duration::from_secs(30))
+            .await?;
+        times.push(crate::report::ms(t0.elapsed()));
+        if !d.complete || d.retired.len() != 1 {
+            bail!("detach not complete: {d:?}");
+        }
+    }
+    Ok(times)
+}
+
+/// Grace-period latency with and without an event flood (`events.gp.idle`,
+/// `events.gp.flood`).
+async fn flood(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Result<()> {
+    let server = server(&[]);
+    let client = server.client().await;
+    let mut t = traced(&progs.nop5, &server, &client).await?;
+    let pid = t.pid();
+    let a = t.cmd_within("mix 2 0 0", Duration::from_secs(60)).await;
+    if field::<u32>(&a, "threads")? != 2 {
+        bail!("mix 2 0 0: {a}");
+    }
+    let reps = plan.gp_reps.max(5);
+    let idle = detach_times(&client, pid, reps).await?;
+    let tracer = client
+        .attach(Tracer::trace(Target::pid(pid), "add1").args(2))
+        .await?;
+    let mut stream = tracer.events().await?;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s2 = seen.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(b)) = stream.next_batch().await {
+            let mut s = s2.lock().expect("not poisoned");
+            s.events += b.events.len() as u64;
+            s.dropped = s.dropped.max(b.dropped);
+        }
+    });
+    // Flooding once events arrive.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().expect("not poisoned").events == 0 {
+        if Instant::now() > deadline {
+            bail!("no event from the flood within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let flooded = detach_times(&client, pid, reps).await?;
+    tracer.detach().wait().await?;
+    reader.abort();
+    t.cmd_within("stop", Duration::from_secs(60)).await;
+    t.quit().await;
+    let (events, dropped) = {
+        let s = seen.lock().expect("not poisoned");
+        (s.events, s.dropped)
+    };
+    let mi = median(&idle).unwrap_or(f64::NAN);
+    let mf = median(&flooded).unwrap_or(f64::NAN);
+    report.push(
+        Figure::new(
+            "events.gp.idle",
+            "events",
+            "GP (detach wait), 2 busy threads, no events",
+            "ms",
+            idle,
+        )
+        .threads(2),
+    );
+    report.push(
+        Figure::new(
+            "events.gp.flood",
+            "events",
+            "GP (detach wait), 2 busy threads, trace flood",
+            "ms",
+            flooded,
+        )
+        .threads(2)
+        .note(format!(
+            "{events} events received, {dropped} dropped (counted)"
+        ))
+        .goal("< 2x idle", mf <= 2.0 * mi)
+        .detail(json!({ "received": events, "dropped": dropped, "idle_median_ms": mi })),
+    );
+    Ok(())
+}
+
 pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Result<()> {
+    flood(plan, progs, report).await?;
     let server = server(&[]);
     let client = server.client().await;
     let mut t = traced(&progs.nop5, &server, &client).await?;
