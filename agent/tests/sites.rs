@@ -464,8 +464,12 @@ fn this_process() {
         d.loaded()
     );
     assert!(
-        again.iter().any(|s| s.name == "sites::this_process"),
-        "test function not found"
+        // (`this_process` itself may be inlined into its test closure: the agent's
+        // package builds at opt-level 1 in the dev profile.)
+        again
+            .iter()
+            .any(|s| s.name.starts_with("sites::") && *s.object == *me),
+        "no function of this test binary found"
     );
     // Nothing new since.
     assert!(d.discover_new().unwrap().is_empty());

@@ -16,6 +16,11 @@ use integration_tests::{Target, TestServer};
 /// small machine they miss the attach deadline.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Matches the fixture's `work` and the shared object's `dl_work` (and, by its first
+/// letters, none of libc's functions, which are patchable too: `*work` would also take
+/// `inet_network`, `[dw]*rk` `wcspbrk`).
+const WORK: &str = "[dw][lo]*rk";
+
 #[tokio::test]
 async fn functions_of_a_dlopened_object_are_found_and_traced_exactly() {
     let _serial = SERIAL.lock().await;
@@ -96,8 +101,8 @@ async fn a_tracer_attached_before_dlopen_covers_the_loaded_object() {
     let pid = t.pid();
     wait_agent(&c, pid).await;
 
-    // `*work` matches `work` now and `dl_work` once the object is loaded.
-    let (id, resp) = attach(&mut c, spec_pid(pid, "*work", CallbackKind::Count)).await;
+    // `[dw][lo]*rk` matches `work` now and `dl_work` once the object is loaded.
+    let (id, resp) = attach(&mut c, spec_pid(pid, WORK, CallbackKind::Count)).await;
     assert_eq!(resp.results[0].sites_patched, 1, "{resp:?}");
     t.expect(&format!("dlopen {}", lib.display()), "dlopened")
         .await;
@@ -185,8 +190,8 @@ async fn a_dlopened_object_is_covered_before_dlopen_returns() {
     let a = t
         .cmd_within(&dlmany(&untraced), Duration::from_secs(120))
         .await;
-    // `*work` matches `work` now and every copy's `dl_work` once loaded.
-    let (id, resp) = attach(&mut c, spec_pid(pid, "*work", CallbackKind::Count)).await;
+    // `[dw][lo]*rk` matches `work` now and every copy's `dl_work` once loaded.
+    let (id, resp) = attach(&mut c, spec_pid(pid, WORK, CallbackKind::Count)).await;
     assert_eq!(resp.results[0].sites_patched, 1 + K as u32, "{resp:?}");
     let b = t
         .cmd_within(&dlmany(&traced), Duration::from_secs(120))
@@ -277,7 +282,7 @@ async fn dlclose_and_reopen_in_a_loop_under_a_tracer() {
     let pid = t.pid();
     wait_agent(&c, pid).await;
 
-    let (id, resp) = attach(&mut c, spec_pid(pid, "*work", CallbackKind::Count)).await;
+    let (id, resp) = attach(&mut c, spec_pid(pid, WORK, CallbackKind::Count)).await;
     assert_eq!(resp.results[0].sites_patched, 1, "{resp:?}");
     let b = t
         .cmd_within(
