@@ -7,6 +7,7 @@ pub mod agent;
 pub mod bins;
 pub mod fixtures;
 pub mod ops;
+pub mod run;
 pub mod server;
 pub mod target;
 pub mod uds;

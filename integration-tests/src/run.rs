@@ -1,0 +1,91 @@
+//! `patchbay --json run --count PATTERN -- PROGRAM ARGS` end to end, with the embedded
+//! server (no server answers on the private socket it is pointed at), and what such a run
+//! prints: the final JSON document and the program's own output lines.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+
+use crate::bins;
+
+/// What a finished `patchbay --json run` printed.
+pub struct RunOutput {
+    /// The final `--json` document (`pid`, `status`, `counts`, `total`, …).
+    pub json: serde_json::Value,
+    /// Every other line of standard output: the program's own.
+    pub program: Vec<String>,
+}
+
+impl RunOutput {
+    /// `function -> count` of the document's `counts` (every function, not only the top).
+    pub fn counted(&self) -> BTreeMap<String, u64> {
+        self.json["counts"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no counts: {}", self.json))
+            .iter()
+            .map(|c| {
+                (
+                    c["function"].as_str().unwrap().to_owned(),
+                    c["count"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// The `name=count` pairs of the demo program's `hotloop: calls …` line.
+    pub fn hotloop_counts(&self) -> BTreeMap<String, u64> {
+        self.program
+            .iter()
+            .find_map(|l| l.strip_prefix("hotloop: calls "))
+            .unwrap_or_else(|| panic!("no counts from the program: {:?}", self.program))
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect()
+    }
+}
+
+/// Runs `patchbay --json run --count PATTERN --agent <this build's agent> -- PROGRAM
+/// ARGS` with `envs` set, on a private runtime directory where no server answers (so the
+/// CLI starts its embedded one); panics with both outputs unless it succeeds.
+pub async fn run_counting(
+    pattern: &str,
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> RunOutput {
+    let dir = tempfile::tempdir().unwrap();
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir(&xdg).unwrap();
+    std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let o = tokio::process::Command::new(bins::patchbay())
+        .args(["--json", "run", "--count", pattern, "--agent"])
+        .arg(bins::agent_lib())
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .env("PATCHBAY_SOCKET", dir.path().join("none.sock"))
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "patchbay run failed: {err}\n{out}");
+    let json_line = out
+        .lines()
+        .rfind(|l| l.starts_with("{\""))
+        .unwrap_or_else(|| panic!("no JSON: {out}\n{err}"));
+    RunOutput {
+        json: serde_json::from_str(json_line).unwrap(),
+        program: out
+            .lines()
+            .filter(|l| *l != json_line)
+            .map(str::to_owned)
+            .collect(),
+    }
+}
