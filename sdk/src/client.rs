@@ -94,7 +94,7 @@ impl Client {
         Self::builder(ServerTarget::parse(target)?).connect().await
     }
 
-    /// Connects to the default socket (see [`default_socket_path`](crate::default_socket_path)).
+    /// Connects to the default socket (see [`connect_socket_path`](crate::connect_socket_path)).
     pub async fn connect_default() -> Result<Self> {
         Self::builder(ServerTarget::default()).connect().await
     }

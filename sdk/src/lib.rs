@@ -45,5 +45,5 @@ pub use client::{Attach, Client, ClientBuilder, Functions, Synchronize, Trampoli
 pub use error::{Detail, Error, Result};
 pub use patchbay_proto as proto;
 pub use spec::{Target, TracerSpec};
-pub use target::{SOCKET_ENV, ServerTarget, current_uid, default_socket_path};
+pub use target::{SOCKET_ENV, ServerTarget, connect_socket_path, current_uid, default_socket_path};
 pub use tracer::{Detach, EventStream, Tracer, TracerId};

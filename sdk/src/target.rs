@@ -83,9 +83,11 @@ impl ServerTarget {
 }
 
 impl Default for ServerTarget {
-    /// The default socket, [`default_socket_path`].
+    /// The socket clients connect to by default, [`connect_socket_path`]: the per-user
+    /// [`default_socket_path`], or the system server's `/run/patchbay/patchbayd.sock` when
+    /// only that one exists.
     fn default() -> Self {
-        ServerTarget::Unix(default_socket_path())
+        ServerTarget::Unix(connect_socket_path())
     }
 }
 
@@ -110,6 +112,11 @@ impl fmt::Display for ServerTarget {
 /// `$XDG_RUNTIME_DIR/patchbay/patchbayd.sock`, else `/tmp/patchbay-$UID/patchbayd.sock`
 /// (the one rule, shared with the server and the agent).
 pub use patchbay_proto::socket::default_socket_path;
+
+/// The socket clients and agents connect to when none is named: [`default_socket_path`]
+/// if `$PATCHBAY_SOCKET` is set or that socket exists, else the system server's
+/// `/run/patchbay/patchbayd.sock` if it exists, else [`default_socket_path`].
+pub use patchbay_proto::socket::connect_socket_path;
 
 /// The real uid of this process, read from `/proc/self/status` (falling back to the owner
 /// of `/proc/self`); `None` when `/proc` is not mounted.

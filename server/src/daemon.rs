@@ -20,10 +20,14 @@ use crate::store::{Store, StoreError};
 /// big processes).
 pub const MAX_MESSAGE: usize = 256 << 20;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Config {
-    /// Unix socket path (its directory must exist, or be the default one).
+    /// Unix socket path (its directory must exist, or be the default one). With
+    /// `inherited`, only names the socket in logs.
     pub socket: PathBuf,
+    /// A listening Unix socket passed by systemd (socket activation): served instead of
+    /// binding `socket`, and left in place on exit (it belongs to the socket unit).
+    pub inherited: Option<std::os::unix::net::UnixListener>,
     /// Mode of the socket file.
     pub socket_mode: u32,
     /// Optional TCP address (HOST:PORT) for the Control service, with its token.
@@ -76,7 +80,8 @@ pub struct Server {
     engine: Engine,
     unix: tokio::net::UnixListener,
     tcp: Option<(tokio::net::TcpListener, String)>,
-    socket: PathBuf,
+    /// The socket file to remove on exit (`None`: systemd's, left in place).
+    owned_socket: Option<PathBuf>,
 }
 
 impl Server {
@@ -98,12 +103,20 @@ impl Server {
             }
             None => None,
         };
-        let unix = listen::bind_unix(&config.socket, config.socket_mode).map_err(|source| {
-            DaemonError::Bind {
-                path: config.socket.display().to_string(),
-                source,
-            }
-        })?;
+        let bind_error = |source| DaemonError::Bind {
+            path: config.socket.display().to_string(),
+            source,
+        };
+        let (unix, owned_socket) = match config.inherited {
+            Some(listener) => (
+                tokio::net::UnixListener::from_std(listener).map_err(bind_error)?,
+                None,
+            ),
+            None => (
+                listen::bind_unix(&config.socket, config.socket_mode).map_err(bind_error)?,
+                Some(config.socket),
+            ),
+        };
         let tcp = match config.tcp {
             Some((addr, token)) => Some((
                 tokio::net::TcpListener::bind(&addr)
@@ -120,7 +133,7 @@ impl Server {
             engine: Engine::with_store(reg, store),
             unix,
             tcp,
-            socket: config.socket,
+            owned_socket,
         })
     }
 
@@ -128,7 +141,8 @@ impl Server {
         &self.engine
     }
 
-    /// Serves until `stop` resolves; removes the socket file on the way out.
+    /// Serves until `stop` resolves; removes the socket file on the way out (unless
+    /// systemd passed it).
     pub async fn serve(
         self,
         stop: impl std::future::Future<Output = ()>,
@@ -218,7 +232,9 @@ impl Server {
             while tasks.join_next().await.is_some() {}
         })
         .await;
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(socket) = &self.owned_socket {
+            let _ = std::fs::remove_file(socket);
+        }
         result
     }
 }

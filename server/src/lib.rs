@@ -5,8 +5,11 @@
 //! - [`engine`] wraps the registry for concurrent use and carries out its effects;
 //! - [`service`] holds the tonic services (thin shells);
 //! - [`listen`] owns sockets, peer credentials and the default socket path;
-//! - [`store`] keeps the active tracers under the state directory across restarts.
+//! - [`store`] keeps the active tracers under the state directory across restarts;
+//! - [`config`] merges flags, environment and configuration file (pure);
+//! - [`systemd`] speaks socket activation, readiness notification and journal detection.
 
+pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod error;
@@ -15,3 +18,4 @@ pub mod listen;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod systemd;

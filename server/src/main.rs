@@ -1,87 +1,185 @@
 //! `patchbayd`: the patchbay server.
+//!
+//! Options come from flags > environment > configuration file > defaults
+//! (`patchbay_server::config`). Under systemd: takes the socket the socket unit passes
+//! (`LISTEN_FDS`), tells readiness (`READY=1`, `STOPPING=1`, `RELOADING=1`), logs to the
+//! journal with structured fields when stderr is the journal, and reloads its
+//! configuration on SIGHUP.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use patchbay_proto as pb;
+use patchbay_server::config::{self, FileChoice, Layer, Mode, Resolved};
 use patchbay_server::daemon::{Config, Server};
-use patchbay_server::listen;
-use patchbay_server::registry::Settings;
+use patchbay_server::engine::Engine;
+use patchbay_server::{listen, systemd};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
+/// The patchbay server: agents, tracers, trampolines and grace periods.
+///
+/// Every option can also be set in the environment (PATCHBAYD_<OPTION>, e.g.
+/// PATCHBAYD_SOCKET_MODE; the socket is PATCHBAY_SOCKET, the log filter PATCHBAYD_LOG or
+/// RUST_LOG) or in the configuration file (the option's name as the key, e.g.
+/// `socket-mode = "666"`); a flag wins over the environment, which wins over the file.
+/// Under systemd, the socket unit's listening socket is used (socket activation). SIGHUP
+/// reloads the configuration file; SIGTERM and SIGINT stop the server (agents keep their
+/// trampolines and reconnect to the next server).
 #[derive(Parser, Debug)]
-#[command(
-    name = "patchbayd",
-    version,
-    about = "The patchbay server: agents, tracers, trampolines and grace periods"
-)]
-struct Args {
-    /// Unix socket to listen on [default: $PATCHBAY_SOCKET, else
-    /// $XDG_RUNTIME_DIR/patchbay/patchbayd.sock, else /tmp/patchbay-$UID/patchbayd.sock]
-    #[arg(long)]
+#[command(name = "patchbayd", version)]
+pub struct Args {
+    /// Configuration file [default: /etc/patchbay/patchbayd.toml for root, else
+    /// $XDG_CONFIG_HOME/patchbay/patchbayd.toml, else ~/.config/patchbay/patchbayd.toml;
+    /// env: PATCHBAYD_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Read no configuration file
+    #[arg(long, conflicts_with = "config")]
+    no_config: bool,
+    /// Unix socket to listen on, unless systemd passes one [default: $PATCHBAY_SOCKET,
+    /// else $XDG_RUNTIME_DIR/patchbay/patchbayd.sock, else /tmp/patchbay-$UID/patchbayd.sock]
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Mode of the socket file, octal (666 lets other users' agents and clients in;
-    /// SO_PEERCRED still limits each to its own uid).
-    #[arg(long, default_value = "600", value_parser = parse_mode)]
-    socket_mode: u32,
-    /// Also listen on TCP, e.g. tcp://127.0.0.1:7420 (Control only; needs --token-file).
-    #[arg(long)]
+    /// SO_PEERCRED still limits each to its own uid) [default: 600]
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<Mode>,
+    /// Also listen on TCP, e.g. tcp://127.0.0.1:7420 (Control only; needs --token-file)
+    #[arg(long, value_name = "tcp://HOST:PORT")]
     listen: Option<String>,
-    /// File holding the token TCP clients must present.
-    #[arg(long)]
+    /// File holding the token TCP clients must present
+    #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// A thread holding up a grace period this long is reported as a stall.
-    #[arg(long, default_value_t = 1000)]
-    stall_threshold_ms: u32,
-    /// Real-time signal agents use to observe running threads (0: agent default).
-    #[arg(long, default_value_t = 0)]
-    qs_signal: u32,
+    /// A thread holding up a grace period this long is reported as a stall [default: 1000]
+    #[arg(long, value_name = "MS")]
+    stall_threshold_ms: Option<u32>,
+    /// Real-time signal agents use to observe running threads (0: agent default)
+    /// [default: 0]
+    #[arg(long, value_name = "SIGNAL")]
+    qs_signal: Option<u32>,
     /// Do not ask agents to expedite grace periods (they then rely on explicit and
-    /// periodic quiescent states).
+    /// periodic quiescent states)
     #[arg(long)]
     no_expedite: bool,
     /// Directory of the tracer store (tracer specs survive restarts there), created
     /// 0700 [default: /var/lib/patchbay for root, else $XDG_STATE_HOME/patchbay, else
-    /// ~/.local/state/patchbay].
-    #[arg(long)]
+    /// ~/.local/state/patchbay]
+    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax) [default: info]
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
     /// TEST-ONLY FAULT INJECTION: authorize freeing retired trampolines without waiting
     /// for their grace period (frees memory threads may still execute). Exists so the
     /// torture test can prove it catches that bug; never use it otherwise.
     #[arg(long, hide = true)]
     fault_skip_grace_period: bool,
-    /// Log filter (tracing EnvFilter syntax), also from RUST_LOG.
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
-    log: String,
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s, 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| format!("'{s}' is not an octal file mode such as 600"))
+impl Args {
+    fn layer(&self) -> Layer {
+        Layer {
+            socket: self.socket.clone(),
+            socket_mode: self.socket_mode,
+            listen: self.listen.clone(),
+            token_file: self.token_file.clone(),
+            stall_threshold_ms: self.stall_threshold_ms,
+            qs_signal: self.qs_signal,
+            no_expedite: self.no_expedite.then_some(true),
+            state_dir: self.state_dir.clone(),
+            log: self.log.clone(),
+        }
+    }
+
+    fn file_choice(&self) -> FileChoice {
+        FileChoice::pick(
+            self.config.clone(),
+            self.no_config,
+            std::env::var_os(config::CONFIG_ENV),
+            config::default_file(),
+        )
+    }
+
+    /// Reads the environment and the configuration file and merges them under the flags.
+    fn resolve(&self) -> anyhow::Result<(Option<PathBuf>, Resolved)> {
+        let env = Layer::from_process_env()?;
+        let (file, layer) = self.file_choice().load()?;
+        Ok((file, config::resolve(self.layer(), env, layer)?))
+    }
 }
+
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let (file, resolved) = args.resolve()?;
+    // Before any thread starts: take over the socket systemd passed, if any.
+    let inherited = systemd::activated_listener()?;
+    let filter = init_logging(&resolved.log)?;
+    if let Some(file) = &file {
+        tracing::info!(config = %file.display(), "configuration file read");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(args))
+        .block_on(run(args, resolved, inherited, filter))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let socket = match &args.socket {
-        Some(s) => s.clone(),
-        None => {
+/// Logs to the journal, with the fields of each event as journal fields (`F_<NAME>`,
+/// plus `TARGET`), when stderr is the journal (a systemd service); else to stderr.
+fn init_logging(filter: &str) -> anyhow::Result<FilterHandle> {
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("bad log filter {filter:?}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let journald = if systemd::stderr_is_journal() {
+        tracing_journald::layer()
+            .ok()
+            .map(|l| l.with_syslog_identifier("patchbayd".to_owned()))
+    } else {
+        None
+    };
+    let fmt = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(journald)
+        .with(fmt)
+        .init();
+    Ok(handle)
+}
+
+async fn run(
+    args: Args,
+    resolved: Resolved,
+    inherited: Option<std::os::unix::net::UnixListener>,
+    filter: FilterHandle,
+) -> anyhow::Result<()> {
+    let socket = match (&inherited, &resolved.socket) {
+        (Some(listener), configured) => {
+            let path = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("<socket passed by systemd>"));
+            if let Some(configured) = configured
+                && *configured != path
+            {
+                tracing::warn!(
+                    configured = %configured.display(),
+                    socket = %path.display(),
+                    "systemd passed a socket: the configured socket is not used"
+                );
+            }
+            path
+        }
+        (None, Some(s)) => s.clone(),
+        (None, None) => {
             let p = listen::default_socket_path();
             if std::env::var_os("PATCHBAY_SOCKET").is_none()
                 && let Some(dir) = p.parent()
@@ -92,36 +190,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             p
         }
     };
-    let tcp = match (&args.listen, &args.token_file) {
-        (Some(_), None) => {
-            bail!("--listen needs --token-file: TCP clients must present a token")
-        }
-        (Some(addr), Some(f)) => {
-            let token = std::fs::read_to_string(f)
-                .with_context(|| format!("reading token file {}", f.display()))?
-                .trim()
-                .to_string();
-            if token.is_empty() {
-                bail!("the token file {} is empty", f.display());
-            }
-            let addr = addr
-                .strip_prefix("tcp://")
-                .with_context(|| format!("--listen {addr}: expected tcp://HOST:PORT"))?;
-            Some((addr.to_string(), token))
-        }
-        (None, _) => None,
+    let tcp = match &resolved.tcp {
+        Some((addr, file)) => Some((addr.clone(), read_token(file)?)),
+        None => None,
     };
-    let settings = Settings {
-        stall_threshold: Duration::from_millis(args.stall_threshold_ms as u64),
-        expedite: !args.no_expedite,
-        agent: pb::AgentSettings {
-            qs_signal: args.qs_signal,
-            stall_threshold_ms: args.stall_threshold_ms,
-            flush_interval_ms: 100,
-        },
-        fault_skip_grace_period: args.fault_skip_grace_period,
-    };
-    let state_dir = match args.state_dir.clone() {
+    let state_dir = match resolved.state_dir.clone() {
         Some(d) => d,
         None => patchbay_server::store::default_state_dir()?,
     };
@@ -130,26 +203,118 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "TEST-ONLY FAULT INJECTION --fault-skip-grace-period: retired trampolines are freed without a grace period; threads WILL crash"
         );
     }
+    let activated = inherited.is_some();
     let server = Server::bind(Config {
         socket: socket.clone(),
-        socket_mode: args.socket_mode,
+        inherited,
+        socket_mode: resolved.socket_mode,
         tcp: tcp.clone(),
-        settings,
+        settings: resolved.settings(args.fault_skip_grace_period),
         state_dir: Some(state_dir),
     })
     .await?;
-    tracing::info!(socket = %socket.display(), "patchbayd listening");
+    tracing::info!(socket = %socket.display(), activated, "patchbayd listening");
     if let Some((addr, _)) = &tcp {
         tracing::info!(addr, "patchbayd listening on TCP (token required)");
     }
+    let engine = server.engine().clone();
+    let reloader = tokio::spawn(reload_on_sighup(args, resolved, engine, filter));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
             _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
         }
+        notify("STOPPING=1");
     };
-    server.serve(stop).await?;
+    // The listeners are bound and the store loaded: clients may connect from now on.
+    notify(&format!(
+        "READY=1\nSTATUS=listening on {}",
+        socket.display()
+    ));
+    let served = server.serve(stop).await;
+    reloader.abort();
+    served?;
     tracing::info!("patchbayd stopped");
     Ok(())
+}
+
+fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(file)
+        .with_context(|| format!("reading token file {}", file.display()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        bail!("the token file {} is empty", file.display());
+    }
+    Ok(token)
+}
+
+/// Tells the service manager, if any, about a state change; a failure is logged only
+/// (the server runs the same without one).
+fn notify(state: &str) {
+    if let Err(err) = systemd::notify(state) {
+        tracing::warn!(%err, state, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
+/// On each SIGHUP: re-reads the environment and the configuration file; applies the log
+/// filter and the registry's settings; keeps everything else (and says what needs a
+/// restart). A bad file changes nothing.
+async fn reload_on_sighup(args: Args, mut current: Resolved, engine: Engine, filter: FilterHandle) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%err, "cannot catch SIGHUP: configuration reload disabled");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        notify("RELOADING=1");
+        match reload(&args, &current, &engine, &filter) {
+            Ok(new) => current = new,
+            Err(err) => {
+                tracing::error!("SIGHUP: configuration not reloaded, nothing changed: {err:#}")
+            }
+        }
+        notify("READY=1");
+    }
+}
+
+fn reload(
+    args: &Args,
+    current: &Resolved,
+    engine: &Engine,
+    filter: &FilterHandle,
+) -> anyhow::Result<Resolved> {
+    let (file, mut new) = args.resolve()?;
+    let log =
+        EnvFilter::try_new(&new.log).with_context(|| format!("bad log filter {:?}", new.log))?;
+    let ignored = current.needs_restart(&new);
+    filter.reload(log).context("cannot change the log filter")?;
+    {
+        let mut reg = engine.lock();
+        let fault = reg.settings.fault_skip_grace_period;
+        reg.settings = new.settings(fault);
+    }
+    for name in &ignored {
+        tracing::warn!(option = name, "SIGHUP: changed, applies after a restart");
+    }
+    // Kept as they are: what the listeners and the store were opened with.
+    new.socket.clone_from(&current.socket);
+    new.socket_mode = current.socket_mode;
+    new.tcp.clone_from(&current.tcp);
+    new.state_dir.clone_from(&current.state_dir);
+    tracing::info!(
+        config = file
+            .as_ref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default(),
+        log = new.log,
+        stall_threshold_ms = new.stall_threshold_ms,
+        expedite = new.expedite,
+        qs_signal = new.qs_signal,
+        "SIGHUP: configuration reloaded"
+    );
+    Ok(new)
 }

@@ -80,7 +80,7 @@ fn start_inner() -> Result<(), StartError> {
 }
 
 fn spawn_link() -> Result<(), StartError> {
-    let socket = patchbay_proto::socket::default_socket_path();
+    let socket = patchbay_proto::socket::connect_socket_path();
     std::thread::Builder::new()
         .name("patchbay-agent".into())
         .spawn(move || {

@@ -49,6 +49,7 @@ impl Env {
         cmd.args(args)
             .env("XDG_RUNTIME_DIR", self.path("xdg"))
             .env("PATCHBAY_SOCKET", self.path("no-server.sock"))
+            .env("HOME", self.path("home"))
             .env_remove("PATCHBAY_AGENT")
             .env_remove("PATCHBAY_TOKEN_FILE")
             .env_remove("LD_PRELOAD")
@@ -140,13 +141,15 @@ fn installed_patchbay(root: &Path) -> PathBuf {
 }
 
 #[tokio::test]
-async fn the_agent_is_found_next_to_patchbay_then_in_lib() {
+async fn the_agent_is_found_next_to_patchbay_then_in_lib_then_home() {
     let env = Env::new();
     // Under the target directory: same file system as the binary, so a hard link works.
     let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let exe = installed_patchbay(root.path());
     let bin = root.path().join("bin");
     let lib = root.path().join("lib/patchbay");
+    let user = env.path("home/.local/lib/patchbay");
+    let system = "/usr/lib/patchbay/libpatchbay_agent.so";
     let show = &[
         "run",
         "--count",
@@ -158,15 +161,34 @@ async fn the_agent_is_found_next_to_patchbay_then_in_lib() {
     ];
 
     let o = env.command(&exe, show).output().await.unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    if Path::new(system).exists() {
+        // An installed package: its agent is the last resort (purge it to test the error).
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        assert_eq!(stdout(&o), format!("{system}\n"));
+    } else {
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(
+            stderr(&o),
+            format!(
+                "error: cannot find libpatchbay_agent.so: install the patchbay package, or \
+                 build it with `cargo build --release -p patchbay-agent` and copy it to \
+                 ~/.local/lib/patchbay/, or pass --agent PATH (looked for \
+                 {0}/libpatchbay_agent.so, {1}/lib/patchbay/libpatchbay_agent.so, \
+                 {2}/libpatchbay_agent.so, {system})\n",
+                bin.display(),
+                root.path().display(),
+                user.display(),
+            )
+        );
+    }
+
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("libpatchbay_agent.so"), "x").unwrap();
+    let o = env.command(&exe, show).output().await.unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert_eq!(
-        stderr(&o),
-        format!(
-            "error: cannot find libpatchbay_agent.so: build it with `cargo build -p \
-             patchbay-agent` or pass --agent PATH (looked for {0}/libpatchbay_agent.so and \
-             {0}/../lib/patchbay/libpatchbay_agent.so)\n",
-            bin.display()
-        )
+        stdout(&o),
+        format!("{}/libpatchbay_agent.so\n", user.display())
     );
 
     std::fs::create_dir_all(&lib).unwrap();
@@ -175,7 +197,10 @@ async fn the_agent_is_found_next_to_patchbay_then_in_lib() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
-        format!("{}/../lib/patchbay/libpatchbay_agent.so\n", bin.display())
+        format!(
+            "{}/lib/patchbay/libpatchbay_agent.so\n",
+            root.path().display()
+        )
     );
 
     std::fs::write(bin.join("libpatchbay_agent.so"), "x").unwrap();

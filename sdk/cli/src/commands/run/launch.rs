@@ -12,24 +12,42 @@ use anyhow::bail;
 /// The file name of the agent library.
 pub const AGENT_FILE: &str = "libpatchbay_agent.so";
 
+/// Where packages install the agent library (`/usr/lib/patchbay/`).
+pub const SYSTEM_AGENT_DIR: &str = "/usr/lib/patchbay";
+
 /// Where the agent library is looked for when neither `--agent` nor `PATCHBAY_AGENT` names
-/// it: next to the `patchbay` executable (a cargo target directory), then in
-/// `../lib/patchbay/` (an installation prefix).
-pub fn agent_candidates(exe: &Path) -> Vec<PathBuf> {
-    let Some(dir) = exe.parent() else {
-        return Vec::new();
-    };
-    vec![
-        dir.join(AGENT_FILE),
-        dir.join("..").join("lib").join("patchbay").join(AGENT_FILE),
-    ]
+/// it, in this order: next to the `patchbay` executable (a cargo target directory), in
+/// `../lib/patchbay/` of the executable's directory (an installation prefix), in
+/// `~/.local/lib/patchbay/` (a user install), in `/usr/lib/patchbay/` (the package).
+pub fn agent_candidates(exe: Option<&Path>, home: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = exe.and_then(Path::parent) {
+        dirs.push(dir.to_path_buf());
+        if let Some(prefix) = dir.parent() {
+            dirs.push(prefix.join("lib").join("patchbay"));
+        }
+    }
+    if let Some(home) = home.filter(|h| h.is_absolute()) {
+        dirs.push(home.join(".local").join("lib").join("patchbay"));
+    }
+    dirs.push(PathBuf::from(SYSTEM_AGENT_DIR));
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        let file = dir.join(AGENT_FILE);
+        if !candidates.contains(&file) {
+            candidates.push(file);
+        }
+    }
+    candidates
 }
 
 /// The agent library to preload: `explicit` (from `--agent` or `PATCHBAY_AGENT`), else the
-/// first of [`agent_candidates`] of the running executable `exe` that `is_file`.
+/// first of [`agent_candidates`] (of the running executable `exe` and the home directory
+/// `home`) that `is_file`.
 pub fn find_agent(
     explicit: Option<&Path>,
     exe: Option<&Path>,
+    home: Option<&Path>,
     is_file: impl Fn(&Path) -> bool,
 ) -> anyhow::Result<PathBuf> {
     let found = match explicit {
@@ -44,20 +62,17 @@ pub fn find_agent(
             path.to_path_buf()
         }
         None => {
-            let candidates = exe.map(agent_candidates).unwrap_or_default();
+            let candidates = agent_candidates(exe, home);
             match candidates.iter().find(|c| is_file(c)) {
                 Some(found) => found.clone(),
                 None => {
                     let looked: Vec<String> =
                         candidates.iter().map(|c| c.display().to_string()).collect();
-                    let looked = if looked.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (looked for {})", looked.join(" and "))
-                    };
                     bail!(
-                        "cannot find {AGENT_FILE}: build it with `cargo build -p patchbay-agent` \
-                         or pass --agent PATH{looked}"
+                        "cannot find {AGENT_FILE}: install the patchbay package, or build it \
+                         with `cargo build --release -p patchbay-agent` and copy it to \
+                         ~/.local/lib/patchbay/, or pass --agent PATH (looked for {})",
+                        looked.join(", ")
                     );
                 }
             }
@@ -185,45 +200,61 @@ mod tests {
     #[test]
     fn agent_lookup_order() {
         let exe = Path::new("/opt/pb/bin/patchbay");
+        let home = Path::new("/home/u");
         let next_to = "/opt/pb/bin/libpatchbay_agent.so";
-        let lib = "/opt/pb/bin/../lib/patchbay/libpatchbay_agent.so";
+        let lib = "/opt/pb/lib/patchbay/libpatchbay_agent.so";
+        let user = "/home/u/.local/lib/patchbay/libpatchbay_agent.so";
+        let system = "/usr/lib/patchbay/libpatchbay_agent.so";
         let explicit = Path::new("/x/libpatchbay_agent.so");
+        let all = [explicit.to_str().unwrap(), next_to, lib, user, system];
 
         // --agent / PATCHBAY_AGENT wins over everything.
-        let found = find_agent(
-            Some(explicit),
-            Some(exe),
-            exists(&["/x/libpatchbay_agent.so", next_to, lib]),
-        )
-        .unwrap();
+        let found = find_agent(Some(explicit), Some(exe), Some(home), exists(&all)).unwrap();
         assert_eq!(found, explicit);
-        // Then next to the executable, then ../lib/patchbay/.
-        let found = find_agent(None, Some(exe), exists(&[next_to, lib])).unwrap();
-        assert_eq!(found, Path::new(next_to));
-        let found = find_agent(None, Some(exe), exists(&[lib])).unwrap();
-        assert_eq!(found, Path::new(lib));
+        // Then next to the executable, ../lib/patchbay/, ~/.local/lib/patchbay/,
+        // /usr/lib/patchbay/.
+        for (i, want) in [next_to, lib, user, system].iter().enumerate() {
+            let found = find_agent(None, Some(exe), Some(home), exists(&all[1 + i..])).unwrap();
+            assert_eq!(found, Path::new(want));
+        }
+        // The package's /usr/bin/patchbay: ../lib/patchbay is /usr/lib/patchbay, listed once.
+        assert_eq!(
+            agent_candidates(Some(Path::new("/usr/bin/patchbay")), None),
+            [
+                PathBuf::from("/usr/bin/libpatchbay_agent.so"),
+                PathBuf::from(system)
+            ]
+        );
+        // A relative $HOME is ignored.
+        assert_eq!(
+            agent_candidates(None, Some(Path::new("rel"))),
+            [PathBuf::from(system)]
+        );
     }
 
     #[test]
     fn agent_lookup_errors_say_what_to_do() {
         let exe = Path::new("/opt/pb/bin/patchbay");
-        let err = find_agent(None, Some(exe), exists(&[])).unwrap_err();
+        let err = find_agent(None, Some(exe), Some(Path::new("/h")), exists(&[])).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "cannot find libpatchbay_agent.so: build it with `cargo build -p patchbay-agent` \
-             or pass --agent PATH (looked for /opt/pb/bin/libpatchbay_agent.so and \
-             /opt/pb/bin/../lib/patchbay/libpatchbay_agent.so)"
+            "cannot find libpatchbay_agent.so: install the patchbay package, or build it with \
+             `cargo build --release -p patchbay-agent` and copy it to ~/.local/lib/patchbay/, \
+             or pass --agent PATH (looked for /opt/pb/bin/libpatchbay_agent.so, \
+             /opt/pb/lib/patchbay/libpatchbay_agent.so, \
+             /h/.local/lib/patchbay/libpatchbay_agent.so, /usr/lib/patchbay/libpatchbay_agent.so)"
         );
-        let err = find_agent(None, None, exists(&[])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "cannot find libpatchbay_agent.so: build it with `cargo build -p patchbay-agent` \
-             or pass --agent PATH"
+        let err = find_agent(None, None, None, exists(&[])).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("(looked for /usr/lib/patchbay/libpatchbay_agent.so)"),
+            "{err}"
         );
         // An explicit path that is missing is an error, not a reason to look elsewhere.
         let err = find_agent(
             Some(Path::new("/nonexistent.so")),
             Some(exe),
+            None,
             exists(&["/opt/pb/bin/libpatchbay_agent.so"]),
         )
         .unwrap_err();
@@ -234,7 +265,7 @@ mod tests {
             "{err}"
         );
         for bad in ["/a b/libpatchbay_agent.so", "/a:b/libpatchbay_agent.so"] {
-            let err = find_agent(Some(Path::new(bad)), None, exists(&[bad])).unwrap_err();
+            let err = find_agent(Some(Path::new(bad)), None, None, exists(&[bad])).unwrap_err();
             assert!(err.to_string().contains("LD_PRELOAD cannot"), "{err}");
         }
     }

@@ -54,7 +54,7 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub top: u64,
     /// The agent library to preload [default: libpatchbay_agent.so next to the patchbay
-    /// executable, else in ../lib/patchbay/]
+    /// executable, else in its ../lib/patchbay/, ~/.local/lib/patchbay/, /usr/lib/patchbay/]
     #[arg(long, env = "PATCHBAY_AGENT", value_name = "PATH")]
     pub agent: Option<PathBuf>,
     /// How long to wait for the program's agent to connect, and then for the tracer to go
@@ -77,7 +77,13 @@ pub struct Globals<'a> {
 /// Runs the command; the result is the exit status of `patchbay`.
 pub async fn main(args: Args, globals: Globals<'_>) -> anyhow::Result<u8> {
     let exe = std::env::current_exe().ok();
-    let agent = launch::find_agent(args.agent.as_deref(), exe.as_deref(), Path::is_file)?;
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let agent = launch::find_agent(
+        args.agent.as_deref(),
+        exe.as_deref(),
+        home.as_deref(),
+        Path::is_file,
+    )?;
     let agent = std::path::absolute(&agent).unwrap_or(agent);
     let mut signals = Signals::install(&[Signal::SIGINT, Signal::SIGTERM])
         .context("cannot catch SIGINT and SIGTERM")?;

@@ -105,6 +105,7 @@ impl Connection {
         };
         let server = Server::bind(Config {
             socket: socket.clone(),
+            inherited: None,
             socket_mode: 0o600,
             tcp: None,
             settings: Settings::default(),
