@@ -25,6 +25,85 @@ use thiserror::Error;
 
 use crate::registry::Settings;
 
+// `patchbayd`'s command line (also rendered as its man page by `patchbay man`).
+
+/// The patchbay server: agents, tracers, trampolines and grace periods.
+///
+/// Every option can also be set in the environment (PATCHBAYD_<OPTION>, e.g.
+/// PATCHBAYD_SOCKET_MODE; the socket is PATCHBAY_SOCKET, the log filter PATCHBAYD_LOG or
+/// RUST_LOG) or in the configuration file (the option's name as the key, e.g.
+/// `socket-mode = "666"`); a flag wins over the environment, which wins over the file.
+/// Under systemd, the socket unit's listening socket is used (socket activation). SIGHUP
+/// reloads the configuration file; SIGTERM and SIGINT stop the server (agents keep their
+/// trampolines and reconnect to the next server).
+#[derive(clap::Parser, Debug)]
+#[command(name = "patchbayd", version)]
+pub struct Args {
+    /// Configuration file [default: /etc/patchbay/patchbayd.toml for root, else
+    /// $XDG_CONFIG_HOME/patchbay/patchbayd.toml, else ~/.config/patchbay/patchbayd.toml;
+    /// env: PATCHBAYD_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Read no configuration file
+    #[arg(long, conflicts_with = "config")]
+    pub no_config: bool,
+    /// Unix socket to listen on, unless systemd passes one [default: $PATCHBAY_SOCKET,
+    /// else $XDG_RUNTIME_DIR/patchbay/patchbayd.sock, else /tmp/patchbay-$UID/patchbayd.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Mode of the socket file, octal (666 lets other users' agents and clients in;
+    /// SO_PEERCRED still limits each to its own uid) [default: 600]
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<Mode>,
+    /// Also listen on TCP, e.g. tcp://127.0.0.1:7420 (Control only; needs --token-file)
+    #[arg(long, value_name = "tcp://HOST:PORT")]
+    pub listen: Option<String>,
+    /// File holding the token TCP clients must present
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A thread holding up a grace period this long is reported as a stall [default: 1000]
+    #[arg(long, value_name = "MS")]
+    pub stall_threshold_ms: Option<u32>,
+    /// Real-time signal agents use to observe running threads (0: agent default)
+    /// [default: 0]
+    #[arg(long, value_name = "SIGNAL")]
+    pub qs_signal: Option<u32>,
+    /// Do not ask agents to expedite grace periods (they then rely on explicit and
+    /// periodic quiescent states)
+    #[arg(long)]
+    pub no_expedite: bool,
+    /// Directory of the tracer store (tracer specs survive restarts there), created
+    /// 0700 [default: /var/lib/patchbay for root, else $XDG_STATE_HOME/patchbay, else
+    /// ~/.local/state/patchbay]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax) [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+    /// TEST-ONLY FAULT INJECTION: authorize freeing retired trampolines without waiting
+    /// for their grace period (frees memory threads may still execute). Exists so the
+    /// torture test can prove it catches that bug; never use it otherwise.
+    #[arg(long, hide = true)]
+    pub fault_skip_grace_period: bool,
+}
+
+impl Args {
+    /// The flags' layer of options.
+    pub fn layer(&self) -> Layer {
+        Layer {
+            socket: self.socket.clone(),
+            socket_mode: self.socket_mode,
+            listen: self.listen.clone(),
+            token_file: self.token_file.clone(),
+            stall_threshold_ms: self.stall_threshold_ms,
+            qs_signal: self.qs_signal,
+            no_expedite: self.no_expedite.then_some(true),
+            state_dir: self.state_dir.clone(),
+            log: self.log.clone(),
+        }
+    }
+}
+
 /// Built-in defaults.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 pub const DEFAULT_STALL_THRESHOLD_MS: u32 = 1000;

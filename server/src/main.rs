@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use patchbay_server::config::{self, FileChoice, Layer, Mode, Resolved};
+use patchbay_server::config::{self, Args, FileChoice, Layer, Resolved};
 use patchbay_server::daemon::{Config, Server};
 use patchbay_server::engine::Engine;
 use patchbay_server::{listen, systemd};
@@ -18,81 +18,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
-/// The patchbay server: agents, tracers, trampolines and grace periods.
-///
-/// Every option can also be set in the environment (PATCHBAYD_<OPTION>, e.g.
-/// PATCHBAYD_SOCKET_MODE; the socket is PATCHBAY_SOCKET, the log filter PATCHBAYD_LOG or
-/// RUST_LOG) or in the configuration file (the option's name as the key, e.g.
-/// `socket-mode = "666"`); a flag wins over the environment, which wins over the file.
-/// Under systemd, the socket unit's listening socket is used (socket activation). SIGHUP
-/// reloads the configuration file; SIGTERM and SIGINT stop the server (agents keep their
-/// trampolines and reconnect to the next server).
-#[derive(Parser, Debug)]
-#[command(name = "patchbayd", version)]
-pub struct Args {
-    /// Configuration file [default: /etc/patchbay/patchbayd.toml for root, else
-    /// $XDG_CONFIG_HOME/patchbay/patchbayd.toml, else ~/.config/patchbay/patchbayd.toml;
-    /// env: PATCHBAYD_CONFIG]
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Read no configuration file
-    #[arg(long, conflicts_with = "config")]
-    no_config: bool,
-    /// Unix socket to listen on, unless systemd passes one [default: $PATCHBAY_SOCKET,
-    /// else $XDG_RUNTIME_DIR/patchbay/patchbayd.sock, else /tmp/patchbay-$UID/patchbayd.sock]
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Mode of the socket file, octal (666 lets other users' agents and clients in;
-    /// SO_PEERCRED still limits each to its own uid) [default: 600]
-    #[arg(long, value_name = "MODE")]
-    socket_mode: Option<Mode>,
-    /// Also listen on TCP, e.g. tcp://127.0.0.1:7420 (Control only; needs --token-file)
-    #[arg(long, value_name = "tcp://HOST:PORT")]
-    listen: Option<String>,
-    /// File holding the token TCP clients must present
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// A thread holding up a grace period this long is reported as a stall [default: 1000]
-    #[arg(long, value_name = "MS")]
-    stall_threshold_ms: Option<u32>,
-    /// Real-time signal agents use to observe running threads (0: agent default)
-    /// [default: 0]
-    #[arg(long, value_name = "SIGNAL")]
-    qs_signal: Option<u32>,
-    /// Do not ask agents to expedite grace periods (they then rely on explicit and
-    /// periodic quiescent states)
-    #[arg(long)]
-    no_expedite: bool,
-    /// Directory of the tracer store (tracer specs survive restarts there), created
-    /// 0700 [default: /var/lib/patchbay for root, else $XDG_STATE_HOME/patchbay, else
-    /// ~/.local/state/patchbay]
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Log filter (tracing EnvFilter syntax) [default: info]
-    #[arg(long, value_name = "FILTER")]
-    log: Option<String>,
-    /// TEST-ONLY FAULT INJECTION: authorize freeing retired trampolines without waiting
-    /// for their grace period (frees memory threads may still execute). Exists so the
-    /// torture test can prove it catches that bug; never use it otherwise.
-    #[arg(long, hide = true)]
-    fault_skip_grace_period: bool,
+trait ArgsExt {
+    fn file_choice(&self) -> FileChoice;
+    fn resolve(&self) -> anyhow::Result<(Option<PathBuf>, Resolved)>;
 }
 
-impl Args {
-    fn layer(&self) -> Layer {
-        Layer {
-            socket: self.socket.clone(),
-            socket_mode: self.socket_mode,
-            listen: self.listen.clone(),
-            token_file: self.token_file.clone(),
-            stall_threshold_ms: self.stall_threshold_ms,
-            qs_signal: self.qs_signal,
-            no_expedite: self.no_expedite.then_some(true),
-            state_dir: self.state_dir.clone(),
-            log: self.log.clone(),
-        }
-    }
-
+impl ArgsExt for Args {
     fn file_choice(&self) -> FileChoice {
         FileChoice::pick(
             self.config.clone(),

@@ -83,6 +83,15 @@ enum Command {
     /// program's status (128 + the signal if a signal killed it); SIGINT and SIGTERM are
     /// passed on to the program.
     Run(commands::run::Args),
+    /// Print shell completions for bash, zsh or fish
+    ///
+    /// bash: `patchbay completions bash > ~/.local/share/bash-completion/completions/patchbay`;
+    /// zsh: into a directory of $fpath as `_patchbay`; fish: into
+    /// ~/.config/fish/completions/patchbay.fish. The Debian package installs all three.
+    Completions(commands::docs::CompletionsArgs),
+    /// Write the man pages of patchbay and patchbayd into a directory
+    #[command(hide = true)]
+    Man(commands::docs::ManArgs),
 }
 
 /// Runs the CLI and returns the process exit status: 0 on success, 1 on any error (clap
@@ -145,6 +154,29 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         };
         return commands::run::main(args, globals).await;
     }
+    match &cli.command {
+        Command::Completions(args) => {
+            use clap::CommandFactory;
+            let mut out = io::stdout().lock();
+            commands::docs::completions(args.shell, &mut Cli::command(), &mut out);
+            return Ok(0);
+        }
+        Command::Man(args) => {
+            use clap::CommandFactory;
+            let written = commands::docs::man(
+                Cli::command(),
+                patchbay_server::config::Args::command(),
+                &args.dir,
+            )?;
+            eprintln!(
+                "patchbay: wrote {} man pages into {}",
+                written.len(),
+                args.dir.display()
+            );
+            return Ok(0);
+        }
+        _ => {}
+    }
     let client = connect(cli.socket.as_deref(), cli.token_file.as_deref()).await?;
     let mut out = Output::new(cli.json, Box::new(io::stdout()));
     let result = match cli.command {
@@ -158,7 +190,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Sync(args) => commands::sync::run(&client, args, &mut out).await,
         Command::Watch(args) => commands::watch::run(&client, args, &mut out).await,
         Command::Counts(args) => commands::counts::run(&client, args, &mut out).await,
-        Command::Run(_) => unreachable!("handled above"),
+        Command::Run(_) | Command::Completions(_) | Command::Man(_) => {
+            unreachable!("handled above")
+        }
     };
     result.map(|()| 0)
 }

@@ -5,6 +5,7 @@ pub mod agents;
 pub mod attach;
 pub mod counts;
 pub mod detach;
+pub mod docs;
 pub mod functions;
 pub mod gp;
 pub mod run;
