@@ -15,7 +15,7 @@ use crate::{bins, wait};
 /// How long a server has to start accepting on its socket.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running `patchbayd --socket <tempdir>/s.sock --state-dir <tempdir>/state`, killed
+/// A running `patchbayd --no-config --socket <tempdir>/s.sock --state-dir <tempdir>/state`, killed
 /// on drop. Its stderr goes to `<tempdir>/patchbayd.log` and is printed when the test
 /// panics. Pass `--state-dir DIR` among the arguments to use another state directory
 /// (e.g. the one of a server that was killed, see [`TestServer::state_dir`]).
@@ -70,7 +70,8 @@ impl TestServer {
         let stderr = File::create(&log).expect("create server log");
         let exe = bins::patchbayd();
         let mut cmd = Command::new(&exe);
-        cmd.arg("--socket").arg(&socket);
+        // No configuration file of the host (e.g. an installed package's) changes a test.
+        cmd.arg("--no-config").arg("--socket").arg(&socket);
         if let Some(s) = &default_state {
             cmd.arg("--state-dir").arg(s);
         }
