@@ -5,6 +5,7 @@
 //! - [`engine`] wraps the registry for concurrent use and carries out its effects;
 //! - [`service`] holds the tonic services (thin shells);
 //! - [`listen`] owns sockets, peer credentials and the default socket path;
+//! - [`timeline`] keeps the newest grace periods' timelines (pure, diagnostic);
 //! - [`store`] keeps the active tracers under the state directory across restarts.
 
 pub mod daemon;
@@ -15,3 +16,4 @@ pub mod listen;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod timeline;
