@@ -122,7 +122,7 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
 }
 
 /// The index of the median of `xs` (the lower one of an even count).
-fn median_index(xs: &[f64]) -> Option<usize> {
+pub fn median_index(xs: &[f64]) -> Option<usize> {
     let mut idx: Vec<usize> = (0..xs.len()).collect();
     idx.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
     idx.get((idx.len().saturating_sub(1)) / 2).copied()
