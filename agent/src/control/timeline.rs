@@ -127,7 +127,7 @@ pub(crate) fn report(id: u64) -> Option<FromAgent> {
         let mut dropped = 0u32;
         for s in t.log.iter().filter(|s| s.at_ns >= from) {
             if steps.len() < REPORT_CAP {
-                steps.push(s.clone());
+                steps.push(*s);
             } else {
                 dropped += 1;
             }

@@ -272,7 +272,7 @@ PID  TID  PC          SYMBOL         STALLED  REASON
             ],
             steps_dropped: 0,
         };
-        let text = render_timelines(&[t.clone()]);
+        let text = render_timelines(std::slice::from_ref(&t));
         let expected = "
 trampoline 7 of pid 42 (agent 1), epoch 5: 8.0us to free authorized
    AT  +PREV  SIDE    STEP             TID
