@@ -117,7 +117,7 @@ pub async fn trampolines(c: &mut Control, include_freed: bool) -> Vec<Trampoline
 
 /// Pending grace periods.
 pub async fn grace_periods(c: &mut Control) -> Vec<GracePeriodInfo> {
-    c.grace_periods(GracePeriodsRequest {})
+    c.grace_periods(GracePeriodsRequest::default())
         .await
         .expect("GracePeriods")
         .into_inner()

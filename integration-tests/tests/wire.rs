@@ -649,7 +649,10 @@ async fn random_payloads_on_every_control_method() {
             }
             .encode_to_vec(),
         ),
-        ("GracePeriods", GracePeriodsRequest {}.encode_to_vec()),
+        (
+            "GracePeriods",
+            GracePeriodsRequest::default().encode_to_vec(),
+        ),
         (
             "Synchronize",
             SynchronizeRequest { timeout_ms: 100 }.encode_to_vec(),

@@ -8,10 +8,10 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use patchbay_proto::control_client::ControlClient;
 use patchbay_proto::{
-    AgentInfo, AttachRequest, GracePeriodInfo, GracePeriodsRequest, ListAgentsRequest,
-    ListFunctionsRequest, ListFunctionsResponse, ListTracersRequest, ListTrampolinesRequest,
-    PROTOCOL_METADATA_KEY, PROTOCOL_VERSION, SynchronizeRequest, SynchronizeResponse,
-    TrampolineInfo,
+    AgentInfo, AttachRequest, GracePeriodInfo, GracePeriodsRequest, GraceTimeline,
+    ListAgentsRequest, ListFunctionsRequest, ListFunctionsResponse, ListTracersRequest,
+    ListTrampolinesRequest, PROTOCOL_METADATA_KEY, PROTOCOL_VERSION, SynchronizeRequest,
+    SynchronizeResponse, TrampolineInfo,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -182,8 +182,22 @@ impl Client {
 
     /// Grace periods in progress, with their holdout threads and stalls.
     pub async fn grace_periods(&self) -> Result<Vec<GracePeriodInfo>> {
-        let response = self.inner().grace_periods(GracePeriodsRequest {}).await?;
+        let response = self
+            .inner()
+            .grace_periods(GracePeriodsRequest { timelines: 0 })
+            .await?;
         Ok(response.into_inner().pending)
+    }
+
+    /// The timelines of the `n` most recent trampoline grace periods (in progress or
+    /// done) of the processes the caller may see, newest first: every step the server
+    /// and the agent recorded, with CLOCK_MONOTONIC timestamps (the server keeps 64).
+    pub async fn grace_timelines(&self, n: u32) -> Result<Vec<GraceTimeline>> {
+        let response = self
+            .inner()
+            .grace_periods(GracePeriodsRequest { timelines: n })
+            .await?;
+        Ok(response.into_inner().timelines)
     }
 
     /// A grace period over every thread of every agent (the `synchronize_rcu_tasks()` of

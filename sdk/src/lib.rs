@@ -39,6 +39,7 @@ mod error;
 pub mod names;
 mod spec;
 mod target;
+pub mod timeline;
 mod tracer;
 
 pub use client::{Attach, Client, ClientBuilder, Functions, Synchronize, Trampolines};

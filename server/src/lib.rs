@@ -5,6 +5,7 @@
 //! - [`engine`] wraps the registry for concurrent use and carries out its effects;
 //! - [`service`] holds the tonic services (thin shells);
 //! - [`listen`] owns sockets, peer credentials and the default socket path;
+//! - [`timeline`] keeps the newest grace periods' timelines (pure, diagnostic);
 //! - [`store`] keeps the active tracers under the state directory across restarts;
 //! - [`config`] merges flags, environment and configuration file (pure);
 //! - [`systemd`] speaks socket activation, readiness notification and journal detection.
@@ -19,3 +20,4 @@ pub mod registry;
 pub mod service;
 pub mod store;
 pub mod systemd;
+pub mod timeline;

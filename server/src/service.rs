@@ -362,8 +362,18 @@ impl pb::control_server::Control for ControlService {
         req: Request<pb::GracePeriodsRequest>,
     ) -> Result<Response<pb::GracePeriodsResponse>, Status> {
         let caller = self.caller(&req)?;
-        let pending = self.engine.lock().grace_periods(caller, Engine::now());
-        Ok(Response::new(pb::GracePeriodsResponse { pending }))
+        let n = req.get_ref().timelines as usize;
+        let reg = self.engine.lock();
+        let pending = reg.grace_periods(caller, Engine::now());
+        let timelines = if n > 0 {
+            reg.grace_timelines(caller, n)
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::GracePeriodsResponse {
+            pending,
+            timelines,
+        }))
     }
 
     async fn synchronize(

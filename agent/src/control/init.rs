@@ -116,6 +116,9 @@ impl link::Handler for Shared {
     ) {
         step(|r| link::Handler::message(r, msg, out))
     }
+    fn woken(&mut self, out: &mut Vec<patchbay_proto::agent_message::Body>) {
+        step(|r| link::Handler::woken(r, out))
+    }
     fn loaded(&mut self, out: &mut Vec<patchbay_proto::agent_message::Body>) {
         step(|r| link::Handler::loaded(r, out))
     }

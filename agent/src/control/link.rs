@@ -172,6 +172,9 @@ pub trait Handler {
     fn welcome(&mut self, w: &pb::Welcome);
     /// A message from the server; answers go to `out`.
     fn message(&mut self, msg: ToAgent, out: &mut Vec<FromAgent>);
+    /// A program thread's stamp completed what the last observation round waited for
+    /// (`hot::qswake`): observe now.
+    fn woken(&mut self, out: &mut Vec<FromAgent>);
     /// A program thread waits in `dlopen` for what it loaded to be covered
     /// (`control::loads`): discover now and tell the server.
     fn loaded(&mut self, out: &mut Vec<FromAgent>);
@@ -305,6 +308,7 @@ async fn run_session(socket: &Path, handler: &mut impl Handler) -> Result<(), St
     CONNECTED.store(true, std::sync::atomic::Ordering::Release);
 
     let mut out = Vec::new();
+    let wake = WakeFd::new();
     let mut next_tick = tokio::time::Instant::now() + handler.tick_interval();
     loop {
         let tick = tokio::time::sleep_until(next_tick);
@@ -319,6 +323,8 @@ async fn run_session(socket: &Path, handler: &mut impl Handler) -> Result<(), St
                 None => return Err("server closed the session".into()),
             },
             _ = crate::control::loads::WAKE.notified() => handler.loaded(&mut out),
+            // The last stamp an observation round waited for: look at once.
+            _ = wake.woken() => handler.woken(&mut out),
             // The server answers the events stream only when it ends it.
             end = &mut events_call => return Err(match end {
                 Ok(_) => "server closed the events stream".into(),
@@ -332,6 +338,88 @@ async fn run_session(socket: &Path, handler: &mut impl Handler) -> Result<(), St
         next_tick = next_tick.min(tokio::time::Instant::now() + handler.tick_interval());
         for body in out.drain(..) {
             out_tx.send(body);
+        }
+    }
+}
+
+/// The agent thread's `eventfd`, registered with `hot::qswake` (which program threads
+/// write when the stamp the agent waits for is taken). One per process, never closed: a
+/// signal handler may have loaded its number just before, and a write to a number the
+/// program reused would corrupt the program's file. A forked child makes its own (the
+/// inherited one is the parent's; it stays open, close-on-exec, unused).
+struct WakeFd {
+    fd: Option<tokio::io::unix::AsyncFd<RawEventFd>>,
+}
+
+/// An eventfd number polled by tokio, not owned (never closed).
+struct RawEventFd(i32);
+
+impl std::os::fd::AsRawFd for RawEventFd {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
+    }
+}
+
+/// The process's eventfd and the pid it was made in.
+static WAKE_FD: std::sync::Mutex<Option<(u32, i32)>> = std::sync::Mutex::new(None);
+
+impl WakeFd {
+    fn new() -> WakeFd {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() } as u32;
+        let mut made = WAKE_FD.lock().unwrap_or_else(|e| e.into_inner());
+        let raw = match *made {
+            Some((p, fd)) if p == pid => fd,
+            _ => {
+                // SAFETY: eventfd has no preconditions; a non-negative result is a new fd.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+                if fd < 0 {
+                    crate::control::log::warn(
+                        "no eventfd: grace periods wait for the agent's tick",
+                    );
+                    return WakeFd { fd: None };
+                }
+                *made = Some((pid, fd));
+                fd
+            }
+        };
+        crate::hot::qswake::set_wake_fd(raw);
+        // SAFETY: `raw` is an open eventfd that is never closed (see above), so it stays
+        // valid and the same file description for the AsyncFd's whole life.
+        match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                RawEventFd(raw),
+                tokio::io::Interest::READABLE,
+            )
+        } {
+            Ok(fd) => WakeFd { fd: Some(fd) },
+            Err(e) => {
+                crate::control::log::warn(&format!(
+                    "eventfd not pollable ({e}): grace periods wait for the agent's tick"
+                ));
+                WakeFd { fd: None }
+            }
+        }
+    }
+
+    /// Resolves when a program thread wrote the eventfd (never without one).
+    async fn woken(&self) {
+        use std::os::fd::AsRawFd;
+        let Some(fd) = &self.fd else {
+            return std::future::pending().await;
+        };
+        loop {
+            let Ok(mut guard) = fd.readable().await else {
+                return std::future::pending().await;
+            };
+            let mut v: u64 = 0;
+            // SAFETY: an 8-byte read into a local from our non-blocking eventfd.
+            let n = unsafe { libc::read(fd.get_ref().as_raw_fd(), (&raw mut v).cast(), 8) };
+            if n == 8 {
+                return;
+            }
+            // EAGAIN: the readiness was stale.
+            guard.clear_ready();
         }
     }
 }

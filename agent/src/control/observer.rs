@@ -3,12 +3,16 @@
 //! blocked in a system call outside trampolines, or a signal), collects the stamps to
 //! report, and keeps the threads holding up grace periods (stalls).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use patchbay_proto::GraceStep as Step;
+
+use crate::control::timeline;
 use crate::hot::block::{self, Header};
 use crate::hot::qs::{self, EPOCH, SIGNAL};
+use crate::hot::qswake;
 use crate::hot::ranges::in_trampoline;
 use crate::hot::trap;
 use crate::sys::procfs::{self, SyscallState};
@@ -49,6 +53,10 @@ pub struct Observer {
     signalled: HashMap<u32, Instant>,
     /// Threads that have been holding up a grace period, since when.
     holdouts: HashMap<u32, Holdout>,
+    /// Threads found running (not blocked in a system call) by their last probe.
+    running: HashSet<u32>,
+    /// `qswake::RETRY` as last seen.
+    retry_seen: u64,
     /// Signals sent so far.
     pub signals: u64,
     /// Quiescent states found through the blocked-in-syscall path.
@@ -76,12 +84,17 @@ impl Observer {
         self.reported.remove(&tid);
         self.signalled.remove(&tid);
         self.holdouts.remove(&tid);
+        self.running.remove(&tid);
     }
 
     /// One observation round. `need` is the epoch grace periods wait for (0: none).
     /// Returns new `(tid, epoch)` stamps to report. With `active`, threads not yet
-    /// seen at `need` are probed (blocked check, else signal).
+    /// seen at `need` are probed (blocked check, else signal): the threads found running
+    /// last time first, so that their signals are on their way while the others are
+    /// probed. Before probing, the round arms `hot::qswake` with the number of threads
+    /// it waits for, so that the stamp of the last of them wakes the agent thread.
     pub fn round(&mut self, threads: &BTreeSet<u32>, need: u64, active: bool) -> Vec<(u32, u64)> {
+        timeline::pull();
         let mut by_tid: HashMap<u32, &'static Header> = HashMap::new();
         for h in block::all() {
             let t = h.tid.load(Ordering::Acquire);
@@ -92,61 +105,102 @@ impl Observer {
         let signal = SIGNAL.load(Ordering::Acquire);
         let now = Instant::now();
         let mut out = Vec::new();
+        // Threads already seen, and the ones this round must look at.
+        let mut todo = Vec::new();
         for &tid in threads {
             let h = by_tid.get(&tid).copied();
-            let mut best = h.map_or(0, |h| h.qs_epoch.load(Ordering::Acquire));
+            let best = h.map_or(0, |h| h.qs_epoch.load(Ordering::Acquire));
             let known = self.reported.get(&tid).copied().unwrap_or(0);
             if active && best.max(known) < need {
-                // Blocked in a system call, outside, with no dispatch in progress?
-                let e0 = EPOCH.load(Ordering::Acquire);
-                let before = probe(h);
-                let state = procfs::syscall_state(tid);
-                let h2 = block::all().find(|x| x.tid.load(Ordering::Acquire) == tid);
-                let after = probe(h2);
-                match state {
-                    SyscallState::Blocked { nr, pc, .. }
-                        if nr != libc::SYS_gettid
-                            && !in_trampoline(pc)
-                            && trap::sled_exit(pc as usize).is_none()
-                            && before == after
-                            && matches!(
-                                before,
-                                Probe::NoBlock | Probe::Block { nesting: 0, .. }
-                            ) =>
-                    {
-                        best = best.max(e0);
-                        self.blocked_seen += 1;
+                todo.push(tid);
+            } else {
+                self.seen(tid, best, known, need, &mut out);
+            }
+        }
+        if !active || need == 0 {
+            qswake::arm(0, 0);
+        } else {
+            qswake::arm(need, todo.len() as i64);
+        }
+        // Running last time first (likely running now: signal them early).
+        todo.sort_by_key(|t| !self.running.contains(t));
+        let retry = qswake::RETRY.load(Ordering::Acquire);
+        let retry_now = retry != self.retry_seen;
+        self.retry_seen = retry;
+        for tid in todo {
+            let h = by_tid.get(&tid).copied();
+            let known = self.reported.get(&tid).copied().unwrap_or(0);
+            // Blocked in a system call, outside, with no dispatch in progress?
+            let e0 = EPOCH.load(Ordering::Acquire);
+            let before = probe(h);
+            let state = procfs::syscall_state(tid);
+            let h2 = block::all().find(|x| x.tid.load(Ordering::Acquire) == tid);
+            let after = probe(h2);
+            let mut best = h.map_or(0, |h| h.qs_epoch.load(Ordering::Acquire));
+            match state {
+                SyscallState::Blocked { nr, pc, .. }
+                    if nr != libc::SYS_gettid
+                        && !in_trampoline(pc)
+                        && trap::sled_exit(pc as usize).is_none()
+                        && before == after
+                        && matches!(before, Probe::NoBlock | Probe::Block { nesting: 0, .. }) =>
+                {
+                    self.running.remove(&tid);
+                    if best < e0 {
+                        timeline::note(Step::AgentProbeBlocked, tid);
                     }
-                    SyscallState::Blocked { pc, .. } => {
-                        self.note_holdout(tid, now, pc);
-                    }
-                    SyscallState::Running => {
-                        self.note_holdout(tid, now, 0);
-                        let last = self.signalled.get(&tid).copied();
-                        let due = last
-                            .is_none_or(|t| now.duration_since(t) >= Duration::from_micros(200));
-                        if signal != 0 && due && self.may_signal(tid, signal, last.is_some()) {
-                            // A failure (the thread just exited, or RLIMIT_SIGPENDING
-                            // reached) is retried at the next round.
-                            if qs::send(tid).is_ok() {
-                                self.signals += 1;
-                            }
-                            self.signalled.insert(tid, now);
+                    best = best.max(e0);
+                    self.blocked_seen += 1;
+                }
+                SyscallState::Blocked { pc, .. } => {
+                    self.running.remove(&tid);
+                    timeline::note(Step::AgentProbeInside, tid);
+                    self.note_holdout(tid, now, pc);
+                }
+                SyscallState::Running => {
+                    self.running.insert(tid);
+                    self.note_holdout(tid, now, 0);
+                    let last = self.signalled.get(&tid).copied();
+                    // Again at once when the handler found a thread in trampoline code
+                    // (it is out in nanoseconds); otherwise at most every 200 µs.
+                    let due = retry_now
+                        || last.is_none_or(|t| now.duration_since(t) >= Duration::from_micros(200));
+                    if signal != 0 && due && self.may_signal(tid, signal, last.is_some()) {
+                        // A failure (the thread just exited, or RLIMIT_SIGPENDING
+                        // reached) is retried at the next round.
+                        if qs::send(tid).is_ok() {
+                            self.signals += 1;
+                            timeline::note(Step::AgentSignalSent, tid);
                         }
+                        self.signalled.insert(tid, now);
+                    } else {
+                        timeline::note(Step::AgentSignalSkipped, tid);
                     }
-                    SyscallState::Gone => {}
+                }
+                SyscallState::Gone => {
+                    self.running.remove(&tid);
                 }
             }
-            if best > known {
-                self.reported.insert(tid, best);
-                out.push((tid, best));
-            }
-            if best.max(known) >= need {
-                self.holdouts.remove(&tid);
-            }
+            // A stamp taken meanwhile (the handler of a signal just sent) counts too.
+            best = best.max(h.map_or(0, |h| h.qs_epoch.load(Ordering::Acquire)));
+            self.seen(tid, best, known, need, &mut out);
         }
         self.holdouts.retain(|t, _| threads.contains(t));
         out
+    }
+
+    /// `tid`'s best evidence is `best` (reported so far: `known`): reports it when new.
+    fn seen(&mut self, tid: u32, best: u64, known: u64, need: u64, out: &mut Vec<(u32, u64)>) {
+        if best > known {
+            self.reported.insert(tid, best);
+            out.push((tid, best));
+            if need > 0 && known < need && best >= need {
+                timeline::note(Step::AgentStampSeen, tid);
+            }
+        }
+        if best.max(known) >= need {
+            self.holdouts.remove(&tid);
+        }
     }
 
     /// Whether `tid` may get the agent's signal now. Not when it blocks the signal

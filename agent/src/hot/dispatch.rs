@@ -372,7 +372,7 @@ extern "C" fn patchbay_dispatch(desc: *const Descriptor, regs: *const Regs, ret:
         && block::take_deferred_fast() != 0
         && let Some(h) = block::current_fast()
     {
-        qs::stamp(h);
+        qs::stamp_deferred(h);
     }
 }
 

@@ -6,7 +6,8 @@
 //! The rule of this folder: everything a program thread may execute here is
 //! async-signal-safe — no allocation, no locks, no panics, and no system calls but the
 //! few named where they are made (a one-time `gettid`, `tgkill`/`sigaction`/`write` on
-//! the fatal premature-free path, `sigprocmask` in the signal wrapper). It imports only
+//! the fatal premature-free path, `sigprocmask` in the signal wrapper, `write` to the
+//! agent's `eventfd` in `qswake`). It imports only
 //! `hot/` and `sys/`. The few functions here that the agent thread calls to set things
 //! up or publish state (mapping blocks, installing handlers, appending to the lock-free
 //! tables) say so in their documentation ("agent thread only").
@@ -14,6 +15,7 @@
 pub(crate) mod block;
 pub(crate) mod dispatch;
 pub(crate) mod qs;
+pub(crate) mod qswake;
 pub(crate) mod ranges;
 pub(crate) mod ring;
 pub(crate) mod sigwrap;

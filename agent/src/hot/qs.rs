@@ -29,6 +29,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use super::block::{self, Header};
+use super::qswake::{self, Seen};
 use super::ranges::in_trampoline;
 use super::{stats, trap};
 
@@ -44,9 +45,19 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 #[inline]
 pub fn stamp(h: &Header) {
     let e = EPOCH.load(Ordering::Acquire);
-    if h.qs_epoch.load(Ordering::Relaxed) < e {
+    let old = h.qs_epoch.load(Ordering::Relaxed);
+    if old < e {
         h.qs_epoch.store(e, Ordering::Release);
+        qswake::stamped(old, e);
     }
+}
+
+/// The deferred stamp of the outermost dispatch (the handler found the thread inside):
+/// stamps, logs it for the timeline and wakes the agent thread if it waits for it.
+/// Async-signal-safe.
+pub(crate) fn stamp_deferred(h: &Header) {
+    stamp(h);
+    qswake::log(h.tid.load(Ordering::Relaxed), Seen::DeferredStamped);
 }
 
 /// Explicit quiescent state: the calling thread says it is outside every traced
@@ -141,6 +152,7 @@ pub(crate) fn on_signal(uctx: *mut libc::c_void) {
     if block::NEST.with(|n| n.get()) > 0 {
         // Inside a dispatch: its outermost level stamps on the way out.
         block::DEFERRED.with(|d| d.set(1));
+        qswake::log(crate::sys::tid(), Seen::Deferred);
         return;
     }
     if let Some(next) = trap::sled_exit(pc as usize) {
@@ -175,11 +187,17 @@ pub(crate) fn on_signal(uctx: *mut libc::c_void) {
             return;
         }
         // Inside, but not at a boundary (never seen): not quiescent, the agent looks again.
-        trap::RelocPc::Stuck => return,
+        trap::RelocPc::Stuck => {
+            qswake::log(crate::sys::tid(), Seen::Inside);
+            qswake::retry();
+            return;
+        }
     }
     if in_trampoline(pc) {
         // In a trampoline's own few instructions (e.g. a count fast path): it will be
-        // out in nanoseconds; the agent looks again.
+        // out in nanoseconds; the agent looks again at once.
+        qswake::log(crate::sys::tid(), Seen::Inside);
+        qswake::retry();
         return;
     }
     stamp_now(e);
@@ -188,10 +206,14 @@ pub(crate) fn on_signal(uctx: *mut libc::c_void) {
 /// Stamps epoch `e` (read before the observation) for the calling thread.
 /// Async-signal-safe.
 fn stamp_now(e: u64) {
-    if let Some(h) = block::current().or_else(|| block::claim(crate::sys::tid()))
-        && h.qs_epoch.load(Ordering::Relaxed) < e
-    {
-        h.qs_epoch.store(e, Ordering::Release);
+    let tid = crate::sys::tid();
+    if let Some(h) = block::current().or_else(|| block::claim(tid)) {
+        let old = h.qs_epoch.load(Ordering::Relaxed);
+        if old < e {
+            h.qs_epoch.store(e, Ordering::Release);
+            qswake::log(tid, Seen::Stamped);
+            qswake::stamped(old, e);
+        }
     }
 }
 

@@ -53,7 +53,7 @@ async fn main() {
             .await
             .map(|r| format!("{:?}", r.into_inner().trampolines)),
         ["gp"] => c
-            .grace_periods(GracePeriodsRequest {})
+            .grace_periods(GracePeriodsRequest::default())
             .await
             .map(|r| format!("{:?}", r.into_inner().pending)),
         ["detach", id] => c

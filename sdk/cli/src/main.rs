@@ -67,7 +67,7 @@ enum Command {
     /// List trampolines and their life-cycle state
     Trampolines(commands::trampolines::Args),
     /// Show pending grace periods, the threads they wait for, and stalls
-    Gp,
+    Gp(commands::gp::Args),
     /// Wait for a grace period over every thread of every agent
     Sync(commands::sync::Args),
     /// Print the events of a tracer as they arrive, until Ctrl-C
@@ -186,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Detach(args) => commands::detach::run(&client, args, &mut out).await,
         Command::Tracers => commands::tracers::run(&client, &mut out).await,
         Command::Trampolines(args) => commands::trampolines::run(&client, args, &mut out).await,
-        Command::Gp => commands::gp::run(&client, &mut out).await,
+        Command::Gp(args) => commands::gp::run(&client, args, &mut out).await,
         Command::Sync(args) => commands::sync::run(&client, args, &mut out).await,
         Command::Watch(args) => commands::watch::run(&client, args, &mut out).await,
         Command::Counts(args) => commands::counts::run(&client, args, &mut out).await,

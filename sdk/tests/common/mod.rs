@@ -271,6 +271,7 @@ impl Control for Fake {
                     }),
                 }],
             }],
+            timelines: Vec::new(),
         }))
     }
 

@@ -37,6 +37,10 @@ impl Registry {
                 waiting.insert((a, tr));
             }
         }
+        for (a, tr) in &waiting {
+            self.timelines
+                .step(*a, *tr, pb::GraceStep::ServerDetachReceived, 0, now);
+        }
         // Also the moved-from trampolines (retired because their sites moved).
         for a in self.agents.values() {
             for t in a.trampolines.values() {

@@ -80,6 +80,8 @@ pub struct Registry {
     next_op: OpId,
     next_sync: u64,
     effects: Vec<Effect>,
+    /// The newest trampoline grace periods, step by step (diagnostic only).
+    timelines: crate::timeline::Timelines,
     /// Bumped whenever the set of active tracers (or the next tracer id) changes:
     /// the shell persists [`Registry::saved_tracers`] when it moves.
     tracer_generation: u64,

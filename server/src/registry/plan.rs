@@ -188,6 +188,10 @@ impl Registry {
                 agent.site_owner.remove(&s);
             }
         }
+        let (pid, uid) = (agent.hello.pid, agent.hello.uid);
+        self.timelines.start(id, pid, uid, tramp);
+        self.timelines
+            .step(id, tramp, pb::GraceStep::ServerRemoveSent, 0, now);
         self.send(
             id,
             ToAgent::Remove(pb::Remove {

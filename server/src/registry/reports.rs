@@ -58,6 +58,11 @@ impl Registry {
                 self.sites_removed(id, &r.sites, now);
                 Ok(())
             }
+            FromAgent::GraceTimeline(t) => {
+                // Diagnostic only: kept for `GracePeriods` timelines, never trusted.
+                self.timelines.agent_steps(id, t);
+                Ok(())
+            }
         }
     }
 
@@ -83,9 +88,15 @@ impl Registry {
     ) -> Result<(), CoreError> {
         let a = self.agent_mut(id)?;
         let mut done = Vec::new();
+        let mut steps = Vec::new();
         for t in tids {
             a.stalls.remove(t);
+            holdout_steps(a, *t, u64::MAX, &mut steps);
             done.extend(a.grace.thread_exited(*t));
+        }
+        for (tramp, tid) in steps {
+            self.timelines
+                .step(id, tramp, pb::GraceStep::ServerExitReceived, tid, now);
         }
         for gp in done {
             self.grace_done(id, gp, now);
@@ -102,9 +113,17 @@ impl Registry {
     ) -> Result<(), CoreError> {
         let a = self.agent_mut(id)?;
         let mut done = Vec::new();
+        let mut steps = Vec::new();
         for q in reports {
             a.stalls.remove(&q.tid);
+            if a.grace.threads().any(|t| t == q.tid) {
+                holdout_steps(a, q.tid, q.epoch, &mut steps);
+            }
             done.extend(a.grace.quiescent(q.tid, q.epoch));
+        }
+        for (tramp, tid) in steps {
+            self.timelines
+                .step(id, tramp, pb::GraceStep::ServerStampReceived, tid, now);
         }
         for gp in done {
             self.grace_done(id, gp, now);
@@ -223,6 +242,19 @@ impl Registry {
         tracing::warn!(agent = id, "agent reported: {message}");
         if let Some(a) = self.agents.get_mut(&id) {
             a.last_error = Some(message.to_string());
+        }
+    }
+}
+
+/// The trampoline grace periods of `a` that `tid` holds and that evidence at `epoch`
+/// releases: `(trampoline, tid)` for their timelines.
+fn holdout_steps(a: &Agent, tid: Tid, epoch: u64, out: &mut Vec<(u64, Tid)>) {
+    for gp in a.grace.pending() {
+        if let crate::grace::Purpose::Trampoline(tramp) = gp.purpose
+            && gp.epoch <= epoch
+            && gp.holdouts.contains(&tid)
+        {
+            out.push((tramp, tid));
         }
     }
 }

@@ -139,6 +139,11 @@ impl Registry {
             )));
         }
         agent.epoch = ret.epoch;
+        self.timelines
+            .step(id, tramp, pb::GraceStep::ServerRetiredReceived, 0, now);
+        self.timelines.epoch(id, tramp, ret.epoch);
+        let agent = self.agents.get_mut(&id).expect("caller checked");
+        let t = agent.trampolines.get_mut(&tramp).expect("caller checked");
         t.state = TState::Retired;
         t.retired_epoch = ret.epoch;
         t.since = now;
@@ -165,7 +170,11 @@ impl Registry {
         self.attach_progress(id, tramp, &group, 0, 0);
         match done {
             Some(gp) => self.grace_done(id, gp, now),
-            None if self.settings.expedite => self.send(id, ToAgent::Expedite(pb::Expedite {})),
+            None if self.settings.expedite => {
+                self.timelines
+                    .step(id, tramp, pb::GraceStep::ServerExpediteSent, 0, now);
+                self.send(id, ToAgent::Expedite(pb::Expedite {}))
+            }
             None => {}
         }
         Ok(())
@@ -192,6 +201,8 @@ impl Registry {
         }
         t.state = TState::Freed;
         t.since = now;
+        self.timelines
+            .step(id, tramp, pb::GraceStep::ServerFreedReceived, 0, now);
         self.prune_freed(id);
         self.check_detach_ops();
         self.gc_tracers();
@@ -229,6 +240,8 @@ impl Registry {
                 {
                     t.state = TState::FreeAuthorized;
                     t.since = now;
+                    self.timelines
+                        .step(id, tramp, pb::GraceStep::ServerAuthorizeSent, 0, now);
                     self.send(
                         id,
                         ToAgent::AuthorizeFree(pb::AuthorizeFree {

@@ -148,6 +148,12 @@ impl Registry {
         out
     }
 
+    /// Control.GracePeriods timelines: the `n` newest trampoline grace periods of the
+    /// processes the caller may see, step by step, newest first.
+    pub fn grace_timelines(&self, caller: Caller, n: usize) -> Vec<pb::GraceTimeline> {
+        self.timelines.recent(n, |uid| caller.may_see(uid))
+    }
+
     /// Control.Counts: a tracer's counts by function, from live agents and the
     /// archive of exited ones, largest first.
     pub fn counts(

@@ -11,9 +11,9 @@ use patchbay_proto as pb;
 use pb::agent_message::Body as FromAgent;
 
 use crate::control::counters::Counters;
-use crate::control::log;
 use crate::control::observer::Observer;
 use crate::control::threads::Threads;
+use crate::control::{log, timeline};
 use crate::hot::qs::EPOCH;
 use crate::hot::{block, dispatch, sigwrap};
 
@@ -127,6 +127,7 @@ impl Grace {
         if !changes.exited.is_empty() {
             for t in &changes.exited {
                 self.observer.thread_exited(*t);
+                timeline::note(pb::GraceStep::AgentThreadExited, *t);
             }
             out.push(FromAgent::ThreadsExited(pb::ThreadsExited {
                 tids: changes.exited,

@@ -21,10 +21,10 @@ use super::grace::Grace;
 use crate::control::arena::{Arena, Slot, Window};
 use crate::control::callbacks;
 use crate::control::counters::Counters;
-use crate::control::log;
 use crate::control::patch::relocated::RelocOp;
 use crate::control::patch::{self, Op, PatchError, Patcher};
 use crate::control::sites::{FunctionSite, SiteKind};
+use crate::control::{log, timeline};
 use crate::hot::dispatch::{self, Action, Descriptor};
 use crate::hot::qs::EPOCH;
 use crate::hot::{ranges, stats};
@@ -797,9 +797,11 @@ impl Installer {
             return;
         }
         self.pending_removes.remove(&id);
+        timeline::mark(id, pb::GraceStep::AgentUnpatched);
         // The unpatch is complete and every core serialized: a new epoch begins.
         super::grace::reclaim_signals();
         let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
+        timeline::mark(id, pb::GraceStep::AgentEpochBumped);
         // Births and deaths since the last scan go out before the report, so that the
         // server never waits for a thread whose exit it was not told about.
         grace.scan_and_report(out);
@@ -816,6 +818,7 @@ impl Installer {
             id,
             pb::trampoline_report::Report::Retired(pb::Retired { epoch, tids }),
         ));
+        timeline::mark(id, pb::GraceStep::AgentRetiredSent);
     }
 
     /// Retries deferred removes once the thread that blocked SIGTRAP no longer does

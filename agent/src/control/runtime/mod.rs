@@ -31,7 +31,7 @@ use patchbay_proto as pb;
 use pb::agent_message::Body as FromAgent;
 use pb::server_message::Body as ToAgent;
 
-use crate::control::{link, loads, log};
+use crate::control::{link, loads, log, timeline};
 use catalogue::Catalogue;
 use grace::Grace;
 use installer::Installer;
@@ -106,6 +106,8 @@ impl Runtime {
                 .free(id, || reporter.drain_rings(Some(live)), out)
             {
                 self.reporter.fold(freed);
+                timeline::mark(id, pb::GraceStep::AgentFreed);
+                out.extend(timeline::report(id));
             }
         }
     }
@@ -167,6 +169,7 @@ impl Runtime {
         self.installer.forked_child();
         self.reporter.forked_child();
         self.grace.forked_child();
+        timeline::forked_child();
     }
 }
 
@@ -197,11 +200,15 @@ impl link::Handler for Runtime {
                 out.push(r);
             }
             ToAgent::Remove(r) => {
+                timeline::mark(r.trampoline_id, pb::GraceStep::AgentRemoveReceived);
                 self.installer.remove(r, &mut self.grace, out);
                 // Look at every thread at once: the expedited path.
                 self.observe(out);
             }
             ToAgent::AuthorizeFree(a) => {
+                for id in &a.trampoline_ids {
+                    timeline::mark(*id, pb::GraceStep::AgentAuthorizeReceived);
+                }
                 // Counts of what is freed go out first, so totals never step back.
                 self.flush(out);
                 self.authorize_free(a.trampoline_ids, out);
@@ -214,6 +221,13 @@ impl link::Handler for Runtime {
             // Every install before it was applied (stream order): wake the waiters.
             ToAgent::Covered(c) => loads::covered(c.sequence),
             ToAgent::Welcome(_) | ToAgent::Shutdown(_) => {}
+        }
+    }
+
+    fn woken(&mut self, out: &mut Vec<FromAgent>) {
+        if self.need() > 0 {
+            timeline::note(pb::GraceStep::AgentWoken, 0);
+            self.observe(out);
         }
     }
 

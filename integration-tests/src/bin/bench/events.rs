@@ -121,8 +121,9 @@ async fn detach_times(
     client: &patchbay_sdk::Client,
     pid: u32,
     reps: usize,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(Vec<f64>, Vec<Vec<f64>>)> {
     let mut times = Vec::with_capacity(reps);
+    let mut phases = Vec::with_capacity(reps);
     for _ in 0..reps {
         let tracer = client
             .attach(Tracer::count(Target::pid(pid), "add2"))
@@ -138,8 +139,9 @@ async fn detach_times(
         if !d.complete || d.retired.len() != 1 {
             bail!("detach not complete: {d:?}");
         }
+        phases.push(crate::grace::timeline_phases(client, d.retired[0].trampoline_id).await?);
     }
-    Ok(times)
+    Ok((times, phases))
 }
 
 /// Grace-period latency with and without an event flood (`events.gp.idle`,
@@ -154,7 +156,7 @@ async fn flood(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Re
         bail!("mix 2 0 0: {a}");
     }
     let reps = plan.gp_reps.max(5);
-    let idle = detach_times(&client, pid, reps).await?;
+    let (idle, idle_phases) = detach_times(&client, pid, reps).await?;
     let tracer = client
         .attach(Tracer::trace(Target::pid(pid), "add1").args(2))
         .await?;
@@ -176,7 +178,7 @@ async fn flood(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let flooded = detach_times(&client, pid, reps).await?;
+    let (flooded, flood_phases) = detach_times(&client, pid, reps).await?;
     tracer.detach().wait().await?;
     reader.abort();
     t.cmd_within("stop", Duration::from_secs(60)).await;
@@ -193,9 +195,15 @@ async fn flood(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Re
             "events",
             "GP (detach wait), 2 busy threads, no events",
             "ms",
-            idle,
+            idle.clone(),
         )
-        .threads(2),
+        .threads(2)
+        .note(format!(
+            "median: {}",
+            crate::grace::median_index(&idle)
+                .map_or(String::new(), |i| crate::grace::where_text(&idle_phases[i]))
+        ))
+        .detail(json!({ "phases_us": idle_phases })),
     );
     report.push(
         Figure::new(
@@ -203,14 +211,16 @@ async fn flood(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Re
             "events",
             "GP (detach wait), 2 busy threads, trace flood",
             "ms",
-            flooded,
+            flooded.clone(),
         )
         .threads(2)
         .note(format!(
-            "{events} events received, {dropped} dropped (counted)"
+            "{events} events received, {dropped} dropped (counted); median: {}",
+            crate::grace::median_index(&flooded)
+                .map_or(String::new(), |i| crate::grace::where_text(&flood_phases[i]))
         ))
         .goal("< 2x idle", mf <= 2.0 * mi)
-        .detail(json!({ "received": events, "dropped": dropped, "idle_median_ms": mi })),
+        .detail(json!({ "received": events, "dropped": dropped, "idle_median_ms": mi, "phases_us": flood_phases })),
     );
     Ok(())
 }

@@ -57,7 +57,7 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
             if field::<u32>(&a, "threads")? != n {
                 bail!("mix {b} {k} {i}: {a}");
             }
-            let (mut detach, mut attach) = (Vec::new(), Vec::new());
+            let (mut detach, mut attach, mut phases) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..plan.gp_reps {
                 let t0 = Instant::now();
                 let tracer = client
@@ -85,10 +85,14 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
                 if !d.complete || d.retired.len() != 1 {
                     bail!("detach not complete: {d:?}");
                 }
+                phases.push(timeline_phases(&client, d.retired[0].trampoline_id).await?);
             }
             let stopped = t.cmd_within("stop", Duration::from_secs(60)).await;
             let calls: u64 = field(&stopped, "calls")?;
             let m = median(&detach).unwrap_or(f64::NAN);
+            // Where the median grace period's time went (its own timeline).
+            let mid = median_index(&detach);
+            let where_ = mid.map_or(String::new(), |i| where_text(&phases[i]));
             let kind = if expedite { "expedited" } else { "no-expedite" };
             let mut f = Figure::new(
                 format!("grace.{kind}.t{n}{suffix}"),
@@ -99,12 +103,13 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
             )
             .threads(n)
             .note(format!(
-                "p90 {:.2} ms",
+                "p90 {:.2} ms; median: {where_}",
                 crate::report::quantile(&detach, 0.9).unwrap_or(f64::NAN)
             ))
             .detail(json!({
                 "busy": b, "blocked": k, "idle": i, "expedited": expedite,
                 "busy_calls": calls, "attach_ms": attach,
+                "phases_us": phases,
             }));
             if expedite && n == 64 {
                 f = f.goal(format!("< {GP_GOAL_MS} ms"), m < GP_GOAL_MS);
@@ -114,4 +119,46 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         t.quit().await;
     }
     Ok(())
+}
+
+/// The index of the median of `xs` (the lower one of an even count).
+pub fn median_index(xs: &[f64]) -> Option<usize> {
+    let mut idx: Vec<usize> = (0..xs.len()).collect();
+    idx.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+    idx.get((idx.len().saturating_sub(1)) / 2).copied()
+}
+
+/// The phases of trampoline `tramp`'s grace period in microseconds (`PHASES` order,
+/// NaN when unknown), once the agent's steps arrived (they follow the free; bounded).
+pub async fn timeline_phases(
+    client: &patchbay_sdk::Client,
+    tramp: u64,
+) -> anyhow::Result<Vec<f64>> {
+    use patchbay_sdk::timeline;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ts = client.grace_timelines(8).await?;
+        if let Some(t) = ts.iter().find(|t| t.trampoline_id == tramp)
+            && timeline::has_agent_steps(t)
+        {
+            return Ok(timeline::phases(t)
+                .iter()
+                .map(|p| p.ns.map_or(f64::NAN, |ns| ns as f64 / 1000.0))
+                .collect());
+        }
+        if Instant::now() > deadline {
+            bail!("no timeline with the agent's steps for trampoline {tramp} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `request to agent 12us, unpatch 80us, ...` for a table note.
+pub fn where_text(phases_us: &[f64]) -> String {
+    patchbay_sdk::timeline::PHASES
+        .iter()
+        .zip(phases_us)
+        .map(|(n, us)| format!("{n} {us:.0}us"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -326,7 +326,7 @@ impl Shared {
 
     /// Pending grace periods, described (for error messages).
     async fn pending_gps(&self, c: &mut Control) -> String {
-        match c.grace_periods(GracePeriodsRequest {}).await {
+        match c.grace_periods(GracePeriodsRequest::default()).await {
             Ok(r) => format!("{:?}", r.into_inner().pending),
             Err(s) => format!("<{s:?}>"),
         }

@@ -52,7 +52,7 @@ pub(super) async fn noise_task(sh: Arc<Shared>, mut c: Control, seed: u64) -> an
                 7 => sh.synchronize(&mut c).await?,
                 8 => {
                     let gps = c
-                        .grace_periods(GracePeriodsRequest {})
+                        .grace_periods(GracePeriodsRequest::default())
                         .await
                         .map_err(|s| anyhow!("grace periods: {s:?}"))?
                         .into_inner();
