@@ -322,3 +322,30 @@ pub fn runpath_program() -> PathBuf {
         })
         .clone()
 }
+
+/// The program `fixtures/masks.c` (threads that run code with every signal blocked:
+/// masked calls, `posix_spawn`, `pthread_create`, `pthread_kill`), built once per test
+/// process with plain `gcc -O2` (its functions are relocated sites).
+pub fn masks_program() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = cache_dir();
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+            let src = source_dir().join("masks.c");
+            let out = dir.join("masks");
+            let tmp = dir.join("masks.tmp");
+            let mut cc = Command::new("gcc");
+            cc.args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"])
+                .arg(&src)
+                .arg("-o")
+                .arg(&tmp);
+            run(cc, &format!("masks ({})", src.display()));
+            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
+                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
+            });
+            out
+        })
+        .clone()
+}

@@ -19,4 +19,5 @@ pub(crate) mod patch;
 pub(crate) mod runtime;
 pub mod sites;
 pub(crate) mod threads;
+pub(crate) mod trapwindow;
 pub(crate) mod unmapped;

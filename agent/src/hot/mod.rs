@@ -16,6 +16,7 @@ pub(crate) mod dispatch;
 pub(crate) mod qs;
 pub(crate) mod ranges;
 pub(crate) mod ring;
+pub(crate) mod sigmask;
 pub(crate) mod sigwrap;
 pub mod stats;
 pub(crate) mod trap;
