@@ -322,3 +322,74 @@ pub fn runpath_program() -> PathBuf {
         })
         .clone()
 }
+
+/// The program `fixtures/masks.c` (threads that run code with every signal blocked:
+/// masked calls, `posix_spawn`, `pthread_create`, `pthread_kill`), built once per test
+/// process with plain `gcc -O2` (its functions are relocated sites).
+pub fn masks_program() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = cache_dir();
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+            let src = source_dir().join("masks.c");
+            let out = dir.join("masks");
+            let tmp = dir.join("masks.tmp");
+            let mut cc = Command::new("gcc");
+            cc.args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"])
+                .arg(&src)
+                .arg("-o")
+                .arg(&tmp);
+            run(cc, &format!("masks ({})", src.display()));
+            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
+                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
+            });
+            out
+        })
+        .clone()
+}
+
+/// Name of function `i` of [`many_functions_program`].
+pub fn many_functions_name(i: u32) -> String {
+    format!("patchbay_generated_function_with_a_long_name_{i:06}")
+}
+
+/// A program with `n` small functions ([`many_functions_name`]) built with plain
+/// `gcc -O1` (relocated sites), speaking the fixtures' line protocol (`ready pid=`,
+/// `quit`). Built once per `n` (kept in the cache directory while its source is the
+/// same: 24,000 functions take ~10 s to compile).
+pub fn many_functions_program(n: u32) -> PathBuf {
+    use std::fmt::Write as _;
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+    let mut src = String::from("#include <stdio.h>\n#include <string.h>\n#include <unistd.h>\n");
+    for i in 0..n {
+        let _ = writeln!(
+            src,
+            "__attribute__((noinline)) unsigned long {}(unsigned long x) \
+             {{ __asm__ volatile(\"\" : : \"r\"(x)); return x * {}u + {i}u; }}",
+            many_functions_name(i),
+            i + 3
+        );
+    }
+    src.push_str(
+        "int main(void) {\n  char line[64];\n  printf(\"ready pid=%d\\n\", (int)getpid());\n  \
+         fflush(stdout);\n  while (fgets(line, sizeof line, stdin))\n    \
+         if (!strncmp(line, \"quit\", 4)) return 0;\n  return 0;\n}\n",
+    );
+    let c = dir.join(format!("many{n}.c"));
+    let out = dir.join(format!("many{n}"));
+    if out.exists() && std::fs::read_to_string(&c).is_ok_and(|old| old == src) {
+        return out;
+    }
+    std::fs::write(&c, &src).unwrap_or_else(|e| panic!("cannot write {}: {e}", c.display()));
+    let tmp = dir.join(format!("many{n}.tmp"));
+    let mut cc = Command::new("gcc");
+    cc.args(["-O1", "-o"]).arg(&tmp).arg(&c);
+    run(cc, &format!("many_functions_program({n})"));
+    std::fs::rename(&tmp, &out)
+        .unwrap_or_else(|e| panic!("cannot move {} to {}: {e}", tmp.display(), out.display()));
+    out
+}

@@ -41,11 +41,12 @@ fn add_protocol(mut req: Request<()>) -> Result<Request<()>, Status> {
     Ok(req)
 }
 
-/// Connects a raw Control client to the server at `path`.
+/// Connects a raw Control client to the server at `path`, accepting answers as large
+/// as the SDK does ([`patchbay_sdk::MAX_DECODING_MESSAGE_SIZE`], not tonic's 4 MiB).
 pub async fn control_client(path: &Path) -> anyhow::Result<Control> {
     let channel = uds_channel(path).await?;
-    Ok(ControlClient::with_interceptor(
-        channel,
-        add_protocol as ProtocolInterceptor,
-    ))
+    Ok(
+        ControlClient::with_interceptor(channel, add_protocol as ProtocolInterceptor)
+            .max_decoding_message_size(patchbay_sdk::MAX_DECODING_MESSAGE_SIZE),
+    )
 }

@@ -61,3 +61,52 @@ async fn libraries_are_listed_relocated_or_refused_precisely() {
     }
     quit_ok(&mut t).await;
 }
+
+/// The raw test client accepts answers as large as the SDK does: `ListFunctions '*'`
+/// on a process with 24,000 functions of its own is more than tonic's 4 MiB default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_larger_than_4_mib_reaches_the_raw_client() {
+    use integration_tests::fixtures;
+    use prost::Message as _;
+    const N: u32 = 24_000;
+    let exe = fixtures::many_functions_program(N);
+    let server = integration_tests::TestServer::start();
+    let mut c = server.control().await;
+    let mut t =
+        integration_tests::target::Target::start_program(&exe, Some(server.socket_path()), &[])
+            .await;
+    let pid = t.pid();
+    wait_agent(&c, pid).await;
+    let r = c
+        .list_functions(ListFunctionsRequest {
+            pid,
+            pattern: "*".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ListFunctions '*' failed: {s:?}"))
+        .into_inner();
+    let size = r.encoded_len();
+    assert!(
+        size > 4 << 20,
+        "{size} bytes: the test would not exceed 4 MiB"
+    );
+    assert_eq!(r.total as usize, r.functions.len());
+    let own: Vec<&Function> = r
+        .functions
+        .iter()
+        .filter(|f| {
+            f.name
+                .starts_with("patchbay_generated_function_with_a_long_name_")
+        })
+        .collect();
+    assert_eq!(own.len(), N as usize);
+    assert!(
+        own.iter()
+            .any(|f| f.name == fixtures::many_functions_name(N - 1))
+    );
+    for f in &own {
+        assert_eq!(f.site_kind(), SiteKind::Relocated, "{f:?}");
+    }
+    quit_ok(&mut t).await;
+}

@@ -23,6 +23,10 @@ use crate::spec::TracerSpec;
 use crate::target::ServerTarget;
 use crate::tracer::{Tracer, TracerId};
 
+/// The largest answer the client accepts (tonic's default is 4 MiB; `ListFunctions '*'`
+/// on a process with many libraries is several MiB).
+pub const MAX_DECODING_MESSAGE_SIZE: usize = 256 << 20;
+
 /// The future of a request builder (`Attach`, `Detach`, ...) once it is awaited.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
 
@@ -262,7 +266,7 @@ impl ClientBuilder {
         tracing::debug!(%target, "connected to patchbayd");
         Ok(Client {
             inner: ControlClient::with_interceptor(channel, metadata)
-                .max_decoding_message_size(256 << 20),
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
             target,
         })
     }

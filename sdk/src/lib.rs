@@ -42,7 +42,9 @@ mod target;
 pub mod timeline;
 mod tracer;
 
-pub use client::{Attach, Client, ClientBuilder, Functions, Synchronize, Trampolines};
+pub use client::{
+    Attach, Client, ClientBuilder, Functions, MAX_DECODING_MESSAGE_SIZE, Synchronize, Trampolines,
+};
 pub use error::{Detail, Error, Result};
 pub use patchbay_proto as proto;
 pub use spec::{Target, TracerSpec};

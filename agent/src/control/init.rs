@@ -65,6 +65,12 @@ fn start_inner() -> Result<(), StartError> {
     // libc's dlopen/dlmopen/dlclose, for the interposed ones (never a `dlsym` later,
     // which would clear a program's `dlerror()` state).
     crate::sys::dl::resolve();
+    // libc's mask and window functions, for the interposed ones (`hot::sigmask`,
+    // `interpose::windows`); and this thread keeps SIGTRAP deliverable even if the
+    // process was started with it blocked (the program's view says blocked).
+    crate::hot::sigmask::resolve();
+    crate::interpose::windows::resolve();
+    crate::hot::sigmask::adopt();
     *runtime() = Some(Runtime::new(Some(tls)));
     spawn_link()?;
     // SAFETY: registering plain extern "C" functions with no preconditions.
@@ -179,6 +185,7 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
+    crate::control::trapwindow::forked_child();
     crate::control::unmapped::after_fork();
     loads::after_fork();
     link::forked_child();

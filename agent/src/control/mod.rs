@@ -20,4 +20,5 @@ pub(crate) mod runtime;
 pub mod sites;
 pub(crate) mod threads;
 pub(crate) mod timeline;
+pub(crate) mod trapwindow;
 pub(crate) mod unmapped;

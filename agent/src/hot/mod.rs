@@ -18,6 +18,7 @@ pub(crate) mod qs;
 pub(crate) mod qswake;
 pub(crate) mod ranges;
 pub(crate) mod ring;
+pub(crate) mod sigmask;
 pub(crate) mod sigwrap;
 pub mod stats;
 pub(crate) mod trap;

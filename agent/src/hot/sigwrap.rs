@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use super::block;
 use super::ranges::in_trampoline;
-use super::{qs, trap};
+use super::{qs, sigmask, trap};
 use crate::sys::signal::real_sigaction;
 
 const NSIG: usize = 65;
@@ -271,18 +271,25 @@ fn run_program(
     if qs_sig > 0 && !(qs_sig == sig && nodefer) {
         want |= 1 << (qs_sig - 1);
     }
+    // The program's view of SIGTRAP (`hot::sigmask`): blocked in the handler if it was
+    // where it interrupted or the handler's `sa_mask` has it; the interrupted view is
+    // back when the handler returns (as the kernel puts the interrupted mask back).
+    let interrupted_view = sigmask::view();
+    let handler_view = interrupted_view || mask & (1 << (libc::SIGTRAP - 1)) != 0;
     // SAFETY: a zeroed sigset_t is filled by set_bits; setting this thread's mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         set_bits(&mut set, want);
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
+    sigmask::set_view(handler_view);
     if is_function(h) {
         // SAFETY: `h` is the program's handler. Called with three arguments whatever
         // its kind: on x86-64 a one-argument handler ignores the other two.
         let f = unsafe { std::mem::transmute::<usize, Handler3>(h) };
         f(sig, info, uctx);
     }
+    sigmask::set_view(interrupted_view);
     if let Some(b) = raised {
         lower(b);
     }

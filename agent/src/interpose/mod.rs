@@ -6,5 +6,9 @@
 //!
 //! - [`dl`]: `dlopen`/`dlmopen`, so that a newly loaded object is covered by the
 //!   tracers meant for the process before `dlopen` returns.
+//! - [`windows`]: the entry points of glibc's all-signals-blocked windows
+//!   (`pthread_create`, thread exit, `posix_spawn`, `pthread_kill`, …), held off while
+//!   the patcher has an `int3` out (`control::trapwindow`).
 
 pub(crate) mod dl;
+pub(crate) mod windows;

@@ -7,7 +7,7 @@ use std::ffi::{CStr, c_int, c_void};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// Resolves `name` after this object (libc's definition), caching it in `slot`.
-fn next(slot: &AtomicUsize, name: &CStr) -> usize {
+pub(crate) fn next(slot: &AtomicUsize, name: &CStr) -> usize {
     let mut f = slot.load(Ordering::Acquire);
     if f == 0 {
         // SAFETY: dlsym with a valid NUL-terminated name; RTLD_NEXT finds the next

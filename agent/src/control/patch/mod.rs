@@ -29,9 +29,11 @@
 //! seen in practice), the sites keep their published transition, so the trap handler
 //! keeps emulating any `0xCC` left behind; the error says which address failed.
 //!
-//! Before writing, the patcher refuses (with [`PatchError::SigtrapBlocked`]) while a
-//! thread blocks SIGTRAP: the kernel kills a process whose thread hits an `int3` with
-//! SIGTRAP blocked. It also re-installs the trap handler if the program replaced it
+//! Before writing, the patcher opens a trap window ([`open_trap_window`],
+//! `control::trapwindow`): no thread is inside one of glibc's all-signals-blocked
+//! windows until the batch is done; and it refuses (with [`PatchError::SigtrapBlocked`])
+//! while a thread blocks SIGTRAP anyway: the kernel kills a process whose thread hits
+//! an `int3` with SIGTRAP blocked. It also re-installs the trap handler if the program replaced it
 //! (chaining to the replacement).
 //!
 //! Every batch holds `control::unmapped`'s lock (the interposed `dlclose` holds it
@@ -56,7 +58,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 
-use crate::control::unmapped;
+use crate::control::{trapwindow, unmapped};
 use crate::hot::trap::{self, Transition};
 use crate::sys::{self, procfs};
 
@@ -157,6 +159,17 @@ pub enum PatchError {
          patching refused"
     )]
     SigtrapBlocked { tid: u32 },
+    #[error(
+        "{in_flight} call(s) of pthread_create/posix_spawn/system/popen/pthread_kill and \
+         {exiting} exiting thread(s) stayed inside glibc's all-signals-blocked windows \
+         for {waited_ms} ms: an int3 they hit would kill the process; patching deferred \
+         (retry when they are done)"
+    )]
+    TrapWindowBusy {
+        in_flight: u32,
+        exiting: usize,
+        waited_ms: u64,
+    },
     #[error("membarrier: {what} failed with errno {errno} (needs Linux >= 4.16)")]
     Membarrier { what: &'static str, errno: i32 },
     #[error("writing code through /proc/self/mem failed with errno {errno} at {addr:#x}")]
@@ -286,6 +299,19 @@ pub(crate) fn check_no_thread_blocks_sigtrap() -> Result<(), PatchError> {
         blockers.retain(|&t| procfs::blocks_signal(t, libc::SIGTRAP));
     }
     Ok(())
+}
+
+/// Opens a trap window (`control::trapwindow`) for a batch about to write `int3`s, then
+/// checks that no thread blocks SIGTRAP. The window closes when the guard drops (after
+/// the batch's last step).
+pub(crate) fn open_trap_window() -> Result<trapwindow::Window, PatchError> {
+    let w = trapwindow::open(trapwindow::OPEN_WAIT).map_err(|b| PatchError::TrapWindowBusy {
+        in_flight: b.in_flight,
+        exiting: b.exiting,
+        waited_ms: trapwindow::OPEN_WAIT.as_millis() as u64,
+    })?;
+    check_no_thread_blocks_sigtrap()?;
+    Ok(w)
 }
 
 /// Whether a `/proc/.../status` text has SIGTRAP in its `SigBlk` mask.
@@ -430,7 +456,7 @@ impl Patcher {
         if plan.is_empty() {
             return Ok(report);
         }
-        check_no_thread_blocks_sigtrap()?;
+        let _window = open_trap_window()?;
         trap::ensure_installed()?;
         for (p, kind) in &plan {
             if let SiteKind::Nop5(b) = kind {
@@ -512,7 +538,7 @@ impl Patcher {
         if plan.is_empty() {
             return Ok(report);
         }
-        check_no_thread_blocks_sigtrap()?;
+        let _window = open_trap_window()?;
         trap::ensure_installed()?;
         for &site in &plan {
             trap::set_transition(site, Transition::SledToNop);

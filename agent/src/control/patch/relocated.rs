@@ -212,7 +212,7 @@ impl Patcher {
         if plan.is_empty() {
             return Ok(report);
         }
-        super::check_no_thread_blocks_sigtrap()?;
+        let _window = super::open_trap_window()?;
         trap::ensure_installed()?;
         for p in &plan {
             trap::set_transition(p.site, p.transition);

@@ -779,8 +779,10 @@ impl Installer {
             // A thread blocking SIGTRAP would be killed by an int3 of the unpatch:
             // the remove is deferred and retried on every tick until no thread
             // blocks it (never dropped: the server waits for its `Retired`).
-            if let PatchError::SigtrapBlocked { tid } = e {
-                self.sigtrap_blocker = Some(tid);
+            if let PatchError::SigtrapBlocked { .. } | PatchError::TrapWindowBusy { .. } = e {
+                if let PatchError::SigtrapBlocked { tid } = e {
+                    self.sigtrap_blocker = Some(tid);
+                }
                 if self.pending_removes.insert(id) {
                     out.push(FromAgent::Error(pb::AgentError {
                         message: format!(

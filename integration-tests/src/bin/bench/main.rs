@@ -16,7 +16,9 @@
 //!   when missing and allowed).
 //! - `sites` — attach (call → every trampoline Live) and detach (call → free
 //!   authorized, and → freed) of a `count` tracer over 10, 1,000 and 10,000 functions
-//!   of a generated C program.
+//!   of a generated C program; and on its plain `-O2` build (relocated prologues), the
+//!   first attach of the largest size in a fresh process (discovery and analysis of
+//!   every loaded object included) and later ones.
 //! - `grace` — detach to free authorized of a trampoline busy threads run through,
 //!   with 1, 16 and 64 threads (busy, blocked in poll, idle on a condition variable),
 //!   against a server that expedites grace periods and one started `--no-expedite`.
@@ -164,6 +166,8 @@ pub struct Programs {
     pub nop5: PathBuf,
     /// The generated program with `functions` small functions, nop5 build.
     pub sites: PathBuf,
+    /// The same program built with plain `-O2` (relocated prologues).
+    pub sites_plain: PathBuf,
     pub dir: PathBuf,
 }
 
@@ -226,12 +230,15 @@ impl Programs {
         std::fs::write(&sites_src, sites::generate(plan.functions))?;
         let sites = dir.path().join("sites-nop5");
         gcc(&sites, &sites_src, NOP5_CFLAGS, NOP5_LDFLAGS)?;
+        let sites_plain = dir.path().join("sites-plain");
+        gcc(&sites_plain, &sites_src, &["-O2"], &[])?;
         Ok(Programs {
             dir: dir.path().to_path_buf(),
             _dir: dir,
             plain,
             nop5,
             sites,
+            sites_plain,
         })
     }
 }
@@ -351,6 +358,7 @@ async fn main() -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
         sites::run(&plan, &progs, &mut report).await?;
+        sites::run_plain(&plan, &progs, &mut report).await?;
     }
     if on("grace") {
         eprintln!(

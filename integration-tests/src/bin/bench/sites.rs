@@ -22,6 +22,9 @@ use crate::{Plan, Programs, field, server, traced};
 
 /// 10,000 sites must be attached within this (DESIGN.md).
 pub const ATTACH_GOAL_MS: f64 = 50.0;
+/// 10,000 uninstrumented functions must be attached within this, end to end, decoding
+/// and analysis included (DESIGN.md).
+pub const PLAIN_ATTACH_GOAL_MS: f64 = 100.0;
 
 /// C source of a program with `n` functions `f00000 …` (each returns its argument plus
 /// its index) that speaks the fixtures' line protocol: `call` calls each function once
@@ -208,5 +211,122 @@ pub async fn run(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::
         );
     }
     t.quit().await;
+    Ok(())
+}
+
+/// One attach of a `count` tracer on `pat` in `pid` (checked: the `size` functions
+/// patched or refused, no error) and its detach (wait): the attach time and the number
+/// of sites patched (the plain build's `f00000`, `return x + 0`, is shorter than the
+/// jump and refused).
+async fn attach_detach(
+    client: &patchbay_sdk::Client,
+    pid: u32,
+    pat: &str,
+    size: u32,
+) -> anyhow::Result<(f64, u32)> {
+    let t0 = Instant::now();
+    let tracer = client
+        .attach(Tracer::count(Target::pid(pid), pat))
+        .timeout(Duration::from_secs(60))
+        .await?;
+    let attached = t0.elapsed();
+    let r = tracer.attach_response().context("no attach answer")?;
+    let patched = r.results.iter().map(|x| x.sites_patched).sum::<u32>();
+    let skipped = r.results.iter().map(|x| x.sites_skipped).sum::<u32>();
+    if patched + skipped != size
+        || patched * 100 < size * 99
+        || r.results.iter().any(|x| !x.error.is_empty())
+    {
+        bail!("attach {pat}: {patched} of {size} sites patched: {r:?}");
+    }
+    let d = tracer
+        .detach()
+        .wait()
+        .timeout(Duration::from_secs(60))
+        .await?;
+    if !d.complete {
+        bail!("detach of {size} sites not complete: {d:?}");
+    }
+    Ok((ms(attached), patched))
+}
+
+/// The plain build of the generated program (every function a relocated prologue):
+/// the first attach of the largest size in a fresh process (end to end: discovery of
+/// every loaded object, decoding and analysis of its code, trampolines, the install's
+/// grace period), each in a new process; then later attaches in one process (install
+/// only). The difference is what discovery and analysis cost.
+pub async fn run_plain(plan: &Plan, progs: &Programs, report: &mut Report) -> anyhow::Result<()> {
+    let size = *plan.site_sizes.iter().max().context("no site sizes")?;
+    let pat = pattern(size)?;
+    let server = server(&[]);
+    let client = server.client().await;
+    let mut cold = Vec::new();
+    for _ in 0..plan.site_reps {
+        let mut t = traced(&progs.sites_plain, &server, &client).await?;
+        cold.push(attach_detach(&client, t.pid(), pat, size).await?.0);
+        t.quit().await;
+    }
+    let mut t = traced(&progs.sites_plain, &server, &client).await?;
+    let pid = t.pid();
+    let (_, patched) = attach_detach(&client, pid, pat, size).await?;
+    let mut warm = Vec::new();
+    for _ in 0..plan.site_reps {
+        warm.push(attach_detach(&client, pid, pat, size).await?.0);
+    }
+    // Every site calls a live trampoline: one call each is counted exactly.
+    let tracer = client
+        .attach(Tracer::count(Target::pid(pid), pat))
+        .timeout(Duration::from_secs(60))
+        .await?;
+    let a = t.cmd("call").await;
+    let c = wait_count(&tracer, patched as u64).await;
+    if c != patched as u64 {
+        bail!(
+            "plain build: after `call` ({a}) tracer counted {c} calls of {patched} traced functions"
+        );
+    }
+    tracer
+        .detach()
+        .wait()
+        .timeout(Duration::from_secs(60))
+        .await?;
+    t.quit().await;
+    let cm = median(&cold).unwrap_or(f64::NAN);
+    let wm = median(&warm).unwrap_or(f64::NAN);
+    let detail = json!({
+        "functions": size, "sites_patched": patched, "pattern": pat,
+        "counted_after_one_call_each": c,
+    });
+    report.push(
+        Figure::new(
+            format!("sites.plain.cold_attach.{size}"),
+            "sites",
+            format!("plain -O2: first attach of {patched} relocated sites (fresh process)"),
+            "ms",
+            cold,
+        )
+        .threads(size)
+        .note(format!(
+            "end to end, discovery+analysis of every object included (~{:.1} ms of it)",
+            cm - wm
+        ))
+        .goal(
+            format!("< {PLAIN_ATTACH_GOAL_MS} ms"),
+            cm < PLAIN_ATTACH_GOAL_MS,
+        )
+        .detail(detail.clone()),
+    );
+    report.push(
+        Figure::new(
+            format!("sites.plain.attach.{size}"),
+            "sites",
+            format!("plain -O2: attach {patched} relocated sites (discovered)"),
+            "ms",
+            warm,
+        )
+        .threads(size)
+        .note(format!("{:.2} us/site", wm * 1e3 / size as f64))
+        .detail(detail),
+    );
     Ok(())
 }
