@@ -13,6 +13,7 @@
 
 pub(crate) mod block;
 pub(crate) mod dispatch;
+pub(crate) mod exit;
 pub(crate) mod qs;
 pub(crate) mod ranges;
 pub(crate) mod ring;
