@@ -7,6 +7,7 @@ pub mod counts;
 pub mod detach;
 pub mod functions;
 pub mod gp;
+pub mod latency;
 pub mod run;
 pub mod sync;
 pub mod tracers;
