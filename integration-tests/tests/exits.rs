@@ -12,13 +12,18 @@ use integration_tests::run::run_tracing;
 
 /// `fixtures/exits.c` built with [`Build::Nop5`]'s flags into the fixture cache.
 fn exits_program() -> PathBuf {
+    build("gcc", "exits.c", "exits")
+}
+
+/// Builds fixture `src` with `cc` and [`Build::Nop5`]'s flags into the fixture cache.
+fn build(cc: &str, src: &str, name: &str) -> PathBuf {
     let dir = fixtures::cache_dir().join("exits");
     std::fs::create_dir_all(&dir).unwrap();
-    let src = fixtures::source_dir().join("exits.c");
-    let obj = dir.join("exits.o");
-    let tmp = dir.join("exits.tmp");
-    let exe = dir.join("exits");
-    let o = Command::new("gcc")
+    let src = fixtures::source_dir().join(src);
+    let obj = dir.join(format!("{name}.o"));
+    let tmp = dir.join(format!("{name}.tmp"));
+    let exe = dir.join(name);
+    let o = Command::new(cc)
         .args(Build::Nop5.cflags())
         .args(["-Wall", "-Wextra", "-Werror", "-c"])
         .arg(&src)
@@ -31,7 +36,7 @@ fn exits_program() -> PathBuf {
         "gcc: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let o = Command::new("gcc")
+    let o = Command::new(cc)
         .args(Build::Nop5.ldflags())
         .arg(&obj)
         .arg("-o")
@@ -118,4 +123,36 @@ async fn latency_is_measured_and_longjmp_frames_are_abandoned_exactly() {
         assert_eq!(n(r, "abandoned"), 0, "{r}");
         assert_eq!(n(r, "entries"), n(r, "calls"), "{r}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpp_exceptions_through_hooked_frames_land_in_the_same_handlers() {
+    let exe = build("g++", "exits_cpp.cpp", "exits_cpp");
+    let untraced = Command::new(&exe).arg("10").output().unwrap();
+    let untraced = String::from_utf8_lossy(&untraced.stdout).into_owned();
+    assert_eq!(untraced.trim(), "cpp: caught=10 inner=10");
+
+    let run = run_tracing("--latency", "pbx_*", &exe, &["10"], &[]).await;
+    assert_eq!(
+        run.program,
+        [untraced.trim()],
+        "the program behaves as untraced"
+    );
+    let rows = run.json["latency"].as_array().unwrap();
+    let row = |f: &str| {
+        rows.iter()
+            .find(|r| r["function"] == f)
+            .unwrap_or_else(|| panic!("no row for {f}: {}", run.json))
+            .clone()
+    };
+    let thrower = row("pbx_thrower");
+    let catcher = row("pbx_catcher");
+    // 10 x 4 frames unwound to main, 10 x 3 to pbx_catcher: all abandoned. The catcher's
+    // own frame got its return address back before the unwind and returns unmeasured:
+    // it counts as abandoned too (the unwinder interposition restores every frame).
+    assert_eq!(thrower["entries"], 70, "{thrower}");
+    assert_eq!(thrower["abandoned"], 70, "{thrower}");
+    assert_eq!(thrower["calls"], 0, "{thrower}");
+    assert_eq!(catcher["entries"], 10, "{catcher}");
+    assert_eq!(catcher["abandoned"], 10, "{catcher}");
 }

@@ -65,6 +65,7 @@ fn start_inner() -> Result<(), StartError> {
     // libc's dlopen/dlmopen/dlclose, for the interposed ones (never a `dlsym` later,
     // which would clear a program's `dlerror()` state).
     crate::sys::dl::resolve();
+    crate::interpose::unwind::resolve();
     *runtime() = Some(Runtime::new(Some(tls)));
     spawn_link()?;
     // SAFETY: registering plain extern "C" functions with no preconditions.

@@ -217,6 +217,59 @@ pub fn hook(h: &Header, desc: &Descriptor, token: u64, pos: usize, site: u64, sl
     unsafe { (*frames.add(top)).tsc = rdtsc() };
 }
 
+/// Frames of the current stack are restored by [`unhook_all`] up to this far above the
+/// caller (the default thread stack size).
+pub const RESTORE_SPAN: u64 = 8 << 20;
+
+/// Gives every hooked frame of this thread's current stack its real return address back
+/// and drops it from the shadow stack, counted as abandoned (an unwinder is about to
+/// walk the stack: it must see the real return addresses, and the frames it unwinds
+/// never return through the stub). `sp` is the caller's stack pointer: frames whose
+/// slot lies above it (within [`RESTORE_SPAN`]) are live and restored; frames below it
+/// on this stack were left before. Frames of other stacks are kept. Called on the
+/// program's thread from the unwinder interposition (`interpose::unwind`), outside any
+/// dispatch. Async-signal-safe.
+pub fn unhook_all(sp: u64) {
+    let Some(h) = block::current_fast() else {
+        return;
+    };
+    if block::nest_fast() >= block::IN_DISPATCH {
+        // Inside a dispatch (a callback unwinding inside itself): no frame of this
+        // dispatch is hooked, and the shadow stack is being changed below us.
+        return;
+    }
+    block::nest_add_fast(block::IN_DISPATCH);
+    let frames = h.shadow();
+    let top = h.shadow_top.load(Ordering::Relaxed) as usize;
+    let stub = return_stub();
+    let mut w = 0;
+    for j in 0..top {
+        // SAFETY: j < top <= SHADOW_FRAMES; the owner thread's shadow stack.
+        let f = unsafe { *frames.add(j) };
+        let live_here = f.slot > sp && f.slot - sp < RESTORE_SPAN;
+        let left_here = f.slot <= sp && sp - f.slot < SAME_STACK;
+        if live_here {
+            // SAFETY: the slot lies on this thread's current stack above its stack
+            // pointer (a live frame's return-address slot).
+            unsafe {
+                let p = f.slot as *mut u64;
+                if p.read_volatile() == stub {
+                    p.write_volatile(f.ret);
+                }
+            }
+            abandon(h, &f);
+        } else if left_here {
+            abandon(h, &f);
+        } else {
+            // SAFETY: w <= j < top.
+            unsafe { frames.add(w).write(f) };
+            w += 1;
+        }
+    }
+    h.shadow_top.store(w as u64, Ordering::Relaxed);
+    block::nest_add_fast(block::IN_DISPATCH.wrapping_neg());
+}
+
 #[inline(always)]
 fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no preconditions.

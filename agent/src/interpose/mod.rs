@@ -6,5 +6,8 @@
 //!
 //! - [`dl`]: `dlopen`/`dlmopen`, so that a newly loaded object is covered by the
 //!   tracers meant for the process before `dlopen` returns.
+//! - [`unwind`]: the unwinder's entry points, so that exceptions, panics and backtraces
+//!   see real return addresses where calls are hooked for their exit.
 
 pub(crate) mod dl;
+pub(crate) mod unwind;

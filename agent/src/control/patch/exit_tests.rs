@@ -342,3 +342,53 @@ fn detach_with_a_call_in_flight_returns_through_the_static_stub() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// ns per call of `f(0)` over `n` calls (median of 5 runs).
+fn ns_per_call(f: &dyn Fn(), n: u64) -> f64 {
+    let mut runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / n as f64
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[2]
+}
+
+/// Cost of a `latency` call (entry + exit hook, two TSC reads, histogram update) over
+/// an untraced call, with `rdtsc` measured in the same run. A figure only in a release
+/// build: `cargo test --release -p patchbay-agent --lib bench_latency -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore]
+fn bench_latency_ns_per_call() {
+    let p = patcher();
+    let site = addr(patchbay_fx_latf as *const ());
+    const N: u64 = 2_000_000;
+    let call = || {
+        // SAFETY: fixture function.
+        black_box(unsafe { patchbay_fx_latf(black_box(1)) });
+    };
+    let rdtsc = ns_per_call(
+        &|| {
+            // SAFETY: rdtsc has no preconditions.
+            black_box(unsafe { std::arch::x86_64::_rdtsc() });
+        },
+        N,
+    );
+    let plain = ns_per_call(&call, N);
+    let (_, t) = lat_tramp(&[site]);
+    p.apply(&t.call_ops()).unwrap();
+    let traced = ns_per_call(&call, N);
+    p.apply(&t.nop_ops()).unwrap();
+    t.free();
+    eprintln!(
+        "latency bench: untraced {plain:.2} ns/call, latency {traced:.2} ns/call (+{:.2} ns, {:.1}x); rdtsc {rdtsc:.2} ns; target <= 25 ns or <= 2 x rdtsc + 8 = {:.1} ns",
+        traced - plain,
+        traced / plain,
+        2.0 * rdtsc + 8.0
+    );
+}

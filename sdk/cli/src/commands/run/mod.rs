@@ -700,8 +700,6 @@ mod tests {
         .unwrap();
         assert_eq!(a.pattern(), "parse_*");
         assert!(a.latency.is_none());
-        let a = parse(&["--latency", "work*", "--", "prog"]).unwrap();
-        assert_eq!((a.pattern(), a.latency.is_some()), ("work*".into(), true));
         assert_eq!(a.top, 5);
         assert_eq!((a.interval_ms, a.timeout_ms), (1000, 10_000));
         assert_eq!(a.command, ["prog", "-x", "--count", "y"]);
@@ -709,6 +707,8 @@ mod tests {
         let a = parse(&["--count", "*", "prog", "--top", "3"]).unwrap();
         assert_eq!(a.command, ["prog", "--top", "3"]);
         assert_eq!(a.top, 20);
+        let a = parse(&["--latency", "work*", "--", "prog"]).unwrap();
+        assert_eq!((a.pattern(), a.latency.is_some()), ("work*".into(), true));
     }
 
     #[test]
