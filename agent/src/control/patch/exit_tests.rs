@@ -90,6 +90,23 @@ std::arch::global_asm!(
     "je 7b",
     "mov eax, 42",
     "ret",
+    // fn(f: extern "C-unwind" fn()): calls f; with unwind info, so a panic in f unwinds
+    // through it.
+    ".p2align 4",
+    ".globl patchbay_fx_callcb",
+    "patchbay_fx_callcb:",
+    ".cfi_startproc",
+    ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+    "push rbx",
+    ".cfi_adjust_cfa_offset 8",
+    ".cfi_rel_offset rbx, 0",
+    "call rdi",
+    "pop rbx",
+    ".cfi_adjust_cfa_offset -8",
+    ".cfi_restore rbx",
+    "mov eax, 5",
+    "ret",
+    ".cfi_endproc",
     ".popsection",
     ".pushsection .data.patchbay_exit_fixtures,\"aw\",@progbits",
     ".p2align 3",
@@ -111,6 +128,50 @@ unsafe extern "C" {
     fn patchbay_fx_lj_outer(n: u64, jump: u64) -> u64;
     fn patchbay_fx_lj_deep(n: u64, jump: u64) -> u64;
     fn patchbay_fx_xspin(flag: *const u8) -> u64;
+}
+
+unsafe extern "C-unwind" {
+    fn patchbay_fx_callcb(f: extern "C-unwind" fn()) -> u64;
+}
+
+extern "C-unwind" fn boom() {
+    std::panic::panic_any("boom through a hooked frame");
+}
+
+extern "C-unwind" fn calm() {}
+
+/// A Rust panic unwinds through a hooked frame (whose return address is the stub's) to
+/// `catch_unwind`: the unwinder interposition restores the real return address first.
+/// Without it the unwinder finds no unwind information at the stub and the process
+/// aborts ("failed to initiate panic"; checked by disabling `unhook_all` in
+/// `_Unwind_RaiseException`, with `RUST_BACKTRACE=0`: with backtraces on, the panic
+/// hook's `_Unwind_Backtrace` restores them first).
+#[test]
+fn a_panic_unwinds_through_a_hooked_frame_to_catch_unwind() {
+    let p = patcher();
+    let site = addr(patchbay_fx_callcb as *const ());
+    let (bases, t) = lat_tramp(&[site]);
+    let b = bases[0];
+    p.apply(&t.call_ops()).unwrap();
+    for round in 1..=3u64 {
+        let r = std::panic::catch_unwind(|| {
+            // SAFETY: fixture function; `boom` unwinds through it (it has unwind info).
+            unsafe { patchbay_fx_callcb(boom) }
+        });
+        let payload = r.expect_err("the panic reaches catch_unwind");
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"boom through a hooked frame")
+        );
+        assert_eq!(shadow_depth(), 0);
+        assert_eq!(mine(b, lat::ENTRIES), 2 * round - 1);
+        assert_eq!(mine(b, lat::ABANDONED), round);
+        // SAFETY: as above.
+        assert_eq!(unsafe { patchbay_fx_callcb(calm) }, 5);
+        assert_eq!(mine(b, lat::CALLS), round);
+    }
+    p.apply(&t.nop_ops()).unwrap();
+    t.free();
 }
 
 /// A `latency` trampoline over `sites` (sorted); the counter range base of each.
