@@ -54,12 +54,23 @@ pub async fn run_counting(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> RunOutput {
+    run_tracing("--count", pattern, program, args, envs).await
+}
+
+/// [`run_counting`] with another tracer flag of `patchbay run` (`--count`, `--latency`).
+pub async fn run_tracing(
+    flag: &str,
+    pattern: &str,
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> RunOutput {
     let dir = tempfile::tempdir().unwrap();
     let xdg = dir.path().join("xdg");
     std::fs::create_dir(&xdg).unwrap();
     std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let o = tokio::process::Command::new(bins::patchbay())
-        .args(["--json", "run", "--count", pattern, "--agent"])
+        .args(["--json", "run", flag, pattern, "--agent"])
         .arg(bins::agent_lib())
         .arg("--")
         .arg(program)

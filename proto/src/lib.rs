@@ -8,6 +8,7 @@ tonic::include_proto!("patchbay.v1");
 
 pub mod errors;
 pub mod events;
+pub mod latency;
 pub mod socket;
 
 /// Version of the Agent and Control protocols. An agent's `Hello.protocol_version` and a

@@ -52,11 +52,12 @@ impl From<Target> for proto::Target {
 
 /// A tracer to attach: its target, the glob over demangled function names it matches,
 /// its callback and an optional label. Built by [`Tracer::count`](crate::Tracer::count),
-/// [`Tracer::trace`](crate::Tracer::trace) or [`Tracer::custom`](crate::Tracer::custom);
-/// pass it to [`Client::attach`](crate::Client::attach).
+/// [`Tracer::trace`](crate::Tracer::trace), [`Tracer::latency`](crate::Tracer::latency)
+/// or [`Tracer::custom`](crate::Tracer::custom); pass it to
+/// [`Client::attach`](crate::Client::attach).
 ///
-/// Only the callbacks the agent runs today can be built here (`count`, `trace`,
-/// `custom`); `latency` and `graph` arrive with exit tracing.
+/// Only the callbacks the agent runs today can be built here; `graph` arrives with exit
+/// events.
 ///
 /// ```
 /// use patchbay_sdk::{Target, Tracer};

@@ -79,6 +79,13 @@ impl Tracer {
         TracerSpec::new(target, pattern, spec::callback(CallbackKind::Count))
     }
 
+    /// A tracer that measures how long each call of a function matching `pattern` in
+    /// `target` takes (per-function calls, total, min, max and a histogram; read them
+    /// with [`Tracer::latency_figures`]).
+    pub fn latency(target: Target, pattern: impl Into<String>) -> TracerSpec {
+        TracerSpec::new(target, pattern, spec::callback(CallbackKind::Latency))
+    }
+
     /// A tracer that records one event per call of a function matching `pattern` in
     /// `target` (stream them with [`Tracer::events`]); [`TracerSpec::args`] adds argument
     /// registers to each event.
@@ -135,6 +142,15 @@ impl Tracer {
             tracer_id: self.id.get(),
         };
         Ok(self.client.inner().counts(request).await?.into_inner())
+    }
+
+    /// Latency figures of a `latency` tracer per function (calls, total, min, max,
+    /// percentiles, histogram buckets, abandoned frames), merged over threads and agents.
+    pub async fn latency_figures(&self) -> Result<proto::LatencyResponse> {
+        let request = proto::LatencyRequest {
+            tracer_id: self.id.get(),
+        };
+        Ok(self.client.inner().latency(request).await?.into_inner())
     }
 
     /// The event batches of a `trace` tracer, as agents report them. Once this returns,

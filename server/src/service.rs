@@ -420,4 +420,16 @@ impl pb::control_server::Control for ControlService {
         let r = self.engine.lock().counts(caller, req.get_ref().tracer_id)?;
         Ok(Response::new(r))
     }
+
+    async fn latency(
+        &self,
+        req: Request<pb::LatencyRequest>,
+    ) -> Result<Response<pb::LatencyResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = self
+            .engine
+            .lock()
+            .latency(caller, req.get_ref().tracer_id)?;
+        Ok(Response::new(r))
+    }
 }

@@ -6,11 +6,17 @@
 //! of live threads. When a trampoline is freed (after its grace period, so no thread
 //! can still increment its indexes) its totals are folded into per-(tracer, site)
 //! totals and the indexes are zeroed and reused.
+//!
+//! A `latency` tracer takes a range of `exit::lat::SLOTS` consecutive indexes per
+//! (trampoline, site) ([`Counters::alloc_range`]); two of them hold maxima (the longest
+//! call, and the shortest one stored inverted), whose total over threads is their
+//! maximum, not their sum.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 
 use crate::hot::block::{self, COUNTERS};
+use crate::hot::exit::lat;
 
 #[derive(Debug, thiserror::Error)]
 #[error("all {COUNTERS} counters are in use: detach some tracers")]
@@ -25,6 +31,10 @@ pub struct Counters {
     /// Live indexes (a set: freeing the 10,000 indexes of a big trampoline must not
     /// be quadratic).
     live: BTreeSet<u32>,
+    /// Bases of free latency ranges (each `lat::SLOTS` indexes).
+    free_ranges: Vec<u32>,
+    /// Indexes whose totals are maxima.
+    maxima: BTreeSet<u32>,
 }
 
 impl Counters {
@@ -45,12 +55,54 @@ impl Counters {
         Ok(i)
     }
 
-    /// Current total of index `i`.
+    /// A range of `lat::SLOTS` consecutive indexes for one latency (tracer, site);
+    /// returns its base.
+    pub fn alloc_range(&mut self) -> Result<u32, Exhausted> {
+        let base = match self.free_ranges.pop() {
+            Some(b) => b,
+            None if self.next as usize + lat::SLOTS <= COUNTERS => {
+                self.next += lat::SLOTS as u32;
+                self.next - lat::SLOTS as u32
+            }
+            None => return Err(Exhausted),
+        };
+        for k in 0..lat::SLOTS {
+            self.live.insert(base + k as u32);
+            if lat::is_max(k) {
+                self.maxima.insert(base + k as u32);
+            }
+        }
+        Ok(base)
+    }
+
+    /// Frees a range of [`Counters::alloc_range`] (no thread can write it any more);
+    /// returns its final totals.
+    pub fn free_range(&mut self, base: u32) -> Vec<u64> {
+        let totals = (0..lat::SLOTS as u32)
+            .map(|k| self.total(base + k))
+            .collect();
+        for k in 0..lat::SLOTS as u32 {
+            let i = base + k;
+            self.exited.remove(&i);
+            for h in block::all() {
+                h.reset_counter(i);
+            }
+            self.live.remove(&i);
+            self.maxima.remove(&i);
+        }
+        self.free_ranges.push(base);
+        totals
+    }
+
+    /// Current total of index `i` (a sum, or for the maxima of latency ranges the
+    /// maximum).
     pub fn total(&self, i: u32) -> u64 {
+        let max = self.maxima.contains(&i);
         let mut sum = self.exited.get(&i).copied().unwrap_or(0);
         for h in block::all() {
             if h.tid.load(Ordering::Acquire) != 0 {
-                sum = sum.wrapping_add(h.counter(i));
+                let v = h.counter(i);
+                sum = if max { sum.max(v) } else { sum.wrapping_add(v) };
             }
         }
         sum
@@ -61,7 +113,12 @@ impl Counters {
         for &i in &self.live {
             let v = h.counter(i);
             if v != 0 {
-                *self.exited.entry(i).or_insert(0) += v;
+                let e = self.exited.entry(i).or_insert(0);
+                *e = if self.maxima.contains(&i) {
+                    (*e).max(v)
+                } else {
+                    *e + v
+                };
             }
         }
         h.release(self.live.iter().copied());

@@ -104,6 +104,20 @@ impl Clock {
         }
     }
 
+    /// Nanoseconds per TSC tick (1.0 until calibrated).
+    pub fn ns_per_tick(self) -> f64 {
+        if self.ns_per_tick > 0.0 {
+            self.ns_per_tick
+        } else {
+            1.0
+        }
+    }
+
+    /// A duration of `ticks` TSC ticks, in nanoseconds.
+    pub fn duration_ns(self, ticks: u64) -> u64 {
+        (ticks as f64 * self.ns_per_tick()) as u64
+    }
+
     pub fn to_ns(self, tsc: u64) -> u64 {
         let scale = if self.ns_per_tick > 0.0 {
             self.ns_per_tick

@@ -71,6 +71,7 @@ fn start_inner() -> Result<(), StartError> {
     crate::hot::sigmask::resolve();
     crate::interpose::windows::resolve();
     crate::hot::sigmask::adopt();
+    crate::interpose::unwind::resolve();
     *runtime() = Some(Runtime::new(Some(tls)));
     spawn_link()?;
     // SAFETY: registering plain extern "C" functions with no preconditions.

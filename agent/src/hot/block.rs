@@ -5,7 +5,13 @@
 //! Layout of a block (one mmap'd region, `BLOCK_BYTES`, pages touched lazily):
 //! ```text
 //!   [Header: 64 bytes][counters: COUNTERS x u64][event ring: RING_SLOTS x EVENT_BYTES]
+//!   [shadow stack: SHADOW_FRAMES x Frame]
 //! ```
+//! The shadow stack holds the real return addresses of the traced calls in flight
+//! whose return address was replaced by the static return stub (`hot/exit.rs`); its
+//! depth is [`Header::shadow_top`]. Only the owner thread touches it, and only with its
+//! dispatch depth raised to [`IN_DISPATCH`] (the dispatcher, the return stub), so a
+//! signal handler's traced calls never interleave with a push or a pop.
 //! A thread's TLS word [`TLS`] points at `counters[0]` (so that a `count` trampoline
 //! reaches its counter with one TLS load: `mov r11, fs:[OFF]; inc qword [r11 + 8*idx]`).
 //! The header sits just below it.
@@ -27,8 +33,14 @@ pub const COUNTERS: usize = 1 << 16;
 pub const RING_SLOTS: usize = 4096;
 /// Bytes of one event record in the ring (see `ring.rs`, `control/drain.rs`).
 pub const EVENT_BYTES: usize = 80;
-/// Bytes of one block: header + counters + ring.
-pub const BLOCK_BYTES: usize = HEADER_BYTES + COUNTERS * 8 + RING_SLOTS * EVENT_BYTES;
+/// Frames of a thread's shadow stack: traced calls with exit hooks deeper than this
+/// are traced at entry only (counted, see `hot/exit.rs`).
+pub const SHADOW_FRAMES: usize = 256;
+/// Bytes of one block: header + counters + ring + shadow stack.
+pub const BLOCK_BYTES: usize = HEADER_BYTES
+    + COUNTERS * 8
+    + RING_SLOTS * EVENT_BYTES
+    + SHADOW_FRAMES * std::mem::size_of::<Frame>();
 pub const HEADER_BYTES: usize = 64;
 /// Threads that can hold a block at once.
 pub const MAX_BLOCKS: usize = 16384;
@@ -53,7 +65,29 @@ pub struct Header {
     pub ring_head: AtomicU64,
     /// Events consumed from the ring (agent thread only).
     pub ring_tail: AtomicU64,
-    _pad: [u64; 2],
+    /// Frames in use of the shadow stack (owner thread only, see the module comment).
+    pub shadow_top: AtomicU64,
+    _pad: u64,
+}
+
+/// One frame of a thread's shadow stack: a traced call in flight whose return address
+/// the dispatcher replaced with the return stub's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// The real return address (into the traced function's caller).
+    pub ret: u64,
+    /// Address of the stack slot that held it (and now holds the return stub's): the
+    /// stack pointer at the function's entry. Identifies the frame at its return.
+    pub slot: u64,
+    /// TSC at entry.
+    pub tsc: u64,
+    /// The traced function (its patch site).
+    pub site: u64,
+    /// The exit-table token of the trampoline that hooked the call (`hot/exit.rs`).
+    pub token: u64,
+    /// The site's position in that trampoline's descriptor.
+    pub pos: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() == HEADER_BYTES);
@@ -421,6 +455,12 @@ impl Header {
         unsafe { self.counters().add(COUNTERS).cast::<u8>() }
     }
 
+    /// The shadow stack's frames (owner thread only, see the module comment).
+    pub fn shadow(&self) -> *mut Frame {
+        // SAFETY: the shadow stack follows the ring inside the same mapping.
+        unsafe { self.ring().add(RING_SLOTS * EVENT_BYTES).cast::<Frame>() }
+    }
+
     /// Reads counter `idx` (written only by the owner thread; an aligned 8-byte load is
     /// never torn on x86_64).
     pub fn counter(&self, idx: u32) -> u64 {
@@ -448,6 +488,7 @@ impl Header {
         self.seq.store(0, Ordering::Relaxed);
         self.ring_head.store(0, Ordering::Relaxed);
         self.ring_tail.store(0, Ordering::Relaxed);
+        self.shadow_top.store(0, Ordering::Relaxed);
         self.tid.store(0, Ordering::Release);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::block::{self, Header};
 use super::ranges::in_trampoline;
-use super::{qs, ring, trap};
+use super::{exit, qs, ring, trap};
 
 /// `fs`-relative offset of [`block::NEST`], set once at agent start before any
 /// trampoline exists. Read by the stub.
@@ -85,6 +85,16 @@ pub enum Action {
     },
     /// A program-registered callback.
     Custom { f: Registered },
+    /// `latency`: the call's return is hooked (`hot/exit.rs`); its duration goes into
+    /// the site's counters from `base[site position]` (layout `exit::lat`).
+    Latency { base: Box<[u32]> },
+}
+
+impl Action {
+    /// Whether the action needs the call's return hooked.
+    pub fn hooks_exit(&self) -> bool {
+        matches!(self, Action::Latency { .. })
+    }
 }
 
 /// [`Descriptor::live`] of a descriptor in use.
@@ -103,6 +113,9 @@ pub struct Descriptor {
     /// Site addresses, sorted.
     pub sites: Box<[u64]>,
     pub actions: Box<[Action]>,
+    /// The exit-table token of a descriptor with exit actions (`exit::register`), 0
+    /// for none.
+    pub exit: u64,
 }
 
 impl Descriptor {
@@ -395,9 +408,20 @@ fn dispatch(desc: &Descriptor, regs: *const Regs, ret: u64) {
     single_writer::inc_u32(&h.nesting);
     if let Some((pos, site)) = desc.site_of(ret) {
         run_actions(h, desc, pos, site, regs);
+        if desc.exit != 0 {
+            exit::hook(h, desc, desc.exit, pos, site, ret_slot(regs));
+        }
     }
     single_writer::dec_u32(&h.nesting);
     single_writer::inc_u64(&h.seq);
+}
+
+/// The stack slot of the traced function's return address: the entry stub's frame is
+/// `[rbp] old rbp, [rbp+8] descriptor, [rbp+16] return into the site, [rbp+24] the
+/// function's return address`, and `regs` is `rbp - 72`.
+#[inline(always)]
+fn ret_slot(regs: *const Regs) -> *mut u64 {
+    (regs as u64 + 72 + 24) as *mut u64
 }
 
 /// [`run_actions`] for a thread without a block of its own: atomic adds only, no
@@ -409,6 +433,11 @@ fn run_overflow_actions(o: &Header, desc: &Descriptor, pos: usize) {
         match action {
             Action::Count { idx } => o.counter_add_atomic(idx[pos]),
             Action::Trace { dropped_idx, .. } => o.counter_add_atomic(*dropped_idx),
+            // No shadow stack without a block: the entry is counted, not hooked.
+            Action::Latency { base } => {
+                o.counter_add_atomic(base[pos] + exit::lat::ENTRIES as u32);
+                o.counter_add_atomic(base[pos] + exit::lat::OVERFLOW as u32);
+            }
             Action::Custom { .. } => {}
         }
     }
@@ -502,6 +531,8 @@ fn run_actions(h: &Header, desc: &Descriptor, pos: usize, site: u64, regs: &Regs
                     }
                 }
             }
+            // Counted at entry by `exit::hook`, measured at the return.
+            Action::Latency { .. } => {}
             Action::Custom { f } => {
                 call_custom(f, site, regs);
                 // A callback may run long (or sleep): the descriptor must still be live.

@@ -14,6 +14,7 @@
 
 pub(crate) mod block;
 pub(crate) mod dispatch;
+pub(crate) mod exit;
 pub(crate) mod qs;
 pub(crate) mod qswake;
 pub(crate) mod ranges;

@@ -74,6 +74,8 @@ enum Command {
     Watch(commands::watch::Args),
     /// Show the call counts of a `count` tracer, highest first
     Counts(commands::counts::Args),
+    /// Show the latency figures of a `latency` tracer (one function: its histogram)
+    Latency(commands::latency::Args),
     /// Run a program with the agent preloaded and show its hottest functions live
     ///
     /// Uses the server at --socket (or the default socket) if one answers, else starts an
@@ -190,6 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Sync(args) => commands::sync::run(&client, args, &mut out).await,
         Command::Watch(args) => commands::watch::run(&client, args, &mut out).await,
         Command::Counts(args) => commands::counts::run(&client, args, &mut out).await,
+        Command::Latency(args) => commands::latency::run(&client, args, &mut out).await,
         Command::Run(_) | Command::Completions(_) | Command::Man(_) => {
             unreachable!("handled above")
         }

@@ -131,6 +131,16 @@ async fn json_for_scripts() {
     assert_eq!(v["counts"][0]["function"], "hot");
     assert_eq!(v["total"], 111);
 
+    let v = json(&patchbay(s, &["--json", "latency", "1"]).await);
+    assert_eq!(v["functions"][0]["function"], "slow");
+    assert_eq!(v["functions"][0]["p50_ns"], 1_000);
+    assert_eq!(v["functions"][0]["abandoned"], 1);
+    let o = patchbay(s, &["latency", "1", "--function", "slow"]).await;
+    let out = stdout(&o);
+    assert!(out.contains("[768ns, 1.024us)"), "{out}");
+    let o = patchbay(s, &["latency", "1", "--function", "nope"]).await;
+    assert!(!o.status.success(), "an unknown function is an error");
+
     let v = json(
         &patchbay(
             s,

@@ -337,6 +337,34 @@ impl Control for Fake {
             total: 111,
         }))
     }
+
+    async fn latency(
+        &self,
+        request: Request<patchbay_sdk::proto::LatencyRequest>,
+    ) -> Result<Response<patchbay_sdk::proto::LatencyResponse>, Status> {
+        self.check(&request)?;
+        Ok(Response::new(patchbay_sdk::proto::LatencyResponse {
+            functions: vec![patchbay_sdk::proto::FunctionLatency {
+                function: "slow".into(),
+                calls: 3,
+                total_ns: 3_000,
+                min_ns: 900,
+                max_ns: 1_100,
+                p50_ns: 1_000,
+                p90_ns: 1_100,
+                p99_ns: 1_100,
+                entries: 4,
+                abandoned: 1,
+                buckets: vec![patchbay_sdk::proto::LatencyBucket {
+                    low_ns: 768,
+                    high_ns: 1_024,
+                    count: 3,
+                }],
+                agents: 1,
+                ..Default::default()
+            }],
+        }))
+    }
 }
 
 /// A fake server on a Unix socket; dropped with the temporary directory.

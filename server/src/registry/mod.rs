@@ -47,6 +47,7 @@ mod attach;
 mod detach;
 mod functions;
 mod invariants;
+mod latency;
 mod model;
 mod persist;
 mod plan;

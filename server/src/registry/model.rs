@@ -138,6 +138,8 @@ pub struct Agent {
     pub(super) stalls: BTreeMap<Tid, (pb::Stall, Instant)>,
     pub(super) counts: BTreeMap<TracerId, Vec<pb::SiteCount>>,
     pub(super) dropped: BTreeMap<TracerId, u64>,
+    /// The last latency snapshot of each `latency` tracer.
+    pub(super) latency: BTreeMap<TracerId, pb::LatencyReport>,
     /// The last failure the agent reported (`AgentError`), for messages to people.
     pub(super) last_error: Option<String>,
     /// `Covered` markers owed to the agent, in order: each with the function listings
@@ -164,6 +166,7 @@ impl Agent {
             stalls: BTreeMap::new(),
             counts: BTreeMap::new(),
             dropped: BTreeMap::new(),
+            latency: BTreeMap::new(),
             last_error: None,
             covering: VecDeque::new(),
             last_cover: 0,
@@ -174,6 +177,11 @@ impl Agent {
             .values()
             .filter(|t| t.state != TState::Freed)
             .count()
+    }
+    /// An agent with an empty hello (unit tests).
+    #[cfg(test)]
+    pub(super) fn for_tests(id: AgentId) -> Self {
+        Agent::new(id, pb::Hello::default())
     }
     pub(super) fn name_of(&self, addr: u64) -> String {
         self.site_names.get(&addr).cloned().unwrap_or_default()
@@ -198,6 +206,8 @@ pub struct Tracer {
     /// Counts and drops of agents whose process exited, kept for the tracer's life.
     pub(super) archived: CountTable,
     pub(super) archived_dropped: u64,
+    /// Latency figures of agents whose process exited, kept for the tracer's life.
+    pub(super) archived_latency: super::latency::LatencyTable,
 }
 
 /// Counts by function name, with the agents that contributed.
@@ -243,6 +253,7 @@ impl Tracer {
             pid_start_time,
             archived: CountTable::new(),
             archived_dropped: 0,
+            archived_latency: Default::default(),
         }
     }
     pub(super) fn reference(&self) -> pb::TracerRef {

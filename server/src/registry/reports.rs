@@ -15,7 +15,7 @@ use crate::error::CoreError;
 use crate::grace::Tid;
 
 impl Registry {
-    fn agent_mut(&mut self, id: AgentId) -> Result<&mut Agent, CoreError> {
+    pub(super) fn agent_mut(&mut self, id: AgentId) -> Result<&mut Agent, CoreError> {
         self.agents.get_mut(&id).ok_or(CoreError::UnknownAgent(id))
     }
 
@@ -47,6 +47,7 @@ impl Registry {
             FromAgent::Stalls(s) => self.stalls(id, s.stalls, now),
             FromAgent::Events(e) => self.events(id, e),
             FromAgent::Counts(c) => self.count_report(id, c),
+            FromAgent::Latency(l) => self.latency_report(id, l),
             FromAgent::Error(e) => {
                 self.agent_error(id, &e.message);
                 Ok(())
@@ -170,7 +171,7 @@ impl Registry {
     }
 
     /// Whether tracer `tracer` exists and is meant for agent `id`.
-    fn tracer_applies(&self, tracer: TracerId, id: AgentId) -> bool {
+    pub(super) fn tracer_applies(&self, tracer: TracerId, id: AgentId) -> bool {
         match (self.tracers.get(&tracer), self.agents.get(&id)) {
             (Some(t), Some(a)) => t.targets(a),
             _ => false,

@@ -227,6 +227,11 @@ impl Registry {
                 fold_counts(&agent, counts, &mut t.archived);
             }
         }
+        for (tracer, report) in &agent.latency {
+            if let Some(t) = self.tracers.get_mut(tracer) {
+                super::latency::fold_latency(&agent, report, &mut t.archived_latency);
+            }
+        }
         for (tracer, dropped) in &agent.dropped {
             if let Some(t) = self.tracers.get_mut(tracer) {
                 t.archived_dropped = t.archived_dropped.saturating_add(*dropped);

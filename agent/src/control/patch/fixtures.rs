@@ -665,11 +665,17 @@ impl Tramp {
             ] => Some((*tracer, *nargs, *dropped_idx)),
             _ => None,
         };
-        let desc = Box::new(Descriptor {
+        let hooks_exit = actions.iter().any(Action::hooks_exit);
+        let mut desc = Box::new(Descriptor {
             live: AtomicU64::new(DESC_LIVE),
             sites: sites.iter().map(|&s| s as u64).collect(),
             actions: actions.into(),
+            exit: 0,
         });
+        if hooks_exit {
+            crate::hot::exit::init();
+            desc.exit = crate::hot::exit::register(&desc).expect("exit table entry");
+        }
         let desc_ptr = &*desc as *const Descriptor as u64;
         let mut slots = Vec::new();
         let mut entries = Vec::with_capacity(sites.len());
@@ -783,6 +789,14 @@ impl Tramp {
         self.sites.iter().map(|&site| Op::Nop { site }).collect()
     }
 
+    /// Retires its exit-table entry (as the runtime does when it unpatches, before the
+    /// epoch bump): calls in flight drop their exits.
+    pub fn retire_exits(&self) {
+        if self.desc.exit != 0 {
+            crate::hot::exit::retire(self.desc.exit);
+        }
+    }
+
     /// Marks the descriptor dead without freeing anything (the premature-free test).
     pub fn kill_descriptor(&self) {
         self.desc.live.store(DESC_DEAD, Ordering::Relaxed);
@@ -795,6 +809,10 @@ impl Tramp {
     /// wrongly still uses it reads `DESC_DEAD` and dies with a premature-free report,
     /// instead of reading freed memory that may look live.
     pub fn free(self) {
+        if self.desc.exit != 0 {
+            crate::hot::exit::retire(self.desc.exit);
+            crate::hot::exit::release(self.desc.exit);
+        }
         for s in self.slots {
             let (a, l) = (s.addr(), s.len());
             arena().free(s).expect("free slot");

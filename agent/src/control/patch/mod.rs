@@ -49,6 +49,8 @@
 
 pub(crate) mod coalesce;
 #[cfg(test)]
+mod exit_tests;
+#[cfg(test)]
 pub(crate) mod fixtures;
 pub(crate) mod relocated;
 #[cfg(test)]

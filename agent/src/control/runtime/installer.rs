@@ -52,6 +52,8 @@ struct Tramp {
     counts: Vec<(u64, u64, u32)>,
     /// (tracer, counter index) of its `trace` tracers' drops.
     drops: Vec<(u64, u32)>,
+    /// (tracer, site, counter range base) of its `latency` tracers.
+    latency: Vec<(u64, u64, u32)>,
 }
 
 /// The final totals of a freed trampoline's counters.
@@ -60,6 +62,8 @@ pub(crate) struct Freed {
     pub counts: Vec<(u64, u64, u64)>,
     /// (tracer, dropped events).
     pub drops: Vec<(u64, u64)>,
+    /// (tracer, site, totals of the latency range: layout `exit::lat`).
+    pub latency: Vec<(u64, u64, Vec<u64>)>,
 }
 
 /// A callback group resolved for the hot path, with the counter indexes it holds.
@@ -70,6 +74,8 @@ struct Group {
     counts: Vec<(u64, u64, u32)>,
     /// (tracer, counter index) of its `trace` tracers' drops.
     drops: Vec<(u64, u32)>,
+    /// (tracer, site, counter range base) of its `latency` tracers.
+    latency: Vec<(u64, u64, u32)>,
 }
 
 impl Group {
@@ -80,6 +86,9 @@ impl Group {
         }
         for &(_, x) in &self.drops {
             counters.free(x);
+        }
+        for &(_, _, b) in &self.latency {
+            counters.free_range(b);
         }
     }
 }
@@ -151,6 +160,7 @@ fn window_of(sites: &[u64]) -> Option<Window> {
 
 impl Installer {
     pub(crate) fn new(tls_offset: Option<i32>) -> Installer {
+        crate::hot::exit::init();
         Installer {
             arena: Arena::new(),
             ranges_registered: 0,
@@ -181,6 +191,11 @@ impl Installer {
     /// tracers.
     pub(crate) fn drops(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         self.tramps.values().flat_map(|t| t.drops.iter().copied())
+    }
+
+    /// (tracer, site, counter range base) of the `latency` tracers of every trampoline.
+    pub(crate) fn latency(&self) -> impl Iterator<Item = (u64, u64, u32)> + '_ {
+        self.tramps.values().flat_map(|t| t.latency.iter().copied())
     }
 
     /// The highest epoch a retired trampoline's grace period waits for (0: none).
@@ -305,16 +320,32 @@ impl Installer {
             ));
         }
         let mut group = self.resolve_group(&i.tracers, &sites)?;
-        let desc = Box::new(Descriptor {
+        let hooks_exit = group.actions.iter().any(Action::hooks_exit);
+        let mut desc = Box::new(Descriptor {
             live: std::sync::atomic::AtomicU64::new(dispatch::DESC_LIVE),
             sites: sites.clone().into(),
             actions: std::mem::take(&mut group.actions).into(),
+            exit: 0,
         });
+        if hooks_exit {
+            match crate::hot::exit::register(&desc) {
+                Some(token) => desc.exit = token,
+                None => {
+                    group.release(&mut self.counters);
+                    return Err(format!(
+                        "all {} exit-hooked trampolines of this process are in use: detach \
+                         some latency tracers",
+                        crate::hot::exit::MAX_EXITS
+                    ));
+                }
+            }
+        }
         let (slots, ops, thunks) = match self.write_slots(&sites, &desc, &group.counts, &prologues)
         {
             Ok(x) => x,
             Err(e) => {
                 group.release(&mut self.counters);
+                release_exit(&desc);
                 return Err(e);
             }
         };
@@ -342,6 +373,7 @@ impl Installer {
                 let _ = self.arena.free(s);
             }
             group.release(&mut self.counters);
+            release_exit(&desc);
             return Err(format!("patching failed: {}", e.message));
         }
         for &s in &sites {
@@ -363,6 +395,7 @@ impl Installer {
                 state: TState::Live,
                 counts: group.counts,
                 drops: group.drops,
+                latency: group.latency,
             },
         );
         let live = sites.iter().map(|&s| catalogue.site(s)).collect();
@@ -376,6 +409,7 @@ impl Installer {
             actions: Vec::new(),
             counts: Vec::new(),
             drops: Vec::new(),
+            latency: Vec::new(),
         };
         for t in tracers {
             if let Err(e) = self.resolve_tracer(t, sites, &mut group) {
@@ -411,6 +445,15 @@ impl Installer {
                     nargs: cb.arg_count.min(6),
                     dropped_idx: x,
                 });
+            }
+            Ok(pb::CallbackKind::Latency) => {
+                let mut base = Vec::with_capacity(sites.len());
+                for &s in sites {
+                    let b = self.counters.alloc_range().map_err(|e| e.to_string())?;
+                    base.push(b);
+                    group.latency.push((t.tracer_id, s, b));
+                }
+                group.actions.push(Action::Latency { base: base.into() });
             }
             Ok(pb::CallbackKind::Custom) => match callbacks::get(&cb.custom_name) {
                 Some(f) => group.actions.push(Action::Custom { f }),
@@ -800,6 +843,15 @@ impl Installer {
         }
         self.pending_removes.remove(&id);
         timeline::mark(id, pb::GraceStep::AgentUnpatched);
+        // Calls in flight through it drop their exits from now on. Before the epoch
+        // bump: a thread stamped at the new epoch reads the cleared entry afterwards,
+        // and one that read it live before is in the return path with its dispatch
+        // depth raised, which holds the grace period off.
+        if let Some(t) = self.tramps.get(&id)
+            && t.desc.exit != 0
+        {
+            crate::hot::exit::retire(t.desc.exit);
+        }
         // The unpatch is complete and every core serialized: a new epoch begins.
         super::grace::reclaim_signals();
         let epoch = EPOCH.fetch_add(1, Ordering::AcqRel) + 1;
@@ -875,7 +927,13 @@ impl Installer {
                 .iter()
                 .map(|&(tracer, idx)| (tracer, self.counters.free(idx)))
                 .collect(),
+            latency: t
+                .latency
+                .iter()
+                .map(|&(tracer, site, b)| (tracer, site, self.counters.free_range(b)))
+                .collect(),
         };
+        release_exit(&t.desc);
         for s in t.slots {
             if let Err(e) = self.arena.free(s) {
                 log::warn(&format!("freeing trampoline {id}: {e}"));
@@ -889,6 +947,15 @@ impl Installer {
             pb::trampoline_report::Report::Freed(pb::Freed {}),
         ));
         Some(freed)
+    }
+}
+
+/// Gives the exit-table entry of a descriptor back (its trampoline is freed, or was
+/// never patched in).
+fn release_exit(desc: &Descriptor) {
+    if desc.exit != 0 {
+        crate::hot::exit::retire(desc.exit);
+        crate::hot::exit::release(desc.exit);
     }
 }
 

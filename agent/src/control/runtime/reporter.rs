@@ -14,6 +14,7 @@ use super::installer::{Freed, Installer};
 use crate::control::drain::{self, Clock};
 use crate::control::link;
 use crate::hot::block;
+use crate::hot::exit::lat;
 
 /// Events buffered per tracer while the server is away or does not read; more stay in
 /// the per-thread rings, whose overflow the program's trace stub drops and counts
@@ -50,6 +51,22 @@ pub(crate) struct Reporter {
     /// snapshot is not sent again). Cleared at every hello: a new connection gets
     /// everything.
     sent_counts: BTreeMap<u64, BTreeMap<u64, u64>>,
+    /// Final latency slots (layout `exit::lat`) of freed trampolines per (tracer, site).
+    folded_latency: BTreeMap<(u64, u64), Vec<u64>>,
+    /// Latency slots last sent per tracer (as `sent_counts`).
+    sent_latency: BTreeMap<u64, BTreeMap<u64, Vec<u64>>>,
+}
+
+/// Adds latency slots `b` into `a` (sums, and maxima for the slots that hold them).
+fn merge_latency(a: &mut Vec<u64>, b: &[u64]) {
+    a.resize(lat::SLOTS, 0);
+    for (k, (x, y)) in a.iter_mut().zip(b).enumerate() {
+        *x = if lat::is_max(k) {
+            (*x).max(*y)
+        } else {
+            x.wrapping_add(*y)
+        };
+    }
 }
 
 impl Reporter {
@@ -69,6 +86,8 @@ impl Reporter {
             last_flush: Instant::now(),
             ring_peak: 0,
             sent_counts: BTreeMap::new(),
+            folded_latency: BTreeMap::new(),
+            sent_latency: BTreeMap::new(),
         }
     }
 
@@ -76,6 +95,7 @@ impl Reporter {
     pub(crate) fn new_session(&mut self) {
         self.folded_dirty = self.folded.keys().map(|(tracer, _)| *tracer).collect();
         self.sent_counts.clear();
+        self.sent_latency.clear();
     }
 
     /// In a forked child: this process has counted nothing and traced nothing yet.
@@ -83,6 +103,7 @@ impl Reporter {
         self.folded.clear();
         self.folded_drops.clear();
         self.folded_dirty.clear();
+        self.folded_latency.clear();
         self.events.clear();
         self.lost_events.clear();
     }
@@ -95,6 +116,12 @@ impl Reporter {
         }
         for (tracer, n) in freed.drops {
             *self.folded_drops.entry(tracer).or_insert(0) += n;
+        }
+        for (tracer, site, slots) in freed.latency {
+            merge_latency(
+                self.folded_latency.entry((tracer, site)).or_default(),
+                &slots,
+            );
         }
     }
 
@@ -170,7 +197,52 @@ impl Reporter {
         out: &mut Vec<FromAgent>,
     ) {
         self.flush_counts(installer, catalogue, out);
+        self.flush_latency(installer, catalogue, out);
         self.flush_events(installer, live, out);
+    }
+
+    /// Sends the latency snapshots that changed: per tracer, per site, the slots of
+    /// live trampolines (summed over threads) merged with those of freed ones.
+    fn flush_latency(
+        &mut self,
+        installer: &Installer,
+        catalogue: &Catalogue,
+        out: &mut Vec<FromAgent>,
+    ) {
+        let mut totals: BTreeMap<u64, BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
+        for ((tracer, site), slots) in &self.folded_latency {
+            merge_latency(
+                totals.entry(*tracer).or_default().entry(*site).or_default(),
+                slots,
+            );
+        }
+        for (tracer, site, base) in installer.latency() {
+            let slots: Vec<u64> = (0..lat::SLOTS as u32)
+                .map(|k| installer.counters().total(base + k))
+                .collect();
+            merge_latency(
+                totals.entry(tracer).or_default().entry(site).or_default(),
+                &slots,
+            );
+        }
+        self.sent_latency.retain(|t, _| totals.contains_key(t));
+        self.clock.recalibrate();
+        let clock = self.clock;
+        for (tracer, sites) in totals {
+            if self.sent_latency.get(&tracer) == Some(&sites) {
+                continue;
+            }
+            self.sent_latency.insert(tracer, sites.clone());
+            out.push(FromAgent::Latency(pb::LatencyReport {
+                tracer_id: tracer,
+                tsc_hz: (1e9 / clock.ns_per_tick()) as u64,
+                sites: sites
+                    .into_iter()
+                    .filter(|(_, v)| v[lat::ENTRIES] != 0)
+                    .map(|(s, v)| site_latency(catalogue.site(s), &v, clock))
+                    .collect(),
+            }));
+        }
     }
 
     /// Sends the count snapshots that changed.
@@ -266,6 +338,7 @@ impl Reporter {
             self.last_flush = Instant::now();
             if connected && link::session_backlog_bytes() <= LINK_BACKLOG {
                 self.flush_counts(installer, catalogue, out);
+                self.flush_latency(installer, catalogue, out);
             }
             if connected && link::events_backlog_bytes() <= LINK_BACKLOG {
                 self.flush_events(installer, Some(live), out);
@@ -273,5 +346,29 @@ impl Reporter {
                 self.drain_rings(Some(live));
             }
         }
+    }
+}
+
+/// The wire form of one site's latency slots (layout `exit::lat`).
+fn site_latency(site: pb::Site, v: &[u64], clock: Clock) -> pb::SiteLatency {
+    let calls = v[lat::CALLS];
+    let mut buckets: Vec<u64> = v[lat::BUCKET0..lat::SLOTS].to_vec();
+    while buckets.last() == Some(&0) {
+        buckets.pop();
+    }
+    pb::SiteLatency {
+        site: Some(site),
+        entries: v[lat::ENTRIES],
+        calls,
+        total_ns: clock.duration_ns(v[lat::TOTAL]),
+        min_ns: if calls == 0 {
+            0
+        } else {
+            clock.duration_ns(u64::MAX - v[lat::MIN_INV])
+        },
+        max_ns: clock.duration_ns(v[lat::MAX]),
+        abandoned: v[lat::ABANDONED],
+        overflow: v[lat::OVERFLOW],
+        buckets,
     }
 }

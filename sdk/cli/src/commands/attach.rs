@@ -1,8 +1,8 @@
-//! `patchbay attach (--pid N | --exe PATH | --all) (--count | --trace [--args N] | --custom
-//! NAME) PATTERN [--name LABEL] [--timeout-ms MS]`.
+//! `patchbay attach (--pid N | --exe PATH | --all) (--count | --trace [--args N] | --latency
+//! | --custom NAME) PATTERN [--name LABEL] [--timeout-ms MS]`.
 //!
-//! `latency` and `graph` tracers are not offered: the agent cannot run them before exit
-//! tracing exists (the SDK does not build them either).
+//! `graph` tracers are not offered yet: the agent does not emit exit events (the SDK does
+//! not build them either).
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use crate::table::Table;
 #[command(group(
     ArgGroup::new("callback")
         .required(true)
-        .args(["count", "trace", "custom"])
+        .args(["count", "trace", "latency", "custom"])
 ))]
 pub struct Args {
     /// Trace one running process
@@ -43,9 +43,12 @@ pub struct Args {
     /// Record one event per call (see `patchbay watch`)
     #[arg(long)]
     pub trace: bool,
+    /// Measure how long each call takes (see `patchbay latency`)
+    #[arg(long)]
+    pub latency: bool,
     /// With --trace: record this many argument registers (0 to 6)
     #[arg(long = "args", value_name = "N", requires = "trace",
-          conflicts_with_all = ["count", "custom"],
+          conflicts_with_all = ["count", "custom", "latency"],
           value_parser = clap::value_parser!(u32).range(0..=6))]
     pub arg_count: Option<u32>,
     /// Use a callback the program registered under NAME
@@ -78,6 +81,8 @@ impl Args {
             Tracer::custom(target, pattern, name.clone())
         } else if self.trace {
             Tracer::trace(target, pattern).args(self.arg_count.unwrap_or(0))
+        } else if self.latency {
+            Tracer::latency(target, pattern)
         } else {
             Tracer::count(target, pattern)
         };
@@ -217,6 +222,7 @@ mod tests {
         for (flag, kind) in [
             ("--count", CallbackKind::Count),
             ("--trace", CallbackKind::Trace),
+            ("--latency", CallbackKind::Latency),
         ] {
             let s = parse(&["--exe", "/no/such/prog", flag, "f"])
                 .spec()
@@ -231,11 +237,9 @@ mod tests {
     }
 
     #[test]
-    fn latency_and_graph_are_not_offered() {
-        for flag in ["--latency", "--graph"] {
-            let args = ["attach", "--pid", "1", flag, "f"];
-            assert!(Wrapper::try_parse_from(args).is_err(), "{flag}");
-        }
+    fn graph_is_not_offered() {
+        let args = ["attach", "--pid", "1", "--graph", "f"];
+        assert!(Wrapper::try_parse_from(args).is_err());
     }
 
     #[test]

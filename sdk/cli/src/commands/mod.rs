@@ -8,6 +8,7 @@ pub mod detach;
 pub mod docs;
 pub mod functions;
 pub mod gp;
+pub mod latency;
 pub mod run;
 pub mod sync;
 pub mod tracers;

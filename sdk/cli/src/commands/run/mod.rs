@@ -1,4 +1,4 @@
-//! `patchbay run --count PATTERN [--interval-ms MS] [--top N] [--agent PATH]
+//! `patchbay run (--count | --latency) PATTERN [--interval-ms MS] [--top N] [--agent PATH]
 //! [--timeout-ms MS] -- PROGRAM ARGS...`: the one command that does the main job.
 //!
 //! 1. use the server at `--socket` (or the default socket) if one answers, else start an
@@ -41,10 +41,15 @@ use view::{Live, Spinner};
 const RUN_TRACER_NAME: &str = "patchbay run";
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("tracer").required(true).args(["pattern", "latency"])))]
 pub struct Args {
     /// Count the calls of the functions whose demangled name matches this glob
-    #[arg(long = "count", value_name = "PATTERN", required = true)]
-    pub pattern: String,
+    #[arg(long = "count", value_name = "PATTERN")]
+    pub pattern: Option<String>,
+    /// Measure how long each call of the functions matching this glob takes (tables of
+    /// calls, total, min, p50/p90/p99, max and abandoned frames)
+    #[arg(long = "latency", value_name = "PATTERN")]
+    pub latency: Option<String>,
     /// How often the live table is refreshed, in milliseconds
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..))]
@@ -303,7 +308,11 @@ impl Session<'_> {
             }
         }
 
-        let spec = Tracer::count(Target::pid(pid), self.args.pattern.clone()).name(RUN_TRACER_NAME);
+        let spec = match &self.args.latency {
+            Some(p) => Tracer::latency(Target::pid(pid), p.clone()),
+            None => Tracer::count(Target::pid(pid), self.args.pattern()),
+        }
+        .name(RUN_TRACER_NAME);
         let attach = self.client.attach(spec).timeout(self.timeout());
         let answer = self.program.complete(attach.into_future()).await;
         // Attached (or not): the program may run `main` now.
@@ -340,13 +349,18 @@ impl Session<'_> {
         };
         // One write: the program's own output runs concurrently.
         let line = format!(
-            "patchbay: counting {patched} {} matching '{}' in pid {pid} (tracer {}){skipped}",
+            "patchbay: {} {patched} {} matching '{}' in pid {pid} (tracer {}){skipped}",
+            if self.args.latency.is_some() {
+                "timing"
+            } else {
+                "counting"
+            },
             if patched == 1 {
                 "function"
             } else {
                 "functions"
             },
-            self.args.pattern,
+            self.args.pattern(),
             tracer.id(),
         );
         eprintln!("{line}");
@@ -460,6 +474,27 @@ impl Session<'_> {
             if self.program.during(ticker.tick()).await.is_none() {
                 break;
             }
+            if self.args.latency.is_some() {
+                match self.program.during(tracer.latency_figures()).await {
+                    None => break,
+                    Some(Ok(l)) => {
+                        let header = format!(
+                            "patchbay: pid {}, tracer {}: latency after {:.1} s",
+                            self.program.pid,
+                            tracer.id(),
+                            self.program.started.elapsed().as_secs_f64()
+                        );
+                        live.draw_lines(&latency_lines(&header, &l, self.top()));
+                    }
+                    Some(Err(err)) if !warned => {
+                        warned = true;
+                        live.clear();
+                        eprintln!("patchbay: warning: cannot fetch the latency figures: {err}");
+                    }
+                    Some(Err(_)) => {}
+                }
+                continue;
+            }
             match self.program.during(tracer.counts()).await {
                 None => break,
                 Some(Ok(mut counts)) => {
@@ -493,6 +528,9 @@ impl Session<'_> {
                  program exited; its last counts may be missing",
                 seconds(Self::FLUSH_WAIT.as_millis() as u64)
             );
+        }
+        if self.args.latency.is_some() {
+            return self.finish_latency(tracer, exit, ran).await;
         }
         let counts = tracer.counts().await;
         let id = tracer.id();
@@ -528,6 +566,58 @@ impl Session<'_> {
         exit.code()
     }
 
+    /// [`Session::finish`] of a `--latency` run: the final table, or the JSON line whose
+    /// rows carry function, calls, total_ns, min_ns, max_ns, p50/p90/p99_ns, abandoned.
+    async fn finish_latency(&mut self, tracer: Tracer, exit: Exit, ran: Duration) -> u8 {
+        let pid = self.program.pid;
+        let figures = tracer.latency_figures().await;
+        let id = tracer.id();
+        match tracer.detach().await {
+            Ok(_) | Err(Error::NotFound(_)) => {}
+            Err(err) => eprintln!("patchbay: warning: cannot detach tracer {id}: {err}"),
+        }
+        let figures = match figures {
+            Ok(f) => f,
+            Err(err) => {
+                let err =
+                    anyhow::Error::from(err).context("cannot fetch the final latency figures");
+                eprintln!("{}", crate::render_error(&err));
+                eprintln!("patchbay: pid {pid} {}", exit.sentence());
+                return 1;
+            }
+        };
+        eprintln!(
+            "patchbay: pid {pid} {} after {:.2} s",
+            exit.sentence(),
+            ran.as_secs_f64()
+        );
+        if self.json {
+            let mut out = Output::new(true, Box::new(std::io::stdout()));
+            let doc = json!({
+                "pid": pid,
+                "status": exit.code(),
+                "signal": exit.signal(),
+                "tracer": id.get(),
+                "latency": figures.functions.iter().map(crate::commands::latency::row).collect::<Vec<_>>(),
+            });
+            if let Err(err) = out.json_line(&doc) {
+                eprintln!("error: cannot write the JSON document: {err}");
+                return 1;
+            }
+        } else {
+            let mut top = figures.clone();
+            top.functions.truncate(self.top());
+            eprint!("{}", crate::commands::latency::render(&top));
+            if figures.functions.len() > top.functions.len() {
+                eprintln!(
+                    "({} more functions: --json shows all)",
+                    figures.functions.len() - top.functions.len()
+                );
+            }
+        }
+        exit.code()
+    }
+
     /// Waits until no agent of the program is connected (it flushed its last counts and
     /// left), at most [`Self::FLUSH_WAIT`]. False on timeout.
     async fn wait_for_disconnect(&self) -> bool {
@@ -546,6 +636,33 @@ impl Session<'_> {
             tokio::time::sleep(Self::POLL).await;
         }
     }
+}
+
+impl Args {
+    /// The pattern of the tracer to attach.
+    pub fn pattern(&self) -> String {
+        self.latency
+            .clone()
+            .or_else(|| self.pattern.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The live latency table: `header`, then the `top` functions of most total time.
+fn latency_lines(
+    header: &str,
+    l: &patchbay_sdk::proto::LatencyResponse,
+    top: usize,
+) -> Vec<String> {
+    let mut shown = l.clone();
+    shown.functions.truncate(top);
+    std::iter::once(header.to_owned())
+        .chain(
+            crate::commands::latency::render(&shown)
+                .lines()
+                .map(str::to_owned),
+        )
+        .collect()
 }
 
 /// The `--json` document of a finished run. `counts` holds every function, not only the
@@ -587,7 +704,8 @@ mod tests {
             "--count", "parse_*", "--top", "5", "--", "prog", "-x", "--count", "y",
         ])
         .unwrap();
-        assert_eq!(a.pattern, "parse_*");
+        assert_eq!(a.pattern(), "parse_*");
+        assert!(a.latency.is_none());
         assert_eq!(a.top, 5);
         assert_eq!((a.interval_ms, a.timeout_ms), (1000, 10_000));
         assert_eq!(a.command, ["prog", "-x", "--count", "y"]);
@@ -595,6 +713,8 @@ mod tests {
         let a = parse(&["--count", "*", "prog", "--top", "3"]).unwrap();
         assert_eq!(a.command, ["prog", "--top", "3"]);
         assert_eq!(a.top, 20);
+        let a = parse(&["--latency", "work*", "--", "prog"]).unwrap();
+        assert_eq!((a.pattern(), a.latency.is_some()), ("work*".into(), true));
     }
 
     #[test]
@@ -604,6 +724,7 @@ mod tests {
             &["--count", "*"],
             &["--count", "*", "--interval-ms", "0", "--", "p"],
             &["--count", "*", "--top", "0", "--", "p"],
+            &["--count", "*", "--latency", "*", "--", "p"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

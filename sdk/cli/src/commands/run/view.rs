@@ -126,6 +126,17 @@ impl Live {
         self.previous_at = now;
     }
 
+    /// Redraws the table as these lines (the latency view).
+    pub fn draw_lines(&mut self, lines: &[String]) {
+        let mut text = self.erase_sequence();
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        write_stderr(&text);
+        self.shown = lines.len();
+    }
+
     /// Erases the table from the screen.
     pub fn clear(&mut self) {
         if self.shown > 0 {
