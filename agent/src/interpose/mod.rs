@@ -6,5 +6,8 @@
 //!
 //! - [`dl`]: `dlopen`/`dlmopen`, so that a newly loaded object is covered by the
 //!   tracers meant for the process before `dlopen` returns.
+//! - [`inject`]: the entry the ptrace injector calls on a hijacked program thread
+//!   (`patchbay_agent_injected`), which hands the start to a new thread.
 
 pub(crate) mod dl;
+pub(crate) mod inject;
