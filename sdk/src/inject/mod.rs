@@ -107,6 +107,27 @@ pub enum InjectError {
         /// `dlerror()` in the target.
         why: String,
     },
+    /// The agent was loaded but did not connect to the server in time.
+    #[error(
+        "the agent was injected into pid {pid} but did not connect to patchbayd at {socket} \
+         within {waited_ms} ms: can the process reach that socket (another mount namespace, \
+         a sandbox)? run `patchbay agents` to see whether it arrives later"
+    )]
+    NotConnected {
+        /// The target.
+        pid: u32,
+        /// The socket given to the agent.
+        socket: String,
+        /// How long the wait lasted.
+        waited_ms: u64,
+    },
+    /// The server is reached over TCP: an injected agent connects to a Unix socket.
+    #[error(
+        "cannot inject the agent into pid {0}: agents connect to patchbayd's Unix socket, and \
+         this client reaches it over TCP; run `patchbay attach` on the server's machine with \
+         its socket"
+    )]
+    NeedsUnixSocket(u32),
     /// A ptrace step failed.
     #[error("cannot inject the agent into pid {pid}: {what}")]
     Ptrace {
