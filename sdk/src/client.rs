@@ -288,7 +288,13 @@ impl IntoFuture for Attach {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let pid = match self.spec.as_proto().target.as_ref().and_then(|t| t.target.as_ref()) {
+            let pid = match self
+                .spec
+                .as_proto()
+                .target
+                .as_ref()
+                .and_then(|t| t.target.as_ref())
+            {
                 Some(patchbay_proto::target::Target::Pid(pid)) => Some(*pid),
                 _ => None,
             };

@@ -28,7 +28,12 @@ pub fn parse_status(text: &str) -> Status {
         let value = value.trim();
         match key {
             "Name" => s.name = value.to_owned(),
-            "Uid" => s.uids = value.split_whitespace().filter_map(|v| v.parse().ok()).collect(),
+            "Uid" => {
+                s.uids = value
+                    .split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            }
             "TracerPid" => s.tracer_pid = value.parse().unwrap_or(0),
             "Seccomp" => s.seccomp = value.parse().unwrap_or(0),
             _ => {}
@@ -54,7 +59,11 @@ pub fn check_uid(pid: u32, caller_uid: u32, target: &Status) -> Result<(), Injec
 }
 
 /// Refuses a process a debugger (or another tracer) is attached to.
-pub fn check_tracer(pid: u32, target: &Status, tracer_name: Option<&str>) -> Result<(), InjectError> {
+pub fn check_tracer(
+    pid: u32,
+    target: &Status,
+    tracer_name: Option<&str>,
+) -> Result<(), InjectError> {
     if target.tracer_pid == 0 {
         return Ok(());
     }
@@ -265,7 +274,10 @@ mod tests {
             if let Err(e) = r {
                 let e = e.to_string();
                 assert!(e.starts_with("cannot inject the agent into pid 9"), "{e}");
-                assert!(e.contains(&format!("ptrace_scope is {}", scope.unwrap())), "{e}");
+                assert!(
+                    e.contains(&format!("ptrace_scope is {}", scope.unwrap())),
+                    "{e}"
+                );
             }
         }
     }
@@ -295,7 +307,10 @@ mod tests {
     #[test]
     fn ranks_threads() {
         assert_eq!(parse_syscall("running"), None);
-        assert_eq!(parse_syscall("0 0x3 0x7ffc 0x1 0 0 0 0x7ffd 0x7f01"), Some(0));
+        assert_eq!(
+            parse_syscall("0 0x3 0x7ffc 0x1 0 0 0 0x7ffd 0x7f01"),
+            Some(0)
+        );
         assert_eq!(parse_syscall("-1 0x7ffd 0x7f01"), None);
         assert!(thread_rank(Some(0)) < thread_rank(None));
         assert!(thread_rank(None) < thread_rank(Some(libc::SYS_futex)));

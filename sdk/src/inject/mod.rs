@@ -187,8 +187,8 @@ pub fn inject(pid: u32, opts: &InjectOptions) -> Result<Injected, InjectError> {
     }
     check_namespace(pid, agent)?;
 
-    let maps = std::fs::read_to_string(proc_dir.join("maps"))
-        .map_err(|_| InjectError::Exited(pid))?;
+    let maps =
+        std::fs::read_to_string(proc_dir.join("maps")).map_err(|_| InjectError::Exited(pid))?;
     let maps = checks::parse_maps(&maps);
     if checks::agent_mapped(&maps, agent) {
         return Ok(Injected::AlreadyThere);
@@ -197,20 +197,29 @@ pub fn inject(pid: u32, opts: &InjectOptions) -> Result<Injected, InjectError> {
         pid,
         why: "no C library (libc.so.6) is mapped: the program is statically linked".into(),
     })?;
-    let libc_file = std::fs::read(proc_dir.join("root").join(libc_path.trim_start_matches('/')))
-        .map_err(|e| InjectError::NoLoader {
-            pid,
-            why: format!("cannot read its C library {libc_path}: {e}"),
-        })?;
-    let loader = |names: &[&str]| symbol(&libc_file, names).map(|a| a + libc_base);
-    let dlopen = loader(&["dlopen", "__libc_dlopen_mode"]).ok_or_else(|| InjectError::NoLoader {
+    let libc_file = std::fs::read(
+        proc_dir
+            .join("root")
+            .join(libc_path.trim_start_matches('/')),
+    )
+    .map_err(|e| InjectError::NoLoader {
         pid,
-        why: format!("its C library {libc_path} exports neither dlopen nor __libc_dlopen_mode"),
+        why: format!("cannot read its C library {libc_path}: {e}"),
     })?;
+    let loader = |names: &[&str]| symbol(&libc_file, names).map(|a| a + libc_base);
+    let dlopen =
+        loader(&["dlopen", "__libc_dlopen_mode"]).ok_or_else(|| InjectError::NoLoader {
+            pid,
+            why: format!("its C library {libc_path} exports neither dlopen nor __libc_dlopen_mode"),
+        })?;
     let dlerror = loader(&["dlerror"]);
     let agent_file = std::fs::read(agent).map_err(|e| bad_agent(agent, &e.to_string()))?;
-    let entry_offset = symbol(&agent_file, &["patchbay_agent_injected"])
-        .ok_or_else(|| bad_agent(agent, "it does not export patchbay_agent_injected (an older agent?)"))?;
+    let entry_offset = symbol(&agent_file, &["patchbay_agent_injected"]).ok_or_else(|| {
+        bad_agent(
+            agent,
+            "it does not export patchbay_agent_injected (an older agent?)",
+        )
+    })?;
 
     let tid = pick_thread(pid);
     let gone = |f: ptrace::Fail| match f {
@@ -236,7 +245,12 @@ pub fn inject(pid: u32, opts: &InjectOptions) -> Result<Injected, InjectError> {
         let mut path = agent.as_os_str().as_bytes().to_vec();
         path.push(0);
         let handle = stopped
-            .call(dlopen, &[ptrace::DATA, libc::RTLD_NOW as u64], &path, deadline)
+            .call(
+                dlopen,
+                &[ptrace::DATA, libc::RTLD_NOW as u64],
+                &path,
+                deadline,
+            )
             .map_err(gone)?;
         if handle == 0 {
             let why = dlerror
@@ -290,7 +304,8 @@ fn check_namespace(pid: u32, agent: &Path) -> Result<(), InjectError> {
     if ours.is_some() && ours == theirs {
         return Ok(());
     }
-    let inside = PathBuf::from(format!("/proc/{pid}/root")).join(agent.strip_prefix("/").unwrap_or(agent));
+    let inside =
+        PathBuf::from(format!("/proc/{pid}/root")).join(agent.strip_prefix("/").unwrap_or(agent));
     match std::fs::metadata(inside) {
         Ok(m) if m.dev() == here.dev() && m.ino() == here.ino() => Ok(()),
         _ => Err(InjectError::OtherNamespace {
@@ -350,12 +365,7 @@ fn pick_thread(pid: u32) -> i32 {
 /// The address (relative to the load base) of the first of `names` an ELF file exports.
 fn symbol(file: &[u8], names: &[&str]) -> Option<u64> {
     let elf = object::File::parse(file).ok()?;
-    let first_load = elf
-        .segments()
-        .map(|s| s.address())
-        .min()
-        .unwrap_or(0)
-        & !0xfff;
+    let first_load = elf.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
     names.iter().find_map(|name| {
         elf.dynamic_symbols()
             .find(|s| s.name() == Ok(name) && s.is_definition())

@@ -168,8 +168,7 @@ impl Stopped {
             iov_len: buf.len(),
         };
         // SAFETY: GETREGSET writes at most iov_len bytes into `buf` and sets iov_len.
-        if unsafe { libc::ptrace(libc::PTRACE_GETREGSET, self.tid, NT_X86_XSTATE, &mut iov) } != 0
-        {
+        if unsafe { libc::ptrace(libc::PTRACE_GETREGSET, self.tid, NT_X86_XSTATE, &mut iov) } != 0 {
             return Err(os("PTRACE_GETREGSET(NT_X86_XSTATE)"));
         }
         buf.truncate(iov.iov_len);
@@ -182,8 +181,7 @@ impl Stopped {
             iov_len: state.len(),
         };
         // SAFETY: SETREGSET reads iov_len bytes from `state`.
-        if unsafe { libc::ptrace(libc::PTRACE_SETREGSET, self.tid, NT_X86_XSTATE, &mut iov) } != 0
-        {
+        if unsafe { libc::ptrace(libc::PTRACE_SETREGSET, self.tid, NT_X86_XSTATE, &mut iov) } != 0 {
             return Err(os("PTRACE_SETREGSET(NT_X86_XSTATE)"));
         }
         Ok(())
@@ -243,9 +241,7 @@ impl Stopped {
         let mut deliver = 0;
         loop {
             // SAFETY: PTRACE_CONT takes the signal to deliver as data, no pointer.
-            if unsafe { libc::ptrace(libc::PTRACE_CONT, self.tid, 0usize, deliver as usize) }
-                != 0
-            {
+            if unsafe { libc::ptrace(libc::PTRACE_CONT, self.tid, 0usize, deliver as usize) } != 0 {
                 return Err(os("PTRACE_CONT"));
             }
             let status = wait_stop(self.tid, deadline)?;
