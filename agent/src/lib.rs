@@ -63,7 +63,7 @@ extern "C" fn preload_constructor() {
         }
         return;
     }
-    match start() {
+    match control::init::start_as(patchbay_proto::Arrival::Preloaded, None) {
         // `patchbay run`: wait before `main` until its tracers are attached.
         Ok(()) => {
             if let Some(g) = gate {

@@ -393,3 +393,36 @@ pub fn many_functions_program(n: u32) -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot move {} to {}: {e}", tmp.display(), out.display()));
     out
 }
+
+/// The program `fixtures/inject_target.c` (issue 13): a plain `-O2` build with no agent
+/// and no instrumentation, or (`statically`) the same linked with `-static`. Built once
+/// per test process.
+pub fn inject_target(statically: bool) -> PathBuf {
+    static BUILT: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+    BUILT[statically as usize]
+        .get_or_init(|| {
+            let dir = cache_dir();
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+            let src = source_dir().join("inject_target.c");
+            let name = if statically {
+                "inject_target_static"
+            } else {
+                "inject_target"
+            };
+            let out = dir.join(name);
+            let tmp = dir.join(format!("{name}.tmp"));
+            let mut cc = Command::new("gcc");
+            cc.args(["-O2", "-Wall", "-Wextra", "-Werror"]);
+            if statically {
+                cc.arg("-static");
+            }
+            cc.arg(&src).arg("-o").arg(&tmp).arg("-lpthread");
+            run(cc, &format!("{name} (build {})", src.display()));
+            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
+                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
+            });
+            out
+        })
+        .clone()
+}

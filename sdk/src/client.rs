@@ -156,6 +156,7 @@ impl Client {
             client: self.clone(),
             spec,
             timeout: None,
+            inject: None,
         }
     }
 
@@ -279,9 +280,18 @@ pub struct Attach {
     client: Client,
     spec: TracerSpec,
     timeout: Option<Duration>,
+    inject: Option<std::path::PathBuf>,
 }
 
 impl Attach {
+    /// When the target is a pid without an agent (`NO_AGENT`), injects the agent library
+    /// `agent` into it with ptrace, in this process and with its credentials
+    /// ([`crate::inject`]), waits for the agent to connect, then attaches.
+    pub fn inject(mut self, agent: impl Into<std::path::PathBuf>) -> Self {
+        self.inject = Some(agent.into());
+        self
+    }
+
     /// Waits at most `timeout` for the connected agents to go live (default: the server's,
     /// 10 s). An agent that is not live by then is reported in the answer.
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -296,13 +306,38 @@ impl IntoFuture for Attach {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
+            let pid = match self
+                .spec
+                .as_proto()
+                .target
+                .as_ref()
+                .and_then(|t| t.target.as_ref())
+            {
+                Some(patchbay_proto::target::Target::Pid(pid)) => Some(*pid),
+                _ => None,
+            };
             let request = AttachRequest {
                 spec: Some(self.spec.into()),
                 timeout_ms: timeout_ms(self.timeout),
             };
             let wire_ms = request.timeout_ms;
-            let request = with_deadline(request, wire_ms, ATTACH_DEFAULT_WAIT);
-            let response = self.client.inner().attach(request).await?.into_inner();
+            let send = |request: AttachRequest| {
+                let client = self.client.clone();
+                async move {
+                    let request = with_deadline(request, wire_ms, ATTACH_DEFAULT_WAIT);
+                    client.inner().attach(request).await
+                }
+            };
+            let response = match (send(request.clone()).await, pid, &self.inject) {
+                (Err(status), Some(pid), Some(agent))
+                    if Error::from_status(status.clone()).reason() == Some("NO_AGENT") =>
+                {
+                    inject_and_wait(&self.client, pid, agent).await?;
+                    send(request).await?
+                }
+                (r, _, _) => r?,
+            }
+            .into_inner();
             let id = response
                 .tracer
                 .as_ref()
@@ -312,6 +347,47 @@ impl IntoFuture for Attach {
                 })?;
             Ok(Tracer::new(self.client, id, Some(response)))
         })
+    }
+}
+
+/// How long an injected agent may take to connect.
+const INJECTED_CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// Injects the agent into `pid` and waits until it is connected to the client's server.
+async fn inject_and_wait(client: &Client, pid: u32, agent: &std::path::Path) -> Result<()> {
+    let socket = match client.target() {
+        ServerTarget::Unix(path) => std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+        ServerTarget::Tcp(_) => return Err(crate::inject::InjectError::NeedsUnixSocket(pid).into()),
+    };
+    let agent = std::path::absolute(agent).unwrap_or_else(|_| agent.to_path_buf());
+    let opts = crate::inject::InjectOptions {
+        agent,
+        socket: socket.clone(),
+        timeout: Duration::from_secs(10),
+    };
+    let injected = tokio::task::spawn_blocking(move || crate::inject::inject(pid, &opts))
+        .await
+        .map_err(|e| Error::UnexpectedResponse(format!("the injection task failed: {e}")))??;
+    tracing::debug!(pid, ?injected, "agent injected");
+    let start = std::time::Instant::now();
+    loop {
+        if client
+            .agents()
+            .await?
+            .iter()
+            .any(|a| a.pid == pid && a.connected)
+        {
+            return Ok(());
+        }
+        if start.elapsed() >= INJECTED_CONNECT_WAIT {
+            return Err(crate::inject::InjectError::NotConnected {
+                pid,
+                socket: socket.display().to_string(),
+                waited_ms: start.elapsed().as_millis() as u64,
+            }
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

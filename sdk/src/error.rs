@@ -137,6 +137,10 @@ pub enum Error {
     /// follow the protocol).
     #[error("patchbayd sent an unexpected answer: {0}")]
     UnexpectedResponse(String),
+    /// The agent could not be injected into a process that has none
+    /// ([`crate::Attach::inject`]); the message says why and what to do.
+    #[error(transparent)]
+    Inject(#[from] crate::inject::InjectError),
 }
 
 impl Error {
@@ -144,7 +148,10 @@ impl Error {
     /// request was made, or about an answer).
     pub fn code(&self) -> Option<Code> {
         Some(match self {
-            Error::Connect { .. } | Error::InvalidTarget { .. } | Error::UnexpectedResponse(_) => {
+            Error::Connect { .. }
+            | Error::InvalidTarget { .. }
+            | Error::UnexpectedResponse(_)
+            | Error::Inject(_) => {
                 return None;
             }
             Error::NotFound(_) => Code::NotFound,
@@ -169,9 +176,10 @@ impl Error {
             | Error::Unauthenticated(d)
             | Error::Unavailable(d)
             | Error::Other { message: d, .. } => Some(d),
-            Error::Connect { .. } | Error::InvalidTarget { .. } | Error::UnexpectedResponse(_) => {
-                None
-            }
+            Error::Connect { .. }
+            | Error::InvalidTarget { .. }
+            | Error::UnexpectedResponse(_)
+            | Error::Inject(_) => None,
         }
     }
 

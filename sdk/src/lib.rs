@@ -36,6 +36,7 @@
 
 mod client;
 mod error;
+pub mod inject;
 pub mod names;
 mod spec;
 mod target;

@@ -1,8 +1,9 @@
 //! Starting the agent: the global runtime, the link thread, the constructor of the
 //! preloaded library, the final flush at exit, and fork.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,21 @@ use crate::hot::{block, dispatch, qs, sigwrap};
 
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
 static STARTED: AtomicBool = AtomicBool::new(false);
+/// How the agent arrived (`patchbay_proto::Arrival`), reported in every hello; set once,
+/// by the entry that started it.
+static ARRIVAL: AtomicI32 = AtomicI32::new(patchbay_proto::Arrival::Linked as i32);
+/// The server socket given by the injector; `None`: the default socket.
+static SOCKET: OnceLock<PathBuf> = OnceLock::new();
+
+/// True once the agent was started (or is starting) in this process.
+pub fn started() -> bool {
+    STARTED.load(Ordering::Acquire)
+}
+
+/// How the agent arrived in this process (`patchbay_proto::Arrival` as sent).
+pub fn arrival() -> i32 {
+    ARRIVAL.load(Ordering::Acquire)
+}
 
 /// Errors of starting the agent.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +51,21 @@ fn runtime() -> MutexGuard<'static, Option<Runtime>> {
 /// Starts the agent (idempotent): prepares the per-thread machinery and starts the
 /// agent thread, which connects to the server and retries in the background.
 pub fn start() -> Result<(), StartError> {
+    start_as(patchbay_proto::Arrival::Linked, None)
+}
+
+/// [`start`] by one of the library's entries: the preload constructor or the entry the
+/// injector calls (`inject.rs`), with the server socket the injector named.
+pub(crate) fn start_as(
+    arrival: patchbay_proto::Arrival,
+    socket: Option<PathBuf>,
+) -> Result<(), StartError> {
     if STARTED.swap(true, Ordering::AcqRel) {
         return Ok(());
+    }
+    ARRIVAL.store(arrival as i32, Ordering::Release);
+    if let Some(socket) = socket {
+        let _ = SOCKET.set(socket);
     }
     let r = start_inner();
     if r.is_err() {
@@ -87,7 +116,10 @@ fn start_inner() -> Result<(), StartError> {
 }
 
 fn spawn_link() -> Result<(), StartError> {
-    let socket = patchbay_proto::socket::connect_socket_path();
+    let socket = SOCKET
+        .get()
+        .cloned()
+        .unwrap_or_else(patchbay_proto::socket::connect_socket_path);
     std::thread::Builder::new()
         .name("patchbay-agent".into())
         .spawn(move || {

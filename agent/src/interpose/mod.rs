@@ -9,9 +9,12 @@
 //! - [`windows`]: the entry points of glibc's all-signals-blocked windows
 //!   (`pthread_create`, thread exit, `posix_spawn`, `pthread_kill`, …), held off while
 //!   the patcher has an `int3` out (`control::trapwindow`).
+//! - [`inject`]: the entry the ptrace injector calls on a hijacked program thread
+//!   (`patchbay_agent_injected`), which hands the start to a new thread.
 //! - [`unwind`]: the unwinder's entry points, so that exceptions, panics and backtraces
 //!   see real return addresses where calls are hooked for their exit.
 
 pub(crate) mod dl;
+pub(crate) mod inject;
 pub(crate) mod unwind;
 pub(crate) mod windows;

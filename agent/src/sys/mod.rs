@@ -9,6 +9,7 @@
 pub(crate) mod dl;
 pub(crate) mod procfs;
 pub(crate) mod signal;
+mod static_tls;
 
 use std::cell::Cell;
 

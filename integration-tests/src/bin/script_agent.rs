@@ -235,6 +235,7 @@ impl Agent {
             epoch: self.epoch,
             trampolines,
             callbacks: self.args.callbacks.clone(),
+            arrival: 0,
         }
     }
 

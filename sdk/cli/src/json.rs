@@ -23,7 +23,20 @@ pub fn agent(a: &AgentInfo) -> Value {
         "epoch": a.epoch,
         "callbacks": a.callbacks,
         "trampolines": a.trampolines,
+        "arrival": arrival(a.arrival),
     })
+}
+
+/// How an agent arrived, for people and scripts: `preloaded`, `linked`, `injected`, or
+/// `-` when it did not say.
+pub fn arrival(arrival: i32) -> &'static str {
+    use patchbay_sdk::proto::Arrival;
+    match Arrival::try_from(arrival) {
+        Ok(Arrival::Preloaded) => "preloaded",
+        Ok(Arrival::Linked) => "linked",
+        Ok(Arrival::Injected) => "injected",
+        _ => "-",
+    }
 }
 
 pub fn function(f: &Function) -> Value {

@@ -121,6 +121,7 @@ impl Slot {
                 })
                 .collect(),
             callbacks: vec!["mine".into()],
+            arrival: 0,
         }
     }
 

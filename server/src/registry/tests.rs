@@ -86,6 +86,7 @@ impl Sim {
                 })
                 .collect(),
             callbacks: vec![],
+            arrival: 0,
         }
     }
 

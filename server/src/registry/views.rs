@@ -29,6 +29,7 @@ impl Registry {
                 epoch: a.epoch,
                 callbacks: a.hello.callbacks.clone(),
                 trampolines: a.live_trampolines() as u32,
+                arrival: a.hello.arrival,
             })
             .collect()
     }

@@ -81,6 +81,7 @@ impl Session {
                 self.callbacks_announced = callbacks::generation();
                 callbacks::names()
             },
+            arrival: crate::control::init::arrival(),
         }
     }
 }

@@ -31,6 +31,7 @@ pub fn table(agents: &[AgentInfo]) -> String {
         "PID",
         "UID",
         "STATE",
+        "ARRIVED",
         "THREADS",
         "EPOCH",
         "TRAMPOLINES",
@@ -38,7 +39,7 @@ pub fn table(agents: &[AgentInfo]) -> String {
         "EXE",
         "CALLBACKS",
     ])
-    .right(&[0, 1, 2, 4, 5, 6]);
+    .right(&[0, 1, 2, 5, 6, 7]);
     for a in agents {
         t.row([
             a.agent_id.to_string(),
@@ -50,6 +51,7 @@ pub fn table(agents: &[AgentInfo]) -> String {
                 "disconnected"
             }
             .to_owned(),
+            json::arrival(a.arrival).to_owned(),
             a.threads.to_string(),
             a.epoch.to_string(),
             a.trampolines.to_string(),
@@ -78,6 +80,7 @@ mod tests {
             epoch: 9,
             callbacks: vec!["mine".into()],
             trampolines: 2,
+            arrival: patchbay_sdk::proto::Arrival::Injected as i32,
             ..AgentInfo::default()
         }];
         let text = table(&agents);
@@ -85,7 +88,7 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with("AGENT   PID   UID  STATE"), "{text}");
         assert!(lines[1].contains("4242"));
-        assert!(lines[1].contains("connected"));
+        assert!(lines[1].contains("connected  injected"), "{text}");
         assert!(lines[1].contains("/usr/bin/foo"));
         assert!(lines[1].ends_with("mine"));
     }

@@ -4,7 +4,7 @@
 //! `graph` tracers are not offered yet: the agent does not emit exit events (the SDK does
 //! not build them either).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -63,6 +63,15 @@ pub struct Args {
     /// How long to wait for the connected agents to go live [default: 10000]
     #[arg(long, value_name = "MS")]
     pub timeout_ms: Option<u32>,
+
+    /// With --pid, the agent library to inject when the process has none, as the process
+    /// sees it [default: libpatchbay_agent.so next to the patchbay executable, else in
+    /// ../lib/patchbay/]
+    #[arg(long, env = "PATCHBAY_AGENT", value_name = "PATH", requires = "pid")]
+    pub agent: Option<PathBuf>,
+    /// With --pid: never inject the agent (fail when the process has none)
+    #[arg(long, requires = "pid", conflicts_with = "agent")]
+    pub no_inject: bool,
 }
 
 impl Args {
@@ -108,6 +117,19 @@ fn resolve_exe(exe: &str) -> anyhow::Result<String> {
 pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Result<()> {
     let spec = args.spec()?;
     let mut attach = client.attach(spec.clone());
+    if args.pid.is_some() && !args.no_inject {
+        // A process without an agent gets one injected (with ptrace, by this process).
+        let exe = std::env::current_exe().ok();
+        match crate::commands::run::launch::find_agent(
+            args.agent.as_deref(),
+            exe.as_deref(),
+            Path::is_file,
+        ) {
+            Ok(agent) => attach = attach.inject(agent),
+            Err(e) if args.agent.is_some() => return Err(e),
+            Err(e) => tracing::debug!("no agent library to inject: {e}"),
+        }
+    }
     if let Some(ms) = args.timeout_ms {
         attach = attach.timeout(Duration::from_millis(ms.into()));
     }

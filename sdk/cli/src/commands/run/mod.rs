@@ -14,7 +14,7 @@
 //! SIGINT and SIGTERM are caught and passed on to the program ([`signals`]), so that
 //! `patchbay` outlives it and prints the final counts.
 
-mod launch;
+pub(crate) mod launch;
 mod server;
 mod signals;
 mod view;
