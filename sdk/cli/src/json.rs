@@ -41,6 +41,7 @@ pub fn function(f: &Function) -> Value {
 pub fn target(t: Option<&Target>) -> Value {
     match t.and_then(|t| t.target.as_ref()) {
         Some(target::Target::Pid(pid)) => json!({ "pid": pid }),
+        Some(target::Target::Tree(pid)) => json!({ "tree": pid }),
         Some(target::Target::Exe(exe)) => json!({ "exe": exe }),
         Some(target::Target::All(all)) => json!({ "all": all }),
         None => Value::Null,

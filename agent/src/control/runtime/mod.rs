@@ -167,6 +167,7 @@ impl Runtime {
         self.installer.forked_child();
         self.reporter.forked_child();
         self.grace.forked_child();
+        self.session.forked_child();
     }
 }
 
