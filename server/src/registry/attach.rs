@@ -249,6 +249,9 @@ impl Registry {
             }
             return;
         }
+        if let Some(t) = self.tracers.get_mut(&tracer) {
+            t.matched.insert(id);
+        }
         let installed = self.add_tracer_to_sites(id, tracer, &sites, now);
         if let Some(op) = op {
             if let Some(Op::Attach { steps, results, .. }) = self.ops.get_mut(&op) {

@@ -202,6 +202,8 @@ pub struct Tracer {
     /// The same counts per exited process (for `Counts.processes`), at most
     /// [`MAX_ARCHIVED_PROCESSES`] of them; beyond, only the sums above grow.
     pub(super) archived_procs: Vec<ArchivedProcess>,
+    /// Agents in which the pattern matched a patchable function, ever.
+    pub(super) matched: BTreeSet<AgentId>,
 }
 
 /// How many exited processes a tracer keeps a breakdown of.
@@ -285,6 +287,7 @@ impl Tracer {
             archived: CountTable::new(),
             archived_dropped: 0,
             archived_procs: Vec::new(),
+            matched: BTreeSet::new(),
         }
     }
     pub(super) fn reference(&self) -> pb::TracerRef {

@@ -66,6 +66,7 @@ impl Registry {
             agents,
             sites,
             dropped,
+            processes_matched: u32::try_from(t.matched.len()).unwrap_or(u32::MAX),
         })
     }
 
@@ -163,23 +164,26 @@ impl Registry {
         let mut processes: Vec<pb::ProcessCounts> = t
             .archived_procs
             .iter()
-            .map(|p| process_counts(p.pid, p.start_time, &p.exe, &p.cmdline, true, &p.counts))
+            .map(|p| {
+                let mut c = process_counts(p.pid, p.start_time, &p.exe, &p.cmdline, &p.counts);
+                c.exited = true;
+                c
+            })
             .collect();
         for a in self.agents.values() {
-            if let Some(counts) = a.counts.get(&tracer) {
-                fold_counts(a, counts, &mut by_name);
-                let mut mine = CountTable::new();
-                fold_counts(a, counts, &mut mine);
-                let h = &a.hello;
-                processes.push(process_counts(
-                    h.pid,
-                    h.start_time,
-                    &h.exe,
-                    &h.cmdline,
-                    false,
-                    &mine,
-                ));
+            let counts = a.counts.get(&tracer);
+            if counts.is_none() && !t.targets(a, &self.parents) {
+                continue;
             }
+            let mut mine = CountTable::new();
+            if let Some(counts) = counts {
+                fold_counts(a, counts, &mut by_name);
+                fold_counts(a, counts, &mut mine);
+            }
+            let h = &a.hello;
+            let mut c = process_counts(h.pid, h.start_time, &h.exe, &h.cmdline, &mine);
+            c.connected = a.connected;
+            processes.push(c);
         }
         let (counts, total) = count_list(&by_name);
         processes.sort_by_key(|p| (p.start_time, p.pid));
@@ -212,7 +216,6 @@ fn process_counts(
     start_time: u64,
     exe: &str,
     cmdline: &str,
-    exited: bool,
     table: &CountTable,
 ) -> pb::ProcessCounts {
     let (counts, total) = count_list(table);
@@ -221,9 +224,10 @@ fn process_counts(
         start_time,
         exe: exe.to_string(),
         cmdline: cmdline.to_string(),
-        exited,
+        exited: false,
         counts,
         total,
+        connected: false,
     }
 }
 

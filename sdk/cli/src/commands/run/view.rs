@@ -97,14 +97,16 @@ impl Live {
         }
     }
 
-    /// Redraws the table with `counts` (sorted, hottest first) under `header`.
-    pub fn draw(&mut self, header: &str, counts: &CountsResponse) {
+    /// Redraws the table with `counts` (sorted, hottest first) under `header`; `empty`
+    /// is the line shown while nothing was counted.
+    pub fn draw(&mut self, header: &str, counts: &CountsResponse, empty: &str) {
         let now = Instant::now();
         let (columns, rows) = terminal_size().unwrap_or((80, 24));
         // Header, column titles, the `more` line and one spare line must fit.
         let top = self.top.min(rows.saturating_sub(4).max(1));
         let lines = live_lines(
             header,
+            empty,
             counts,
             &self.previous,
             now.saturating_duration_since(self.previous_at),
@@ -146,9 +148,10 @@ impl Live {
 
 /// The lines of the live table: `header`, then the `top` functions of `counts` (sorted)
 /// with their calls and their calls per second since `previous` (counts `elapsed` ago),
-/// each at most `columns` characters.
+/// or `empty` while nothing was counted, each at most `columns` characters.
 pub fn live_lines(
     header: &str,
+    empty: &str,
     counts: &CountsResponse,
     previous: &HashMap<String, u64>,
     elapsed: Duration,
@@ -176,7 +179,7 @@ pub fn live_lines(
     }
     let mut lines = vec![header.to_owned()];
     if counts.counts.is_empty() {
-        lines.push("no calls counted yet".to_owned());
+        lines.push(empty.to_owned());
     } else {
         lines.extend(table.render().lines().map(str::to_owned));
         if counts.counts.len() > top {
@@ -209,6 +212,58 @@ pub fn final_table(counts: &CountsResponse, top: usize) -> String {
         "total: {} in {}\n",
         calls(counts.total),
         crate::format::plural(counts.counts.len(), "function")
+    ));
+    text
+}
+
+/// The final table of `--per-process`: for each process (oldest first) its pid, calls
+/// and command line, then its `top` functions; the tree's total last.
+pub fn per_process_table(counts: &CountsResponse, top: usize) -> String {
+    if counts.processes.is_empty() {
+        return "no process traced\n".to_owned();
+    }
+    let mut table = Table::new(&["PID", "FUNCTION", "CALLS", "SHARE"]).right(&[0, 2, 3]);
+    for p in &counts.processes {
+        let command = if p.cmdline.is_empty() {
+            p.exe.clone()
+        } else {
+            p.cmdline.clone()
+        };
+        table.row([
+            p.pid.to_string(),
+            format!("[{command}]"),
+            p.total.to_string(),
+            share(p.total, counts.total),
+        ]);
+        for c in p.counts.iter().take(top) {
+            table.row([
+                String::new(),
+                format!("  {}", c.function),
+                c.count.to_string(),
+                share(c.count, counts.total),
+            ]);
+        }
+        if p.counts.len() > top {
+            let rest = &p.counts[top..];
+            table.row([
+                String::new(),
+                format!("  ... {} more", rest.len()),
+                rest.iter().map(|c| c.count).sum::<u64>().to_string(),
+                String::new(),
+            ]);
+        }
+    }
+    let mut text = table.render();
+    text.push_str(&format!(
+        "total: {} in {} over {} {}\n",
+        calls(counts.total),
+        crate::format::plural(counts.counts.len(), "function"),
+        counts.processes.len(),
+        if counts.processes.len() == 1 {
+            "process"
+        } else {
+            "processes"
+        }
     ));
     text
 }
