@@ -181,6 +181,7 @@ mod tests {
             agents: 1,
             sites: 12,
             dropped: 0,
+            processes_matched: 1,
         };
         assert_eq!(
             tracer(&t),

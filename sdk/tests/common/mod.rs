@@ -73,6 +73,7 @@ pub fn tracer(id: u64, spec: Option<TracerSpec>) -> Tracer {
         agents: 1,
         sites: 3,
         dropped: 0,
+        processes_matched: 1,
     }
 }
 
@@ -334,6 +335,7 @@ impl Control for Fake {
         Ok(Response::new(CountsResponse {
             counts: vec![c("rare", 1), c("hot", 100), c("warm", 10)],
             total: 111,
+            processes: Vec::new(),
         }))
     }
 }

@@ -827,12 +827,13 @@ mod tests {
                 agents: 1,
             }],
             total: 7,
+            processes: Vec::new(),
         };
         assert_eq!(
             document(42, Exit::Signal(15), TracerId::new(3), &counts),
             json!({
                 "pid": 42, "status": 143, "signal": 15, "tracer": 3,
-                "counts": [{ "function": "hot", "count": 7 }], "total": 7,
+                "counts": [{ "function": "hot", "count": 7 }], "total": 7, "processes": [],
             })
         );
         assert_eq!(

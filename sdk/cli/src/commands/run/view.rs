@@ -326,6 +326,7 @@ mod tests {
         CountsResponse {
             counts: rows,
             total,
+            processes: Vec::new(),
         }
     }
 
@@ -343,6 +344,7 @@ mod tests {
         .into();
         let lines = live_lines(
             "patchbay: pid 7",
+            "no calls counted yet",
             &now,
             &previous,
             Duration::from_millis(500),
@@ -365,7 +367,7 @@ mod tests {
     fn live_table_keeps_the_top_and_fits_the_width() {
         let long = "a_very_long_function_name_in_some_namespace::with_a_method";
         let now = counts(vec![c(long, 9), c("b", 5), c("c", 2), c("d", 1)]);
-        let lines = live_lines("h", &now, &HashMap::new(), Duration::ZERO, 2, 50);
+        let lines = live_lines("h", "-", &now, &HashMap::new(), Duration::ZERO, 2, 50);
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert!(lines.iter().all(|l| l.chars().count() <= 50), "{lines:?}");
         assert!(lines[2].starts_with("a_very_long_funct… "), "{lines:?}");
@@ -375,6 +377,7 @@ mod tests {
 
         let empty = live_lines(
             "h",
+            "no calls counted yet",
             &CountsResponse::default(),
             &HashMap::new(),
             Duration::ZERO,
@@ -382,6 +385,39 @@ mod tests {
             80,
         );
         assert_eq!(empty, ["h", "no calls counted yet"]);
+    }
+
+    #[test]
+    fn per_process_table_breaks_the_tree_down() {
+        use patchbay_sdk::proto::ProcessCounts;
+        let p = |pid, cmdline: &str, rows: Vec<FunctionCount>| ProcessCounts {
+            pid,
+            cmdline: cmdline.into(),
+            total: rows.iter().map(|c| c.count).sum(),
+            counts: rows,
+            ..ProcessCounts::default()
+        };
+        let mut all = counts(vec![c("f1", 30), c("f2", 10)]);
+        all.processes = vec![
+            p(10, "sh -c x", vec![]),
+            p(11, "./prog 2", vec![c("f1", 20), c("f2", 10)]),
+            p(12, "./prog 1", vec![c("f1", 10)]),
+        ];
+        assert_eq!(
+            per_process_table(&all, 1),
+            "PID  FUNCTION    CALLS  SHARE\n\
+             \x20\x2010  [sh -c x]       0   0.0%\n\
+             \x20\x2011  [./prog 2]     30  75.0%\n\
+             \x20\x20\x20\x20    f1            20  50.0%\n\
+             \x20\x20\x20\x20    ... 1 more    10       \n\
+             \x20\x2012  [./prog 1]     10  25.0%\n\
+             \x20\x20\x20\x20    f1            10  25.0%\n\
+             total: 40 calls in 2 functions over 3 processes\n"
+        );
+        assert_eq!(
+            per_process_table(&CountsResponse::default(), 5),
+            "no process traced\n"
+        );
     }
 
     #[test]
