@@ -63,7 +63,8 @@ extern "C" fn preload_constructor() {
         }
         return;
     }
-    let follow = control::hold::follow_bound(std::env::var(control::hold::FOLLOW_VAR).ok().as_deref());
+    let follow =
+        control::hold::follow_bound(std::env::var(control::hold::FOLLOW_VAR).ok().as_deref());
     match start() {
         // `patchbay run`: wait before `main` until its tracers are attached.
         Ok(()) => {

@@ -411,7 +411,11 @@ fn stat_fields(pid: u32) -> Option<(char, u32, u64)> {
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let state = fields.first()?.chars().next()?;
-    Some((state, fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+    Some((
+        state,
+        fields.get(1)?.parse().ok()?,
+        fields.get(19)?.parse().ok()?,
+    ))
 }
 
 /// Whether process `pid` still runs with start time `start` (field 22 of its stat).

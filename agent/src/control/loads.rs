@@ -96,9 +96,7 @@ pub(crate) fn wait_first_cover(bound: Duration, connect: Duration) -> Outcome {
             return Outcome::SessionEnded;
         }
         let now = Instant::now();
-        if now >= deadline
-            || (!crate::control::link::connected() && now >= start + connect)
-        {
+        if now >= deadline || (!crate::control::link::connected() && now >= start + connect) {
             return Outcome::TimedOut;
         }
         // Short slices while no session is open: the link does not signal connecting.

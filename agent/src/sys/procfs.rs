@@ -249,7 +249,10 @@ mod tests {
 
     #[test]
     fn command_lines_are_joined_and_cut() {
-        assert_eq!(join_cmdline(b"sh\0-c\0./prog 2 1\0", 100), "sh -c ./prog 2 1");
+        assert_eq!(
+            join_cmdline(b"sh\0-c\0./prog 2 1\0", 100),
+            "sh -c ./prog 2 1"
+        );
         assert_eq!(join_cmdline(b"", 100), "");
         assert_eq!(join_cmdline(b"abc\0def\0", 5), "abc d");
         // Never cut inside a character.

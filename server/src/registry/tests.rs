@@ -1083,7 +1083,10 @@ fn tree_tracers_follow_descendants_and_never_recycled_pids() {
     let mut stranger = child_sim(103);
     connect_child(&mut reg, &mut stranger, (101, 77));
     settle(&mut reg, &mut stranger).unwrap();
-    assert!(stranger.owner.is_empty(), "a recycled parent pid is not followed");
+    assert!(
+        stranger.owner.is_empty(),
+        "a recycled parent pid is not followed"
+    );
     // No parent named, or an unrelated one: not traced.
     let mut orphan = child_sim(104);
     connect_child(&mut reg, &mut orphan, (1, 1));
@@ -1110,7 +1113,8 @@ fn tree_tracers_follow_descendants_and_never_recycled_pids() {
     };
     reg.agent_message(grandchild.id, Some(report(5)), Instant::now())
         .unwrap();
-    reg.agent_message(root.id, Some(report(7)), Instant::now()).unwrap();
+    reg.agent_message(root.id, Some(report(7)), Instant::now())
+        .unwrap();
     reg.agent_disconnected(grandchild.id);
     reg.agent_gone(grandchild.id);
     let c = reg.counts(Caller::ROOT, tracer).unwrap();
@@ -1130,6 +1134,9 @@ fn tree_tracers_follow_descendants_and_never_recycled_pids() {
         .into_iter()
         .find(|t| t.tracer_id == tracer)
         .unwrap();
-    assert_eq!(info.processes_matched, 3, "root, child and grandchild matched");
+    assert_eq!(
+        info.processes_matched, 3,
+        "root, child and grandchild matched"
+    );
     reg.check_invariants().unwrap();
 }

@@ -177,8 +177,10 @@ impl Program {
             // SAFETY: prctl with integer arguments only.
             let rc = unsafe { nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
             if rc != 0 {
-                tracing::debug!("cannot become the children's subreaper: descendants that \
-                                 outlive the program are not waited for");
+                tracing::debug!(
+                    "cannot become the children's subreaper: descendants that \
+                                 outlive the program are not waited for"
+                );
             }
         }
         let child = command
@@ -573,12 +575,10 @@ impl Session<'_> {
             let spec = tracer.spec.as_ref();
             let ours = spec.is_some_and(|s| {
                 s.name == RUN_TRACER_NAME
-                    && s.target
-                        .as_ref()
-                        .is_some_and(|t| {
-                            t.target == Some(target::Target::Pid(pid))
-                                || t.target == Some(target::Target::Tree(pid))
-                        })
+                    && s.target.as_ref().is_some_and(|t| {
+                        t.target == Some(target::Target::Pid(pid))
+                            || t.target == Some(target::Target::Tree(pid))
+                    })
             });
             if ours && tracer.state() == TracerState::Active {
                 let id = TracerId::new(tracer.tracer_id);
