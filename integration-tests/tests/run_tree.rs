@@ -213,3 +213,90 @@ async fn nothing_matching_in_the_whole_tree_is_said_at_the_end() {
     );
     assert_eq!(own_counts(&run.program).len(), 2, "{:?}", run.program);
 }
+
+/// Against a real server, with scripted agents that name a parent of their choice: a
+/// parent pid that now belongs to a process with another start time (what a recycled
+/// pid looks like) is not followed, nor is a live process that is not the agent's
+/// parent; a parent that is gone cannot be checked and names the tree's member it was.
+#[tokio::test]
+async fn a_recycled_or_false_parent_pid_is_not_followed() {
+    use integration_tests::{ScriptAgent, TestServer};
+    use patchbay_sdk::{Target, Tracer};
+    let server = TestServer::start();
+    let socket = server.socket_path().to_path_buf();
+    let client = server.client().await;
+    let fns = ["--functions", "tree_f1", "--threads", "1"];
+    let (mut root, _) = ScriptAgent::connect(&socket, &fns).await;
+    let root_pid = root.pid();
+    let agents = client.agents().await.unwrap();
+    let root_start = agents
+        .iter()
+        .find(|a| a.pid == root_pid)
+        .unwrap()
+        .start_time;
+    let tracer = client
+        .attach(Tracer::count(Target::tree(root_pid), "tree_f1"))
+        .await
+        .unwrap();
+    let members = || async {
+        let mut pids: Vec<u32> = tracer
+            .counts()
+            .await
+            .unwrap()
+            .processes
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        pids.sort_unstable();
+        pids
+    };
+    assert_eq!(members().await, [root_pid]);
+
+    // The root's pid with another start time: the process that had it is not the root.
+    let recycled = format!("{root_pid}:{}", root_start + 1);
+    let mut args = fns.to_vec();
+    args.extend(["--parent", &recycled]);
+    let (mut stranger, _) = ScriptAgent::connect(&socket, &args).await;
+    // The root itself, alive, but not the agent's parent (the test is).
+    let false_claim = format!("{root_pid}:{root_start}");
+    let mut args = fns.to_vec();
+    args.extend(["--parent", &false_claim]);
+    let (mut liar, _) = ScriptAgent::connect(&socket, &args).await;
+    // Hellos are handled whole before the welcome: membership is decided.
+    assert_eq!(members().await, [root_pid]);
+    let agents = client.agents().await.unwrap();
+    for pid in [stranger.pid(), liar.pid()] {
+        let a = agents.iter().find(|a| a.pid == pid).unwrap();
+        assert_eq!(
+            (a.parent_pid, a.parent_start_time),
+            (0, 0),
+            "the server dropped the claim of pid {pid}"
+        );
+    }
+    stranger.quit().await;
+    liar.quit().await;
+
+    // Once the root is gone its identity cannot be checked: an orphan that names it
+    // exactly is still its descendant (a grandchild whose parent exited first).
+    root.quit().await;
+    integration_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "the root's agent gone",
+        || {
+            let client = client.clone();
+            async move {
+                let agents = client.agents().await.map_err(|e| e.to_string())?;
+                if agents.iter().any(|a| a.pid == root_pid && a.connected) {
+                    return Err("still connected".to_owned());
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+    let mut args = fns.to_vec();
+    args.extend(["--parent", &false_claim]);
+    let (mut orphan, _) = ScriptAgent::connect(&socket, &args).await;
+    assert!(members().await.contains(&orphan.pid()));
+    orphan.quit().await;
+}
