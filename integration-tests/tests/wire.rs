@@ -353,6 +353,7 @@ fn hello() -> AgentMessage {
             epoch: 0,
             trampolines: vec![],
             callbacks: vec![],
+            ..Hello::default()
         })),
     }
 }
