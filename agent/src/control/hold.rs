@@ -35,8 +35,10 @@ pub fn exit_wait_for_session() {
     if !FOLLOWING.load(std::sync::atomic::Ordering::Acquire) {
         return;
     }
+    use crate::control::link;
     let deadline = std::time::Instant::now() + FOLLOW_CONNECT;
-    while !crate::control::link::connected() && std::time::Instant::now() < deadline {
+    // Not once the link failed: a server that is gone must not delay every exit.
+    while !link::connected() && !link::failed_once() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
 }

@@ -96,7 +96,9 @@ pub(crate) fn wait_first_cover(bound: Duration, connect: Duration) -> Outcome {
             return Outcome::SessionEnded;
         }
         let now = Instant::now();
-        if now >= deadline || (!crate::control::link::connected() && now >= start + connect) {
+        let link_down = !crate::control::link::connected()
+            && (now >= start + connect || crate::control::link::failed_once());
+        if now >= deadline || link_down {
             return Outcome::TimedOut;
         }
         // Short slices while no session is open: the link does not signal connecting.

@@ -32,7 +32,7 @@ pub struct Args {
     pub pid: Option<u32>,
     /// With --pid: trace its descendants too, at any depth, now and in future (children
     /// forked or spawned, images they exec), as their agents connect
-    #[arg(long, requires = "pid")]
+    #[arg(long, requires = "pid", conflicts_with_all = ["exe", "all"])]
     pub follow: bool,
     /// Trace every process running this executable, now and in future
     #[arg(long, value_name = "PATH")]

@@ -405,13 +405,13 @@ mod tests {
         ];
         assert_eq!(
             per_process_table(&all, 1),
-            "PID  FUNCTION    CALLS  SHARE\n\
-             \x20\x2010  [sh -c x]       0   0.0%\n\
-             \x20\x2011  [./prog 2]     30  75.0%\n\
-             \x20\x20\x20\x20    f1            20  50.0%\n\
-             \x20\x20\x20\x20    ... 1 more    10       \n\
-             \x20\x2012  [./prog 1]     10  25.0%\n\
-             \x20\x20\x20\x20    f1            10  25.0%\n\
+            "PID  FUNCTION      CALLS  SHARE\n \
+             10  [sh -c x]         0   0.0%\n \
+             11  [./prog 2]       30  75.0%\n       \
+             f1             20  50.0%\n       \
+             ... 1 more     10\n \
+             12  [./prog 1]       10  25.0%\n       \
+             f1             10  25.0%\n\
              total: 40 calls in 2 functions over 3 processes\n"
         );
         assert_eq!(
