@@ -164,7 +164,7 @@ impl Control for Fake {
             .and_then(|s| s.target.as_ref())
             .and_then(|t| t.target.as_ref())
         {
-            Some(target::Target::Pid(pid)) => *pid,
+            Some(target::Target::Pid(pid) | target::Target::Tree(pid)) => *pid,
             _ => 4242,
         };
         Ok(Response::new(AttachResponse {
