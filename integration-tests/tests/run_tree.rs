@@ -300,3 +300,51 @@ async fn a_recycled_or_false_parent_pid_is_not_followed() {
     assert!(members().await.contains(&orphan.pid()));
     orphan.quit().await;
 }
+
+/// `patchbay attach --pid PID --follow` makes a tree tracer; a root that matches
+/// nothing yet is no failure (a note says the tracer stays for its descendants), and
+/// a descendant that says hello gets it.
+#[tokio::test]
+async fn attach_follow_through_the_cli() {
+    use integration_tests::{ScriptAgent, TestServer};
+    let server = TestServer::start();
+    let socket = server.socket_path().to_path_buf();
+    let (mut root, _) = ScriptAgent::connect(&socket, &["--functions", "other_fn"]).await;
+    let pid = root.pid().to_string();
+    let o = server
+        .cli(&[
+            "--json", "attach", "--pid", &pid, "--follow", "--count", "tree_f1",
+        ])
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("stays for its descendants"), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        doc["tracer"]["spec"]["target"]["tree"],
+        serde_json::json!(root.pid()),
+        "{doc}"
+    );
+    // Without --pid, --follow is refused.
+    let o = server
+        .cli(&["attach", "--all", "--follow", "--count", "tree_f1"])
+        .await;
+    assert!(!o.status.success());
+    // An agent that names the live root as its parent but is not its child (its parent
+    // is this test) does not get the tracer: no agent has it live.
+    let client = server.client().await;
+    let agents = client.agents().await.unwrap();
+    let start = agents
+        .iter()
+        .find(|a| a.pid == root.pid())
+        .unwrap()
+        .start_time;
+    let claim = format!("{}:{start}", root.pid());
+    let (mut liar, _) =
+        ScriptAgent::connect(&socket, &["--functions", "tree_f1", "--parent", &claim]).await;
+    let tracers = client.tracers().await.unwrap();
+    assert_eq!(tracers.len(), 1);
+    assert_eq!(tracers[0].agents, 0, "{tracers:?}");
+    liar.quit().await;
+    root.quit().await;
+}
