@@ -63,11 +63,19 @@ extern "C" fn preload_constructor() {
         }
         return;
     }
+    let follow =
+        control::hold::follow_bound(std::env::var(control::hold::FOLLOW_VAR).ok().as_deref());
     match control::init::start_as(patchbay_proto::Arrival::Preloaded, None) {
         // `patchbay run`: wait before `main` until its tracers are attached.
         Ok(()) => {
+            if follow.is_some() {
+                control::hold::FOLLOWING.store(true, std::sync::atomic::Ordering::Release);
+            }
             if let Some(g) = gate {
                 g.wait();
+            } else if let Some(bound) = follow {
+                // A descendant in a followed tree: held until its tracers are live.
+                control::hold::follow_wait(bound);
             }
         }
         Err(e) => {

@@ -272,6 +272,41 @@ pub fn qs_target() -> PathBuf {
         .clone()
 }
 
+/// The program `fixtures/tree_prog.c` (process-tree tests: it forks workers and prints
+/// its own counts of `tree_f1`/`tree_f2`), built once per test process with
+/// [`Build::FentryCall`]'s flags.
+pub fn tree_prog() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = cache_dir();
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+            let src = source_dir().join("tree_prog.c");
+            let obj = dir.join("tree_prog.o");
+            let out = dir.join("tree_prog");
+            let tmp = dir.join("tree_prog.tmp");
+            let mut cc = Command::new("gcc");
+            cc.args(Build::FentryCall.cflags())
+                .args(["-Wall", "-Wextra", "-Werror", "-c"])
+                .arg(&src)
+                .arg("-o")
+                .arg(&obj);
+            run(cc, &format!("tree_prog (compile {})", src.display()));
+            let mut ld = Command::new("gcc");
+            ld.args(Build::FentryCall.ldflags())
+                .arg(&obj)
+                .arg("-o")
+                .arg(&tmp);
+            run(ld, "tree_prog (link)");
+            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
+                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
+            });
+            out
+        })
+        .clone()
+}
+
 /// The program `fixtures/runpath/main.c`, built once per test process into
 /// `runpath/runpath_target` with `DT_RUNPATH` `$ORIGIN/lib` (the only way it finds its
 /// plugin `lib/libpbplugin.so` by bare name), the plugin with `DT_RUNPATH`

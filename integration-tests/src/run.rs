@@ -14,6 +14,10 @@ pub struct RunOutput {
     pub json: serde_json::Value,
     /// Every other line of standard output: the program's own.
     pub program: Vec<String>,
+    /// How `patchbay` exited.
+    pub status: std::process::ExitStatus,
+    /// Its standard error.
+    pub stderr: String,
 }
 
 impl RunOutput {
@@ -65,12 +69,46 @@ pub async fn run_tracing(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> RunOutput {
+    let out = run_full(&[], flag, pattern, program, args, envs).await;
+    assert!(
+        out.status.success() && !out.json.is_null(),
+        "patchbay run failed: {}\n{:?}",
+        out.stderr,
+        out.program
+    );
+    out
+}
+
+/// Like [`run_counting`] with more `run` flags (`--no-follow`, `--per-process`), and
+/// whatever the outcome: `json` is `Null` when no document was printed.
+pub async fn run_with(
+    flags: &[&str],
+    pattern: &str,
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> RunOutput {
+    run_full(flags, "--count", pattern, program, args, envs).await
+}
+
+/// `patchbay --json run FLAGS TRACER_FLAG PATTERN --agent … -- PROGRAM ARGS`, whatever the
+/// outcome.
+async fn run_full(
+    flags: &[&str],
+    tracer_flag: &str,
+    pattern: &str,
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> RunOutput {
     let dir = tempfile::tempdir().unwrap();
     let xdg = dir.path().join("xdg");
     std::fs::create_dir(&xdg).unwrap();
     std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let o = tokio::process::Command::new(bins::patchbay())
-        .args(["--json", "run", flag, pattern, "--agent"])
+        .args(["--json", "run"])
+        .args(flags)
+        .args([tracer_flag, pattern, "--agent"])
         .arg(bins::agent_lib())
         .arg("--")
         .arg(program)
@@ -85,18 +123,18 @@ pub async fn run_tracing(
         .await
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "patchbay run failed: {err}\n{out}");
-    let json_line = out
-        .lines()
-        .rfind(|l| l.starts_with("{\""))
-        .unwrap_or_else(|| panic!("no JSON: {out}\n{err}"));
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let json_line = out.lines().rfind(|l| l.starts_with("{\""));
     RunOutput {
-        json: serde_json::from_str(json_line).unwrap(),
+        json: json_line
+            .map(|l| serde_json::from_str(l).unwrap())
+            .unwrap_or(serde_json::Value::Null),
         program: out
             .lines()
-            .filter(|l| *l != json_line)
+            .filter(|l| Some(*l) != json_line)
             .map(str::to_owned)
             .collect(),
+        status: o.status,
+        stderr,
     }
 }

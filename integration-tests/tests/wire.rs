@@ -354,6 +354,7 @@ fn hello() -> AgentMessage {
             trampolines: vec![],
             callbacks: vec![],
             arrival: 0,
+            ..Hello::default()
         })),
     }
 }

@@ -61,6 +61,7 @@ pub fn tracer_state(state: i32) -> &'static str {
 pub fn target_label(target: Option<&Target>) -> String {
     match target.and_then(|t| t.target.as_ref()) {
         Some(target::Target::Pid(pid)) => format!("pid {pid}"),
+        Some(target::Target::Tree(pid)) => format!("tree {pid}"),
         Some(target::Target::Exe(exe)) => format!("exe {exe}"),
         Some(target::Target::All(_)) => "all".to_owned(),
         None => "none".to_owned(),

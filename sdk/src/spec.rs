@@ -31,6 +31,17 @@ impl Target {
         })
     }
 
+    /// A running process and all its descendants, at any depth, now and in future:
+    /// children it forks or spawns and images they `exec`, as their agents connect
+    /// (the root's agent must be connected; a pid recycled by an unrelated process is
+    /// never taken for a descendant). A pattern that matches nothing in the root is no
+    /// error: descendants may match.
+    pub fn tree(root: u32) -> Self {
+        Target(proto::Target {
+            target: Some(target::Target::Tree(root)),
+        })
+    }
+
     /// Every agent, now and in future.
     pub fn all() -> Self {
         Target(proto::Target {
@@ -142,6 +153,7 @@ mod tests {
     #[test]
     fn targets() {
         assert_eq!(Target::pid(7).0.target, Some(target::Target::Pid(7)));
+        assert_eq!(Target::tree(7).0.target, Some(target::Target::Tree(7)));
         assert_eq!(
             Target::exe("/bin/x").as_proto().target,
             Some(target::Target::Exe("/bin/x".into()))

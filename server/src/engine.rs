@@ -196,9 +196,10 @@ impl Engine {
     pub fn admit_agent(
         &self,
         peer: (u32, u32),
-        hello: pb::Hello,
+        mut hello: pb::Hello,
         tx: AgentTx,
     ) -> Result<(AgentId, u64, bool), CoreError> {
+        check_parent(&mut hello);
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (agent, mut welcome) = match s.reg.agent_hello(Some(peer), hello, Instant::now()) {
             Ok(r) => r,
@@ -378,6 +379,43 @@ impl Engine {
     pub fn now() -> Instant {
         Instant::now()
     }
+}
+
+/// Checks a hello's parent claim against /proc (`registry::parent_claim_ok`); a claim
+/// that does not hold is dropped (the agent is then nobody's descendant).
+fn check_parent(hello: &mut pb::Hello) {
+    if hello.parent_pid == 0 && hello.parent_start_time == 0 {
+        return;
+    }
+    let facts = crate::registry::ParentFacts {
+        own_ppid: stat_fields(hello.pid).map(|f| f.1),
+        claimed_parent_start: stat_fields(hello.parent_pid).map(|f| f.2),
+    };
+    if !crate::registry::parent_claim_ok(hello.parent_pid, hello.parent_start_time, facts) {
+        tracing::info!(
+            pid = hello.pid,
+            parent_pid = hello.parent_pid,
+            parent_start_time = hello.parent_start_time,
+            ?facts,
+            "agent's parent claim does not match /proc: ignored"
+        );
+        hello.parent_pid = 0;
+        hello.parent_start_time = 0;
+    }
+}
+
+/// (state, ppid, start time) from `/proc/PID/stat` (fields 3, 4 and 22).
+fn stat_fields(pid: u32) -> Option<(char, u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces: fields start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    Some((
+        state,
+        fields.get(1)?.parse().ok()?,
+        fields.get(19)?.parse().ok()?,
+    ))
 }
 
 /// Whether process `pid` still runs with start time `start` (field 22 of its stat).

@@ -15,6 +15,55 @@ use std::time::Duration;
 /// Default bound of the wait.
 const DEFAULT_HOLD: Duration = Duration::from_secs(10);
 
+/// The variable that makes every process of a followed tree wait before `main` until
+/// the server covered it (`patchbay run`'s default): its value is the bound in
+/// milliseconds. Unlike the gate's, it stays in the environment, so that descendants
+/// (children, exec'd images) inherit it.
+pub const FOLLOW_VAR: &str = "PATCHBAY_FOLLOW_MS";
+
+/// How long a follower waits at most for its session to open: a server that does not
+/// answer must not delay every process of the tree by the whole bound.
+pub const FOLLOW_CONNECT: Duration = Duration::from_secs(1);
+
+/// Set in a process of a followed tree: at exit, its last counts wait (bounded) for a
+/// session if none is open yet (a short-lived forked child), so that they are not lost.
+pub static FOLLOWING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// At exit in a process of a followed tree with no session yet: waits (at most
+/// [`FOLLOW_CONNECT`]) for one, so that the final flush has somewhere to go.
+pub fn exit_wait_for_session() {
+    if !FOLLOWING.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    use crate::control::link;
+    let deadline = std::time::Instant::now() + FOLLOW_CONNECT;
+    // Not once the link failed: a server that is gone must not delay every exit.
+    while !link::connected() && !link::failed_once() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The bound of a follower's wait (pure): `None` when not following. Malformed values
+/// mean no wait; the bound is capped at [`DEFAULT_HOLD`].
+pub fn follow_bound(value: Option<&str>) -> Option<Duration> {
+    let ms: u64 = value?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms).min(DEFAULT_HOLD))
+}
+
+/// Before `main` in a process of a followed tree (no gate of its own): waits until the
+/// server attached the tracers meant for it, so that its first call is counted. A
+/// process no tracer concerns waits one round trip (the server answers at once); a
+/// process with no session within [`FOLLOW_CONNECT`] goes on.
+pub fn follow_wait(bound: Duration) {
+    use crate::control::loads::{self, Outcome};
+    match loads::wait_first_cover(bound, FOLLOW_CONNECT) {
+        Outcome::Covered | Outcome::SessionEnded => {}
+        Outcome::TimedOut => crate::control::log::debug(&format!(
+            "not covered by the server within {bound:?}: starting the program anyway"
+        )),
+    }
+}
+
 /// A start gate taken from the environment.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Gate {
@@ -97,6 +146,14 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_the_follow_bound() {
+        assert_eq!(follow_bound(Some("250")), Some(Duration::from_millis(250)));
+        assert_eq!(follow_bound(Some("99999999")), Some(DEFAULT_HOLD));
+        assert_eq!(follow_bound(Some("x")), None);
+        assert_eq!(follow_bound(None), None);
+    }
 
     #[test]
     fn parses_the_variables() {

@@ -174,6 +174,7 @@ impl link::Handler for Shared {
 
 /// At exit: send the final counts and events, waiting a bounded time.
 extern "C" fn at_exit() {
+    crate::control::hold::exit_wait_for_session();
     fork_lock();
     let msgs = runtime()
         .as_mut()

@@ -144,9 +144,19 @@ pub fn connected() -> bool {
     CONNECTED.load(std::sync::atomic::Ordering::Acquire)
 }
 
+/// Whether a session attempt of this process failed or ended (the server may be gone):
+/// waits that expect a session give up then.
+static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a session attempt of this process failed or a session ended.
+pub fn failed_once() -> bool {
+    FAILED.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// In a forked child: the parent's session is not the child's.
 pub fn forked_child() {
     CONNECTED.store(false, std::sync::atomic::Ordering::Release);
+    FAILED.store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// Waits (bounded) until the transport took every queued message of both streams.
@@ -206,6 +216,7 @@ pub fn run(socket: PathBuf, mut handler: impl Handler) {
             match session(&socket, &mut handler).await {
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(why) => {
+                    FAILED.store(true, std::sync::atomic::Ordering::Release);
                     handler.disconnected(&why);
                     crate::control::log::debug(&format!("patchbay agent: {why}"));
                 }

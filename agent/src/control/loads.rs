@@ -76,6 +76,44 @@ pub(crate) fn wait_covered() -> Outcome {
     }
 }
 
+/// In the constructor of a process started under a tree tracer (`hold::follow_bound`),
+/// before `main`: waits until the server covered the process (every tracer meant for
+/// it installed, or none meant for it: one round trip), the session ended, no session
+/// opened within `connect`, or `bound` passed. Same rendezvous as `dlopen`'s.
+pub(crate) fn wait_first_cover(bound: Duration, connect: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut st = state();
+    st.asked += 1;
+    let seq = st.asked;
+    let session = st.session;
+    WAKE.notify_one();
+    let deadline = start + bound;
+    loop {
+        if st.covered >= seq {
+            return Outcome::Covered;
+        }
+        if st.session != session {
+            return Outcome::SessionEnded;
+        }
+        let now = Instant::now();
+        let link_down = !crate::control::link::connected()
+            && (now >= start + connect || crate::control::link::failed_once());
+        if now >= deadline || link_down {
+            return Outcome::TimedOut;
+        }
+        // Short slices while no session is open: the link does not signal connecting.
+        let slice = if crate::control::link::connected() {
+            deadline - now
+        } else {
+            (deadline - now).min(Duration::from_millis(5))
+        };
+        st = COVERED
+            .wait_timeout(st, slice)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
 /// On the agent thread, before discovering: the last sequence taken (every waiter up to
 /// it loaded its objects before).
 pub(crate) fn asked() -> u64 {

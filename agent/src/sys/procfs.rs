@@ -86,6 +86,47 @@ pub(crate) fn start_time() -> u64 {
         .unwrap_or(0)
 }
 
+/// The parent process as it is now: (pid, start time), or `None` when it cannot be
+/// told (no parent, or it exited while we looked: `getppid` changed).
+pub(crate) fn parent() -> Option<(u32, u64)> {
+    // SAFETY: getppid cannot fail.
+    let ppid = unsafe { libc::getppid() };
+    if ppid <= 0 {
+        return None;
+    }
+    let start = std::fs::read_to_string(format!("/proc/{ppid}/stat"))
+        .ok()
+        .and_then(|s| parse_start_time(&s))?;
+    // SAFETY: as above. The parent did not exit meanwhile (we would have been
+    // reparented), so the start time read is the parent's, not a recycled pid's.
+    (unsafe { libc::getppid() } == ppid).then_some((ppid as u32, start))
+}
+
+/// `/proc/self/cmdline` as one line: arguments joined by spaces, at most `max` bytes
+/// (cut on a character boundary).
+pub(crate) fn cmdline(max: usize) -> String {
+    let raw = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+    join_cmdline(&raw, max)
+}
+
+/// The NUL-separated arguments of a `cmdline` file as one line (pure).
+pub(crate) fn join_cmdline(raw: &[u8], max: usize) -> String {
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let mut line = args.join(" ");
+    if line.len() > max {
+        let mut cut = max;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+    }
+    line
+}
+
 /// Whether `tid` is still a thread of this process.
 pub(crate) fn thread_alive(tid: u32) -> bool {
     std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
@@ -205,6 +246,26 @@ pub(crate) fn read_maps_containing(addrs: &mut [u64]) -> std::io::Result<Vec<Map
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_lines_are_joined_and_cut() {
+        assert_eq!(
+            join_cmdline(b"sh\0-c\0./prog 2 1\0", 100),
+            "sh -c ./prog 2 1"
+        );
+        assert_eq!(join_cmdline(b"", 100), "");
+        assert_eq!(join_cmdline(b"abc\0def\0", 5), "abc d");
+        // Never cut inside a character.
+        assert_eq!(join_cmdline("é\0".as_bytes(), 1), "");
+    }
+
+    #[test]
+    fn the_parent_is_this_process_s_parent() {
+        let (ppid, start) = parent().expect("a test process has a live parent");
+        // SAFETY: getppid cannot fail.
+        assert_eq!(ppid as i32, unsafe { libc::getppid() });
+        assert!(start > 0);
+    }
 
     #[test]
     fn only_the_mappings_containing_the_addresses_are_parsed() {

@@ -69,6 +69,9 @@ struct Args {
     /// Claim this uid in Hello instead of the real one.
     #[arg(long)]
     uid_override: Option<u32>,
+    /// Claim this parent `PID:START_TIME` in Hello (default: the real parent).
+    #[arg(long, value_name = "PID:START")]
+    parent: Option<String>,
     /// Claim this executable path instead of /proc/self/exe.
     #[arg(long)]
     exe: Option<String>,
@@ -95,14 +98,19 @@ fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 fn start_time() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    start_time_of_path("/proc/self/stat").expect("read /proc/self/stat")
+}
+
+/// The start time of process `pid` (0 when it is gone).
+fn start_time_of(pid: u32) -> u64 {
+    start_time_of_path(&format!("/proc/{pid}/stat")).unwrap_or(0)
+}
+
+fn start_time_of_path(path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = &stat[stat.rfind(')').expect("stat has ')'") + 2..];
-    rest.split_whitespace()
-        .nth(22 - 3)
-        .expect("field 22")
-        .parse()
-        .expect("start time is a number")
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -236,7 +244,20 @@ impl Agent {
             trampolines,
             callbacks: self.args.callbacks.clone(),
             arrival: 0,
+            parent_pid: self.parent().0,
+            parent_start_time: self.parent().1,
+            cmdline: "script-agent".into(),
         }
+    }
+
+    /// The parent the hello names: `--parent`, else the real one.
+    fn parent(&self) -> (u32, u64) {
+        if let Some(p) = &self.args.parent {
+            let (pid, start) = p.split_once(':').expect("--parent PID:START");
+            return (pid.parse().unwrap(), start.parse().unwrap());
+        }
+        let ppid = nix::unistd::getppid().as_raw() as u32;
+        (ppid, start_time_of(ppid))
     }
 
     async fn connect(&mut self) -> Option<Streaming<ServerMessage>> {

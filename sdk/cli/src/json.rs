@@ -54,6 +54,7 @@ pub fn function(f: &Function) -> Value {
 pub fn target(t: Option<&Target>) -> Value {
     match t.and_then(|t| t.target.as_ref()) {
         Some(target::Target::Pid(pid)) => json!({ "pid": pid }),
+        Some(target::Target::Tree(pid)) => json!({ "tree": pid }),
         Some(target::Target::Exe(exe)) => json!({ "exe": exe }),
         Some(target::Target::All(all)) => json!({ "all": all }),
         None => Value::Null,
@@ -193,6 +194,7 @@ mod tests {
             agents: 1,
             sites: 12,
             dropped: 0,
+            processes_matched: 1,
         };
         assert_eq!(
             tracer(&t),

@@ -493,7 +493,8 @@ async fn a_whole_run_prints_the_final_table_and_exits_with_the_program() {
     // The scripted server reports the attach timeout as the number of sites patched.
     assert!(
         err.contains(&format!(
-            "patchbay: counting 10000 functions matching 'w*' in pid {pid} (tracer 1)\n"
+            "patchbay: counting 10000 functions matching 'w*' in pid {pid}, and in its \
+             descendants as they start (tracer 1)\n"
         )),
         "{err}"
     );

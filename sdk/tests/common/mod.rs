@@ -73,6 +73,7 @@ pub fn tracer(id: u64, spec: Option<TracerSpec>) -> Tracer {
         agents: 1,
         sites: 3,
         dropped: 0,
+        processes_matched: 1,
     }
 }
 
@@ -163,7 +164,7 @@ impl Control for Fake {
             .and_then(|s| s.target.as_ref())
             .and_then(|t| t.target.as_ref())
         {
-            Some(target::Target::Pid(pid)) => *pid,
+            Some(target::Target::Pid(pid) | target::Target::Tree(pid)) => *pid,
             _ => 4242,
         };
         Ok(Response::new(AttachResponse {
@@ -335,6 +336,7 @@ impl Control for Fake {
         Ok(Response::new(CountsResponse {
             counts: vec![c("rare", 1), c("hot", 100), c("warm", 10)],
             total: 111,
+            processes: Vec::new(),
         }))
     }
 

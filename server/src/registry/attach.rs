@@ -31,7 +31,7 @@ impl Registry {
         let targets: Vec<AgentId> = self
             .agents
             .values()
-            .filter(|a| a.connected && tracer.targets(a))
+            .filter(|a| a.connected && tracer.targets(a, &self.parents))
             .map(|a| a.id)
             .collect();
         self.tracers.insert(id, tracer);
@@ -52,7 +52,7 @@ impl Registry {
     /// Checks an attach's spec against the registry: pattern, callback, target (a pid
     /// target must be a connected agent the caller may trace, and a custom callback
     /// one that process registered). Returns whether the target is a pid, and that
-    /// process's start time (0 for other targets).
+    /// process's (or a tree root's) start time (0 for other targets).
     fn check_attach_spec(
         &self,
         caller: Caller,
@@ -73,6 +73,14 @@ impl Registry {
                 let a = self.agent_by_pid(caller, *p)?;
                 pid_start_time = self.agents[&a].hello.start_time;
                 true
+            }
+            // The root of a tree must be a connected agent too; the tracer is bound to
+            // its start time. A pattern matching nothing in it is no error: its
+            // descendants may match.
+            pb::target::Target::Tree(p) => {
+                let a = self.agent_by_pid(caller, *p)?;
+                pid_start_time = self.agents[&a].hello.start_time;
+                false
             }
             pb::target::Target::Exe(e) if e.is_empty() => {
                 return Err(CoreError::Invalid("empty exe path".into()));
@@ -167,7 +175,7 @@ impl Registry {
             .tracers
             .values()
             .filter(|t| t.state == TracerState::Active)
-            .filter(|t| t.targets(&self.agents[&id]))
+            .filter(|t| t.targets(&self.agents[&id], &self.parents))
             .map(|t| t.id)
             .collect();
         for tr in wanted {
@@ -240,6 +248,9 @@ impl Registry {
                 self.attach_agent_result(op, id, Err(CoreError::NoMatch { pattern, pid, hint }));
             }
             return;
+        }
+        if let Some(t) = self.tracers.get_mut(&tracer) {
+            t.matched.insert(id);
         }
         let installed = self.add_tracer_to_sites(id, tracer, &sites, now);
         if let Some(op) = op {

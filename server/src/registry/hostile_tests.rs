@@ -95,6 +95,9 @@ impl Slot {
             uid: self.uid,
             exe: format!("/bin/p{}", self.pid),
             build_id: String::new(),
+            parent_pid: 0,
+            parent_start_time: 0,
+            cmdline: String::new(),
             tids: self.view.threads.iter().copied().collect(),
             epoch: self.view.epoch,
             trampolines: self

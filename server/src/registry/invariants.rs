@@ -103,7 +103,8 @@ impl Registry {
                 }
                 for tr in &ids {
                     match self.tracers.get(tr) {
-                        Some(x) if x.state == TracerState::Active && x.targets(a) => {}
+                        Some(x)
+                            if x.state == TracerState::Active && x.targets(a, &self.parents) => {}
                         other => {
                             return Err(format!(
                                 "agent {id}: active trampoline {tid} calls tracer {tr} which is {:?}",

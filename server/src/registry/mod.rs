@@ -63,6 +63,7 @@ pub use model::{
     Trampoline, TrampolineId,
 };
 pub use persist::SavedTracer;
+pub use validate::{ParentFacts, parent_claim_ok};
 
 use model::{Op, Request};
 
@@ -72,6 +73,8 @@ pub struct Registry {
     pub settings: Settings,
     agents: BTreeMap<AgentId, Agent>,
     by_identity: HashMap<(u32, u64), AgentId>,
+    /// Parentage from the hellos (kept after the agents left), for tree tracers.
+    parents: model::Parents,
     tracers: BTreeMap<TracerId, Tracer>,
     requests: HashMap<u64, (AgentId, Request)>,
     ops: BTreeMap<OpId, Op>,

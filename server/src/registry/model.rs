@@ -200,7 +200,8 @@ pub struct Tracer {
     pub spec: pb::TracerSpec,
     pub owner_uid: u32,
     pub state: TracerState,
-    /// For a pid target: the start time of the process it was attached to, so that the
+    /// For a pid or tree target: the start time of the process it was attached to (the
+    /// tree's root), so that the
     /// tracer never applies to a later process that reuses the pid (0: any).
     pub pid_start_time: u64,
     /// Counts and drops of agents whose process exited, kept for the tracer's life.
@@ -208,6 +209,48 @@ pub struct Tracer {
     pub(super) archived_dropped: u64,
     /// Latency figures of agents whose process exited, kept for the tracer's life.
     pub(super) archived_latency: super::latency::LatencyTable,
+    /// The same counts per exited process (for `Counts.processes`), at most
+    /// [`MAX_ARCHIVED_PROCESSES`] of them; beyond, only the sums above grow.
+    pub(super) archived_procs: Vec<ArchivedProcess>,
+    /// Agents in which the pattern matched a patchable function, ever.
+    pub(super) matched: BTreeSet<AgentId>,
+}
+
+/// How many exited processes a tracer keeps a breakdown of.
+pub(super) const MAX_ARCHIVED_PROCESSES: usize = 4096;
+
+/// The final counts of a tracer in a process that exited.
+#[derive(Clone, Debug)]
+pub(super) struct ArchivedProcess {
+    pub pid: u32,
+    pub start_time: u64,
+    pub exe: String,
+    pub cmdline: String,
+    pub counts: CountTable,
+}
+
+/// A process identity: (pid, start time).
+pub type Identity = (u32, u64);
+
+/// Parentage the agents reported: each process identity's parent identity. Entries
+/// outlive their agents, so that a grandchild whose parent already exited is still
+/// known to descend from the root.
+pub type Parents = HashMap<Identity, Identity>;
+
+/// Whether `who` is `root` or descends from it in `parents` (cycle-safe, bounded).
+pub fn descends(parents: &Parents, who: Identity, root: Identity) -> bool {
+    let mut at = who;
+    // A chain longer than this is a loop in made-up parentage, not a process tree.
+    for _ in 0..=4096 {
+        if at == root {
+            return true;
+        }
+        match parents.get(&at) {
+            Some(&up) => at = up,
+            None => return false,
+        }
+    }
+    false
 }
 
 /// Counts by function name, with the agents that contributed.
@@ -254,6 +297,8 @@ impl Tracer {
             archived: CountTable::new(),
             archived_dropped: 0,
             archived_latency: Default::default(),
+            archived_procs: Vec::new(),
+            matched: BTreeSet::new(),
         }
     }
     pub(super) fn reference(&self) -> pb::TracerRef {
@@ -262,10 +307,16 @@ impl Tracer {
             callback: self.spec.callback.clone(),
         }
     }
-    pub(super) fn targets(&self, agent: &Agent) -> bool {
+    /// Whether the tracer is meant for `agent` (`parents`: for tree targets).
+    pub(super) fn targets(&self, agent: &Agent, parents: &Parents) -> bool {
         let uid_ok = self.owner_uid == 0 || self.owner_uid == agent.hello.uid;
         uid_ok
             && match self.spec.target.as_ref().and_then(|t| t.target.as_ref()) {
+                Some(pb::target::Target::Tree(root)) => descends(
+                    parents,
+                    (agent.hello.pid, agent.hello.start_time),
+                    (*root, self.pid_start_time),
+                ),
                 Some(pb::target::Target::Pid(p)) => {
                     *p == agent.hello.pid
                         && (self.pid_start_time == 0

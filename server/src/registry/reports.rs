@@ -173,7 +173,7 @@ impl Registry {
     /// Whether tracer `tracer` exists and is meant for agent `id`.
     pub(super) fn tracer_applies(&self, tracer: TracerId, id: AgentId) -> bool {
         match (self.tracers.get(&tracer), self.agents.get(&id)) {
-            (Some(t), Some(a)) => t.targets(a),
+            (Some(t), Some(a)) => t.targets(a, &self.parents),
             _ => false,
         }
     }

@@ -10,8 +10,8 @@ use pb::server_message::Body as ToAgent;
 
 use super::Registry;
 use super::model::{
-    Agent, AgentId, Reply, Request, TState, TracerId, TracerState, Trampoline, TrampolineId,
-    fold_counts,
+    Agent, AgentId, ArchivedProcess, CountTable, MAX_ARCHIVED_PROCESSES, Reply, Request, TState,
+    TracerId, TracerState, Trampoline, TrampolineId, fold_counts,
 };
 use super::validate::validate_hello;
 use crate::error::CoreError;
@@ -28,6 +28,13 @@ impl Registry {
     ) -> Result<(AgentId, pb::Welcome), CoreError> {
         validate_hello(peer, &hello)?;
         let (id, resumed) = self.identify(&hello)?;
+        let me = (hello.pid, hello.start_time);
+        let parent = (hello.parent_pid, hello.parent_start_time);
+        // The shell checked the claim against /proc (`procfs::parent_claim_ok`) and
+        // zeroed it when wrong. A process is never its own parent.
+        if parent.0 != 0 && parent.1 != 0 && parent != me {
+            self.parents.insert(me, parent);
+        }
         if !resumed {
             self.register(id, hello.clone());
         }
@@ -133,7 +140,7 @@ impl Registry {
                 match self.tracers.get(&r.tracer_id) {
                     Some(x)
                         if x.state == TracerState::Active
-                            && x.targets(agent)
+                            && x.targets(agent, &self.parents)
                             && x.reference() == *r => {}
                     _ => {
                         stale.insert(r.tracer_id);
@@ -225,6 +232,17 @@ impl Registry {
         for (tracer, counts) in &agent.counts {
             if let Some(t) = self.tracers.get_mut(tracer) {
                 fold_counts(&agent, counts, &mut t.archived);
+                if t.archived_procs.len() < MAX_ARCHIVED_PROCESSES {
+                    let mut table = CountTable::new();
+                    fold_counts(&agent, counts, &mut table);
+                    t.archived_procs.push(ArchivedProcess {
+                        pid,
+                        start_time: agent.hello.start_time,
+                        exe: agent.hello.exe.clone(),
+                        cmdline: agent.hello.cmdline.clone(),
+                        counts: table,
+                    });
+                }
             }
         }
         for (tracer, report) in &agent.latency {

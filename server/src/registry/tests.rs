@@ -55,6 +55,9 @@ impl Sim {
             uid: 0,
             exe: "/sim".into(),
             build_id: String::new(),
+            parent_pid: 0,
+            parent_start_time: 0,
+            cmdline: String::new(),
             tids: self.threads.iter().copied().collect(),
             epoch: self.epoch,
             trampolines: self
@@ -1015,6 +1018,126 @@ fn sites_of_an_unloaded_object_leave_the_plan_and_come_back_when_it_is_loaded_ag
         sim.owner.contains_key(&alpha) && sim.owner.contains_key(&alpine),
         "{:?}",
         sim.owner
+    );
+    reg.check_invariants().unwrap();
+}
+
+/// A sim for process `pid` whose hello names `parent` (pid, start time).
+fn child_sim(pid: u32) -> Sim {
+    let mut s = new_sim(1);
+    s.pid = pid;
+    s
+}
+
+fn connect_child(reg: &mut Registry, sim: &mut Sim, parent: (u32, u64)) {
+    let mut h = sim.hello();
+    h.parent_pid = parent.0;
+    h.parent_start_time = parent.1;
+    let (id, _) = reg
+        .agent_hello(Some((sim.pid, 0)), h, Instant::now())
+        .expect("hello accepted");
+    sim.id = id;
+}
+
+fn tree_spec(root: u32, pattern: &str) -> pb::AttachRequest {
+    let mut s = spec(pattern);
+    s.spec.as_mut().unwrap().target = Some(pb::Target {
+        target: Some(pb::target::Target::Tree(root)),
+    });
+    s
+}
+
+/// A tree tracer reaches descendants at any depth as they say hello, also after their
+/// parent is gone; a process whose parent identity names another process (a recycled
+/// pid: same pid, another start time) or no tree member is not traced.
+#[test]
+fn tree_tracers_follow_descendants_and_never_recycled_pids() {
+    let mut reg = Registry::new(Settings::default());
+    // Every sim says start time 42: identities differ by pid.
+    let mut root = child_sim(100);
+    connect(&mut reg, &mut root);
+    // Nothing matches in the root: no error, the tracer stays for descendants.
+    reg.attach(Caller::ROOT, tree_spec(100, "zzz*")).unwrap();
+    let replies = settle(&mut reg, &mut root).unwrap();
+    assert!(
+        matches!(&replies[..], [(_, Reply::Attach(Ok(_)))]),
+        "{replies:?}"
+    );
+    reg.attach(Caller::ROOT, tree_spec(100, "alpha")).unwrap();
+    settle(&mut reg, &mut root).unwrap();
+    let tracer = reg.list_tracers(Caller::ROOT)[1].tracer_id;
+
+    let mut child = child_sim(101);
+    connect_child(&mut reg, &mut child, (100, 42));
+    settle(&mut reg, &mut child).unwrap();
+    assert_eq!(child.owner.len(), 1, "the child got the tracer");
+    // The child exits; its child (the root's grandchild) still descends from the root.
+    let child_id = child.id;
+    reg.agent_disconnected(child_id);
+    reg.agent_gone(child_id);
+    let mut grandchild = child_sim(102);
+    connect_child(&mut reg, &mut grandchild, (101, 42));
+    settle(&mut reg, &mut grandchild).unwrap();
+    assert_eq!(grandchild.owner.len(), 1, "the grandchild got the tracer");
+
+    // Parent pid 101 with another start time: a recycled pid, not the root's child.
+    let mut stranger = child_sim(103);
+    connect_child(&mut reg, &mut stranger, (101, 77));
+    settle(&mut reg, &mut stranger).unwrap();
+    assert!(
+        stranger.owner.is_empty(),
+        "a recycled parent pid is not followed"
+    );
+    // No parent named, or an unrelated one: not traced.
+    let mut orphan = child_sim(104);
+    connect_child(&mut reg, &mut orphan, (1, 1));
+    settle(&mut reg, &mut orphan).unwrap();
+    assert!(orphan.owner.is_empty());
+    // A process that claims to be its own parent is nobody's descendant.
+    let mut own = child_sim(105);
+    connect_child(&mut reg, &mut own, (105, 42));
+    settle(&mut reg, &mut own).unwrap();
+    assert!(own.owner.is_empty());
+
+    // Counts of the grandchild, then it exits: kept in the totals and per process.
+    let report = |n| {
+        FromAgent::Counts(pb::CountReport {
+            tracer_id: tracer,
+            counts: vec![pb::SiteCount {
+                site: Some(pb::Site {
+                    address: addr(0),
+                    name: "alpha".into(),
+                }),
+                count: n,
+            }],
+        })
+    };
+    reg.agent_message(grandchild.id, Some(report(5)), Instant::now())
+        .unwrap();
+    reg.agent_message(root.id, Some(report(7)), Instant::now())
+        .unwrap();
+    reg.agent_disconnected(grandchild.id);
+    reg.agent_gone(grandchild.id);
+    let c = reg.counts(Caller::ROOT, tracer).unwrap();
+    assert_eq!(c.total, 12);
+    let by_pid: Vec<(u32, u64, bool)> = c
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.total, p.exited))
+        .collect();
+    // The root (live), the child (exited with no calls is not kept: it never counted),
+    // the grandchild (exited, kept).
+    assert!(by_pid.contains(&(100, 7, false)), "{by_pid:?}");
+    assert!(by_pid.contains(&(102, 5, true)), "{by_pid:?}");
+    assert!(!by_pid.iter().any(|p| p.0 >= 103), "{by_pid:?}");
+    let info = reg
+        .list_tracers(Caller::ROOT)
+        .into_iter()
+        .find(|t| t.tracer_id == tracer)
+        .unwrap();
+    assert_eq!(
+        info.processes_matched, 3,
+        "root, child and grandchild matched"
     );
     reg.check_invariants().unwrap();
 }

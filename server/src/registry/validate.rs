@@ -130,3 +130,54 @@ pub(super) fn validate_hello(peer: Option<(u32, u32)>, hello: &pb::Hello) -> Res
     }
     validate_rereport(&hello.trampolines)
 }
+
+/// What /proc says now about a hello's parent claim (`Hello.parent_pid`,
+/// `parent_start_time`): the agent's own parent pid, and the start time of the process
+/// that now has the claimed parent pid (`None`: no such process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParentFacts {
+    pub own_ppid: Option<u32>,
+    pub claimed_parent_start: Option<u64>,
+}
+
+/// Whether a hello's parent claim `(ppid, pstart)` agrees with /proc (pure). A live
+/// process of that pid must have that start time (else the pid was recycled: the claim
+/// names a process that is gone) and, when it is the claimed parent, must still be the
+/// agent's parent (a live process that is not its parent is a false claim). A parent
+/// that is gone cannot be checked: the claim stands, and names a process the server
+/// knows only if that one said hello itself.
+pub fn parent_claim_ok(ppid: u32, pstart: u64, facts: ParentFacts) -> bool {
+    if ppid == 0 || pstart == 0 {
+        return false;
+    }
+    match facts.claimed_parent_start {
+        Some(now) if now != pstart => false,
+        Some(_) => facts.own_ppid.is_none_or(|own| own == ppid),
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod parent_tests {
+    use super::*;
+
+    #[test]
+    fn parent_claims_are_checked_against_proc() {
+        let facts = |own, start| ParentFacts {
+            own_ppid: own,
+            claimed_parent_start: start,
+        };
+        // The parent lives and is ours.
+        assert!(parent_claim_ok(10, 500, facts(Some(10), Some(500))));
+        // The pid now belongs to another process: recycled, never our parent.
+        assert!(!parent_claim_ok(10, 500, facts(Some(1), Some(900))));
+        assert!(!parent_claim_ok(10, 500, facts(Some(10), Some(900))));
+        // A live process that is not our parent.
+        assert!(!parent_claim_ok(10, 500, facts(Some(11), Some(500))));
+        // The parent is gone (we were reparented): the claim stands.
+        assert!(parent_claim_ok(10, 500, facts(Some(1), None)));
+        // No claim.
+        assert!(!parent_claim_ok(0, 0, facts(Some(1), None)));
+        assert!(!parent_claim_ok(10, 0, facts(Some(10), Some(500))));
+    }
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use patchbay_proto as pb;
 
 use super::Registry;
-use super::model::{Agent, Caller, TState, TracerId, TracerState, fold_counts};
+use super::model::{Agent, Caller, CountTable, TState, TracerId, TracerState, fold_counts};
 use crate::error::CoreError;
 use crate::grace::{Purpose, Tid};
 
@@ -30,6 +30,9 @@ impl Registry {
                 callbacks: a.hello.callbacks.clone(),
                 trampolines: a.live_trampolines() as u32,
                 arrival: a.hello.arrival,
+                parent_pid: a.hello.parent_pid,
+                parent_start_time: a.hello.parent_start_time,
+                cmdline: a.hello.cmdline.clone(),
             })
             .collect()
     }
@@ -64,6 +67,7 @@ impl Registry {
             agents,
             sites,
             dropped,
+            processes_matched: u32::try_from(t.matched.len()).unwrap_or(u32::MAX),
         })
     }
 
@@ -164,22 +168,73 @@ impl Registry {
     ) -> Result<pb::CountsResponse, CoreError> {
         let t = self.visible_tracer(caller, tracer)?;
         let mut by_name = t.archived.clone();
-        for a in self.agents.values() {
-            if let Some(counts) = a.counts.get(&tracer) {
-                fold_counts(a, counts, &mut by_name);
-            }
-        }
-        let mut counts: Vec<pb::FunctionCount> = by_name
-            .into_iter()
-            .map(|(function, (count, agents))| pb::FunctionCount {
-                function,
-                count,
-                agents: agents.len() as u32,
+        let mut processes: Vec<pb::ProcessCounts> = t
+            .archived_procs
+            .iter()
+            .map(|p| {
+                let mut c = process_counts(p.pid, p.start_time, &p.exe, &p.cmdline, &p.counts);
+                c.exited = true;
+                c
             })
             .collect();
-        counts.sort_by(|a, b| b.count.cmp(&a.count).then(a.function.cmp(&b.function)));
-        let total = counts.iter().fold(0u64, |t, c| t.saturating_add(c.count));
-        Ok(pb::CountsResponse { counts, total })
+        for a in self.agents.values() {
+            let counts = a.counts.get(&tracer);
+            if counts.is_none() && !t.targets(a, &self.parents) {
+                continue;
+            }
+            let mut mine = CountTable::new();
+            if let Some(counts) = counts {
+                fold_counts(a, counts, &mut by_name);
+                fold_counts(a, counts, &mut mine);
+            }
+            let h = &a.hello;
+            let mut c = process_counts(h.pid, h.start_time, &h.exe, &h.cmdline, &mine);
+            c.connected = a.connected;
+            processes.push(c);
+        }
+        let (counts, total) = count_list(&by_name);
+        processes.sort_by_key(|p| (p.start_time, p.pid));
+        Ok(pb::CountsResponse {
+            counts,
+            total,
+            processes,
+        })
+    }
+}
+
+/// A count table as a list, largest first (ties by name), and its sum.
+fn count_list(table: &CountTable) -> (Vec<pb::FunctionCount>, u64) {
+    let mut counts: Vec<pb::FunctionCount> = table
+        .iter()
+        .map(|(function, (count, agents))| pb::FunctionCount {
+            function: function.clone(),
+            count: *count,
+            agents: agents.len() as u32,
+        })
+        .collect();
+    counts.sort_by(|a, b| b.count.cmp(&a.count).then(a.function.cmp(&b.function)));
+    let total = counts.iter().fold(0u64, |t, c| t.saturating_add(c.count));
+    (counts, total)
+}
+
+/// One process's share of a tracer's counts.
+fn process_counts(
+    pid: u32,
+    start_time: u64,
+    exe: &str,
+    cmdline: &str,
+    table: &CountTable,
+) -> pb::ProcessCounts {
+    let (counts, total) = count_list(table);
+    pb::ProcessCounts {
+        pid,
+        start_time,
+        exe: exe.to_string(),
+        cmdline: cmdline.to_string(),
+        exited: false,
+        counts,
+        total,
+        connected: false,
     }
 }
 

@@ -170,6 +170,7 @@ impl Runtime {
         self.reporter.forked_child();
         self.grace.forked_child();
         timeline::forked_child();
+        self.session.forked_child();
     }
 }
 

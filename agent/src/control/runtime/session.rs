@@ -15,7 +15,18 @@ pub(crate) struct Session {
     settings: pb::AgentSettings,
     /// Callback registry generation last announced to the server.
     callbacks_announced: u64,
+    /// This process (pid, start time), so that a forked child can name its parent.
+    me: (u32, u64),
+    /// The parent named in every hello (`(0, 0)`: unknown). Read when the agent starts,
+    /// before `main` (the parent that started the program is most likely still alive);
+    /// in a forked child, the forking process itself, known without looking.
+    parent: (u32, u64),
+    /// The command line, for people.
+    cmdline: String,
 }
+
+/// At most this much of the command line goes into the hello.
+const CMDLINE_MAX: usize = 4096;
 
 impl Session {
     pub(crate) fn new() -> Session {
@@ -26,7 +37,16 @@ impl Session {
                 flush_interval_ms: 100,
             },
             callbacks_announced: 0,
+            me: (std::process::id(), procfs::start_time()),
+            parent: procfs::parent().unwrap_or((0, 0)),
+            cmdline: procfs::cmdline(CMDLINE_MAX),
         }
+    }
+
+    /// In a forked child: the process that forked is the parent.
+    pub(crate) fn forked_child(&mut self) {
+        self.parent = self.me;
+        self.me = (std::process::id(), procfs::start_time());
     }
 
     /// The server's settings (kept across reconnections until replaced).
@@ -82,6 +102,9 @@ impl Session {
                 callbacks::names()
             },
             arrival: crate::control::init::arrival(),
+            parent_pid: self.parent.0,
+            parent_start_time: self.parent.1,
+            cmdline: self.cmdline.clone(),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! `patchbay attach (--pid N | --exe PATH | --all) (--count | --trace [--args N] | --latency
-//! | --custom NAME) PATTERN [--name LABEL] [--timeout-ms MS]`.
+//! `patchbay attach (--pid N [--follow] | --exe PATH | --all) (--count | --trace [--args N] |
+//! --latency | --custom NAME) PATTERN [--name LABEL] [--timeout-ms MS]`.
 //!
 //! `graph` tracers are not offered yet: the agent does not emit exit events (the SDK does
 //! not build them either).
@@ -30,6 +30,10 @@ pub struct Args {
     /// Trace one running process
     #[arg(long)]
     pub pid: Option<u32>,
+    /// With --pid: trace its descendants too, at any depth, now and in future (children
+    /// forked or spawned, images they exec), as their agents connect
+    #[arg(long, requires = "pid", conflicts_with_all = ["exe", "all"])]
+    pub follow: bool,
     /// Trace every process running this executable, now and in future
     #[arg(long, value_name = "PATH")]
     pub exe: Option<String>,
@@ -77,6 +81,7 @@ pub struct Args {
 impl Args {
     fn target(&self) -> anyhow::Result<Target> {
         Ok(match (&self.pid, &self.exe) {
+            (Some(pid), _) if self.follow => Target::tree(*pid),
             (Some(pid), _) => Target::pid(*pid),
             (None, Some(exe)) => Target::exe(resolve_exe(exe)?),
             (None, None) => Target::all(),
@@ -120,9 +125,11 @@ pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Resul
     if args.pid.is_some() && !args.no_inject {
         // A process without an agent gets one injected (with ptrace, by this process).
         let exe = std::env::current_exe().ok();
+        let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
         match crate::commands::run::launch::find_agent(
             args.agent.as_deref(),
             exe.as_deref(),
+            home.as_deref(),
             Path::is_file,
         ) {
             Ok(agent) => attach = attach.inject(agent),
@@ -151,6 +158,17 @@ pub async fn run(client: &Client, args: Args, out: &mut Output) -> anyhow::Resul
         .iter()
         .filter(|r| !r.error.is_empty())
         .collect();
+    if args.follow {
+        // A tree tracer stays for the descendants to come: no agent matching yet is
+        // no failure.
+        for r in failed {
+            eprintln!(
+                "note: pid {}: {}; tracer {tracer_id} stays for its descendants                  (`patchbay detach {tracer_id}` removes it)",
+                r.pid, r.error
+            );
+        }
+        return Ok(());
+    }
     if !failed.is_empty() && failed.len() == answer.results.len() {
         bail!(
             "tracer {tracer_id} could not be attached to any agent (pid {}: {}); \
@@ -219,6 +237,18 @@ mod tests {
         Wrapper::try_parse_from(std::iter::once("attach").chain(args.iter().copied()))
             .unwrap()
             .args
+    }
+
+    #[test]
+    fn follow_makes_a_tree_target() {
+        let s = parse(&["--pid", "42", "--follow", "--count", "f*"])
+            .spec()
+            .unwrap()
+            .into_proto();
+        assert_eq!(s.target.unwrap().target, Some(target::Target::Tree(42)));
+        // --follow follows a pid.
+        let bad = ["attach", "--all", "--follow", "--count", "f*"];
+        assert!(Wrapper::try_parse_from(bad).is_err());
     }
 
     #[test]

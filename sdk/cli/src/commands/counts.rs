@@ -81,6 +81,7 @@ mod tests {
         let answer = CountsResponse {
             counts: vec![c("sqlite3_step", 1200), c("main", 1)],
             total: 1201,
+            processes: Vec::new(),
         };
         assert_eq!(
             render(&answer),

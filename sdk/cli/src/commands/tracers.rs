@@ -69,6 +69,7 @@ mod tests {
             agents: 1,
             sites: 4,
             dropped: 0,
+            processes_matched: 1,
         }];
         let text = table(&tracers);
         let row = text.lines().nth(1).unwrap();

@@ -1,15 +1,22 @@
-//! `patchbay run (--count | --latency) PATTERN [--interval-ms MS] [--top N] [--agent PATH]
-//! [--timeout-ms MS] -- PROGRAM ARGS...`: the one command that does the main job.
+//! `patchbay run (--count | --latency) PATTERN [--no-follow] [--per-process]
+//! [--interval-ms MS] [--top N] [--agent PATH] [--timeout-ms MS] -- PROGRAM ARGS...`: the
+//! one command that does the main job.
 //!
 //! 1. use the server at `--socket` (or the default socket) if one answers, else start an
 //!    embedded one on a private socket ([`server`]);
 //! 2. find the agent library and launch the program with it preloaded ([`launch`]),
 //!    held before `main` by a start gate (`patchbay_agent::hold`);
 //! 3. wait until the program's agent connects, attach a `count` tracer to it, release
-//!    the gate: the tracer is live before the program's first call;
+//!    the gate: the tracer is live before the program's first call. By default the
+//!    tracer follows the process tree (`Target::tree`): every descendant (children,
+//!    shells' commands, `exec` chains) gets it as its agent connects, and is held
+//!    before its own `main` until then (`PATCHBAY_FOLLOW_MS`, see
+//!    `patchbay_agent::hold`); `patchbay` becomes the children's subreaper, so that it
+//!    also waits for descendants that outlive the program;
 //! 4. while the program runs, redraw the hottest functions on stderr ([`view`]);
-//! 5. when it exits, wait for its agent's last counts, print the final table (or JSON),
-//!    detach, and exit with the program's status.
+//! 5. when it exits (and, following, every descendant), wait for the agents' last
+//!    counts, print the final table summed over the tree (or JSON; `--per-process`
+//!    breaks it down), detach, and exit with the program's status.
 //!
 //! SIGINT and SIGTERM are caught and passed on to the program ([`signals`]), so that
 //! `patchbay` outlives it and prints the final counts.
@@ -40,6 +47,10 @@ use view::{Live, Spinner};
 /// The label of the tracers `patchbay run` attaches.
 const RUN_TRACER_NAME: &str = "patchbay run";
 
+/// The variable that makes descendants wait before `main` until covered (the agent's
+/// `hold::FOLLOW_VAR`; the CLI does not link the agent).
+const FOLLOW_VAR: &str = "PATCHBAY_FOLLOW_MS";
+
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("tracer").required(true).args(["pattern", "latency"])))]
 pub struct Args {
@@ -62,6 +73,13 @@ pub struct Args {
     /// executable, else in its ../lib/patchbay/, ~/.local/lib/patchbay/, /usr/lib/patchbay/]
     #[arg(long, env = "PATCHBAY_AGENT", value_name = "PATH")]
     pub agent: Option<PathBuf>,
+    /// Trace the launched process alone, not the processes it starts (by default every
+    /// descendant is traced: shells, wrapper scripts, `exec` chains, forked workers)
+    #[arg(long)]
+    pub no_follow: bool,
+    /// Break the final table down by process (pid and command line)
+    #[arg(long)]
+    pub per_process: bool,
     /// How long to wait for the program's agent to connect, and then for the tracer to go
     /// live, in milliseconds (the program waits before `main` meanwhile)
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
@@ -106,6 +124,7 @@ pub async fn main(args: Args, globals: Globals<'_>) -> anyhow::Result<u8> {
             &connection.socket,
             signals,
             Duration::from_millis(args.timeout_ms),
+            !args.no_follow,
         )?;
         let session = Session {
             client: &connection.client,
@@ -143,6 +162,7 @@ impl Program {
         socket: &Path,
         signals: Signals,
         hold: Duration,
+        follow: bool,
     ) -> anyhow::Result<Program> {
         use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
         use std::os::fd::AsRawFd;
@@ -154,12 +174,27 @@ impl Program {
             nix::unistd::pipe2(OFlag::O_CLOEXEC).context("cannot create the start gate")?;
         fcntl(&gate_r, FcntlArg::F_SETFD(FdFlag::empty()))
             .context("cannot pass the start gate on")?;
-        let child = tokio::process::Command::new(program)
+        let mut command = tokio::process::Command::new(program);
+        command
             .args(args)
             .env("LD_PRELOAD", preload)
             .env("PATCHBAY_SOCKET", socket)
             .env("PATCHBAY_HOLD_FD", gate_r.as_raw_fd().to_string())
-            .env("PATCHBAY_HOLD_MS", hold.as_millis().to_string())
+            .env("PATCHBAY_HOLD_MS", hold.as_millis().to_string());
+        if follow {
+            // Descendants inherit it: each waits before `main` until it is covered.
+            command.env(FOLLOW_VAR, hold.as_millis().to_string());
+            // Orphaned descendants become our children: we wait for them too.
+            // SAFETY: prctl with integer arguments only.
+            let rc = unsafe { nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+            if rc != 0 {
+                tracing::debug!(
+                    "cannot become the children's subreaper: descendants that \
+                                 outlive the program are not waited for"
+                );
+            }
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("cannot start {}", Path::new(program).display()))?;
         drop(gate_r);
@@ -308,9 +343,14 @@ impl Session<'_> {
             }
         }
 
+        let target = if self.follow() {
+            Target::tree(pid)
+        } else {
+            Target::pid(pid)
+        };
         let spec = match &self.args.latency {
-            Some(p) => Tracer::latency(Target::pid(pid), p.clone()),
-            None => Tracer::count(Target::pid(pid), self.args.pattern()),
+            Some(p) => Tracer::latency(target, p.clone()),
+            None => Tracer::count(target, self.args.pattern()),
         }
         .name(RUN_TRACER_NAME);
         let attach = self.client.attach(spec).timeout(self.timeout());
@@ -347,24 +387,42 @@ impl Session<'_> {
         } else {
             String::new()
         };
+        let functions = if patched == 1 {
+            "function"
+        } else {
+            "functions"
+        };
         // One write: the program's own output runs concurrently.
-        let line = format!(
-            "patchbay: {} {patched} {} matching '{}' in pid {pid} (tracer {}){skipped}",
-            if self.args.latency.is_some() {
-                "timing"
-            } else {
-                "counting"
-            },
-            if patched == 1 {
-                "function"
-            } else {
-                "functions"
-            },
-            self.args.pattern(),
-            tracer.id(),
-        );
+        let verb = if self.args.latency.is_some() {
+            "timing"
+        } else {
+            "counting"
+        };
+        let line = match (self.follow(), patched) {
+            (false, _) => format!(
+                "patchbay: {verb} {patched} {functions} matching '{}' in pid {pid} (tracer {}){skipped}",
+                self.args.pattern(),
+                tracer.id(),
+            ),
+            (true, 0) => format!(
+                "patchbay: nothing matches '{}' in pid {pid} yet: following its descendants \
+                 (tracer {}){skipped}",
+                self.args.pattern(),
+                tracer.id(),
+            ),
+            (true, _) => format!(
+                "patchbay: {verb} {patched} {functions} matching '{}' in pid {pid}, and in \
+                 its descendants as they start (tracer {}){skipped}",
+                self.args.pattern(),
+                tracer.id(),
+            ),
+        };
         eprintln!("{line}");
         for r in results.iter().filter(|r| !r.error.is_empty()) {
+            // Following, a root that matches nothing is no failure (said above).
+            if self.follow() && r.pid == pid && patched == 0 && r.sites_patched == 0 {
+                continue;
+            }
             eprintln!("patchbay: warning: pid {}: {}", r.pid, r.error);
         }
 
@@ -373,8 +431,103 @@ impl Session<'_> {
             self.show_live(&tracer, &mut live).await;
         }
         let exit = self.program.wait().await;
+        if self.follow() {
+            self.wait_for_descendants(&tracer, &mut live).await;
+        }
         live.clear();
         self.finish(tracer, exit).await
+    }
+
+    /// Whether the tracer follows the program's descendants.
+    fn follow(&self) -> bool {
+        !self.args.no_follow
+    }
+
+    /// After the program exited: waits for its descendants that still run (we are their
+    /// subreaper: orphans are our children), reaping them, until none is left or
+    /// SIGINT/SIGTERM. The live table keeps refreshing meanwhile.
+    async fn wait_for_descendants(&mut self, tracer: &Tracer, live: &mut Live) {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let interval = Duration::from_millis(self.args.interval_ms);
+        let mut next_draw = Instant::now() + interval;
+        let mut said = false;
+        loop {
+            // Reap every child that ended; stop when none is left.
+            let left = loop {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => break true,
+                    Ok(_) => continue,
+                    Err(_) => break false,
+                }
+            };
+            if !left {
+                return;
+            }
+            if !said {
+                said = true;
+                live.clear();
+                eprintln!(
+                    "patchbay: pid {} exited; waiting for its descendants that still run \
+                     (Ctrl-C stops waiting)",
+                    self.program.pid
+                );
+            }
+            if self.terminal && Instant::now() >= next_draw {
+                next_draw = Instant::now() + interval;
+                if let Ok(mut counts) = tracer.counts().await {
+                    crate::commands::counts::sort(&mut counts.counts);
+                    let header = self.live_header(tracer, &counts);
+                    live.draw(&header, &counts, &self.waiting_line());
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Self::POLL) => {}
+                received = self.program.signals.recv() => {
+                    live.clear();
+                    eprintln!(
+                        "patchbay: stopped waiting for the descendants ({}); they keep running",
+                        received.signal.as_str()
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The live table's header.
+    fn live_header(&self, tracer: &Tracer, counts: &CountsResponse) -> String {
+        let secs = self.program.started.elapsed().as_secs_f64();
+        if self.follow() {
+            let alive = counts.processes.iter().filter(|p| p.connected).count();
+            format!(
+                "patchbay: tree of pid {} ({} running, {} seen), tracer {}: {} calls in {secs:.1} s",
+                self.program.pid,
+                alive,
+                counts.processes.len(),
+                tracer.id(),
+                counts.total,
+            )
+        } else {
+            format!(
+                "patchbay: pid {}, tracer {}: {} calls in {secs:.1} s",
+                self.program.pid,
+                tracer.id(),
+                counts.total,
+            )
+        }
+    }
+
+    /// What the live table says while nothing was counted.
+    fn waiting_line(&self) -> String {
+        if self.follow() {
+            format!(
+                "no calls counted yet: waiting for a process of the tree to call a function \
+                 matching '{}'",
+                self.args.pattern()
+            )
+        } else {
+            "no calls counted yet".to_owned()
+        }
     }
 
     /// Polls the server until an agent of the program is connected, the program exits,
@@ -442,9 +595,10 @@ impl Session<'_> {
             let spec = tracer.spec.as_ref();
             let ours = spec.is_some_and(|s| {
                 s.name == RUN_TRACER_NAME
-                    && s.target
-                        .as_ref()
-                        .is_some_and(|t| t.target == Some(target::Target::Pid(pid)))
+                    && s.target.as_ref().is_some_and(|t| {
+                        t.target == Some(target::Target::Pid(pid))
+                            || t.target == Some(target::Target::Tree(pid))
+                    })
             });
             if ours && tracer.state() == TracerState::Active {
                 let id = TracerId::new(tracer.tracer_id);
@@ -499,14 +653,8 @@ impl Session<'_> {
                 None => break,
                 Some(Ok(mut counts)) => {
                     crate::commands::counts::sort(&mut counts.counts);
-                    let header = format!(
-                        "patchbay: pid {}, tracer {}: {} calls in {:.1} s",
-                        self.program.pid,
-                        tracer.id(),
-                        counts.total,
-                        self.program.started.elapsed().as_secs_f64()
-                    );
-                    live.draw(&header, &counts);
+                    let header = self.live_header(tracer, &counts);
+                    live.draw(&header, &counts, &self.waiting_line());
                 }
                 Some(Err(err)) if !warned => {
                     warned = true;
@@ -522,10 +670,13 @@ impl Session<'_> {
     async fn finish(&mut self, tracer: Tracer, exit: Exit) -> u8 {
         let pid = self.program.pid;
         let ran = self.program.started.elapsed();
-        if !self.wait_for_disconnect().await {
+        let still = self.wait_for_disconnect(&tracer).await;
+        if !still.is_empty() {
+            let pids: Vec<String> = still.iter().map(u32::to_string).collect();
             eprintln!(
-                "patchbay: warning: the agent of pid {pid} still looks connected {} after the \
+                "patchbay: warning: the agent of pid {} still looks connected {} after the \
                  program exited; its last counts may be missing",
+                pids.join(", "),
                 seconds(Self::FLUSH_WAIT.as_millis() as u64)
             );
         }
@@ -533,6 +684,11 @@ impl Session<'_> {
             return self.finish_latency(tracer, exit, ran).await;
         }
         let counts = tracer.counts().await;
+        let matched = match tracer.info().await {
+            Ok(info) => info.processes_matched,
+            // The final fetch below reports a server that went away.
+            Err(_) => 1,
+        };
         let id = tracer.id();
         match tracer.detach().await {
             Ok(_) | Err(Error::NotFound(_)) => {}
@@ -548,6 +704,9 @@ impl Session<'_> {
             }
         };
         crate::commands::counts::sort(&mut counts.counts);
+        for p in counts.processes.iter_mut() {
+            crate::commands::counts::sort(&mut p.counts);
+        }
         eprintln!(
             "patchbay: pid {pid} {} after {:.2} s",
             exit.sentence(),
@@ -560,8 +719,23 @@ impl Session<'_> {
                 eprintln!("error: cannot write the JSON document: {err}");
                 return 1;
             }
+        } else if self.args.per_process {
+            eprint!("{}", view::per_process_table(&counts, self.top()));
         } else {
             eprint!("{}", view::final_table(&counts, self.top()));
+        }
+        if self.follow() && matched == 0 {
+            eprintln!(
+                "patchbay: pattern '{}' matched no patchable function in any of the {} \
+                 traced by tracer {id} in the tree of pid {pid}",
+                self.args.pattern(),
+                processes(counts.processes.len()),
+            );
+            eprintln!(
+                "  hint: list what can be traced with `patchbay functions --pid PID` while \
+                 a process runs, or widen the pattern"
+            );
+            return exit.failure_code();
         }
         exit.code()
     }
@@ -618,20 +792,36 @@ impl Session<'_> {
         exit.code()
     }
 
-    /// Waits until no agent of the program is connected (it flushed its last counts and
-    /// left), at most [`Self::FLUSH_WAIT`]. False on timeout.
-    async fn wait_for_disconnect(&self) -> bool {
+    /// Waits until no agent of the program (following: of the tree) is connected (they
+    /// flushed their last counts and left), at most [`Self::FLUSH_WAIT`]. Returns the
+    /// pids still connected then.
+    async fn wait_for_disconnect(&self, tracer: &Tracer) -> Vec<u32> {
         let pid = self.program.pid;
         let deadline = Instant::now() + Self::FLUSH_WAIT;
         loop {
-            match self.client.agents().await {
-                Ok(agents) if !agents.iter().any(|a| a.pid == pid && a.connected) => return true,
-                Ok(_) => {}
-                // The final fetch will report a server that went away.
-                Err(_) => return true,
-            }
-            if Instant::now() >= deadline {
-                return false;
+            let connected: Vec<u32> = if self.follow() {
+                match tracer.counts().await {
+                    Ok(counts) => counts
+                        .processes
+                        .iter()
+                        .filter(|p| p.connected)
+                        .map(|p| p.pid)
+                        .collect(),
+                    // The final fetch will report a server that went away.
+                    Err(_) => return Vec::new(),
+                }
+            } else {
+                match self.client.agents().await {
+                    Ok(agents) => agents
+                        .iter()
+                        .filter(|a| a.pid == pid && a.connected)
+                        .map(|a| a.pid)
+                        .collect(),
+                    Err(_) => return Vec::new(),
+                }
+            };
+            if connected.is_empty() || Instant::now() >= deadline {
+                return connected;
             }
             tokio::time::sleep(Self::POLL).await;
         }
@@ -665,6 +855,15 @@ fn latency_lines(
         .collect()
 }
 
+/// `1 process`, `3 processes`.
+fn processes(n: usize) -> String {
+    if n == 1 {
+        "1 process".to_owned()
+    } else {
+        format!("{n} processes")
+    }
+}
+
 /// The `--json` document of a finished run. `counts` holds every function, not only the
 /// top ones.
 fn document(pid: u32, exit: Exit, tracer: TracerId, counts: &CountsResponse) -> serde_json::Value {
@@ -679,6 +878,22 @@ fn document(pid: u32, exit: Exit, tracer: TracerId, counts: &CountsResponse) -> 
             .map(|c| json!({ "function": c.function, "count": c.count }))
             .collect::<Vec<_>>(),
         "total": counts.total,
+        "processes": counts
+            .processes
+            .iter()
+            .map(|p| json!({
+                "pid": p.pid,
+                "start_time": p.start_time,
+                "exe": p.exe,
+                "cmdline": p.cmdline,
+                "counts": p
+                    .counts
+                    .iter()
+                    .map(|c| json!({ "function": c.function, "count": c.count }))
+                    .collect::<Vec<_>>(),
+                "total": p.total,
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -739,12 +954,13 @@ mod tests {
                 agents: 1,
             }],
             total: 7,
+            processes: Vec::new(),
         };
         assert_eq!(
             document(42, Exit::Signal(15), TracerId::new(3), &counts),
             json!({
                 "pid": 42, "status": 143, "signal": 15, "tracer": 3,
-                "counts": [{ "function": "hot", "count": 7 }], "total": 7,
+                "counts": [{ "function": "hot", "count": 7 }], "total": 7, "processes": [],
             })
         );
         assert_eq!(

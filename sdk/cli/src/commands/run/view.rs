@@ -97,14 +97,16 @@ impl Live {
         }
     }
 
-    /// Redraws the table with `counts` (sorted, hottest first) under `header`.
-    pub fn draw(&mut self, header: &str, counts: &CountsResponse) {
+    /// Redraws the table with `counts` (sorted, hottest first) under `header`; `empty`
+    /// is the line shown while nothing was counted.
+    pub fn draw(&mut self, header: &str, counts: &CountsResponse, empty: &str) {
         let now = Instant::now();
         let (columns, rows) = terminal_size().unwrap_or((80, 24));
         // Header, column titles, the `more` line and one spare line must fit.
         let top = self.top.min(rows.saturating_sub(4).max(1));
         let lines = live_lines(
             header,
+            empty,
             counts,
             &self.previous,
             now.saturating_duration_since(self.previous_at),
@@ -157,9 +159,10 @@ impl Live {
 
 /// The lines of the live table: `header`, then the `top` functions of `counts` (sorted)
 /// with their calls and their calls per second since `previous` (counts `elapsed` ago),
-/// each at most `columns` characters.
+/// or `empty` while nothing was counted, each at most `columns` characters.
 pub fn live_lines(
     header: &str,
+    empty: &str,
     counts: &CountsResponse,
     previous: &HashMap<String, u64>,
     elapsed: Duration,
@@ -187,7 +190,7 @@ pub fn live_lines(
     }
     let mut lines = vec![header.to_owned()];
     if counts.counts.is_empty() {
-        lines.push("no calls counted yet".to_owned());
+        lines.push(empty.to_owned());
     } else {
         lines.extend(table.render().lines().map(str::to_owned));
         if counts.counts.len() > top {
@@ -220,6 +223,58 @@ pub fn final_table(counts: &CountsResponse, top: usize) -> String {
         "total: {} in {}\n",
         calls(counts.total),
         crate::format::plural(counts.counts.len(), "function")
+    ));
+    text
+}
+
+/// The final table of `--per-process`: for each process (oldest first) its pid, calls
+/// and command line, then its `top` functions; the tree's total last.
+pub fn per_process_table(counts: &CountsResponse, top: usize) -> String {
+    if counts.processes.is_empty() {
+        return "no process traced\n".to_owned();
+    }
+    let mut table = Table::new(&["PID", "FUNCTION", "CALLS", "SHARE"]).right(&[0, 2, 3]);
+    for p in &counts.processes {
+        let command = if p.cmdline.is_empty() {
+            p.exe.clone()
+        } else {
+            p.cmdline.clone()
+        };
+        table.row([
+            p.pid.to_string(),
+            format!("[{command}]"),
+            p.total.to_string(),
+            share(p.total, counts.total),
+        ]);
+        for c in p.counts.iter().take(top) {
+            table.row([
+                String::new(),
+                format!("  {}", c.function),
+                c.count.to_string(),
+                share(c.count, counts.total),
+            ]);
+        }
+        if p.counts.len() > top {
+            let rest = &p.counts[top..];
+            table.row([
+                String::new(),
+                format!("  ... {} more", rest.len()),
+                rest.iter().map(|c| c.count).sum::<u64>().to_string(),
+                String::new(),
+            ]);
+        }
+    }
+    let mut text = table.render();
+    text.push_str(&format!(
+        "total: {} in {} over {} {}\n",
+        calls(counts.total),
+        crate::format::plural(counts.counts.len(), "function"),
+        counts.processes.len(),
+        if counts.processes.len() == 1 {
+            "process"
+        } else {
+            "processes"
+        }
     ));
     text
 }
@@ -282,6 +337,7 @@ mod tests {
         CountsResponse {
             counts: rows,
             total,
+            processes: Vec::new(),
         }
     }
 
@@ -299,6 +355,7 @@ mod tests {
         .into();
         let lines = live_lines(
             "patchbay: pid 7",
+            "no calls counted yet",
             &now,
             &previous,
             Duration::from_millis(500),
@@ -321,7 +378,7 @@ mod tests {
     fn live_table_keeps_the_top_and_fits_the_width() {
         let long = "a_very_long_function_name_in_some_namespace::with_a_method";
         let now = counts(vec![c(long, 9), c("b", 5), c("c", 2), c("d", 1)]);
-        let lines = live_lines("h", &now, &HashMap::new(), Duration::ZERO, 2, 50);
+        let lines = live_lines("h", "-", &now, &HashMap::new(), Duration::ZERO, 2, 50);
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert!(lines.iter().all(|l| l.chars().count() <= 50), "{lines:?}");
         assert!(lines[2].starts_with("a_very_long_funct… "), "{lines:?}");
@@ -331,6 +388,7 @@ mod tests {
 
         let empty = live_lines(
             "h",
+            "no calls counted yet",
             &CountsResponse::default(),
             &HashMap::new(),
             Duration::ZERO,
@@ -338,6 +396,39 @@ mod tests {
             80,
         );
         assert_eq!(empty, ["h", "no calls counted yet"]);
+    }
+
+    #[test]
+    fn per_process_table_breaks_the_tree_down() {
+        use patchbay_sdk::proto::ProcessCounts;
+        let p = |pid, cmdline: &str, rows: Vec<FunctionCount>| ProcessCounts {
+            pid,
+            cmdline: cmdline.into(),
+            total: rows.iter().map(|c| c.count).sum(),
+            counts: rows,
+            ..ProcessCounts::default()
+        };
+        let mut all = counts(vec![c("f1", 30), c("f2", 10)]);
+        all.processes = vec![
+            p(10, "sh -c x", vec![]),
+            p(11, "./prog 2", vec![c("f1", 20), c("f2", 10)]),
+            p(12, "./prog 1", vec![c("f1", 10)]),
+        ];
+        assert_eq!(
+            per_process_table(&all, 1),
+            "PID  FUNCTION      CALLS  SHARE\n \
+             10  [sh -c x]         0   0.0%\n \
+             11  [./prog 2]       30  75.0%\n       \
+             f1             20  50.0%\n       \
+             ... 1 more     10\n \
+             12  [./prog 1]       10  25.0%\n       \
+             f1             10  25.0%\n\
+             total: 40 calls in 2 functions over 3 processes\n"
+        );
+        assert_eq!(
+            per_process_table(&CountsResponse::default(), 5),
+            "no process traced\n"
+        );
     }
 
     #[test]
