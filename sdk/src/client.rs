@@ -332,7 +332,13 @@ impl IntoFuture for Attach {
                 (Err(status), Some(pid), Some(agent))
                     if Error::from_status(status.clone()).reason() == Some("NO_AGENT") =>
                 {
-                    inject_and_wait(&self.client, pid, agent).await?;
+                    match inject_and_wait(&self.client, pid, agent).await {
+                        // No such process: the server's NO_AGENT answer says it best.
+                        Err(Error::Inject(crate::inject::InjectError::NoProcess(_))) => {
+                            return Err(Error::from_status(status));
+                        }
+                        r => r?,
+                    }
                     send(request).await?
                 }
                 (r, _, _) => r?,

@@ -121,10 +121,14 @@ unsafe fn set_mask(how: c_int, set: *const libc::sigset_t, old: *mut libc::sigse
     } else {
         // SAFETY: valid (caller).
         unsafe {
-            (
-                Some(stripped(set, true)),
-                libc::sigismember(set, libc::SIGTRAP) == 1,
-            )
+            let wants = libc::sigismember(set, libc::SIGTRAP) == 1;
+            let mut copy = stripped(set, true);
+            // Unblocking SIGTRAP is always allowed through: it may really be blocked
+            // (a raw rt_sigprocmask, an inherited mask), and it must become deliverable.
+            if how == libc::SIG_UNBLOCK && wants {
+                libc::sigaddset(&mut copy, libc::SIGTRAP);
+            }
+            (Some(copy), wants)
         }
     };
     let p = copy.as_ref().map_or(std::ptr::null(), |s| s as *const _);

@@ -25,7 +25,7 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-const COMMANDS: [&str; 12] = [
+const COMMANDS: [&str; 13] = [
     "agents",
     "functions",
     "attach",
@@ -36,6 +36,7 @@ const COMMANDS: [&str; 12] = [
     "sync",
     "watch",
     "counts",
+    "latency",
     "run",
     "completions",
 ];
