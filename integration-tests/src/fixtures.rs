@@ -206,33 +206,40 @@ fn build_rust(mode: Build, out: &Path) {
         .unwrap_or_else(|e| panic!("cannot move {} to {}: {e}", tmp.display(), out.display()));
 }
 
+/// `cache_dir()/name`, built once per test process: `build(cache_dir, tmp)` writes the
+/// result to `tmp`, which then takes its place (an interrupted build never leaves a
+/// half-written fixture under the final name).
+fn build_once(cell: &OnceLock<PathBuf>, name: &str, build: impl FnOnce(&Path, &Path)) -> PathBuf {
+    cell.get_or_init(|| {
+        let dir = cache_dir();
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
+        let out = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        build(&dir, &tmp);
+        std::fs::rename(&tmp, &out)
+            .unwrap_or_else(|e| panic!("cannot move {} to {}: {e}", tmp.display(), out.display()));
+        out
+    })
+    .clone()
+}
+
 /// The shared object `fixtures/dlib.c` (exports `dl_work`), built once per test process
 /// with `gcc -O2 -fPIC -pg -mfentry -mrecord-mcount -shared -Wl,-z,notext`: its entries
 /// are PIE-style `call *__fentry__@GOTPCREL(%rip)` sites ([`Build::PieGot`]'s kind).
 /// The C fixture loads it with its `dlopen PATH` command.
 pub fn shared_object() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = cache_dir();
-            std::fs::create_dir_all(&dir)
-                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
-            let src = source_dir().join("dlib.c");
-            let out = dir.join("libdlib.so");
-            let tmp = dir.join("libdlib.so.tmp");
-            let mut cc = Command::new("gcc");
-            cc.args(["-O2", "-fPIC", "-pg", "-mfentry", "-mrecord-mcount"])
-                .args(["-Wall", "-Wextra", "-Werror", "-shared", "-Wl,-z,notext"])
-                .arg(&src)
-                .arg("-o")
-                .arg(&tmp);
-            run(cc, &format!("shared object ({})", src.display()));
-            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
-                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
-            });
-            out
-        })
-        .clone()
+    build_once(&BUILT, "libdlib.so", |_, tmp| {
+        let src = source_dir().join("dlib.c");
+        let mut cc = Command::new("gcc");
+        cc.args(["-O2", "-fPIC", "-pg", "-mfentry", "-mrecord-mcount"])
+            .args(["-Wall", "-Wextra", "-Werror", "-shared", "-Wl,-z,notext"])
+            .arg(&src)
+            .arg("-o")
+            .arg(tmp);
+        run(cc, &format!("shared object ({})", src.display()));
+    })
 }
 
 /// The program `fixtures/qs_target.c` (its own handler on the agent's default
@@ -241,35 +248,24 @@ pub fn shared_object() -> PathBuf {
 /// handler: `sigaction`, `signal` or `raw` (an `rt_sigaction` system call).
 pub fn qs_target() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = cache_dir();
-            std::fs::create_dir_all(&dir)
-                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
-            let src = source_dir().join("qs_target.c");
-            let obj = dir.join("qs_target.o");
-            let out = dir.join("qs_target");
-            let tmp = dir.join("qs_target.tmp");
-            let mut cc = Command::new("gcc");
-            cc.args(Build::Nop5.cflags())
-                .args(["-Wall", "-Wextra", "-Werror", "-c"])
-                .arg(&src)
-                .arg("-o")
-                .arg(&obj);
-            run(cc, &format!("qs_target (compile {})", src.display()));
-            let mut ld = Command::new("gcc");
-            ld.args(Build::Nop5.ldflags())
-                .arg(&obj)
-                .arg("-o")
-                .arg(&tmp)
-                .arg("-lpthread");
-            run(ld, "qs_target (link)");
-            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
-                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
-            });
-            out
-        })
-        .clone()
+    build_once(&BUILT, "qs_target", |dir, tmp| {
+        let src = source_dir().join("qs_target.c");
+        let obj = dir.join("qs_target.o");
+        let mut cc = Command::new("gcc");
+        cc.args(Build::Nop5.cflags())
+            .args(["-Wall", "-Wextra", "-Werror", "-c"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj);
+        run(cc, &format!("qs_target (compile {})", src.display()));
+        let mut ld = Command::new("gcc");
+        ld.args(Build::Nop5.ldflags())
+            .arg(&obj)
+            .arg("-o")
+            .arg(tmp)
+            .arg("-lpthread");
+        run(ld, "qs_target (link)");
+    })
 }
 
 /// The program `fixtures/tree_prog.c` (process-tree tests: it forks workers and prints
@@ -277,34 +273,23 @@ pub fn qs_target() -> PathBuf {
 /// [`Build::FentryCall`]'s flags.
 pub fn tree_prog() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = cache_dir();
-            std::fs::create_dir_all(&dir)
-                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
-            let src = source_dir().join("tree_prog.c");
-            let obj = dir.join("tree_prog.o");
-            let out = dir.join("tree_prog");
-            let tmp = dir.join("tree_prog.tmp");
-            let mut cc = Command::new("gcc");
-            cc.args(Build::FentryCall.cflags())
-                .args(["-Wall", "-Wextra", "-Werror", "-c"])
-                .arg(&src)
-                .arg("-o")
-                .arg(&obj);
-            run(cc, &format!("tree_prog (compile {})", src.display()));
-            let mut ld = Command::new("gcc");
-            ld.args(Build::FentryCall.ldflags())
-                .arg(&obj)
-                .arg("-o")
-                .arg(&tmp);
-            run(ld, "tree_prog (link)");
-            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
-                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
-            });
-            out
-        })
-        .clone()
+    build_once(&BUILT, "tree_prog", |dir, tmp| {
+        let src = source_dir().join("tree_prog.c");
+        let obj = dir.join("tree_prog.o");
+        let mut cc = Command::new("gcc");
+        cc.args(Build::FentryCall.cflags())
+            .args(["-Wall", "-Wextra", "-Werror", "-c"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj);
+        run(cc, &format!("tree_prog (compile {})", src.display()));
+        let mut ld = Command::new("gcc");
+        ld.args(Build::FentryCall.ldflags())
+            .arg(&obj)
+            .arg("-o")
+            .arg(tmp);
+        run(ld, "tree_prog (link)");
+    })
 }
 
 /// The program `fixtures/runpath/main.c`, built once per test process into
@@ -363,26 +348,15 @@ pub fn runpath_program() -> PathBuf {
 /// process with plain `gcc -O2` (its functions are relocated sites).
 pub fn masks_program() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = cache_dir();
-            std::fs::create_dir_all(&dir)
-                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
-            let src = source_dir().join("masks.c");
-            let out = dir.join("masks");
-            let tmp = dir.join("masks.tmp");
-            let mut cc = Command::new("gcc");
-            cc.args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"])
-                .arg(&src)
-                .arg("-o")
-                .arg(&tmp);
-            run(cc, &format!("masks ({})", src.display()));
-            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
-                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
-            });
-            out
-        })
-        .clone()
+    build_once(&BUILT, "masks", |_, tmp| {
+        let src = source_dir().join("masks.c");
+        let mut cc = Command::new("gcc");
+        cc.args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread"])
+            .arg(&src)
+            .arg("-o")
+            .arg(tmp);
+        run(cc, &format!("masks ({})", src.display()));
+    })
 }
 
 /// Name of function `i` of [`many_functions_program`].
@@ -434,30 +408,19 @@ pub fn many_functions_program(n: u32) -> PathBuf {
 /// per test process.
 pub fn inject_target(statically: bool) -> PathBuf {
     static BUILT: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
-    BUILT[statically as usize]
-        .get_or_init(|| {
-            let dir = cache_dir();
-            std::fs::create_dir_all(&dir)
-                .unwrap_or_else(|e| panic!("cannot create fixture cache {}: {e}", dir.display()));
-            let src = source_dir().join("inject_target.c");
-            let name = if statically {
-                "inject_target_static"
-            } else {
-                "inject_target"
-            };
-            let out = dir.join(name);
-            let tmp = dir.join(format!("{name}.tmp"));
-            let mut cc = Command::new("gcc");
-            cc.args(["-O2", "-Wall", "-Wextra", "-Werror"]);
-            if statically {
-                cc.arg("-static");
-            }
-            cc.arg(&src).arg("-o").arg(&tmp).arg("-lpthread");
-            run(cc, &format!("{name} (build {})", src.display()));
-            std::fs::rename(&tmp, &out).unwrap_or_else(|e| {
-                panic!("cannot move {} to {}: {e}", tmp.display(), out.display())
-            });
-            out
-        })
-        .clone()
+    let name = if statically {
+        "inject_target_static"
+    } else {
+        "inject_target"
+    };
+    build_once(&BUILT[statically as usize], name, |_, tmp| {
+        let src = source_dir().join("inject_target.c");
+        let mut cc = Command::new("gcc");
+        cc.args(["-O2", "-Wall", "-Wextra", "-Werror"]);
+        if statically {
+            cc.arg("-static");
+        }
+        cc.arg(&src).arg("-o").arg(tmp).arg("-lpthread");
+        run(cc, &format!("{name} (build {})", src.display()));
+    })
 }
